@@ -1,0 +1,3 @@
+from envfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""placeholder, replaced by the CLI package"""
+
+
+def main() -> int:
+    return 0
