@@ -17,6 +17,7 @@ because every string carries its own length.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import grp
 import os
@@ -241,10 +242,8 @@ class Caller:
             user_name = None
         gids = {gid, *extra_groups}
         if user_name is not None:
-            try:
+            with contextlib.suppress(OSError):
                 gids.update(os.getgrouplist(user_name, gid))
-            except OSError:
-                pass
         names = set()
         for g in gids:
             try:

@@ -53,7 +53,7 @@ class Operation:
         return re.sub(r"(?<!^)(?=[A-Z])", "-", self.name).lower()
 
 
-S, B, I, BOOL, CTX, TAGS, LIST = (
+S, B, INT, BOOL, CTX, TAGS, LIST = (
     ParamType.STRING,
     ParamType.BLOB,
     ParamType.INTEGER,
@@ -64,12 +64,12 @@ S, B, I, BOOL, CTX, TAGS, LIST = (
 )
 
 _KEY_ID = Param("KeyId", S, True, "key id, key ARN, alias name (alias/NAME) or alias ARN")
-_LIMIT = Param("Limit", I, help="at most this many items (1-1000, default 100)")
+_LIMIT = Param("Limit", INT, help="at most this many items (1-1000, default 100)")
 _MARKER = Param("Marker", S, help="NextMarker of the previous page")
 _CONTEXT = Param("EncryptionContext", CTX, help="k=v,k2=v2 or JSON; bound to the ciphertext")
 _ALGORITHM = Param("EncryptionAlgorithm", S, help="SYMMETRIC_DEFAULT (the only one)")
 _KEY_SPEC = Param("KeySpec", S, help="AES_256 or AES_128")
-_NUMBER_OF_BYTES = Param("NumberOfBytes", I, help="data key length, 1-1024")
+_NUMBER_OF_BYTES = Param("NumberOfBytes", INT, help="data key length, 1-1024")
 _BYPASS = Param(
     "BypassPolicyLockoutSafetyCheck", BOOL, help="skip the check that you keep PutKeyPolicy"
 )
@@ -100,7 +100,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "ScheduleKeyDeletion",
             "kms:ScheduleKeyDeletion",
-            (_KEY_ID, Param("PendingWindowInDays", I, help="7-30, default 30")),
+            (_KEY_ID, Param("PendingWindowInDays", INT, help="7-30, default 30")),
             "destroy a key after a waiting period",
         ),
         Operation(
@@ -209,13 +209,13 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "GenerateRandom",
             None,
-            (Param("NumberOfBytes", I, True, "1-1024"),),
+            (Param("NumberOfBytes", INT, True, "1-1024"),),
             "random bytes from the service",
         ),
         Operation(
             "EnableKeyRotation",
             "kms:EnableKeyRotation",
-            (_KEY_ID, Param("RotationPeriodInDays", I, help="90-2560, default 365")),
+            (_KEY_ID, Param("RotationPeriodInDays", INT, help="90-2560, default 365")),
             "rotate the key automatically",
         ),
         Operation(
@@ -279,7 +279,7 @@ OPERATIONS: dict[str, Operation] = {
 _TYPE_CHECKS: dict[ParamType, type | tuple[type, ...]] = {
     S: str,
     B: (bytes, bytearray),
-    I: int,
+    INT: int,
     BOOL: bool,
     CTX: dict,
     TAGS: list,
@@ -287,7 +287,9 @@ _TYPE_CHECKS: dict[ParamType, type | tuple[type, ...]] = {
 }
 
 
-def validate_request(operation: str, request: Mapping[str, Any]) -> tuple[Operation, dict[str, Any]]:
+def validate_request(
+    operation: str, request: Mapping[str, Any]
+) -> tuple[Operation, dict[str, Any]]:
     """Check a request's shape against the operation's parameters.
 
     Returns the operation and a plain dict of the request with ``None`` values dropped.
@@ -311,14 +313,19 @@ def validate_request(operation: str, request: Mapping[str, Any]) -> tuple[Operat
             continue
         expected = _TYPE_CHECKS[param.type]
         # bool is an int in Python; an integer parameter must not accept True.
-        bad_bool = param.type is I and isinstance(value, bool)
+        bad_bool = param.type is INT and isinstance(value, bool)
         if not isinstance(value, expected) or bad_bool:
             raise ValidationException(
                 f"{operation}: parameter {name!r} must be of type {param.type.value}"
             )
-        if param.type is LIST and not all(isinstance(v, str) for v in value):
-            raise ValidationException(f"{operation}: parameter {name!r} must be a list of strings")
-        clean[name] = bytes(value) if param.type is B else value
+        if isinstance(value, list) and param.type is LIST:
+            if not all(isinstance(v, str) for v in value):
+                raise ValidationException(
+                    f"{operation}: parameter {name!r} must be a list of strings"
+                )
+        if isinstance(value, bytearray):
+            value = bytes(value)
+        clean[name] = value
     for param in op.params:
         if param.required and param.name not in clean:
             raise ValidationException(f"{operation}: missing required parameter {param.name!r}")

@@ -1,0 +1,662 @@
+"""The key store of one region: SQLite in WAL mode, key material sealed under a root key.
+
+Layout of a store directory (mode 0700, owned by the service's user)::
+
+    <kms dir>/<region>/keys.db     SQLite database (and its -wal/-shm files), mode 0600
+    <kms dir>/<region>/root.key    the root key, base64 text, mode 0600 (absent for
+                                   passphrase stores and when a systemd credential is used)
+
+The root key never touches the database. Sub-keys derived from it with HKDF seal key
+material (AES-256-GCM, AAD = region, key id and version, so sealed material cannot be
+moved between keys, versions or regions), key the audit log's MAC chain, and check that
+the right root key was given.
+
+Every change is one ``BEGIN IMMEDIATE`` transaction committed with ``synchronous=FULL``:
+once a call returns, its change survives a crash, and a crash never leaves half a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import sqlite3
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from envfs import crypto
+from envfs.errors import (
+    RootKeyError,
+    StoreCorruptError,
+    StoreError,
+    StoreNotFoundError,
+    StorePermissionError,
+)
+from envfs.kms.model import KeyState, validate_region
+
+SCHEMA_VERSION = 1
+DB_NAME = "keys.db"
+ROOT_KEY_NAME = "root.key"
+CREDENTIAL_NAME = "root-key"
+DEFAULT_KEY_CREATORS_GROUP = "envfs-kms"
+SYSTEM_KMS_DIR = Path("/var/lib/envfs/kms")
+SOCKET_DIR = Path("/run/envfs")
+
+_SCHEMA = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE keys (
+    key_id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    description TEXT NOT NULL,
+    state TEXT NOT NULL,
+    deletion_date REAL,
+    pending_window_days INTEGER,
+    rotation_period_days INTEGER,
+    next_rotation REAL,
+    policy TEXT NOT NULL
+);
+CREATE TABLE key_versions (
+    key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    created REAL NOT NULL,
+    rotation_type TEXT,
+    material BLOB NOT NULL,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE aliases (
+    name TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX aliases_by_key ON aliases(key_id);
+CREATE TABLE tags (
+    key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    tag_key TEXT NOT NULL,
+    tag_value TEXT NOT NULL,
+    PRIMARY KEY (key_id, tag_key)
+);
+CREATE TABLE audit (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, mac BLOB NOT NULL);
+"""
+
+
+def default_kms_dir() -> Path:
+    """Where region stores live: ``$ENVFS_KMS_DIR``, else a system or per-user state dir."""
+    env = os.environ.get("ENVFS_KMS_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return SYSTEM_KMS_DIR
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "envfs" / "kms"
+
+
+def region_store_dir(base: Path, region: str) -> Path:
+    return Path(base) / validate_region(region)
+
+
+def default_socket_path(region: str) -> Path:
+    """The key daemon's socket: ``$ENVFS_KMS_SOCKET``, else ``/run/envfs/kms-<region>.sock``."""
+    env = os.environ.get("ENVFS_KMS_SOCKET")
+    if env:
+        return Path(env)
+    return SOCKET_DIR / f"kms-{validate_region(region)}.sock"
+
+
+def _lp(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _check_private(path: Path, what: str) -> None:
+    """Refuse a store path that group or others may use, or that another user owns."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.geteuid():
+        raise StorePermissionError(
+            f"{what} {str(path)!r} is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise StorePermissionError(
+            f"{what} {str(path)!r} has mode {stat.S_IMODE(st.st_mode):04o}: group and others"
+            f" must have no access (chmod {'700' if stat.S_ISDIR(st.st_mode) else '600'})"
+        )
+
+
+def _decode_root_key(raw: bytes, source: str) -> bytes:
+    """A root key file holds 32 bytes, base64-encoded (as written by init) or raw."""
+    try:
+        key = base64.b64decode(raw.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) == crypto.KEY_SIZE:
+        return key
+    if len(raw) == crypto.KEY_SIZE:
+        return raw
+    raise RootKeyError(f"root key {source!r} is malformed: expected 32 bytes, raw or base64")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class KeyRecord:
+    """A master key's row (its versions live in ``key_versions``)."""
+
+    key_id: str
+    created: float
+    description: str
+    state: KeyState
+    deletion_date: float | None
+    pending_window_days: int | None
+    rotation_period_days: int | None  # None: automatic rotation is off
+    next_rotation: float | None
+    policy: str
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    version: int
+    created: float
+    rotation_type: str | None  # None for the first version; "AUTOMATIC" or "ON_DEMAND"
+
+
+class KeyStore:
+    """One region's key store. Use :meth:`init` or :meth:`open`; not thread-safe."""
+
+    def __init__(self, directory: Path, conn: sqlite3.Connection, root_key: bytes) -> None:
+        self.directory = directory
+        self._conn = conn
+        meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+        try:
+            if int(meta["schema"]) != SCHEMA_VERSION:
+                raise StoreError(
+                    f"key store {str(directory)!r} has schema version {meta['schema']},"
+                    f" this envfs reads version {SCHEMA_VERSION}"
+                )
+            self.region: str = str(meta["region"])
+            self.account: str = str(meta["account"])
+            self.key_creators_group: str = str(meta["key_creators_group"])
+            root_check = bytes(meta["root_check"])
+        except KeyError as exc:
+            raise StoreCorruptError(f"key store {str(directory)!r} lacks {exc}") from None
+        self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
+        self._audit_key = crypto.hkdf(root_key, b"envfs-kms v1 audit chain")
+        check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
+        try:
+            check.open(root_check, self.region.encode())
+        except Exception:
+            raise RootKeyError(
+                f"the root key given does not open the key store {str(directory)!r}"
+            ) from None
+
+    # --- opening -----------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        directory: Path,
+        region: str,
+        *,
+        passphrase: bytes | None = None,
+        key_creators_group: str = DEFAULT_KEY_CREATORS_GROUP,
+    ) -> KeyStore:
+        """Create a new, empty store for ``region`` in ``directory``.
+
+        Without a passphrase a random root key is written to ``root.key`` (mode 0600).
+
+        Raises:
+            StoreError: a store (or a stray root key) is already there.
+            StorePermissionError: the directory is open to group or others.
+        """
+        validate_region(region)
+        directory = Path(directory)
+        old_umask = os.umask(0o077)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        finally:
+            os.umask(old_umask)
+        _check_private(directory, "key store directory")
+        db_path = directory / DB_NAME
+        key_path = directory / ROOT_KEY_NAME
+        if db_path.exists():
+            raise StoreError(f"a key store already exists at {str(directory)!r}")
+        if key_path.exists():
+            raise StoreError(
+                f"{str(key_path)!r} exists without a key store beside it; move it away if it is"
+                " not needed (it may be the only copy of a root key)"
+            )
+        meta: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "region": region,
+            "account": str(int.from_bytes(crypto.random_bytes(8), "big") % 10**12).zfill(12),
+            "key_creators_group": key_creators_group,
+        }
+        if passphrase is not None:
+            if not passphrase:
+                raise RootKeyError("the passphrase must not be empty")
+            salt = crypto.random_bytes(16)
+            meta.update(root_kind="passphrase", scrypt_salt=salt, scrypt_n=crypto.SCRYPT_N)
+            root_key = crypto.scrypt(passphrase, salt)
+        else:
+            meta["root_kind"] = "file"
+            root_key = crypto.random_bytes(crypto.KEY_SIZE)
+        check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
+        meta["root_check"] = check.seal(b"envfs-kms root key check", region.encode())
+
+        tmp_db = directory / (DB_NAME + ".init")
+        tmp_key = directory / (ROOT_KEY_NAME + ".init")
+        for leftover in (tmp_db, tmp_key):
+            leftover.unlink(missing_ok=True)
+        fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if passphrase is None:
+                os.write(fd, base64.b64encode(root_key) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        conn = _connect(tmp_db)
+        with conn:
+            conn.executescript(_SCHEMA)
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        for suffix in ("-wal", "-shm"):
+            Path(str(tmp_db) + suffix).unlink(missing_ok=True)
+        if passphrase is None:
+            tmp_key.rename(key_path)
+        else:
+            tmp_key.unlink()
+        tmp_db.rename(db_path)
+        _fsync_dir(directory)
+        return cls.open(directory, region, passphrase=passphrase)
+
+    @staticmethod
+    def needs_passphrase(directory: Path) -> bool:
+        """Whether the store in ``directory`` is protected by a passphrase."""
+        return _read_meta(Path(directory) / DB_NAME, "root_kind") == b"passphrase"
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        region: str,
+        *,
+        passphrase: bytes | None = None,
+        root_key_file: Path | None = None,
+    ) -> KeyStore:
+        """Open the store of ``region`` in ``directory``.
+
+        The root key comes from, in order: ``root_key_file``; the systemd credential
+        ``$CREDENTIALS_DIRECTORY/root-key``; ``passphrase`` (for a passphrase store);
+        ``directory/root.key``.
+
+        Raises:
+            StoreNotFoundError, StorePermissionError, RootKeyError, StoreError.
+        """
+        validate_region(region)
+        directory = Path(directory)
+        db_path = directory / DB_NAME
+        if not db_path.exists():
+            raise StoreNotFoundError(
+                f"no key store for region {region!r} at {str(directory)!r}"
+                " (create one with 'envfs kms init')"
+            )
+        _check_private(directory, "key store directory")
+        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", ROOT_KEY_NAME):
+            _check_private(directory / name, "key store file")
+        store_region = _read_meta(db_path, "region")
+        if store_region is None or store_region.decode() != region:
+            found = store_region.decode() if store_region else "none"
+            raise StoreError(
+                f"the key store at {str(directory)!r} serves region {found!r}, not {region!r}"
+            )
+        root_key = cls._load_root_key(directory, db_path, passphrase, root_key_file)
+        conn = _connect(db_path)
+        try:
+            return cls(directory, conn, root_key)
+        except BaseException:
+            conn.close()
+            raise
+
+    @staticmethod
+    def _load_root_key(
+        directory: Path, db_path: Path, passphrase: bytes | None, root_key_file: Path | None
+    ) -> bytes:
+        if root_key_file is not None:
+            _check_private(Path(root_key_file), "root key file")
+            return _read_root_key_file(Path(root_key_file))
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and (Path(creds) / CREDENTIAL_NAME).exists():
+            return _read_root_key_file(Path(creds) / CREDENTIAL_NAME)
+        if _read_meta(db_path, "root_kind") == b"passphrase":
+            if passphrase is None:
+                raise RootKeyError(
+                    f"the key store at {str(directory)!r} is protected by a passphrase;"
+                    " give it with --passphrase-file or ENVFS_KMS_PASSPHRASE_FILE"
+                )
+            salt = _read_meta(db_path, "scrypt_salt")
+            n_raw = _read_meta(db_path, "scrypt_n")
+            if salt is None or n_raw is None:
+                raise StoreCorruptError(f"key store {str(directory)!r} lacks its scrypt salt")
+            return crypto.scrypt(passphrase, salt, n=int(n_raw))
+        key_path = directory / ROOT_KEY_NAME
+        if not key_path.exists():
+            raise RootKeyError(
+                f"no root key for the key store at {str(directory)!r}: {str(key_path)!r} is"
+                f" missing and no systemd credential {CREDENTIAL_NAME!r} was given"
+            )
+        return _read_root_key_file(key_path)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # --- transactions ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction; committed durably on success, rolled back on error."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested scope inside :meth:`transaction` that is undone alone on error."""
+        self._conn.execute("SAVEPOINT op")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO op")
+            self._conn.execute("RELEASE op")
+            raise
+        self._conn.execute("RELEASE op")
+
+    # --- keys --------------------------------------------------------------------------
+
+    def insert_key(self, key: KeyRecord) -> None:
+        self._conn.execute(
+            "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key.key_id,
+                key.created,
+                key.description,
+                key.state.value,
+                key.deletion_date,
+                key.pending_window_days,
+                key.rotation_period_days,
+                key.next_rotation,
+                key.policy,
+            ),
+        )
+
+    def update_key(self, key: KeyRecord) -> None:
+        self._conn.execute(
+            "UPDATE keys SET description=?, state=?, deletion_date=?, pending_window_days=?,"
+            " rotation_period_days=?, next_rotation=?, policy=? WHERE key_id=?",
+            (
+                key.description,
+                key.state.value,
+                key.deletion_date,
+                key.pending_window_days,
+                key.rotation_period_days,
+                key.next_rotation,
+                key.policy,
+                key.key_id,
+            ),
+        )
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        row = self._conn.execute("SELECT * FROM keys WHERE key_id=?", (key_id,)).fetchone()
+        if row is None:
+            return None
+        return KeyRecord(
+            row[0], row[1], row[2], KeyState(row[3]), row[4], row[5], row[6], row[7], row[8]
+        )
+
+    def list_key_ids(self, after: str | None, limit: int) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT key_id FROM keys WHERE key_id > ? ORDER BY key_id LIMIT ?",
+            (after or "", limit),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def due_key_ids(self, now: float) -> list[str]:
+        """Keys whose scheduled deletion or automatic rotation is due."""
+        rows = self._conn.execute(
+            "SELECT key_id FROM keys WHERE (state=? AND deletion_date<=?)"
+            " OR (state=? AND next_rotation<=?) ORDER BY key_id",
+            (KeyState.PENDING_DELETION.value, now, KeyState.ENABLED.value, now),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def destroy_key(self, key_id: str) -> None:
+        """Delete a key with its material, aliases and tags (``secure_delete`` is on)."""
+        self._conn.execute("DELETE FROM keys WHERE key_id=?", (key_id,))
+
+    def checkpoint(self) -> None:
+        """Move the WAL into the database and truncate it, so deleted pages are gone."""
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # --- key versions ------------------------------------------------------------------
+
+    def _material_aad(self, key_id: str, version: int) -> bytes:
+        return (
+            b"envfs-kms v1 material"
+            + _lp(self.region.encode())
+            + _lp(key_id.encode())
+            + struct.pack(">I", version)
+        )
+
+    def add_version(
+        self, key_id: str, version: int, material: bytes, created: float, rotation_type: str | None
+    ) -> None:
+        sealed = self._material.seal(material, self._material_aad(key_id, version))
+        self._conn.execute(
+            "INSERT INTO key_versions VALUES (?, ?, ?, ?, ?)",
+            (key_id, version, created, rotation_type, sealed),
+        )
+
+    def get_material(self, key_id: str, version: int) -> bytes | None:
+        row = self._conn.execute(
+            "SELECT material FROM key_versions WHERE key_id=? AND version=?", (key_id, version)
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            return self._material.open(bytes(row[0]), self._material_aad(key_id, version))
+        except Exception:
+            raise StoreCorruptError(
+                f"sealed material of key {key_id!r} version {version} does not verify"
+            ) from None
+
+    def versions(self, key_id: str) -> list[KeyVersion]:
+        rows = self._conn.execute(
+            "SELECT version, created, rotation_type FROM key_versions WHERE key_id=?"
+            " ORDER BY version",
+            (key_id,),
+        ).fetchall()
+        return [KeyVersion(r[0], r[1], r[2]) for r in rows]
+
+    # --- aliases -----------------------------------------------------------------------
+
+    def get_alias(self, name: str) -> tuple[str, float, float] | None:
+        """``(key id, created, updated)`` of an alias, or None."""
+        row = self._conn.execute(
+            "SELECT key_id, created, updated FROM aliases WHERE name=?", (name,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def put_alias(self, name: str, key_id: str, now: float) -> None:
+        self._conn.execute(
+            "INSERT INTO aliases VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE"
+            " SET key_id=excluded.key_id, updated=excluded.updated",
+            (name, key_id, now, now),
+        )
+
+    def delete_alias(self, name: str) -> None:
+        self._conn.execute("DELETE FROM aliases WHERE name=?", (name,))
+
+    def list_aliases(
+        self, key_id: str | None, after: str | None, limit: int
+    ) -> list[tuple[str, str, float, float]]:
+        """``(name, key id, created, updated)`` rows in name order."""
+        sql = "SELECT name, key_id, created, updated FROM aliases WHERE name > ?"
+        args: list[Any] = [after or ""]
+        if key_id is not None:
+            sql += " AND key_id=?"
+            args.append(key_id)
+        sql += " ORDER BY name LIMIT ?"
+        args.append(limit)
+        rows = self._conn.execute(sql, args).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    # --- tags --------------------------------------------------------------------------
+
+    def tags(self, key_id: str) -> dict[str, str]:
+        rows = self._conn.execute(
+            "SELECT tag_key, tag_value FROM tags WHERE key_id=? ORDER BY tag_key", (key_id,)
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def set_tag(self, key_id: str, tag_key: str, tag_value: str) -> None:
+        self._conn.execute(
+            "INSERT INTO tags VALUES (?, ?, ?) ON CONFLICT(key_id, tag_key) DO UPDATE"
+            " SET tag_value=excluded.tag_value",
+            (key_id, tag_key, tag_value),
+        )
+
+    def remove_tag(self, key_id: str, tag_key: str) -> None:
+        self._conn.execute("DELETE FROM tags WHERE key_id=? AND tag_key=?", (key_id, tag_key))
+
+    # --- audit log ---------------------------------------------------------------------
+    # mac_n = HMAC(audit key, mac_(n-1) || u64 n || record_n), mac_0 = 32 zero bytes.
+    # meta "audit_head" = u64 n || mac_n || HMAC(audit key, "head" || u64 n || mac_n), so
+    # removing records at the end is detected as well as editing or removing any other.
+
+    def _audit_mac(self, prev: bytes, seq: int, record: bytes) -> bytes:
+        return crypto.hmac_sha256(self._audit_key, prev + struct.pack(">Q", seq) + record)
+
+    def _head_mac(self, seq: int, mac: bytes) -> bytes:
+        return crypto.hmac_sha256(self._audit_key, b"head" + struct.pack(">Q", seq) + mac)
+
+    def _audit_head(self) -> tuple[int, bytes]:
+        row = self._conn.execute("SELECT value FROM meta WHERE name='audit_head'").fetchone()
+        if row is None:
+            return 0, bytes(32)
+        raw = bytes(row[0])
+        return struct.unpack(">Q", raw[:8])[0], raw[8:40]
+
+    def append_audit(self, record: dict[str, Any]) -> int:
+        """Append one record to the chain (inside the caller's transaction)."""
+        seq, prev = self._audit_head()
+        seq += 1
+        record = {"seq": seq, **record}
+        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        mac = self._audit_mac(prev, seq, body)
+        self._conn.execute("INSERT INTO audit VALUES (?, ?, ?)", (seq, body.decode(), mac))
+        head = struct.pack(">Q", seq) + mac + self._head_mac(seq, mac)
+        self._conn.execute(
+            "INSERT INTO meta VALUES ('audit_head', ?) ON CONFLICT(name) DO UPDATE"
+            " SET value=excluded.value",
+            (head,),
+        )
+        return seq
+
+    def audit_records(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT record FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        ).fetchall()
+        out = []
+        for (text,) in rows:
+            try:
+                out.append(json.loads(text))
+            except ValueError:
+                out.append({"corrupt": True})
+        return out
+
+    def verify_audit(self) -> tuple[int, str | None]:
+        """Walk the chain: ``(records, None)`` if intact, else ``(checked, problem)``."""
+        prev = bytes(32)
+        expected = 1
+        for seq, text, mac in self._conn.execute("SELECT seq, record, mac FROM audit ORDER BY seq"):
+            if seq != expected:
+                return expected - 1, f"record {expected} is missing"
+            if not crypto.constant_time_equal(
+                self._audit_mac(prev, seq, text.encode()), bytes(mac)
+            ):
+                return expected - 1, f"record {seq} was altered"
+            prev = bytes(mac)
+            expected += 1
+        count = expected - 1
+        row = self._conn.execute("SELECT value FROM meta WHERE name='audit_head'").fetchone()
+        if row is None:
+            return (0, None) if count == 0 else (count, "the audit head is missing")
+        raw = bytes(row[0])
+        head_seq = struct.unpack(">Q", raw[:8])[0]
+        if not crypto.constant_time_equal(self._head_mac(head_seq, raw[8:40]), raw[40:72]):
+            return count, "the audit head was altered"
+        if head_seq != count or not crypto.constant_time_equal(raw[8:40], prev):
+            return count, f"records after {count} were removed (the log had {head_seq})"
+        return count, None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    old_umask = os.umask(0o077)
+    try:
+        conn = sqlite3.connect(
+            str(path), isolation_level=None, timeout=10.0, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StoreCorruptError(f"key store {str(path)!r} cannot be read: {exc}") from None
+    finally:
+        os.umask(old_umask)
+    return conn
+
+
+def _read_meta(db_path: Path, name: str) -> bytes | None:
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)
+    except sqlite3.DatabaseError as exc:
+        raise StoreCorruptError(f"key store {str(db_path)!r} cannot be read: {exc}") from None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StoreCorruptError(f"key store {str(db_path)!r} cannot be read: {exc}") from None
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    value = row[0]
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+def _read_root_key_file(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RootKeyError(f"cannot read root key {str(path)!r}: {exc.strerror}") from None
+    return _decode_root_key(raw, str(path))
