@@ -123,17 +123,21 @@ def _safe_request(op: Operation, req: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _encode_marker(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode()
+def _encode_marker(kind: str, value: str) -> str:
+    """An opaque pagination marker; ``kind`` keeps one listing's markers out of another."""
+    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode()
 
 
-def _decode_marker(marker: str | None) -> str | None:
+def _decode_marker(kind: str, marker: str | None) -> str | None:
     if marker is None:
         return None
     try:
-        return base64.urlsafe_b64decode(marker.encode()).decode()
+        text = base64.b64decode(marker.encode(), altchars=b"-_", validate=True).decode()
     except (binascii.Error, ValueError):
-        raise InvalidMarkerException(f"marker {marker!r} is not valid") from None
+        text = ""
+    if not text.startswith(kind + ":"):
+        raise InvalidMarkerException(f"marker {marker!r} is not valid")
+    return text[len(kind) + 1 :]
 
 
 def _limit(req: Mapping[str, Any]) -> int:
@@ -543,7 +547,7 @@ class KeyService:
     def _op_list_keys(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
         call.action = "kms:ListKeys"
         limit = _limit(req)
-        after = _decode_marker(req.get("Marker"))
+        after = _decode_marker("keys", req.get("Marker"))
         keys: list[dict[str, str]] = []
         truncated = False
         while True:
@@ -561,7 +565,7 @@ class KeyService:
                 break
         result: dict[str, Any] = {"Keys": keys, "Truncated": truncated}
         if truncated:
-            result["NextMarker"] = _encode_marker(keys[-1]["KeyId"])
+            result["NextMarker"] = _encode_marker("keys", keys[-1]["KeyId"])
         return result
 
     def _set_state(self, call: _Call, req: dict[str, Any], action: str, state: KeyState) -> None:
@@ -662,7 +666,7 @@ class KeyService:
     def _op_list_aliases(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
         call.action = "kms:ListAliases"
         limit = _limit(req)
-        after = _decode_marker(req.get("Marker"))
+        after = _decode_marker("aliases", req.get("Marker"))
         key_id = None
         if "KeyId" in req:
             key = self._key(call, req["KeyId"])
@@ -694,7 +698,7 @@ class KeyService:
                 break
         result: dict[str, Any] = {"Aliases": aliases, "Truncated": truncated}
         if truncated:
-            result["NextMarker"] = _encode_marker(aliases[-1]["AliasName"])
+            result["NextMarker"] = _encode_marker("aliases", aliases[-1]["AliasName"])
         return result
 
     def _op_tag_resource(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
@@ -720,7 +724,7 @@ class KeyService:
         key = self._key(call, req["KeyId"])
         self._authorize(call, "kms:ListResourceTags", key)
         limit = _limit(req)
-        after = _decode_marker(req.get("Marker")) or ""
+        after = _decode_marker("tags", req.get("Marker")) or ""
         items = [(k, v) for k, v in self.store.tags(key.key_id).items() if k > after]
         page = items[:limit]
         result: dict[str, Any] = {
@@ -728,7 +732,7 @@ class KeyService:
             "Truncated": len(items) > limit,
         }
         if len(items) > limit:
-            result["NextMarker"] = _encode_marker(page[-1][0])
+            result["NextMarker"] = _encode_marker("tags", page[-1][0])
         return result
 
     # --- cryptographic operations ------------------------------------------------------
@@ -880,7 +884,7 @@ class KeyService:
         key = self._key(call, req["KeyId"])
         self._authorize(call, "kms:ListKeyRotations", key)
         limit = _limit(req)
-        marker = _decode_marker(req.get("Marker"))
+        marker = _decode_marker("rotations", req.get("Marker"))
         try:
             after = int(marker) if marker is not None else 1
         except ValueError:
@@ -899,7 +903,7 @@ class KeyService:
             "Truncated": len(rotations) > limit,
         }
         if len(rotations) > limit:
-            result["NextMarker"] = _encode_marker(str(page[-1].version))
+            result["NextMarker"] = _encode_marker("rotations", str(page[-1].version))
         return result
 
     # --- policy ------------------------------------------------------------------------
@@ -932,7 +936,7 @@ class KeyService:
     def _op_list_audit_records(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
         self._require_account_right(call, "envfs:ListAuditRecords")
         limit = _limit(req)
-        marker = _decode_marker(req.get("Marker"))
+        marker = _decode_marker("audit", req.get("Marker"))
         try:
             after = int(marker) if marker is not None else 0
         except ValueError:
@@ -968,7 +972,7 @@ class KeyService:
                 break
         result: dict[str, Any] = {"Records": records, "Truncated": truncated}
         if truncated:
-            result["NextMarker"] = _encode_marker(str(records[-1]["seq"]))
+            result["NextMarker"] = _encode_marker("audit", str(records[-1]["seq"]))
         return result
 
     def _op_verify_audit(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
