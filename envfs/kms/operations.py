@@ -318,11 +318,12 @@ def validate_request(
             raise ValidationException(
                 f"{operation}: parameter {name!r} must be of type {param.type.value}"
             )
-        if isinstance(value, list) and param.type is LIST:
-            if not all(isinstance(v, str) for v in value):
-                raise ValidationException(
-                    f"{operation}: parameter {name!r} must be a list of strings"
-                )
+        if (
+            isinstance(value, list)
+            and param.type is LIST
+            and not all(isinstance(v, str) for v in value)
+        ):
+            raise ValidationException(f"{operation}: parameter {name!r} must be a list of strings")
         if isinstance(value, bytearray):
             value = bytes(value)
         clean[name] = value
