@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from envfs.errors import IntegrityError
 
+Buffer = bytes | bytearray | memoryview
+
 NONCE_SIZE = 12
 TAG_SIZE = 16
 SEAL_OVERHEAD = NONCE_SIZE + TAG_SIZE
@@ -52,21 +54,22 @@ class Aead:
             raise ValueError("AES-GCM key must be 16 or 32 bytes")
         self._aesgcm = AESGCM(key)
 
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+    def seal(self, plaintext: Buffer, aad: Buffer) -> bytes:
         """Encrypt and authenticate; returns ``nonce || ciphertext || tag``."""
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._aesgcm.encrypt(nonce, plaintext, aad)
 
-    def open(self, sealed: bytes, aad: bytes) -> bytes:
+    def open(self, sealed: Buffer, aad: Buffer) -> bytes:
         """Verify and decrypt ``nonce || ciphertext || tag``.
 
         Raises:
             IntegrityError: the data, the AAD or the key do not match.
         """
-        if len(sealed) < SEAL_OVERHEAD:
+        view = memoryview(sealed)
+        if len(view) < SEAL_OVERHEAD:
             raise IntegrityError("authentication failed")
         try:
-            return self._aesgcm.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+            return self._aesgcm.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
         except InvalidTag:
             raise IntegrityError("authentication failed") from None
 
