@@ -16,6 +16,8 @@ from typing import Any
 
 from envfs.errors import InvalidRequestException, ValidationException
 
+MAX_STRING = 32768  # the longest string parameter (a key policy's AWS limit)
+
 
 class ParamType(enum.Enum):
     STRING = "string"
@@ -70,6 +72,9 @@ _CONTEXT = Param("EncryptionContext", CTX, help="k=v,k2=v2 or JSON; bound to the
 _ALGORITHM = Param("EncryptionAlgorithm", S, help="SYMMETRIC_DEFAULT (the only one)")
 _KEY_SPEC = Param("KeySpec", S, help="AES_256 or AES_128")
 _NUMBER_OF_BYTES = Param("NumberOfBytes", INT, help="data key length, 1-1024")
+_NOTE = Param(
+    "AuditNote", S, help="envfs: text kept in the audit record (e.g. a file's path), not bound"
+)
 _BYPASS = Param(
     "BypassPolicyLockoutSafetyCheck", BOOL, help="skip the check that you keep PutKeyPolicy"
 )
@@ -166,7 +171,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "Encrypt",
             "kms:Encrypt",
-            (_KEY_ID, Param("Plaintext", B, True, "1-4096 bytes"), _CONTEXT, _ALGORITHM),
+            (_KEY_ID, Param("Plaintext", B, True, "1-4096 bytes"), _CONTEXT, _ALGORITHM, _NOTE),
             "encrypt up to 4096 bytes under a master key",
         ),
         Operation(
@@ -177,6 +182,7 @@ OPERATIONS: dict[str, Operation] = {
                 _CONTEXT,
                 Param("KeyId", S, help="the key the blob must be under"),
                 _ALGORITHM,
+                _NOTE,
             ),
             "decrypt a ciphertext blob",
         ),
@@ -191,19 +197,20 @@ OPERATIONS: dict[str, Operation] = {
                 Param("DestinationEncryptionContext", CTX),
                 Param("SourceEncryptionAlgorithm", S),
                 Param("DestinationEncryptionAlgorithm", S),
+                _NOTE,
             ),
             "decrypt and encrypt again inside the service; the plaintext never leaves it",
         ),
         Operation(
             "GenerateDataKey",
             "kms:GenerateDataKey",
-            (_KEY_ID, _CONTEXT, _KEY_SPEC, _NUMBER_OF_BYTES),
+            (_KEY_ID, _CONTEXT, _KEY_SPEC, _NUMBER_OF_BYTES, _NOTE),
             "make a data key: plaintext and a copy encrypted under the master key",
         ),
         Operation(
             "GenerateDataKeyWithoutPlaintext",
             "kms:GenerateDataKeyWithoutPlaintext",
-            (_KEY_ID, _CONTEXT, _KEY_SPEC, _NUMBER_OF_BYTES),
+            (_KEY_ID, _CONTEXT, _KEY_SPEC, _NUMBER_OF_BYTES, _NOTE),
             "make a data key, returning only its encrypted copy",
         ),
         Operation(
@@ -324,6 +331,10 @@ def validate_request(
             and not all(isinstance(v, str) for v in value)
         ):
             raise ValidationException(f"{operation}: parameter {name!r} must be a list of strings")
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise ValidationException(
+                f"{operation}: parameter {name!r} is longer than {MAX_STRING} characters"
+            )
         if isinstance(value, bytearray):
             value = bytes(value)
         clean[name] = value
