@@ -219,3 +219,20 @@ class IntegrityError(EnvfsError):
 
     errno = _errno.EIO
     exit_code = 50
+
+
+# --- volumes and mounts -------------------------------------------------------------------
+
+
+class VolumeError(EnvfsError):
+    """A backing folder that is not a usable envfs volume (missing, malformed, unauthentic)."""
+
+    errno = _errno.EIO
+    exit_code = 60
+
+
+class MountError(EnvfsError):
+    """The mount cannot be made or unmade (mount point missing or busy, FUSE failure)."""
+
+    errno = _errno.EBUSY
+    exit_code = 61

@@ -1,0 +1,179 @@
+"""One open encrypted backing file: plaintext reads, writes and truncation over ``format``.
+
+A :class:`CryptFile` owns a backing file descriptor, the file's header and derived keys,
+and the plaintext size, which it keeps exact while the file is open. Every request is
+one backing ``pread`` and, for writes, one ``pwrite`` covering all the blocks it touches
+(the edge blocks are read, merged and re-sealed with fresh nonces).
+
+The file format has no holes: a write past the end, or truncation upwards, seals the gap
+as zero blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from envfs import format
+from envfs.errors import IntegrityError
+from envfs.format import FileHeader, FileKeys
+
+# Gaps (writes past the end, truncation upwards) are sealed in runs of this many bytes.
+_ZERO_RUN = 1 << 20
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def read_header(fd: int) -> tuple[FileHeader, bytes]:
+    """Parse a backing file's header (unauthenticated), returning it and its raw bytes.
+
+    Raises:
+        IntegrityError: not an envfs file, unsupported version, malformed header.
+    """
+    raw = os.pread(fd, format.HEADER_SIZE, 0)
+    return FileHeader.parse(raw), raw
+
+
+class CryptFile:
+    """An encrypted file open on ``fd``; not thread-safe (the filesystem is one trio loop)."""
+
+    __slots__ = ("_block", "_shift", "fd", "header", "keys", "size")
+
+    def __init__(self, fd: int, header: FileHeader, keys: FileKeys, size: int) -> None:
+        self.fd = fd
+        self.header = header
+        self.keys = keys
+        self.size = size
+        self._shift = header.block_shift
+        self._block = 1 << header.block_shift
+
+    @classmethod
+    def create(cls, fd: int, header: FileHeader, keys: FileKeys) -> CryptFile:
+        """Write a new, empty file (header and empty final block) to ``fd``."""
+        empty = format.encrypt_blocks(keys, header.file_id, 0, b"", header.block_shift, final=True)
+        _pwrite_all(fd, header.encode(keys) + empty, 0)
+        return cls(fd, header, keys, 0)
+
+    @classmethod
+    def open(cls, fd: int, header: FileHeader, raw: bytes, keys: FileKeys) -> CryptFile:
+        """Authenticate the header and size up the file.
+
+        Raises:
+            IntegrityError: the header does not verify, or the backing size is impossible.
+        """
+        header.verify(raw, keys)
+        size = format.plaintext_size(os.fstat(fd).st_size, header.block_shift)
+        return cls(fd, header, keys, size)
+
+    # --- reading -----------------------------------------------------------------------
+
+    def _plain_block(self, index: int) -> bytes:
+        sealed = os.pread(
+            self.fd, format.block_stride(self._shift), format.block_offset(index, self._shift)
+        )
+        return format.decrypt_block(self.keys, self.header.file_id, index, sealed, self._shift)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` plaintext bytes at ``offset`` (fewer at the end of the file).
+
+        Raises:
+            IntegrityError: a block fails authentication.
+        """
+        if offset >= self.size or length <= 0:
+            return b""
+        length = min(length, self.size - offset)
+        span = format.block_span(offset, length, self._shift)
+        data = os.pread(self.fd, span.backing_length, span.backing_offset)
+        plain = format.decrypt_blocks(
+            self.keys, self.header.file_id, span.first_block, data, self._shift
+        )
+        if len(plain) < span.skip + length:
+            # The backing file is shorter than its size said: cut behind our back.
+            raise IntegrityError("the backing file is shorter than expected")
+        return plain[span.skip : span.skip + length]
+
+    # --- writing -----------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset``; a gap past the end reads as zeros.
+
+        Raises:
+            IntegrityError: an edge block to merge with fails authentication.
+        """
+        if not data:
+            return 0
+        if offset > self.size:
+            self._fill_zeros(offset)
+        self._write_run(offset, data)
+        return len(data)
+
+    def _write_run(self, offset: int, data: bytes) -> None:
+        """Rewrite the blocks covering ``[offset, offset + len(data))``; offset <= size."""
+        block, size = self._block, self.size
+        end = offset + len(data)
+        new_size = max(size, end)
+        first = offset >> self._shift
+        last = (end - 1) >> self._shift
+        run_end = min(new_size, (last + 1) << self._shift)
+        head = offset - (first << self._shift)
+        parts: list[bytes] = []
+        first_plain: bytes | None = None
+        if head:
+            first_plain = self._plain_block(first)
+            parts.append(first_plain[:head])
+        parts.append(data)
+        if end < run_end:
+            tail_plain = first_plain if last == first and first_plain is not None else None
+            if tail_plain is None:
+                tail_plain = self._plain_block(last)
+            base = last * block
+            parts.append(tail_plain[end - base : run_end - base])
+        sealed = format.encrypt_blocks(
+            self.keys,
+            self.header.file_id,
+            first,
+            b"".join(parts),
+            self._shift,
+            final=run_end == new_size,
+        )
+        _pwrite_all(self.fd, sealed, format.block_offset(first, self._shift))
+        self.size = new_size
+
+    def _fill_zeros(self, until: int) -> None:
+        """Extend the file with zeros up to ``until`` bytes."""
+        while self.size < until:
+            start = self.size
+            # Align runs to block boundaries so each pwrite seals whole blocks.
+            stop = min(until, ((start + _ZERO_RUN) >> self._shift) << self._shift)
+            if stop <= start:
+                stop = until
+            self._write_run(start, bytes(stop - start))
+
+    def truncate(self, new_size: int) -> None:
+        """Cut or extend the file to ``new_size`` plaintext bytes.
+
+        Raises:
+            IntegrityError: the block that becomes the final one fails authentication.
+        """
+        if new_size == self.size:
+            return
+        if new_size > self.size:
+            self._fill_zeros(new_size)
+            return
+        index = new_size >> self._shift
+        keep = new_size - (index << self._shift)
+        plain = self._plain_block(index)[:keep] if keep else b""
+        sealed = format.encrypt_blocks(
+            self.keys, self.header.file_id, index, plain, self._shift, final=True
+        )
+        _pwrite_all(self.fd, sealed, format.block_offset(index, self._shift))
+        os.ftruncate(self.fd, format.backing_size(new_size, self._shift))
+        self.size = new_size
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,293 @@
+"""The volume file: what a backing folder is, authenticated by the key service.
+
+``BACKING/.envfs-volume.json`` (hidden from the plaintext view) is a JSON object::
+
+    {"envfs_volume": 1,                 # volume file version
+     "volume_id": "<uuid>",
+     "region": "<region>",
+     "key_arn": "arn:envfs:kms:<region>:<account>:key/<uuid>",
+     "format_version": 1,               # file format of the volume's files
+     "block_shift": 14,                 # plaintext block size 2**14 = 16 KiB
+     "features": [],                    # feature flags; unknown ones are refused
+     "created": "<ISO 8601>",
+     "auth_key": "<base64 ciphertext blob>",
+     "mac": "<base64 HMAC-SHA256>"}
+
+``auth_key`` is a data key generated under the volume's master key with the encryption
+context ``{"envfs:volume": <volume id>, "envfs:purpose": "volume"}``; ``mac`` is an
+HMAC-SHA256, under a key derived from it, of the canonical JSON of every other field.
+Verifying asks the key service to decrypt ``auth_key`` *requiring* the key named in the
+file (``KeyId``), so a volume file whose key or region was swapped, or any edited field,
+is refused. Files of the volume use the context
+``{"envfs:volume": <volume id>, "envfs:file": <file id, hex>}``, so a file header moved
+into another volume does not unwrap.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from envfs import crypto, format
+from envfs.errors import (
+    IncorrectKeyException,
+    InvalidCiphertextException,
+    NotFoundException,
+    VolumeError,
+)
+from envfs.kms.model import Caller, EncryptionContext, parse_arn
+from envfs.kms.provider import KeyProvider
+
+VOLUME_FILE = ".envfs-volume.json"
+VOLUME_FILE_VERSION = 1
+KNOWN_FEATURES: frozenset[str] = frozenset()
+_MAC_INFO = b"envfs volume mac v1"
+_FIELDS = {
+    "envfs_volume",
+    "volume_id",
+    "region",
+    "key_arn",
+    "format_version",
+    "block_shift",
+    "features",
+    "created",
+    "auth_key",
+    "mac",
+}
+
+
+@dataclass
+class Volume:
+    """A backing folder's volume settings."""
+
+    backing: Path
+    volume_id: str
+    region: str
+    key_arn: str
+    block_shift: int = format.DEFAULT_BLOCK_SHIFT
+    format_version: int = format.FORMAT_VERSION
+    features: list[str] = field(default_factory=list)
+    created: str = ""
+    auth_key: bytes = b""
+    mac: bytes = b""
+
+    @property
+    def block_size(self) -> int:
+        return 1 << self.block_shift
+
+    def file_context(self, file_id: bytes) -> EncryptionContext:
+        """The encryption context of one file's data key."""
+        return {"envfs:volume": self.volume_id, "envfs:file": file_id.hex()}
+
+    def _auth_context(self) -> EncryptionContext:
+        return {"envfs:volume": self.volume_id, "envfs:purpose": "volume"}
+
+    def _signed_fields(self) -> dict[str, Any]:
+        return {
+            "envfs_volume": VOLUME_FILE_VERSION,
+            "volume_id": self.volume_id,
+            "region": self.region,
+            "key_arn": self.key_arn,
+            "format_version": self.format_version,
+            "block_shift": self.block_shift,
+            "features": self.features,
+            "created": self.created,
+            "auth_key": base64.b64encode(self.auth_key).decode(),
+        }
+
+    def _mac_for(self, auth_plaintext: bytes) -> bytes:
+        body = json.dumps(self._signed_fields(), sort_keys=True, separators=(",", ":"))
+        return crypto.hmac_sha256(crypto.hkdf(auth_plaintext, _MAC_INFO), body.encode())
+
+    # --- creating ----------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        backing: Path,
+        key_id: str,
+        provider: KeyProvider,
+        caller: Caller,
+        *,
+        block_shift: int = format.DEFAULT_BLOCK_SHIFT,
+    ) -> Volume:
+        """Make ``backing`` a new volume under the master key ``key_id``.
+
+        Raises:
+            VolumeError: ``backing`` is not an empty directory (or already a volume).
+            KMSError: the key service refused (unknown key, not a key user, ...).
+        """
+        backing = Path(backing)
+        if not format.MIN_BLOCK_SHIFT <= block_shift <= format.MAX_BLOCK_SHIFT:
+            raise VolumeError(
+                f"block size {1 << block_shift} is not allowed: expected a power of two from"
+                f" {1 << format.MIN_BLOCK_SHIFT} to {1 << format.MAX_BLOCK_SHIFT} bytes"
+            )
+        if backing.exists() and not backing.is_dir():
+            raise VolumeError(f"{str(backing)!r} is not a directory")
+        if (backing / VOLUME_FILE).exists():
+            raise VolumeError(f"{str(backing)!r} is already an envfs volume")
+        if backing.exists() and any(backing.iterdir()):
+            raise VolumeError(
+                f"{str(backing)!r} is not empty: a volume starts from an empty folder, so that"
+                " no plaintext file is ever mixed with encrypted ones"
+            )
+        backing.mkdir(mode=0o700, parents=True, exist_ok=True)
+        volume = cls(
+            backing=backing,
+            volume_id=str(uuid.uuid4()),
+            region=provider.region,
+            key_arn="",
+            block_shift=block_shift,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        data_key = provider.generate_data_key(
+            key_id, volume._auth_context(), caller, f"envfs init {backing}"
+        )
+        volume.key_arn = data_key.key_arn
+        volume.auth_key = data_key.wrapped
+        volume.mac = volume._mac_for(data_key.plaintext)
+        volume._write()
+        return volume
+
+    def _write(self) -> None:
+        doc = {**self._signed_fields(), "mac": base64.b64encode(self.mac).decode()}
+        path = self.backing / VOLUME_FILE
+        tmp = self.backing / (VOLUME_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(self.backing, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # --- loading and verifying ---------------------------------------------------------
+
+    @classmethod
+    def load(cls, backing: Path) -> Volume:
+        """Read and check the structure of ``backing``'s volume file (nothing verified yet).
+
+        Raises:
+            VolumeError: no volume file, or one that is malformed or of an unknown version.
+        """
+        backing = Path(backing)
+        path = backing / VOLUME_FILE
+        if not backing.is_dir():
+            raise VolumeError(f"{str(backing)!r} is not a directory")
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise VolumeError(
+                f"{str(backing)!r} is not an envfs volume (no {VOLUME_FILE}; create one with"
+                " 'envfs init')"
+            ) from None
+        except OSError as exc:
+            raise VolumeError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise VolumeError(f"{str(path)!r} is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise VolumeError(f"{str(path)!r} is not a JSON object")
+        version = doc.get("envfs_volume")
+        if version != VOLUME_FILE_VERSION:
+            raise VolumeError(
+                f"{str(path)!r} has volume file version {version!r}; this envfs reads"
+                f" version {VOLUME_FILE_VERSION}"
+            )
+        unknown = set(doc) - _FIELDS
+        missing = _FIELDS - set(doc)
+        if unknown or missing:
+            raise VolumeError(
+                f"{str(path)!r} is malformed: unknown fields {sorted(unknown)},"
+                f" missing fields {sorted(missing)}"
+            )
+        try:
+            volume = cls(
+                backing=backing,
+                volume_id=_typed(doc, "volume_id", str),
+                region=_typed(doc, "region", str),
+                key_arn=_typed(doc, "key_arn", str),
+                block_shift=_typed(doc, "block_shift", int),
+                format_version=_typed(doc, "format_version", int),
+                features=_typed(doc, "features", list),
+                created=_typed(doc, "created", str),
+                auth_key=base64.b64decode(_typed(doc, "auth_key", str), validate=True),
+                mac=base64.b64decode(_typed(doc, "mac", str), validate=True),
+            )
+        except (binascii.Error, ValueError) as exc:
+            raise VolumeError(f"{str(path)!r} is malformed: {exc}") from None
+        if volume.format_version != format.FORMAT_VERSION:
+            raise VolumeError(
+                f"{str(path)!r} uses file format {volume.format_version}; this envfs reads"
+                f" format {format.FORMAT_VERSION}"
+            )
+        unknown_features = set(map(str, volume.features)) - KNOWN_FEATURES
+        if unknown_features:
+            raise VolumeError(
+                f"{str(path)!r} needs features this envfs does not have: {sorted(unknown_features)}"
+            )
+        if not format.MIN_BLOCK_SHIFT <= volume.block_shift <= format.MAX_BLOCK_SHIFT:
+            raise VolumeError(f"{str(path)!r} has an invalid block shift {volume.block_shift}")
+        return volume
+
+    def check_region(self, provider: KeyProvider) -> None:
+        """Refuse a volume of another region than the key service's (no call needed).
+
+        Raises:
+            VolumeError: the volume file names another region, or a key of another region.
+        """
+        try:
+            key_region = parse_arn(self.key_arn).region
+        except Exception:
+            raise VolumeError(f"volume key {self.key_arn!r} is not a key ARN") from None
+        if self.region != provider.region or key_region != provider.region:
+            raise VolumeError(
+                f"volume {self.volume_id} belongs to region {self.region!r} (key"
+                f" {self.key_arn!r}); the key service serves region {provider.region!r}"
+            )
+
+    def verify(self, provider: KeyProvider, caller: Caller) -> None:
+        """Authenticate the volume file with the key service, as ``caller``.
+
+        Raises:
+            VolumeError: the file was altered, or its key or region swapped.
+            KMSError: the key service refused ``caller`` (e.g. AccessDeniedException).
+        """
+        self.check_region(provider)
+        try:
+            auth = provider.decrypt(
+                self.auth_key,
+                self.key_arn,
+                self._auth_context(),
+                caller,
+                f"envfs mount {self.backing}",
+            )
+        except (IncorrectKeyException, InvalidCiphertextException, NotFoundException) as exc:
+            raise VolumeError(
+                f"the volume file of {str(self.backing)!r} is not authentic: {exc.message}"
+            ) from None
+        if not crypto.constant_time_equal(self._mac_for(auth), self.mac):
+            raise VolumeError(
+                f"the volume file of {str(self.backing)!r} is not authentic: it was altered"
+            )
+
+
+def _typed(doc: dict[str, Any], name: str, kind: type) -> Any:
+    value = doc[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"field {name!r} must be of type {kind.__name__}")
+    return value

@@ -1,0 +1,96 @@
+"""CryptFile: plaintext I/O over the block format, checked against a bytearray model."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from envfs import format
+from envfs.cryptfile import CryptFile, read_header
+from envfs.errors import IntegrityError
+from envfs.format import FileHeader, FileKeys
+
+SHIFT = 12  # 4 KiB blocks keep the model test small
+DATA_KEY = bytes(range(32))
+
+
+@pytest.fixture
+def cfile(tmp_path: Path) -> Iterator[CryptFile]:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    header = FileHeader.new("arn:envfs:kms:local-1:111122223333:key/x", b"w" * 97, SHIFT)
+    keys = FileKeys.derive(DATA_KEY, header.file_id)
+    f = CryptFile.create(fd, header, keys)
+    yield f
+    f.close()
+
+
+def reopen(f: CryptFile) -> CryptFile:
+    header, raw = read_header(f.fd)
+    return CryptFile.open(f.fd, header, raw, FileKeys.derive(DATA_KEY, header.file_id))
+
+
+def test_new_file_is_empty_with_a_header(cfile: CryptFile) -> None:
+    assert cfile.size == 0
+    assert os.fstat(cfile.fd).st_size == format.MIN_BACKING_SIZE
+    assert reopen(cfile).size == 0
+    assert cfile.read(0, 100) == b""
+
+
+def test_random_operations_match_a_model(cfile: CryptFile) -> None:
+    rng = random.Random(1234)
+    model = bytearray()
+    block = 1 << SHIFT
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.6:
+            offset = rng.choice([0, len(model), rng.randrange(0, len(model) + 2 * block + 1)])
+            size = rng.choice([1, block - 1, block, block + 1, rng.randrange(1, 3 * block)])
+            data = rng.randbytes(size)
+            cfile.write(offset, data)
+            if offset > len(model):
+                model.extend(bytes(offset - len(model)))
+            model[offset : offset + size] = data
+        elif op < 0.8:
+            new_size = rng.choice([0, len(model) // 2, len(model) + rng.randrange(0, 2 * block)])
+            cfile.truncate(new_size)
+            if new_size < len(model):
+                del model[new_size:]
+            else:
+                model.extend(bytes(new_size - len(model)))
+        else:
+            offset = rng.randrange(0, len(model) + 10)
+            length = rng.randrange(0, 3 * block)
+            assert cfile.read(offset, length) == bytes(model[offset : offset + length])
+        assert cfile.size == len(model)
+        assert os.fstat(cfile.fd).st_size == format.backing_size(len(model), SHIFT)
+    again = reopen(cfile)
+    assert again.size == len(model)
+    assert again.read(0, len(model) + 1) == bytes(model)
+
+
+def test_write_past_the_end_reads_zeros(cfile: CryptFile) -> None:
+    cfile.write(3 * (1 << SHIFT) + 5, b"xyz")
+    assert cfile.read(0, 1 << 20) == bytes(3 * (1 << SHIFT) + 5) + b"xyz"
+
+
+def test_tampered_block_gives_integrity_error(cfile: CryptFile) -> None:
+    cfile.write(0, b"a" * 10000)
+    offset = format.block_offset(1, SHIFT) + 40
+    byte = os.pread(cfile.fd, 1, offset)
+    os.pwrite(cfile.fd, bytes([byte[0] ^ 1]), offset)
+    assert cfile.read(0, 100) == b"a" * 100  # block 0 is fine
+    with pytest.raises(IntegrityError, match=r"^block 1 failed authentication$"):
+        cfile.read(5000, 10)
+    with pytest.raises(IntegrityError):
+        cfile.write(5000, b"b")  # merging with a bad block refuses too
+
+
+def test_cut_at_a_block_boundary_is_refused_at_open(cfile: CryptFile) -> None:
+    cfile.write(0, b"a" * 10000)
+    os.ftruncate(cfile.fd, format.block_offset(2, SHIFT))
+    with pytest.raises(IntegrityError, match="impossible backing size"):
+        reopen(cfile)
