@@ -36,7 +36,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 venv: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python -m envfs.demo
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 lint: setup
 	$(BIN)/ruff check envfs tests bench

@@ -43,7 +43,6 @@ from envfs.kms.model import (
     Caller,
     EncryptionContext,
     KeyState,
-    alias_arn,
     key_arn,
     parse_key_ref,
 )
@@ -288,9 +287,7 @@ class ServiceCore:
                 raise ValidationException(f"{text!r} is an alias; give a key id or key ARN")
             alias = self.store.get_alias(ref.alias_name)
             if alias is None:
-                raise NotFoundException(
-                    f"alias {alias_arn(self.region, self.account, ref.alias_name)!r} is not found"
-                )
+                raise NotFoundException(f"alias {text!r} is not found in region {self.region!r}")
             key_id = alias[0]
         else:
             assert ref.key_id is not None

@@ -161,9 +161,7 @@ class ManagementOps(ServiceCore):
         validate_alias_name(name)
         alias = self.store.get_alias(name)
         if alias is None:
-            raise NotFoundException(
-                f"alias {alias_arn(self.region, self.account, name)!r} is not found"
-            )
+            raise NotFoundException(f"alias {name!r} is not found in region {self.region!r}")
         return self._load(call, alias[0], name)
 
     def _op_update_alias(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:

@@ -285,7 +285,9 @@ class KeyStore:
 
     @staticmethod
     def needs_passphrase(directory: Path) -> bool:
-        """Whether the store in ``directory`` is protected by a passphrase."""
+        """Whether the store in ``directory`` is protected by a passphrase (False: no store)."""
+        if not (Path(directory) / DB_NAME).exists():
+            return False
         return _read_meta(Path(directory) / DB_NAME, "root_kind") == b"passphrase"
 
     @classmethod

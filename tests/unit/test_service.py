@@ -234,7 +234,7 @@ def test_user_uses_and_may_not_manage(service: KeyService) -> None:
     )
     assert out["Plaintext"] == b"Some text"
     service.handle(USER, "DescribeKey", {"KeyId": key})
-    for op, params in ADMIN_CALLS[1:] + [("ScheduleKeyDeletion", {}), ("PutKeyPolicy", {})]:
+    for op, params in [*ADMIN_CALLS[1:], ("ScheduleKeyDeletion", {}), ("PutKeyPolicy", {})]:
         if op == "PutKeyPolicy":
             params = {"Policy": service.handle(MANAGER, "GetKeyPolicy", {"KeyId": key})["Policy"]}
         with pytest.raises(AccessDeniedException):

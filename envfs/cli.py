@@ -1,5 +1,0 @@
-"""placeholder, replaced by the CLI package"""
-
-
-def main() -> int:
-    return 0

@@ -1,0 +1,105 @@
+"""The ``envfs`` command line: the only part of envfs that prints for the user or exits.
+
+Every failure ends the same way: one ``envfs: error: ...`` line on stderr (``<AwsName>: ``
+first for key-service errors), sometimes an ``envfs: hint: ...`` line, and the error's
+documented exit code (``docs/kms.md``): 2 for usage errors, 1 for internal errors, 130
+after Ctrl-C. A traceback is printed only for internal errors and only with
+``ENVFS_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import NoReturn
+
+from envfs import __version__
+from envfs.cli import kms
+from envfs.cli.params import ArgumentError
+from envfs.errors import EnvfsError, KMSError, KMSUnavailableException, UsageError
+
+PROG = "envfs"
+
+
+class _ParseError(UsageError):
+    """argparse's complaint, raised instead of printed so main() reports it in its voice."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # "invalid choice: 'x' (choose from <every verb>)": the hint's --help lists them better.
+        if "invalid choice" in message:
+            message = message.split(" (choose from ", 1)[0]
+        raise _ParseError(message, self.prog)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=PROG,
+        description="envfs: an encrypted folder with per-file data keys, and the regional key"
+        " service that holds its master keys.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    kms.add_parser(commands)
+    return parser
+
+
+def _say(kind: str, message: str) -> None:
+    sys.stderr.write(f"{PROG}: {kind}: {message}\n")
+
+
+def _hint(error: EnvfsError) -> str | None:
+    if isinstance(error, _ParseError):
+        return f"see '{error.prog} --help'"
+    if isinstance(error, ArgumentError):
+        return error.hint
+    if isinstance(error, KMSUnavailableException):
+        return (
+            "start the daemon with 'envfs kms serve', or pass --embedded to use the store directly"
+        )
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (the console script exits with it)."""
+    try:
+        parser = build_parser()
+        try:
+            args, extras = parser.parse_known_args(argv)
+        except SystemExit as done:  # --help and --version
+            return done.code if isinstance(done.code, int) else 0
+        if extras:
+            words = [PROG, getattr(args, "command", None), getattr(args, "verb", None)]
+            prog = " ".join(word for word in words if word)
+            raise _ParseError(f"unrecognized arguments: {' '.join(extras)}", prog)
+        code: int = args.handler(args)
+        sys.stdout.flush()
+        return code
+    except EnvfsError as e:
+        name = f"{e.aws_name}: " if isinstance(e, KMSError) else ""
+        _say("error", name + e.message)
+        hint = _hint(e)
+        if hint:
+            _say("hint", hint)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``); stop quietly, and keep Python's final flush of
+        # stdout from complaining again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as e:
+        if os.environ.get("ENVFS_DEBUG") == "1":
+            traceback.print_exc()
+        _say("error", f"internal error: {e!r}")
+        return 1

@@ -1,0 +1,528 @@
+"""``envfs kms ...``: one verb per key-service operation, plus ``init``, ``serve`` and ``audit``.
+
+The operation verbs are generated from :data:`envfs.kms.operations.OPERATIONS`: the verb is
+``Operation.verb``, each parameter a ``Param.flag``. A verb talks to the key-service daemon
+when its socket exists (``--socket``, ``$ENVFS_KMS_SOCKET`` or ``/run/envfs/kms-REGION.sock``)
+and ``--embedded`` is not given; otherwise it opens the region's store itself, acting as the
+current Unix user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import grp
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from envfs.cli.output import QueryError, parse_query, render
+from envfs.cli.params import ArgumentError, build_request, read_file_bytes
+from envfs.errors import AuditVerificationError, UsageError, ValidationException
+from envfs.kms.model import DEFAULT_REGION, validate_region
+from envfs.kms.operations import OPERATIONS, Operation, Param, ParamType
+
+if TYPE_CHECKING:
+    from envfs.kms.store import KeyStore
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace], int]
+
+# Served by ``envfs kms audit`` rather than verbs of their own.
+_AUDIT_OPERATIONS = ("ListAuditRecords", "VerifyAudit")
+_DEFAULT_KEY_CREATORS_GROUP = "envfs-kms"
+
+_EXAMPLES: dict[str, str] = {
+    "create-key": """examples:
+  envfs kms create-key --description "payroll" --tags TagKey=team,TagValue=hr
+  envfs kms create-key --key-administrators user:alice,group:kms-admins --key-users user:bob""",
+    "encrypt": """examples:
+  envfs kms encrypt --key-id alias/demo --plaintext fileb://secret.txt \\
+      --output text --query CiphertextBlob | base64 -d > secret.txt.enc
+  envfs kms encrypt --key-id alias/demo --plaintext "$(printf hi | base64)" \\
+      --encryption-context purpose=test,team=hr""",
+    "decrypt": """examples:
+  envfs kms decrypt --ciphertext-blob fileb://secret.txt.enc \\
+      --output text --query Plaintext | base64 -d""",
+    "re-encrypt": """examples:
+  envfs kms re-encrypt --ciphertext-blob fileb://secret.txt.enc \\
+      --destination-key-id alias/other --output text --query CiphertextBlob | base64 -d""",
+    "generate-data-key": """examples:
+  envfs kms generate-data-key --key-id alias/demo --key-spec AES_256""",
+    "put-key-policy": """examples:
+  envfs kms put-key-policy --key-id alias/demo --policy file://policy.json""",
+    "audit": """examples:
+  envfs kms audit --key-id alias/demo --since 2025-01-01T00:00:00Z
+  envfs kms audit --verify""",
+}
+
+_TYPE_NOTES: dict[ParamType, str] = {
+    ParamType.BLOB: "fileb://PATH: a file's bytes; else base64 text, or file://PATH holding it",
+    ParamType.CONTEXT: "k=v,k2=v2 or a JSON object",
+    ParamType.TAGS: "one TagKey=k,TagValue=v per word, or a JSON list",
+    ParamType.STRING_LIST: "separated by spaces or commas",
+}
+_LIST_METAVARS: dict[ParamType, str] = {
+    ParamType.CONTEXT: "K=V",
+    ParamType.TAGS: "TAG",
+    ParamType.STRING_LIST: "ITEM",
+}
+
+
+# --- common options ----------------------------------------------------------------------
+
+
+def _region(text: str) -> str:
+    try:
+        return validate_region(text)
+    except ValidationException as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _query(text: str) -> Any:
+    try:
+        return parse_query(text)
+    except QueryError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _env_path(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("key store options")
+    group.add_argument(
+        "--region",
+        type=_region,
+        default=os.environ.get("ENVFS_REGION") or DEFAULT_REGION,
+        help=f"the region whose keys to use (env ENVFS_REGION; default {DEFAULT_REGION!r})",
+    )
+    group.add_argument(
+        "--kms-dir",
+        metavar="DIR",
+        type=Path,
+        default=_env_path("ENVFS_KMS_DIR"),
+        help="where region stores live (env ENVFS_KMS_DIR; default /var/lib/envfs/kms for"
+        " root, else ~/.local/state/envfs/kms)",
+    )
+    group.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        default=_env_path("ENVFS_KMS_PASSPHRASE_FILE"),
+        help="read the store's passphrase from FILE (env ENVFS_KMS_PASSPHRASE_FILE); asked"
+        " on the terminal when needed and not given",
+    )
+
+
+def _add_socket_option(parser: argparse._ActionsContainer, help_text: str) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        type=Path,
+        default=_env_path("ENVFS_KMS_SOCKET"),
+        help=help_text + " (env ENVFS_KMS_SOCKET; default /run/envfs/kms-REGION.sock)",
+    )
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    """Every verb that calls the service: store, connection and output options."""
+    _add_store_options(parser)
+    group = parser.add_argument_group("connection options")
+    _add_socket_option(group, "the key daemon's socket, used when it exists")
+    group.add_argument(
+        "--embedded",
+        action="store_true",
+        help="never use the daemon: open the region's store in this process",
+    )
+    group = parser.add_argument_group("output options")
+    group.add_argument(
+        "--output",
+        choices=("json", "text"),
+        default="json",
+        help="json (default; bytes as base64, dates as ISO 8601) or text (tab-separated)",
+    )
+    group.add_argument(
+        "--query",
+        metavar="EXPR",
+        type=_query,
+        help="print only part of the answer, with a JMESPath subset: A, A.B, A[0], A[*].B,"
+        " A[].B, [A, B]",
+    )
+
+
+# --- the backend: daemon or embedded store -------------------------------------------------
+
+
+class Backend(Protocol):
+    def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class _Embedded:
+    """The key service in this process, over the region's store, as the current user."""
+
+    def __init__(self, store: KeyStore) -> None:
+        from envfs.kms.model import Caller
+        from envfs.kms.service import KeyService
+
+        self._store = store
+        try:
+            self._service = KeyService(store)
+            self._caller = Caller.current()
+            self._service.run_due_tasks()
+        except BaseException:
+            store.close()
+            raise
+
+    def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self._service.handle(self._caller, operation, params)
+
+    def close(self) -> None:
+        try:
+            self._service.close()
+        finally:
+            self._store.close()
+
+
+def _store_directory(args: argparse.Namespace) -> Path:
+    from envfs.kms.store import default_kms_dir, region_store_dir
+
+    return region_store_dir(args.kms_dir or default_kms_dir(), args.region)
+
+
+def _read_passphrase_file(path: str) -> bytes:
+    data = read_file_bytes("--passphrase-file", path)
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise ArgumentError("--passphrase-file", f"{path!r} holds an empty passphrase")
+    return data
+
+
+def open_store(args: argparse.Namespace) -> KeyStore:
+    """Open the region's store, asking for its passphrase on the terminal if needed."""
+    from envfs.kms.store import DB_NAME, KeyStore
+
+    directory = _store_directory(args)
+    passphrase: bytes | None = None
+    if args.passphrase_file:
+        passphrase = _read_passphrase_file(args.passphrase_file)
+    elif (
+        sys.stdin is not None
+        and sys.stdin.isatty()
+        and (directory / DB_NAME).exists()
+        and KeyStore.needs_passphrase(directory)
+    ):
+        prompt = f"passphrase of the key store of region {args.region!r}: "
+        passphrase = getpass.getpass(prompt).encode()
+    return KeyStore.open(directory, args.region, passphrase=passphrase)
+
+
+@contextlib.contextmanager
+def open_backend(args: argparse.Namespace) -> Iterator[Backend]:
+    """The daemon if its socket exists and ``--embedded`` was not given, else the store."""
+    from envfs.kms.client import KMSClient
+    from envfs.kms.store import default_socket_path
+
+    socket_path: Path = args.socket or default_socket_path(args.region)
+    backend: Backend
+    if not args.embedded and socket_path.exists():
+        backend = KMSClient(socket_path)
+    else:
+        backend = _Embedded(open_store(args))
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+# --- operation verbs -----------------------------------------------------------------------
+
+
+def _metavar(param: Param) -> str:
+    return param.flag[2:].upper().replace("-", "_")
+
+
+def _add_param(group: argparse._ArgumentGroup, param: Param) -> None:
+    help_text = param.help or param.name
+    note = _TYPE_NOTES.get(param.type)
+    if note and "JSON" not in help_text:  # the table's help may already say how to write it
+        help_text = f"{help_text} ({note})"
+    if param.required:
+        help_text += " [required]"
+    if param.type is ParamType.BOOLEAN:
+        group.add_argument(
+            param.flag,
+            dest=param.name,
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=help_text,
+        )
+    elif param.type in (ParamType.CONTEXT, ParamType.TAGS, ParamType.STRING_LIST):
+        group.add_argument(
+            param.flag,
+            dest=param.name,
+            metavar=_LIST_METAVARS[param.type],
+            nargs="+",
+            action="extend",
+            required=param.required,
+            help=help_text,
+        )
+    else:
+        group.add_argument(
+            param.flag,
+            dest=param.name,
+            metavar=_metavar(param),
+            required=param.required,
+            help=help_text,
+        )
+
+
+def _run_operation(operation: Operation, args: argparse.Namespace) -> int:
+    request = build_request(operation, vars(args))
+    with open_backend(args) as backend:
+        response = backend.call(operation.name, request)
+    render(response, output=args.output, query=args.query, stream=sys.stdout)
+    return 0
+
+
+# --- init ----------------------------------------------------------------------------------
+
+
+def _ask_new_passphrase() -> bytes:
+    first = getpass.getpass("new passphrase for the key store: ")
+    if not first:
+        raise UsageError("the passphrase must not be empty")
+    if getpass.getpass("repeat the passphrase: ") != first:
+        raise UsageError("the two passphrases differ")
+    return first.encode()
+
+
+def _init(args: argparse.Namespace) -> int:
+    from envfs.kms.store import ROOT_KEY_NAME, KeyStore
+
+    directory = _store_directory(args)
+    passphrase: bytes | None = None
+    if args.passphrase_file:
+        passphrase = _read_passphrase_file(args.passphrase_file)
+    elif args.passphrase:
+        passphrase = _ask_new_passphrase()
+    store = KeyStore.init(
+        directory, args.region, passphrase=passphrase, key_creators_group=args.key_creators_group
+    )
+    store.close()
+    out = sys.stdout
+    out.write(f"created the key store of region {args.region!r} in {directory}\n")
+    if passphrase is None:
+        out.write(
+            f"root key: {directory / ROOT_KEY_NAME} (mode 0600)\n"
+            "keep it secret and back it up: without it the keys in this store cannot be used\n"
+        )
+    else:
+        out.write(
+            "root key: derived from the passphrase (scrypt)\n"
+            "keep the passphrase secret and safe: without it the keys in this store cannot be"
+            " used\n"
+        )
+    out.write(f"key creators: root and members of group {args.key_creators_group!r}\n")
+    try:
+        grp.getgrnam(args.key_creators_group)
+    except KeyError:
+        sys.stderr.write(
+            f"envfs: hint: group {args.key_creators_group!r} does not exist yet; until it"
+            f" does only root can create keys (groupadd {args.key_creators_group})\n"
+        )
+    return 0
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+def _configure_logging() -> None:
+    # Under systemd the journal adds timestamps; elsewhere a human reads them.
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not under_systemd:
+        fmt = "%(asctime)s " + fmt
+    debug = os.environ.get("ENVFS_DEBUG") == "1"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt)
+
+
+async def _serve_until_signalled(serve: Callable[[], Any]) -> None:
+    import trio
+
+    async def run_server(cancel_scope: trio.CancelScope) -> None:
+        await serve()
+        cancel_scope.cancel()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_server, nursery.cancel_scope)
+            async for signum in signals:
+                logger.info("received %s, stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from envfs.kms import server
+    from envfs.kms.service import KeyService
+    from envfs.kms.store import default_socket_path
+
+    _configure_logging()
+    store = open_store(args)
+    try:
+        service = KeyService(store)
+        try:
+            socket_path: Path = args.socket or default_socket_path(args.region)
+            listener = server.bind_unix_socket(socket_path)
+            logger.info("serving region %r from %s", args.region, store.directory)
+            try:
+                serve = partial(
+                    server.serve, service.handle, listener, periodic=service.run_due_tasks
+                )
+                trio.run(_serve_until_signalled, serve)
+            finally:
+                listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    socket_path.unlink()
+        finally:
+            service.close()
+    finally:
+        store.close()
+    return 0
+
+
+# --- audit ---------------------------------------------------------------------------------
+
+
+def _audit(args: argparse.Namespace) -> int:
+    if args.verify and (args.key_id or args.since):
+        raise UsageError("argument --verify: not allowed with --key-id or --since")
+    with open_backend(args) as backend:
+        if args.verify:
+            result = backend.call("VerifyAudit", {})
+        else:
+            records: list[Any] = []
+            params: dict[str, Any] = {}
+            if args.key_id:
+                params["KeyId"] = args.key_id
+            if args.since:
+                params["Since"] = args.since
+            while True:
+                page = backend.call("ListAuditRecords", params)
+                records.extend(page.get("Records", []))
+                marker = page.get("NextMarker")
+                if not page.get("Truncated") or not marker:
+                    break
+                params["Marker"] = marker
+    if args.verify:
+        if not result.get("Valid"):
+            raise AuditVerificationError(
+                f"audit log verification failed: {result.get('Problem') or 'unknown problem'}"
+            )
+        sys.stdout.write(f"audit log verified: {result.get('Records', 0)} records\n")
+        return 0
+    render({"Records": records}, output=args.output, query=args.query, stream=sys.stdout)
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+def _description(operation: Operation) -> str:
+    text = operation.help
+    return f"{text[:1].upper()}{text[1:]} (the {operation.name} operation)."
+
+
+def add_parser(commands: Any) -> None:
+    """Add ``kms`` and its verbs to the top-level subcommands ``commands``."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    kms = commands.add_parser(
+        "kms",
+        help="the regional key service (AWS KMS verbs)",
+        description="The regional key management service: master keys, data keys, policies"
+        " and audit, with the verbs and flags of 'aws kms'.",
+    )
+    verbs = kms.add_subparsers(dest="verb", metavar="VERB", required=True, title="verbs")
+
+    init = verbs.add_parser(
+        "init",
+        help="create the key store of a region",
+        description="Create the key store of a region. Without a passphrase, a random root key"
+        " is written beside the store (mode 0600): keep it secret and back it up.",
+        formatter_class=formatter,
+    )
+    init.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="derive the root key from a passphrase asked twice on the terminal",
+    )
+    init.add_argument(
+        "--key-creators-group",
+        metavar="NAME",
+        default=_DEFAULT_KEY_CREATORS_GROUP,
+        help="the Unix group whose members (with root) may create keys"
+        f" (default {_DEFAULT_KEY_CREATORS_GROUP!r})",
+    )
+    _add_store_options(init)
+    init.set_defaults(handler=_init)
+
+    serve = verbs.add_parser(
+        "serve",
+        help="run the key-service daemon on a Unix socket",
+        description="Run the key-service daemon of a region on a Unix socket; callers are"
+        " identified by the kernel (SO_PEERCRED). SIGINT or SIGTERM stop it.",
+    )
+    _add_socket_option(serve, "where to listen")
+    _add_store_options(serve)
+    serve.set_defaults(handler=_serve)
+
+    audit = verbs.add_parser(
+        "audit",
+        help="list or verify the audit log",
+        description="List the audit records (every call, allowed or denied), or verify the"
+        " log's hash chain.",
+        epilog=_EXAMPLES["audit"],
+        formatter_class=formatter,
+    )
+    audit.add_argument("--key-id", metavar="KEY_ID", help="only records about this key")
+    audit.add_argument(
+        "--since", metavar="TIME", help="only records from TIME on (ISO 8601 or epoch seconds)"
+    )
+    audit.add_argument(
+        "--verify",
+        action="store_true",
+        help="check that no record was altered or removed (exit 40 if one was)",
+    )
+    _add_client_options(audit)
+    audit.set_defaults(handler=_audit)
+
+    for operation in OPERATIONS.values():
+        if operation.name in _AUDIT_OPERATIONS:
+            continue
+        sub = verbs.add_parser(
+            operation.verb,
+            help=operation.help,
+            description=_description(operation),
+            epilog=_EXAMPLES.get(operation.verb),
+            formatter_class=formatter,
+        )
+        group = sub.add_argument_group("parameters")
+        for param in operation.params:
+            _add_param(group, param)
+        _add_client_options(sub)
+        sub.set_defaults(handler=partial(_run_operation, operation))
