@@ -16,7 +16,7 @@ import traceback
 from typing import NoReturn
 
 from envfs import __version__
-from envfs.cli import kms
+from envfs.cli import kms, volume
 from envfs.cli.params import ArgumentError
 from envfs.errors import EnvfsError, KMSError, KMSUnavailableException, UsageError
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    volume.add_parsers(commands)
     kms.add_parser(commands)
     return parser
 

@@ -462,10 +462,12 @@ class ServiceCore:
     def _creator_principal(self, caller: Caller) -> str:
         return f"user:{caller.user_name}" if caller.user_name else f"uid:{caller.uid}"
 
-    def _check_lockout(self, call: _Call, policy: KeyPolicy, bypass: bool) -> None:
+    def _check_lockout(self, call: _Call, policy: KeyPolicy, key_id: str, bypass: bool) -> None:
+        """AWS's lockout safety check: the new policy must let the caller put a policy again."""
         if bypass:
             return
-        if not policy.names_principal_for("kms:PutKeyPolicy", call.caller):
+        arn = self._arn(key_id)
+        if not policy.names_principal_for("kms:PutKeyPolicy", call.caller, resource_arn=arn):
             raise MalformedPolicyDocumentException(
                 "the new key policy will not allow you to update the key policy in the future"
                 " (set BypassPolicyLockoutSafetyCheck to do this anyway)"

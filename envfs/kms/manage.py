@@ -63,20 +63,20 @@ class ManagementOps(ServiceCore):
             raise TagException(f"a key can have at most {MAX_TAGS} tags")
         admins = req.get("KeyAdministrators")
         users = req.get("KeyUsers")
+        key_id = new_key_id()
         if "Policy" in req:
             if admins is not None or users is not None:
                 raise ValidationException(
                     "give either Policy or KeyAdministrators/KeyUsers, not both"
                 )
             policy_text: str = req["Policy"]
-            self._check_lockout(
-                call, KeyPolicy.parse(policy_text), req.get("BypassPolicyLockoutSafetyCheck", False)
-            )
+            bypass = req.get("BypassPolicyLockoutSafetyCheck", False)
+            self._check_lockout(call, KeyPolicy.parse(policy_text), key_id, bypass)
         else:
             creator = self._creator_principal(call.caller)
             policy_text = default_policy(admins or [creator], users or [creator])
         key = KeyRecord(
-            key_id=new_key_id(),
+            key_id=key_id,
             created=call.now,
             description=description,
             state=KeyState.ENABLED,
@@ -273,7 +273,8 @@ class ManagementOps(ServiceCore):
         self._authorize(call, "kms:PutKeyPolicy", key)
         self._policy_name(req)
         policy = KeyPolicy.parse(req["Policy"])
-        self._check_lockout(call, policy, req.get("BypassPolicyLockoutSafetyCheck", False))
+        bypass = req.get("BypassPolicyLockoutSafetyCheck", False)
+        self._check_lockout(call, policy, key.key_id, bypass)
         self._require_not_pending(key)
         key.policy = req["Policy"]
         self.store.update_key(key)

@@ -63,7 +63,7 @@ def validate_region(region: str) -> str:
     Raises:
         ValidationException: it is not.
     """
-    if not (1 <= len(region) <= 63) or not REGION_RE.match(region):
+    if not (1 <= len(region) <= 63) or not REGION_RE.fullmatch(region):
         raise ValidationException(
             f"region {region!r} is not valid: expected lowercase letters, digits and dashes,"
             " like 'local-1' or 'eu-west-1'"
@@ -103,7 +103,7 @@ def parse_arn(text: str) -> Arn:
     if parts[1] != ARN_PARTITION:
         raise InvalidArnException(f"ARN {text!r} is not of partition {ARN_PARTITION!r}")
     region, account, resource = parts[3], parts[4], parts[5]
-    if not REGION_RE.match(region) or not ACCOUNT_RE.match(account):
+    if not REGION_RE.fullmatch(region) or not ACCOUNT_RE.fullmatch(account):
         raise InvalidArnException(f"ARN {text!r} has a malformed region or account")
     if not (resource.startswith("key/") or resource.startswith("alias/")):
         raise InvalidArnException(f"ARN {text!r} names neither a key nor an alias")
@@ -142,12 +142,12 @@ def parse_key_ref(text: str, region: str, account: str) -> KeyRef:
         if arn.resource.startswith("alias/"):
             return KeyRef(alias_name=validate_alias_name(arn.resource))
         key_id = arn.resource[len("key/") :]
-        if not KEY_ID_RE.match(key_id):
+        if not KEY_ID_RE.fullmatch(key_id):
             raise NotFoundException(f"key {text!r} does not exist in region {region!r}")
         return KeyRef(key_id=key_id)
     if text.startswith("alias/"):
         return KeyRef(alias_name=validate_alias_name(text))
-    if not KEY_ID_RE.match(text):
+    if not KEY_ID_RE.fullmatch(text):
         raise NotFoundException(f"key {text!r} is not a key id, key ARN, alias or alias ARN")
     return KeyRef(key_id=text)
 
@@ -158,7 +158,7 @@ def validate_alias_name(name: str) -> str:
     Raises:
         InvalidAliasNameException: it is not.
     """
-    if not isinstance(name, str) or not ALIAS_RE.match(name) or len(name) > ALIAS_MAX:
+    if not isinstance(name, str) or not ALIAS_RE.fullmatch(name) or len(name) > ALIAS_MAX:
         raise InvalidAliasNameException(
             f"alias {name!r} is not valid: expected 'alias/' followed by letters, digits,"
             " '/', '_' or '-' (at most 256 characters in all)"
@@ -259,7 +259,7 @@ class Caller:
 
     def principals(self) -> frozenset[str]:
         """Every principal string this caller matches in a key policy."""
-        names = {f"uid:{self.uid}", *(f"gid:{g}" for g in self.groups)}
+        names = {f"uid:{self.uid}", f"gid:{self.gid}", *(f"gid:{g}" for g in self.groups)}
         if self.user_name is not None:
             names.add(f"user:{self.user_name}")
         names.update(f"group:{n}" for n in self.group_names)

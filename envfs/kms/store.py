@@ -273,6 +273,10 @@ class KeyStore:
             conn.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
+        store = cls(directory, _connect(tmp_db), root_key)
+        with store.transaction():
+            store._write_audit_head(0, bytes(32))  # an empty log has a head too
+        store.close()
         for suffix in ("-wal", "-shm"):
             Path(str(tmp_db) + suffix).unlink(missing_ok=True)
         if passphrase is None:
@@ -573,13 +577,16 @@ class KeyStore:
         body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
         mac = self._audit_mac(prev, seq, body)
         self._conn.execute("INSERT INTO audit VALUES (?, ?, ?)", (seq, body.decode(), mac))
+        self._write_audit_head(seq, mac)
+        return seq
+
+    def _write_audit_head(self, seq: int, mac: bytes) -> None:
         head = struct.pack(">Q", seq) + mac + self._head_mac(seq, mac)
         self._conn.execute(
             "INSERT INTO meta VALUES ('audit_head', ?) ON CONFLICT(name) DO UPDATE"
             " SET value=excluded.value",
             (head,),
         )
-        return seq
 
     def audit_records(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
         rows = self._conn.execute(
@@ -609,7 +616,7 @@ class KeyStore:
         count = expected - 1
         row = self._conn.execute("SELECT value FROM meta WHERE name='audit_head'").fetchone()
         if row is None:
-            return (0, None) if count == 0 else (count, "the audit head is missing")
+            return count, "the audit head is missing"
         raw = bytes(row[0])
         head_seq = struct.unpack(">Q", raw[:8])[0]
         if not crypto.constant_time_equal(self._head_mac(head_seq, raw[8:40]), raw[40:72]):
@@ -639,7 +646,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def _read_meta(db_path: Path, name: str) -> bytes | None:
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)
+        conn = sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True, timeout=10.0)
     except sqlite3.DatabaseError as exc:
         raise StoreCorruptError(f"key store {str(db_path)!r} cannot be read: {exc}") from None
     try:

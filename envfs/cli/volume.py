@@ -1,0 +1,324 @@
+"""``envfs init``, ``envfs mount``, ``envfs umount`` and ``envfs inspect``.
+
+``envfs mount`` without ``--foreground`` starts the mount daemon in the background and
+returns only once the mount is live (or with the daemon's error): the daemon reports
+through a pipe whose descriptor it gets with the hidden ``--ready-fd`` option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from envfs import format
+from envfs.cli.kms import open_store
+from envfs.cli.output import render
+from envfs.errors import EnvfsError, IntegrityError, MountError, UsageError
+from envfs.kms.model import Caller, validate_region
+from envfs.kms.provider import ServiceKeyProvider
+from envfs.kms.service import KeyService
+from envfs.volume import Volume
+
+log = logging.getLogger("envfs")
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "KI": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MI": 1 << 20}
+
+
+def parse_block_size(text: str) -> int:
+    """``16K`` -> 14 (the block shift). Powers of two from 4 KiB to 1 MiB."""
+    digits = text.rstrip("KkMmIiBb")
+    suffix = text[len(digits) :].upper()
+    if not digits.isdigit() or suffix not in _SIZE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"block size {text!r} is not a size like 16K")
+    size = int(digits) * _SIZE_SUFFIXES[suffix]
+    shift = size.bit_length() - 1
+    if size != 1 << shift or not format.MIN_BLOCK_SHIFT <= shift <= format.MAX_BLOCK_SHIFT:
+        raise argparse.ArgumentTypeError(
+            f"block size {text!r} must be a power of two from 4K to 1M"
+        )
+    return shift
+
+
+def _region(text: str) -> str:
+    try:
+        return validate_region(text)
+    except EnvfsError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _add_kms_options(parser: argparse.ArgumentParser, *, region_help: str) -> None:
+    group = parser.add_argument_group("key service options")
+    group.add_argument("--region", type=_region, default=None, help=region_help)
+    group.add_argument(
+        "--kms-dir",
+        metavar="DIR",
+        type=Path,
+        default=os.environ.get("ENVFS_KMS_DIR") or None,
+        help="where region key stores live (env ENVFS_KMS_DIR)",
+    )
+    group.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        default=os.environ.get("ENVFS_KMS_PASSPHRASE_FILE") or None,
+        help="the key store's passphrase, if it has one (env ENVFS_KMS_PASSPHRASE_FILE)",
+    )
+
+
+class _Service:
+    """The embedded key service of a region, closed on exit."""
+
+    def __init__(self, args: argparse.Namespace, region: str) -> None:
+        store_args = argparse.Namespace(
+            region=region, kms_dir=args.kms_dir, passphrase_file=args.passphrase_file
+        )
+        self.service = KeyService(open_store(store_args))
+        self.service.run_due_tasks()
+        self.provider = ServiceKeyProvider(self.service)
+
+    def __enter__(self) -> _Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.service.close()
+
+
+# --- init ----------------------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    region = args.region or os.environ.get("ENVFS_REGION") or "local-1"
+    with _Service(args, region) as kms:
+        volume = Volume.create(
+            Path(args.backing),
+            args.key_id,
+            kms.provider,
+            Caller.current(),
+            block_shift=args.block_size,
+        )
+    sys.stdout.write(
+        f"envfs volume {volume.volume_id} created in {str(volume.backing)!r}\n"
+        f"  key:    {volume.key_arn}\n"
+        f"  blocks: {volume.block_size} bytes\n"
+        f"mount it with: envfs mount {args.backing} MOUNTPOINT\n"
+    )
+    return 0
+
+
+# --- mount ---------------------------------------------------------------------------------
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler: logging.Handler
+    if args.log_file:
+        handler = logging.FileHandler(args.log_file)
+        fmt = "%(asctime)s " + fmt
+    elif args.foreground or under_systemd:
+        handler = logging.StreamHandler(sys.stderr)
+        if not under_systemd:
+            fmt = "%(asctime)s " + fmt
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        fmt = "envfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if os.environ.get("ENVFS_DEBUG") == "1" else logging.INFO)
+
+
+def _mount(args: argparse.Namespace) -> int:
+    from envfs import mount
+
+    backing, mountpoint = Path(args.backing), Path(args.mountpoint)
+    if not args.foreground:
+        return _daemonize(args)
+    _configure_logging(args)
+    ready_fd: int | None = args.ready_fd
+
+    def report(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, message.encode() + b"\n")
+                os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        mount.check_mountpoint(mountpoint)
+        volume = Volume.load(backing)
+        region = args.region or volume.region
+        with _Service(args, region) as kms:
+            vfs = mount.prepare(volume, kms.provider, Caller.current(), multi_user=args.allow_other)
+            options = mount.MountOptions(allow_other=args.allow_other, extra=args.o or [])
+            mount.run_foreground(vfs, mountpoint, options, on_ready=lambda: report("ready"))
+    except EnvfsError as exc:
+        report(f"error {exc.exit_code} {type(exc).__name__} {exc.message}")
+        raise
+    return 0
+
+
+def _daemonize(args: argparse.Namespace) -> int:
+    """Start ``envfs mount --foreground`` in the background; wait until it is live."""
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "envfs", "mount", "--foreground", "--ready-fd", str(write_fd)]
+    command += [args.backing, args.mountpoint]
+    for flag, value in (
+        ("--region", args.region),
+        ("--kms-dir", args.kms_dir),
+        ("--passphrase-file", args.passphrase_file),
+        ("--log-file", args.log_file),
+    ):
+        if value:
+            command += [flag, str(value)]
+    if args.allow_other:
+        command.append("--allow-other")
+    for opt in args.o or []:
+        command += ["-o", opt]
+    env = dict(os.environ)
+    if not args.log_file:
+        env.pop("JOURNAL_STREAM", None)
+    try:
+        child = subprocess.Popen(  # the daemon outlives us: no context manager
+            command,
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        answer = pipe.read().decode(errors="replace").strip()
+    if answer == "ready":
+        return 0
+    if answer.startswith("error "):
+        _, code, kind, message = [*answer.split(" ", 3), "", "", ""][:4]
+        error = MountError(message or kind)
+        error.exit_code = int(code) if code.isdigit() else MountError.exit_code  # type: ignore[misc]
+        raise error
+    status = child.wait()
+    raise MountError(
+        f"the mount daemon exited (status {status}) before the mount was live;"
+        " run with --foreground to see why"
+    )
+
+
+def _umount(args: argparse.Namespace) -> int:
+    from envfs import mount
+
+    mount.unmount(Path(args.mountpoint))
+    return 0
+
+
+# --- inspect -------------------------------------------------------------------------------
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from envfs.kms.blob import parse_blob
+
+    path = Path(args.file)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(format.HEADER_SIZE)
+            backing = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    header = format.FileHeader.parse(raw)
+    info: dict[str, Any] = {
+        "Path": str(path),
+        "FormatVersion": format.FORMAT_VERSION,
+        "CipherSuite": "AES-256-GCM/HKDF-SHA256/HMAC-SHA256",
+        "FileId": header.file_id.hex(),
+        "KeyArn": header.key_arn,
+        "BlockSize": header.block_size,
+        "BackingSize": backing,
+        "WrappedKeySize": len(header.wrapped_key),
+    }
+    try:
+        info["KeyVersion"] = parse_blob(header.wrapped_key).key_version
+    except EnvfsError:
+        info["KeyVersion"] = None
+    try:
+        info["PlaintextSize"] = format.plaintext_size(backing, header.block_shift)
+    except IntegrityError as exc:
+        info["PlaintextSize"] = None
+        info["Problem"] = exc.message
+    render(info, output=args.output, query=None, stream=sys.stdout)
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+def add_parsers(commands: Any) -> None:
+    init = commands.add_parser(
+        "init",
+        help="make an empty folder an encrypted volume",
+        description="Make BACKING (an empty or new folder) an envfs volume whose files are"
+        " encrypted with data keys under the master key --key-id.",
+    )
+    init.add_argument("backing", metavar="BACKING", help="the folder that will hold ciphertext")
+    init.add_argument("--key-id", required=True, help="the master key: alias/NAME, id or ARN")
+    init.add_argument(
+        "--block-size",
+        type=parse_block_size,
+        default=format.DEFAULT_BLOCK_SHIFT,
+        metavar="SIZE",
+        help="plaintext block size, a power of two from 4K to 1M (default 16K)",
+    )
+    _add_kms_options(init, region_help="the key's region (env ENVFS_REGION; default local-1)")
+    init.set_defaults(handler=_init)
+
+    mount = commands.add_parser(
+        "mount",
+        help="mount a volume's plaintext view",
+        description="Mount the plaintext view of the volume BACKING on MOUNTPOINT. Returns"
+        " once the mount is live; the daemon runs in the background unless --foreground.",
+    )
+    mount.add_argument("backing", metavar="BACKING")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("--foreground", action="store_true", help="do not daemonize")
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users use the mount (as root: files belong to their creators, and"
+        " each open is decided by the key policy for the opening user)",
+    )
+    mount.add_argument(
+        "-o", action="append", metavar="OPT[,OPT...]", help="extra FUSE mount options"
+    )
+    mount.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the"
+                       " foreground, else syslog)")  # fmt: skip
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _add_kms_options(mount, region_help="the key service's region (default: the volume's)")
+    mount.set_defaults(handler=_mount)
+
+    umount = commands.add_parser(
+        "umount",
+        help="unmount a volume",
+        description="Unmount an envfs mount and wait until its daemon has finished.",
+    )
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.set_defaults(handler=_umount)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show a backing file's header",
+        description="Show the header of an encrypted backing file (format, file id, master"
+        " key and version, block size, plaintext size) without decrypting anything.",
+    )
+    inspect.add_argument("file", metavar="BACKING_FILE")
+    inspect.add_argument("--output", choices=("json", "text"), default="json")
+    inspect.set_defaults(handler=_inspect)

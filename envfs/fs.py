@@ -1,0 +1,264 @@
+"""The pyfuse3 adapter: converts FUSE requests to :class:`~envfs.vfs.Vfs` calls, and errors
+to errno answers. Nothing else lives here.
+
+Every handler goes through :func:`_errno_answers`: an ``OSError`` becomes its errno, an
+``EnvfsError`` the errno its class names, and anything unexpected is logged with its
+traceback and answered ``EIO``. No exception ever escapes a handler, because one that
+did would stop the whole mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from envfs.errors import EnvfsError
+from envfs.kms.model import Caller
+from envfs.vfs import Stat, Vfs
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Attributes and entries may be cached this long by the kernel (PERFORMANCE.md: zero made
+# `ls -lR` 50x slower; 1 s and 300 s measured the same). Every change goes through us.
+ENTRY_TIMEOUT = 10.0
+ATTR_TIMEOUT = 10.0
+
+
+def _errno_answers(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except EnvfsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s; answered EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def entry_attributes(st: Stat) -> pyfuse3.EntryAttributes:
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = st.ino
+    attr.generation = 0
+    attr.entry_timeout = ENTRY_TIMEOUT
+    attr.attr_timeout = ATTR_TIMEOUT
+    attr.st_mode = st.mode
+    attr.st_nlink = st.nlink
+    attr.st_uid = st.uid
+    attr.st_gid = st.gid
+    attr.st_rdev = st.rdev
+    attr.st_size = st.size
+    attr.st_blksize = st.blksize
+    attr.st_blocks = st.blocks
+    attr.st_atime_ns = st.atime_ns
+    attr.st_mtime_ns = st.mtime_ns
+    attr.st_ctime_ns = st.ctime_ns
+    return attr
+
+
+class Operations(pyfuse3.Operations):
+    """FUSE operations over a :class:`Vfs`."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, vfs: Vfs) -> None:
+        super().__init__()
+        self.vfs = vfs
+
+    def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
+        return self.vfs.caller(ctx.uid, ctx.gid)
+
+    # --- names and attributes ----------------------------------------------------------
+
+    @_errno_answers
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.vfs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            try:
+                self.vfs.forget(inode, count)
+            except Exception:
+                log.exception("unexpected error in forget")
+
+    @_errno_answers
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.vfs.getattr(inode))
+
+    @_errno_answers
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        st = self.vfs.setattr(
+            inode,
+            self._caller(ctx),
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return entry_attributes(st)
+
+    @_errno_answers
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.vfs.readlink(inode)
+
+    @_errno_answers
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = self.vfs.statfs()
+        data = pyfuse3.StatvfsData()
+        for name in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+            "f_namemax",
+        ):
+            setattr(data, name, getattr(sv, name))
+        return data
+
+    # --- directories -------------------------------------------------------------------
+
+    @_errno_answers
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return self.vfs.opendir(inode)
+
+    @_errno_answers
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, st, next_id in self.vfs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(st), next_id):
+                self.vfs.forget(st.ino, 0)
+                break
+            self.vfs.add_lookup(st.ino)
+
+    @_errno_answers
+    async def releasedir(self, fh: int) -> None:
+        self.vfs.releasedir(fh)
+
+    @_errno_answers
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.vfs.mkdir(parent_inode, name, mode, self._caller(ctx)))
+
+    @_errno_answers
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.vfs.rmdir(parent_inode, name)
+
+    @_errno_answers
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.vfs.symlink(parent_inode, name, target, self._caller(ctx)))
+
+    @_errno_answers
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        st = self.vfs.mknod(parent_inode, name, mode, rdev, self._caller(ctx))
+        return entry_attributes(st)
+
+    @_errno_answers
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.vfs.unlink(parent_inode, name)
+
+    @_errno_answers
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.vfs.link(inode, new_parent_inode, new_name))
+
+    @_errno_answers
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # --- extended attributes -----------------------------------------------------------
+
+    @_errno_answers
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.vfs.getxattr(inode, name)
+
+    @_errno_answers
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.vfs.setxattr(inode, name, value)
+
+    @_errno_answers
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.vfs.listxattr(inode)
+
+    @_errno_answers
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.vfs.removexattr(inode, name)
+
+    # --- files -------------------------------------------------------------------------
+
+    @_errno_answers
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, st = self.vfs.create(parent_inode, name, mode, flags, self._caller(ctx))
+        return pyfuse3.FileInfo(fh=fh), entry_attributes(st)
+
+    @_errno_answers
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=self.vfs.open(inode, flags, self._caller(ctx)))
+
+    @_errno_answers
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.vfs.read(fh, off, size)
+
+    @_errno_answers
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.vfs.write(fh, off, buf)
+
+    @_errno_answers
+    async def flush(self, fh: int) -> None:
+        return None  # writes reach the backing file at once; fsync makes them durable
+
+    @_errno_answers
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.vfs.fsync(fh, datasync)
+
+    @_errno_answers
+    async def release(self, fh: int) -> None:
+        self.vfs.release(fh)

@@ -1,0 +1,241 @@
+"""The mount's life: check, authenticate the volume, mount, serve, unmount.
+
+``run_foreground`` mounts and serves until the filesystem is unmounted or the process is
+told to stop (SIGTERM, SIGINT), then closes every open file and unmounts. ``on_ready``
+is called once the mount is live, which is what ``envfs mount`` waits for before it
+returns (and, later, what systemd's readiness notification will report).
+
+A pid file per mount point (``pid_file_for``) lets ``envfs umount`` wait until the daemon
+has really finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from envfs.errors import AccessDeniedException, MountError
+from envfs.fs import Operations
+from envfs.kms.model import Caller
+from envfs.kms.provider import KeyProvider
+from envfs.vfs import Vfs
+from envfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.envfs"
+
+
+@dataclass
+class MountOptions:
+    allow_other: bool = False
+    extra: list[str] = field(default_factory=list)  # -o options passed to FUSE
+
+
+def runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/envfs/mounts")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/envfs-{os.geteuid()}"
+    return Path(base) / "envfs" / "mounts"
+
+
+def pid_file_for(mountpoint: Path) -> Path:
+    digest = hashlib.sha256(os.fsencode(mountpoint.resolve())).hexdigest()[:24]
+    return runtime_dir() / f"{digest}.pid"
+
+
+def mounted_envfs(mountpoint: Path) -> bool:
+    """Whether an envfs filesystem is mounted at ``mountpoint`` (per /proc/self/mounts)."""
+    target = os.fsencode(mountpoint.resolve())
+    with open("/proc/self/mounts", "rb") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) >= 3 and _unescape(fields[1]) == target and fields[2] == b"fuse.envfs":
+                return True
+    return False
+
+
+def _unescape(path: bytes) -> bytes:
+    for code, char in ((b"\\040", b" "), (b"\\011", b"\t"), (b"\\012", b"\n"), (b"\\134", b"\\")):
+        path = path.replace(code, char)
+    return path
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """Refuse a missing mount point, a non-directory, or one that is already mounted.
+
+    Raises:
+        MountError: with a message saying what is wrong.
+    """
+    if not mountpoint.exists():
+        raise MountError(f"mount point {str(mountpoint)!r} does not exist")
+    if not mountpoint.is_dir():
+        raise MountError(f"mount point {str(mountpoint)!r} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"mount point {str(mountpoint)!r} is busy: something is mounted there")
+
+
+def prepare(volume: Volume, provider: KeyProvider, caller: Caller, *, multi_user: bool) -> Vfs:
+    """Check the volume against the key service and build the filesystem core.
+
+    The volume file is authenticated as the mounting user. If that user may not use the
+    volume's key (a root-run mount shared by key users), authentication happens at the
+    first open or create by a user who may; no file is served before it.
+    """
+    volume.check_region(provider)
+    vfs = Vfs(volume, provider, chown_new=multi_user and os.geteuid() == 0)
+    try:
+        vfs.verify_volume(caller)
+    except AccessDeniedException:
+        log.info(
+            "the mounting user may not use key %s: the volume file will be authenticated at"
+            " the first open by a key user",
+            volume.key_arn,
+        )
+    return vfs
+
+
+def fuse_options(volume: Volume, options: MountOptions) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
+    opts.add("fsname=envfs")
+    opts.add("subtype=envfs")
+    if options.allow_other:
+        opts.add("allow_other")
+    for extra in options.extra:
+        for opt in extra.split(","):
+            if opt:
+                opts.add(opt)
+    return opts
+
+
+def run_foreground(
+    vfs: Vfs,
+    mountpoint: Path,
+    options: MountOptions,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount and serve until unmounted or signalled; always unmounts and closes files.
+
+    Raises:
+        MountError: FUSE could not mount.
+    """
+    old_umask = os.umask(0)  # modes of new files are the caller's, already masked
+    try:
+        pyfuse3.init(Operations(vfs), str(mountpoint), fuse_options(vfs.volume, options))
+    except RuntimeError as exc:
+        os.umask(old_umask)
+        raise MountError(f"cannot mount on {str(mountpoint)!r}: {exc}") from None
+    log.info("mounted %s on %s", vfs.volume.backing, mountpoint)
+    pid_file = pid_file_for(mountpoint)
+    try:
+        _write_pid_file(pid_file)
+        if on_ready is not None:
+            on_ready()
+        trio.run(_serve)
+    finally:
+        vfs.close()
+        pyfuse3.close(unmount=True)
+        pid_file.unlink(missing_ok=True)
+        os.umask(old_umask)
+        log.info("unmounted %s", mountpoint)
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def _write_pid_file(path: Path) -> None:
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+
+
+def unmount(mountpoint: Path, *, timeout: float = 30.0) -> None:
+    """Unmount an envfs mount and wait for its daemon to finish.
+
+    Raises:
+        MountError: not an envfs mount, busy, or the daemon did not stop in time.
+    """
+    mountpoint = Path(mountpoint)
+    if not mountpoint.exists():
+        raise MountError(f"mount point {str(mountpoint)!r} does not exist")
+    if not mounted_envfs(mountpoint):
+        raise MountError(f"{str(mountpoint)!r} is not an envfs mount")
+    pid = _read_pid(pid_file_for(mountpoint))
+    with contextlib.suppress(OSError):
+        os.sync()
+    result = subprocess.run(
+        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        if "busy" in reason.lower():
+            raise MountError(
+                f"{str(mountpoint)!r} is busy: close the files and shells that use it first"
+            )
+        raise MountError(f"cannot unmount {str(mountpoint)!r}: {reason}")
+    if pid is not None:
+        _wait_for_exit(pid, timeout, mountpoint)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for_exit(pid: int, timeout: float, mountpoint: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return  # not ours to watch
+        time.sleep(0.02)
+    raise MountError(f"the daemon of {str(mountpoint)!r} (pid {pid}) did not stop in time")
+
+
+@contextlib.contextmanager
+def ready_pipe() -> Iterator[tuple[int, int]]:
+    """A pipe a daemonized mount reports readiness (or its error) through."""
+    read_fd, write_fd = os.pipe()
+    try:
+        yield read_fd, write_fd
+    finally:
+        for fd in (read_fd, write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def is_fuse_available() -> bool:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError as exc:
+        return exc.errno not in (errno.ENOENT, errno.ENODEV)
+    os.close(fd)
+    return True

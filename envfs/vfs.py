@@ -1,0 +1,660 @@
+"""The encrypted filesystem without FUSE: inodes, backing paths, open files, access.
+
+``Vfs`` serves a plaintext view of a backing folder. Directories, symlinks and FIFOs are
+stored as they are; regular files are encrypted (:mod:`envfs.cryptfile`), each with its
+own data key from the key service.
+
+Every ``open`` and ``create`` is an access decision for the calling user, made by the
+key service (Decrypt or GenerateDataKey on the user's behalf, audited with the file id
+and backing path): the page cache is shared between users, so the open is the only gate.
+Files already open keep working if the key is disabled afterwards.
+
+Inodes are numbered here, not by the backing filesystem; a node remembers the
+``(parent inode, name)`` links it was found under, and its backing path is rebuilt from
+them, so renaming a directory needs no bookkeeping for its descendants.
+
+All methods are synchronous and raise ``OSError`` (with an errno) or an ``EnvfsError``;
+the FUSE adapter turns both into errno answers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from envfs import crypto, format
+from envfs.cryptfile import CryptFile, read_header
+from envfs.errors import (
+    AccessDeniedException,
+    EnvfsError,
+    IntegrityError,
+    KMSError,
+    VolumeError,
+)
+from envfs.format import FileHeader, FileKeys
+from envfs.kms.model import Caller
+from envfs.kms.provider import KeyProvider
+from envfs.volume import VOLUME_FILE, Volume
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ROOT_INODE = 1
+TEMP_PREFIX = b".envfs-tmp-"
+HIDDEN_AT_ROOT = frozenset({VOLUME_FILE.encode(), (VOLUME_FILE + ".tmp").encode()})
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
+_CALLER_TTL = 30.0
+
+
+@dataclass
+class Stat:
+    """Attributes of a node in the plaintext view."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blksize: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    key: tuple[int, int]  # backing (st_dev, st_ino)
+    lookups: int = 0
+    links: dict[tuple[int, bytes], None] = field(default_factory=dict)  # ordered set
+    file: CryptFile | None = None
+    opens: int = 0
+
+
+@dataclass(eq=False)
+class Handle:
+    node: Node
+    writable: bool
+
+
+class Vfs:
+    """The plaintext view of one volume.
+
+    Args:
+        volume: the loaded volume (its file is verified here or on first use).
+        provider: the key service, called on behalf of each user.
+        chown_new: give new files and directories to the calling user (root-run,
+            multi-user mounts); otherwise they belong to the daemon's user.
+    """
+
+    def __init__(self, volume: Volume, provider: KeyProvider, *, chown_new: bool) -> None:
+        self.volume = volume
+        self.provider = provider
+        self.chown_new = chown_new
+        self.root_path = os.fsencode(volume.backing.resolve())
+        st = os.lstat(self.root_path)
+        root = Node(ROOT_INODE, (st.st_dev, st.st_ino), lookups=1)
+        self._nodes: dict[int, Node] = {ROOT_INODE: root}
+        self._by_key: dict[tuple[int, int], Node] = {root.key: root}
+        self._next_ino = ROOT_INODE + 1
+        self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self._next_fh = 1
+        self._callers: dict[tuple[int, int], tuple[float, Caller]] = {}
+        self.volume_verified = False
+        self._remove_stale_temporaries()
+
+    # --- volume ------------------------------------------------------------------------
+
+    def verify_volume(self, caller: Caller) -> None:
+        """Authenticate the volume file as ``caller`` unless already done.
+
+        Raises:
+            VolumeError: the volume file is not authentic.
+            KMSError: the key service refused ``caller``.
+        """
+        if not self.volume_verified:
+            self.volume.verify(self.provider, caller)
+            self.volume_verified = True
+            log.info("volume %s authenticated by the key service", self.volume.volume_id)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of creates a crash interrupted hold no data: remove them."""
+        for dirpath, _dirs, files in os.walk(self.root_path):
+            for name in files:
+                if name.startswith(TEMP_PREFIX):
+                    path = os.path.join(dirpath, name)
+                    log.info("removing the leftover of an interrupted create: %r", path)
+                    os.unlink(path)
+
+    def caller(self, uid: int, gid: int) -> Caller:
+        """The identity of a FUSE request's user, with its groups (cached briefly)."""
+        now = time.monotonic()
+        cached = self._callers.get((uid, gid))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        caller = Caller.from_ids(uid, gid)
+        self._callers[(uid, gid)] = (now + _CALLER_TTL, caller)
+        return caller
+
+    # --- nodes and paths ---------------------------------------------------------------
+
+    def _node(self, ino: int) -> Node:
+        node = self._nodes.get(ino)
+        if node is None:
+            raise OSError(errno.ESTALE, "stale inode")
+        return node
+
+    def path(self, ino: int) -> bytes:
+        """The backing path of a node (through its first known link)."""
+        parts: list[bytes] = []
+        node = self._node(ino)
+        while node.ino != ROOT_INODE:
+            if not node.links:
+                raise OSError(errno.ESTALE, "node has no known name")
+            parent, name = next(iter(node.links))
+            parts.append(name)
+            node = self._node(parent)
+        parts.append(self.root_path)
+        return b"/".join(reversed(parts))
+
+    def _child(self, parent: int, name: bytes) -> bytes:
+        if b"/" in name or name in (b"", b".", b".."):
+            raise OSError(errno.EINVAL, "invalid name")
+        if name.startswith(TEMP_PREFIX) or (parent == ROOT_INODE and name in HIDDEN_AT_ROOT):
+            raise OSError(errno.ENOENT, "reserved name")
+        return self.path(parent) + b"/" + name
+
+    def _remember(self, parent: int, name: bytes, st: os.stat_result, lookups: int) -> Node:
+        key = (st.st_dev, st.st_ino)
+        node = self._by_key.get(key)
+        if node is None:
+            node = Node(self._next_ino, key)
+            self._next_ino += 1
+            self._nodes[node.ino] = node
+            self._by_key[key] = node
+        node.links[(parent, name)] = None
+        node.lookups += lookups
+        return node
+
+    def _unlink_name(self, parent: int, name: bytes) -> None:
+        for node in self._nodes.values():
+            if (parent, name) in node.links:
+                del node.links[(parent, name)]
+                return
+
+    def _drop_if_unused(self, node: Node) -> None:
+        if node.ino != ROOT_INODE and node.lookups <= 0 and node.opens == 0:
+            self._nodes.pop(node.ino, None)
+            if self._by_key.get(node.key) is node:
+                del self._by_key[node.key]
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self._nodes.get(ino)
+        if node is not None:
+            node.lookups -= count
+            self._drop_if_unused(node)
+
+    def add_lookup(self, ino: int) -> None:
+        self._node(ino).lookups += 1
+
+    def _stat(self, node: Node, st: os.stat_result, path: bytes) -> Stat:
+        size = st.st_size
+        if stat.S_ISREG(st.st_mode):
+            if node.file is not None:
+                size = node.file.size
+            else:
+                try:
+                    size = format.plaintext_size(st.st_size, self.volume.block_shift)
+                except IntegrityError:
+                    log.warning("backing file %r has an impossible size %d", path, st.st_size)
+                    size = 0
+        return Stat(
+            ino=node.ino,
+            mode=st.st_mode,
+            nlink=st.st_nlink,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev,
+            size=size,
+            blksize=st.st_blksize,
+            blocks=st.st_blocks,
+            atime_ns=st.st_atime_ns,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+    def lookup(self, parent: int, name: bytes) -> Stat:
+        if name == b".":
+            return self.getattr(parent)
+        if name == b"..":
+            node = self._node(parent)
+            up = next(iter(node.links))[0] if node.links else ROOT_INODE
+            return self.getattr(up)
+        path = self._child(parent, name)
+        st = os.lstat(path)
+        return self._stat(self._remember(parent, name, st, 1), st, path)
+
+    def getattr(self, ino: int) -> Stat:
+        node = self._node(ino)
+        path = self.path(ino)
+        return self._stat(node, os.lstat(path), path)
+
+    # --- directories -------------------------------------------------------------------
+
+    def opendir(self, ino: int) -> int:
+        path = self.path(ino)
+        names = sorted(os.listdir(path))
+        if ino == ROOT_INODE:
+            names = [n for n in names if n not in HIDDEN_AT_ROOT]
+        fh = self._new_fh()
+        self._dirs[fh] = (ino, [n for n in names if not n.startswith(TEMP_PREFIX)])
+        return fh
+
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Stat, int]]:
+        """Entries of an open directory from index ``start``: (name, attributes, next).
+
+        Nodes are registered without a lookup; call :meth:`add_lookup` for each entry
+        the kernel accepted.
+        """
+        if fh not in self._dirs:
+            raise OSError(errno.EBADF, "bad directory handle")
+        ino, names = self._dirs[fh]
+        base = self.path(ino)
+        for index in range(start, len(names)):
+            name = names[index]
+            path = base + b"/" + name
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue  # removed since opendir
+            node = self._remember(ino, name, st, 0)
+            yield name, self._stat(node, st, path), index + 1
+
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    def _give_to(self, path: bytes, caller: Caller, parent_path: bytes) -> None:
+        """Give a new entry to its creator on a multi-user mount (setgid dirs keep the gid)."""
+        if not self.chown_new:
+            return
+        parent_st = os.lstat(parent_path)
+        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
+        os.chown(path, caller.uid, gid, follow_symlinks=False)
+
+    def _entry(self, parent: int, name: bytes, path: bytes) -> Stat:
+        st = os.lstat(path)
+        return self._stat(self._remember(parent, name, st, 1), st, path)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Stat:
+        path = self._child(parent, name)
+        os.mkdir(path, mode & 0o7777)
+        self._give_to(path, caller, self.path(parent))
+        return self._entry(parent, name, path)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        os.rmdir(self._child(parent, name))
+        self._unlink_name(parent, name)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Stat:
+        path = self._child(parent, name)
+        os.symlink(target, path)
+        self._give_to(path, caller, self.path(parent))
+        return self._entry(parent, name, path)
+
+    def readlink(self, ino: int) -> bytes:
+        return os.readlink(self.path(ino))
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Stat:
+        kind = stat.S_IFMT(mode)
+        if kind == stat.S_IFREG:
+            fh, attr = self.create(parent, name, mode, os.O_WRONLY, caller)
+            self.release(fh)
+            return attr
+        if kind not in (stat.S_IFIFO, stat.S_IFSOCK):
+            raise OSError(errno.EPERM, "only FIFOs, sockets and files can be made here")
+        path = self._child(parent, name)
+        os.mknod(path, mode, rdev)
+        self._give_to(path, caller, self.path(parent))
+        return self._entry(parent, name, path)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        os.unlink(self._child(parent, name))
+        self._unlink_name(parent, name)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Stat:
+        new_path = self._child(new_parent, new_name)
+        os.link(self.path(ino), new_path, follow_symlinks=False)
+        return self._entry(new_parent, new_name, new_path)
+
+    def rename(
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        old_path = self._child(parent, name)
+        new_path = self._child(new_parent, new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unknown rename flags")
+        if flags:
+            _renameat2(old_path, new_path, flags)
+        else:
+            os.rename(old_path, new_path)
+        moved = [n for n in self._nodes.values() if (parent, name) in n.links]
+        replaced = [n for n in self._nodes.values() if (new_parent, new_name) in n.links]
+        for node in moved:
+            del node.links[(parent, name)]
+        for node in replaced:
+            del node.links[(new_parent, new_name)]
+            if flags & RENAME_EXCHANGE:
+                node.links[(parent, name)] = None
+        for node in moved:
+            node.links[(new_parent, new_name)] = None
+
+    # --- attributes --------------------------------------------------------------------
+
+    def setattr(
+        self,
+        ino: int,
+        caller: Caller,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Stat:
+        node = self._node(ino)
+        path = self.path(ino)
+        if size is not None:
+            self._truncate(node, path, size, caller)
+        if mode is not None:
+            os.chmod(path, stat.S_IMODE(mode))
+        if uid is not None or gid is not None:
+            os.chown(
+                path,
+                -1 if uid is None else uid,
+                -1 if gid is None else gid,
+                follow_symlinks=False,
+            )
+        if atime_ns is not None or mtime_ns is not None:
+            st = os.lstat(path)
+            os.utime(
+                path,
+                ns=(
+                    st.st_atime_ns if atime_ns is None else atime_ns,
+                    st.st_mtime_ns if mtime_ns is None else mtime_ns,
+                ),
+                follow_symlinks=False,
+            )
+        return self.getattr(ino)
+
+    def _truncate(self, node: Node, path: bytes, size: int, caller: Caller) -> None:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if node.file is not None:
+            self._guard(path, node.file.truncate, size)
+            return
+        fh = self.open(node.ino, os.O_WRONLY, caller)
+        try:
+            cfile = self._handles[fh].node.file
+            assert cfile is not None
+            self._guard(path, cfile.truncate, size)
+        finally:
+            self.release(fh)
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root_path)
+
+    # --- extended attributes (user namespace only) -------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if not name.startswith(b"user."):
+            raise OSError(errno.ENODATA, "no such attribute")
+        return os.getxattr(self.path(ino), name, follow_symlinks=False)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if not name.startswith(b"user."):
+            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
+        os.setxattr(self.path(ino), name, value, follow_symlinks=False)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        names = os.listxattr(self.path(ino), follow_symlinks=False)
+        return [os.fsencode(n) for n in names if n.startswith("user.")]
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        if not name.startswith(b"user."):
+            raise OSError(errno.ENODATA, "no such attribute")
+        os.removexattr(self.path(ino), name, follow_symlinks=False)
+
+    # --- files -------------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _decide(self, caller: Caller) -> None:
+        """The volume must be authentic before any file is opened or created."""
+        try:
+            self.verify_volume(caller)
+        except VolumeError as exc:
+            log.error("%s", exc.message)
+            raise
+
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, Stat]:
+        """Create and open a new encrypted file; the data key is made for ``caller``.
+
+        The file appears under its name only once its header is written (``O_TMPFILE``
+        and ``linkat``, or a temporary name and ``link``), so a crash never leaves a
+        file without a header.
+        """
+        path = self._child(parent, name)
+        parent_path = self.path(parent)
+        self._decide(caller)
+        file_id = crypto.random_bytes(format.FILE_ID_SIZE)
+        data_key = self.provider.generate_data_key(
+            self.volume.key_arn,
+            self.volume.file_context(file_id),
+            caller,
+            os.fsdecode(path),
+        )
+        header = FileHeader(file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped)
+        keys = FileKeys.derive(data_key.plaintext, file_id)
+        fd, temp = _open_unnamed(parent_path, mode & 0o7777)
+        try:
+            cfile = CryptFile.create(fd, header, keys)
+            if self.chown_new:
+                parent_st = os.lstat(parent_path)
+                gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
+                os.fchown(fd, caller.uid, gid)
+            if temp is None:
+                os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+            else:
+                try:
+                    os.link(temp, path)
+                finally:
+                    os.unlink(temp)
+        except BaseException:
+            os.close(fd)
+            raise
+        st = os.fstat(fd)
+        node = self._remember(parent, name, st, 1)
+        node.file = cfile
+        node.opens += 1
+        fh = self._new_fh()
+        self._handles[fh] = Handle(node, writable=True)
+        return fh, self._stat(node, st, path)
+
+    def open(self, ino: int, flags: int, caller: Caller) -> int:
+        """Open a file for ``caller``: one key-service decision per open.
+
+        Raises:
+            AccessDeniedException (EACCES), DisabledException / KMSInvalidStateException
+            (EKEYREVOKED), NotFoundException (ENOKEY), IntegrityError (EIO).
+        """
+        node = self._node(ino)
+        path = self.path(ino)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        self._decide(caller)
+        if node.file is not None:
+            header = node.file.header
+            self._unwrap(header, caller, path)  # the decision; the keys are known already
+        else:
+            node.file = self._open_backing(path, header_caller=caller)
+        node.opens += 1
+        fh = self._new_fh()
+        self._handles[fh] = Handle(node, writable)
+        if flags & os.O_TRUNC and writable:
+            self._guard(path, node.file.truncate, 0)
+        return fh
+
+    def _unwrap(self, header: FileHeader, caller: Caller, path: bytes) -> bytes:
+        try:
+            return self.provider.decrypt(
+                header.wrapped_key,
+                header.key_arn,
+                self.volume.file_context(header.file_id),
+                caller,
+                os.fsdecode(path),
+            )
+        except AccessDeniedException:
+            raise
+        except KMSError as exc:
+            if exc.errno == errno.EIO:
+                log.warning("backing file %r: its data key does not unwrap: %s", path, exc)
+            raise
+
+    def _open_backing(self, path: bytes, header_caller: Caller) -> CryptFile:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            try:
+                header, raw = read_header(fd)
+            except IntegrityError as exc:
+                log.warning("backing file %r: %s", path, exc.message)
+                raise
+            data_key = self._unwrap(header, header_caller, path)
+            keys = FileKeys.derive(data_key, header.file_id)
+            try:
+                return CryptFile.open(fd, header, raw, keys)
+            except IntegrityError as exc:
+                log.warning("backing file %r: %s", path, exc.message)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None or handle.node.file is None:
+            raise OSError(errno.EBADF, "bad file handle")
+        return handle
+
+    def _guard(self, path: bytes, fn: Callable[..., T], *args: object) -> T:
+        """Call ``fn``; an integrity failure is logged with the backing path."""
+        try:
+            return fn(*args)
+        except IntegrityError as exc:
+            log.warning("backing file %r: %s", path, exc.message)
+            raise
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        assert handle.node.file is not None
+        try:
+            return handle.node.file.read(offset, size)
+        except IntegrityError as exc:
+            log.warning("backing file %r: %s", self._safe_path(handle.node), exc.message)
+            raise
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        assert handle.node.file is not None
+        if not handle.writable:
+            raise OSError(errno.EBADF, "file not open for writing")
+        try:
+            return handle.node.file.write(offset, data)
+        except IntegrityError as exc:
+            log.warning("backing file %r: %s", self._safe_path(handle.node), exc.message)
+            raise
+
+    def _safe_path(self, node: Node) -> bytes:
+        try:
+            return self.path(node.ino)
+        except OSError:
+            return b"<unlinked>"
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handle(fh)
+        assert handle.node.file is not None
+        (os.fdatasync if datasync else os.fsync)(handle.node.file.fd)
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        node = handle.node
+        node.opens -= 1
+        if node.opens == 0 and node.file is not None:
+            node.file.close()
+            node.file = None
+        self._drop_if_unused(node)
+
+    def file_size(self, fh: int) -> int:
+        handle = self._handle(fh)
+        assert handle.node.file is not None
+        return handle.node.file.size
+
+    def close(self) -> None:
+        """Close every open file (at unmount)."""
+        for fh in list(self._handles):
+            self.release(fh)
+
+
+def _open_unnamed(directory: bytes, mode: int) -> tuple[int, bytes | None]:
+    """An fd for a new file in ``directory`` that has no name yet.
+
+    Returns ``(fd, None)`` for an ``O_TMPFILE`` file, or ``(fd, temp path)`` where the
+    filesystem lacks ``O_TMPFILE`` (the temporary name is hidden from the plaintext view).
+    """
+    try:
+        return os.open(directory, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode), None
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    temp = directory + b"/" + TEMP_PREFIX + crypto.random_bytes(8).hex().encode()
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    return fd, temp
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(old: bytes, new: bytes, flags: int) -> None:
+    result = _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, ctypes.c_uint(flags))
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+__all__ = ["ROOT_INODE", "EnvfsError", "Handle", "Node", "Stat", "Vfs"]
