@@ -131,6 +131,9 @@ def run_foreground(
     Raises:
         MountError: FUSE could not mount.
     """
+    # Resolve paths before mounting: once mounted, a stat of the mount point would wait
+    # for this very process to answer.
+    pid_file = pid_file_for(mountpoint)
     old_umask = os.umask(0)  # modes of new files are the caller's, already masked
     try:
         pyfuse3.init(Operations(vfs), str(mountpoint), fuse_options(vfs.volume, options))
@@ -138,7 +141,6 @@ def run_foreground(
         os.umask(old_umask)
         raise MountError(f"cannot mount on {str(mountpoint)!r}: {exc}") from None
     log.info("mounted %s on %s", vfs.volume.backing, mountpoint)
-    pid_file = pid_file_for(mountpoint)
     try:
         _write_pid_file(pid_file)
         if on_ready is not None:

@@ -486,7 +486,7 @@ class Vfs:
                 gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
                 os.fchown(fd, caller.uid, gid)
             if temp is None:
-                os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+                _link_fd(fd, path)
             else:
                 try:
                     os.link(temp, path)
@@ -645,6 +645,18 @@ def _open_unnamed(directory: bytes, mode: int) -> tuple[int, bytes | None]:
     temp = directory + b"/" + TEMP_PREFIX + crypto.random_bytes(8).hex().encode()
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     return fd, temp
+
+
+def _link_fd(fd: int, path: bytes) -> None:
+    """Give the ``O_TMPFILE`` file open on ``fd`` the name ``path`` (EEXIST if taken).
+
+    ``linkat`` must follow the /proc magic link; os.link does so only with a dir fd.
+    """
+    proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(str(fd), path, src_dir_fd=proc_fds, follow_symlinks=True)
+    finally:
+        os.close(proc_fds)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
