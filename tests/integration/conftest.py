@@ -1,0 +1,141 @@
+"""Fixtures that really mount: a key store, a volume and an envfs mount in temporary folders.
+
+Every mount is unmounted and every daemon stopped even when a test fails; key stores live
+in the test's temporary folder, never in the machine's state directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ENVFS = str(Path(sys.executable).with_name("envfs"))
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == target for line in mounts)
+
+
+@dataclass
+class Env:
+    """An embedded key store and how to run ``envfs`` against it."""
+
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run(
+        self, *args: str, check: bool = True, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [ENVFS, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+            input=None if input is None else input.decode(),
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"envfs {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+            )
+        return result
+
+    def kms(self, *args: str) -> dict[str, object]:
+        out = self.run("kms", *args).stdout
+        return json.loads(out) if out.strip() else {}
+
+    def create_key(self, alias: str, *extra: str) -> str:
+        key_id = str(self.kms("create-key", "--description", alias, *extra)["KeyMetadata"]["KeyId"])  # type: ignore[index]
+        self.kms("create-alias", "--alias-name", f"alias/{alias}", "--target-key-id", key_id)
+        return key_id
+
+
+@dataclass
+class Mount:
+    """A live envfs mount."""
+
+    env: Env
+    backing: Path
+    mnt: Path
+    log: Path
+    extra: tuple[str, ...] = ()
+
+    def mount(self) -> None:
+        self.env.run(
+            "mount", str(self.backing), str(self.mnt), "--log-file", str(self.log), *self.extra
+        )
+        assert is_mounted(self.mnt)
+
+    def umount(self) -> None:
+        self.env.run("umount", str(self.mnt))
+        assert not is_mounted(self.mnt)
+
+    def remount(self) -> None:
+        self.umount()
+        self.mount()
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def force_cleanup(self) -> None:
+        if is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], check=False)
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def kms_env(tmp_path: Path) -> Env:
+    """A fresh embedded key store (region local-1) under the test's temporary folder."""
+    root = tmp_path
+    env = dict(os.environ)
+    env.update(
+        ENVFS_KMS_DIR=str(root / "kms"),
+        ENVFS_KMS_SOCKET=str(root / "no-daemon.sock"),
+        ENVFS_REGION="local-1",
+    )
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    e = Env(root, env)
+    e.run("kms", "init")
+    return e
+
+
+def _make_mount(kms_env: Env, name: str, extra: tuple[str, ...]) -> Mount:
+    backing = kms_env.root / f"{name}-backing"
+    mnt = kms_env.root / f"{name}-mnt"
+    mnt.mkdir()
+    kms_env.run("init", str(backing), "--key-id", "alias/vol")
+    return Mount(kms_env, backing, mnt, kms_env.root / f"{name}.log", extra)
+
+
+@contextlib.contextmanager
+def mounted(kms_env: Env, name: str = "vol", extra: tuple[str, ...] = ()) -> Iterator[Mount]:
+    m = _make_mount(kms_env, name, extra)
+    m.mount()
+    try:
+        yield m
+    finally:
+        try:
+            if is_mounted(m.mnt):
+                m.env.run("umount", str(m.mnt), check=False)
+        finally:
+            m.force_cleanup()
+
+
+@pytest.fixture
+def vol(kms_env: Env) -> Iterator[Mount]:
+    """A mounted volume under key alias/vol, created by root (admin and user of the key)."""
+    kms_env.create_key("vol")
+    with mounted(kms_env) as m:
+        yield m

@@ -1,0 +1,15 @@
+"""The smallest end-to-end check: a file written through the mount is ciphertext behind it."""
+
+from __future__ import annotations
+
+from tests.integration.conftest import Mount
+
+
+def test_write_read_and_ciphertext_behind(vol: Mount) -> None:
+    (vol.mnt / "hello.txt").write_text("PLAINTEXT-MARKER-1234\n")
+    assert (vol.mnt / "hello.txt").read_text() == "PLAINTEXT-MARKER-1234\n"
+    backing = (vol.backing / "hello.txt").read_bytes()
+    assert b"PLAINTEXT-MARKER" not in backing
+    assert backing.startswith(b"\x89envfs\r\n")
+    vol.remount()
+    assert (vol.mnt / "hello.txt").read_text() == "PLAINTEXT-MARKER-1234\n"
