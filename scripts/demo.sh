@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The key-service walkthrough, played with the envfs CLI on an embedded key store in a fresh
-# temporary folder (removed on exit). Each command is shown before it runs.
+# The main job: mount a demo encrypted folder on an embedded key store.
 #
-#   scripts/demo.sh            (make demo runs it; as root, or any user: see below)
+#   scripts/demo.sh          (make demo runs it)
 #
-# The envfs executable: $ENVFS if set, else the repository's .venv/bin/envfs, else envfs on
-# PATH.
+# Everything lives in $DEMO_DIR (default: ./demo in the repository): the region's key store
+# (demo/kms), the ciphertext folder (demo/backing) and the mount point (demo/mnt). Running
+# it again unmounts and starts over. The mount stays up when the script ends, so you can
+# use it; the last lines say how to unmount.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,16 +20,21 @@ else
     echo "demo: error: no envfs executable (run 'make setup' first, or set ENVFS)" >&2
     exit 1
 fi
-# Commands read as they would be typed: "envfs kms ...".
 envfs() { "$envfs_bin" "$@"; }
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-cd "$work"
+demo=${DEMO_DIR:-$repo/demo}
+mkdir -p "$demo"
+demo=$(cd "$demo" && pwd)
+if grep -qs " $demo/mnt fuse.envfs " /proc/mounts; then
+    envfs umount "$demo/mnt"
+fi
+rm -rf "$demo/kms" "$demo/backing" "$demo/mnt" "$demo/mount.log"
+mkdir -p "$demo/mnt"
+cd "$demo"
 
-# An embedded store of its own: never a system store, never a running daemon.
-export ENVFS_KMS_DIR=$work/kms
-export ENVFS_KMS_SOCKET=$work/no-daemon.sock
+# The demo's own embedded store: never a system store, never a running daemon.
+export ENVFS_KMS_DIR=$demo/kms
+export ENVFS_KMS_SOCKET=$demo/no-daemon.sock
 export ENVFS_REGION=local-1
 unset ENVFS_KMS_PASSPHRASE_FILE
 
@@ -37,35 +43,28 @@ run() {
     eval "$1"
 }
 
-echo "envfs key service walkthrough, in $work"
-
-# Root may create keys; anyone else needs to be in the key creators group. For a non-root
-# demo, make that the user's own primary group.
+echo "envfs demo, in $demo"
 creators=""
 if [[ $(id -u) != 0 ]]; then
-    creators=" --key-creators-group $(id -gn)"
+    creators=" --key-creators-group $(id -gn)"  # root may create keys; others need the group
 fi
 run "envfs kms init$creators"
-
-run 'KEY_ID=$(envfs kms create-key --description "my first envfs key" --tags TagKey=Purpose,TagValue=demo --query KeyMetadata.KeyId --output text)'
-run 'echo "$KEY_ID"'
+run 'KEY_ID=$(envfs kms create-key --description "demo volume key" --tags TagKey=Purpose,TagValue=demo --query KeyMetadata.KeyId --output text)'
 run 'envfs kms create-alias --alias-name alias/demo --target-key-id "$KEY_ID"'
-run 'envfs kms describe-key --key-id alias/demo'
-run 'envfs kms enable-key-rotation --key-id "$KEY_ID"'
+run 'envfs kms enable-key-rotation --key-id alias/demo'
+run 'envfs init backing --key-id alias/demo'
+run 'envfs mount backing mnt --log-file mount.log'
+run 'echo "Some text, written through the mount" > mnt/myfile.txt'
+run 'cat mnt/myfile.txt'
+run 'ls -l mnt backing'
+run 'od -A d -c backing/myfile.txt | head -n 4'
+run '! grep -q "Some text" backing/myfile.txt && echo "the backing file holds no plaintext"'
+run 'envfs inspect backing/myfile.txt'
+run 'envfs kms audit --key-id alias/demo --output text --query "Records[*].[operation, outcome]" | tail -n 3'
 
-run 'echo "Some text" > myfile.txt'
-run 'envfs kms encrypt --key-id alias/demo --plaintext fileb://myfile.txt --output text --query CiphertextBlob | base64 -d > myfile.txt.enc'
-run 'ls -l myfile.txt myfile.txt.enc'
-run 'envfs kms decrypt --ciphertext-blob fileb://myfile.txt.enc --output text --query Plaintext | base64 -d > myfile.txt.dec'
-run 'diff myfile.txt myfile.txt.dec && echo "decrypted: $(cat myfile.txt.dec)"'
+cat <<MSG
 
-run 'envfs kms re-encrypt --ciphertext-blob fileb://myfile.txt.enc --destination-key-id alias/demo --output text --query CiphertextBlob | base64 -d > myfile.txt.reenc'
-run 'envfs kms decrypt --ciphertext-blob fileb://myfile.txt.reenc --output text --query Plaintext | base64 -d | diff myfile.txt - && echo "re-encrypted copy decrypts too"'
-
-run 'envfs kms generate-data-key --key-id alias/demo --key-spec AES_256'
-run 'envfs kms get-key-rotation-status --key-id "$KEY_ID"'
-run 'envfs kms list-aliases'
-run "envfs kms audit --output text --query 'Records[*].[time, operation, outcome]'"
-run 'envfs kms audit --verify'
-
-printf '\ndemo finished; removing %s\n' "$work"
+The encrypted folder is mounted on $demo/mnt (ciphertext in $demo/backing).
+To unmount it:
+    $envfs_bin umount $demo/mnt
+MSG

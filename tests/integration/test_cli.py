@@ -42,7 +42,7 @@ from envfs.kms.operations import OPERATIONS
 BIN = Path(sys.executable).parent
 ENVFS = BIN / "envfs"
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "scripts" / "demo.sh"
+DEMO = REPO / "scripts" / "kms-walkthrough.sh"
 VERBS = [
     op.verb for op in OPERATIONS.values() if op.name not in ("ListAuditRecords", "VerifyAudit")
 ]
@@ -628,7 +628,7 @@ def test_printable_and_text_layout() -> None:
 
 
 @needs_root
-def test_demo_runs_to_completion(tmp_path: Path) -> None:
+def test_kms_walkthrough_runs_to_completion(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
     env["ENVFS"] = str(ENVFS)
     env["TMPDIR"] = str(tmp_path)

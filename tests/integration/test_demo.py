@@ -1,0 +1,49 @@
+"""`make demo`'s script: it mounts a demo encrypted folder and says how to unmount it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.conftest import is_mounted
+
+REPO = Path(__file__).resolve().parents[2]
+ENVFS = str(Path(sys.executable).with_name("envfs"))
+
+
+def test_demo_mounts_an_encrypted_folder(tmp_path: Path) -> None:
+    env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "ENVFS": ENVFS}
+    mnt = tmp_path / "demo" / "mnt"
+    try:
+        result = subprocess.run(
+            ["bash", str(REPO / "scripts" / "demo.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mnt)
+        assert (mnt / "myfile.txt").read_text() == "Some text, written through the mount\n"
+        assert b"Some text" not in (tmp_path / "demo" / "backing" / "myfile.txt").read_bytes()
+        assert "the backing file holds no plaintext" in result.stdout
+        assert '"KeyVersion": 1' in result.stdout
+        assert f"umount {mnt}" in result.stdout
+        # Running it again starts over cleanly, over the live mount.
+        again = subprocess.run(
+            ["bash", str(REPO / "scripts" / "demo.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert again.returncode == 0, again.stderr
+        subprocess.run([ENVFS, "umount", str(mnt)], check=True, timeout=60)
+        assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
