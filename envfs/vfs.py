@@ -109,6 +109,7 @@ class Vfs:
         root = Node(ROOT_INODE, (st.st_dev, st.st_ino), lookups=1)
         self._nodes: dict[int, Node] = {ROOT_INODE: root}
         self._by_key: dict[tuple[int, int], Node] = {root.key: root}
+        self._names: dict[tuple[int, bytes], Node] = {}  # (parent inode, name) -> node
         self._next_ino = ROOT_INODE + 1
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[bytes]]] = {}
@@ -186,21 +187,31 @@ class Vfs:
             self._next_ino += 1
             self._nodes[node.ino] = node
             self._by_key[key] = node
-        node.links[(parent, name)] = None
+        self._link(node, parent, name)
         node.lookups += lookups
         return node
 
-    def _unlink_name(self, parent: int, name: bytes) -> None:
-        for node in self._nodes.values():
-            if (parent, name) in node.links:
-                del node.links[(parent, name)]
-                return
+    def _link(self, node: Node, parent: int, name: bytes) -> None:
+        old = self._names.get((parent, name))
+        if old is not None and old is not node:
+            old.links.pop((parent, name), None)
+        node.links[(parent, name)] = None
+        self._names[(parent, name)] = node
+
+    def _unlink_name(self, parent: int, name: bytes) -> Node | None:
+        node = self._names.pop((parent, name), None)
+        if node is not None:
+            node.links.pop((parent, name), None)
+        return node
 
     def _drop_if_unused(self, node: Node) -> None:
         if node.ino != ROOT_INODE and node.lookups <= 0 and node.opens == 0:
             self._nodes.pop(node.ino, None)
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
+            for link in node.links:
+                if self._names.get(link) is node:
+                    del self._names[link]
 
     def forget(self, ino: int, count: int) -> None:
         node = self._nodes.get(ino)
@@ -351,16 +362,12 @@ class Vfs:
             _renameat2(old_path, new_path, flags)
         else:
             os.rename(old_path, new_path)
-        moved = [n for n in self._nodes.values() if (parent, name) in n.links]
-        replaced = [n for n in self._nodes.values() if (new_parent, new_name) in n.links]
-        for node in moved:
-            del node.links[(parent, name)]
-        for node in replaced:
-            del node.links[(new_parent, new_name)]
-            if flags & RENAME_EXCHANGE:
-                node.links[(parent, name)] = None
-        for node in moved:
-            node.links[(new_parent, new_name)] = None
+        moved = self._unlink_name(parent, name)
+        replaced = self._unlink_name(new_parent, new_name)
+        if replaced is not None and flags & RENAME_EXCHANGE:
+            self._link(replaced, parent, name)
+        if moved is not None:
+            self._link(moved, new_parent, new_name)
 
     # --- attributes --------------------------------------------------------------------
 
