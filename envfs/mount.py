@@ -170,8 +170,16 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
 
 
 def _write_pid_file(path: Path) -> None:
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    path.write_text(f"{os.getpid()}\n")
+    # Explicit modes: the daemon runs with umask 0, and /run/envfs also holds key sockets.
+    for parent in reversed(path.parents):
+        if not parent.exists():
+            parent.mkdir(mode=0o755)
+            os.chmod(parent, 0o755)  # noqa: S103 - readable run dir, like /run
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def unmount(mountpoint: Path, *, timeout: float = 30.0) -> None:
@@ -218,8 +226,21 @@ def _wait_for_exit(pid: int, timeout: float, mountpoint: Path) -> None:
             return
         except PermissionError:
             return  # not ours to watch
+        if _is_zombie(pid):
+            return  # finished; its parent (often init, which may be slow) has yet to reap it
         time.sleep(0.02)
     raise MountError(f"the daemon of {str(mountpoint)!r} (pid {pid}) did not stop in time")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")".
+    fields = stat_line[stat_line.rfind(b")") + 1 :].split()
+    return bool(fields) and fields[0] in (b"Z", b"X")
 
 
 @contextlib.contextmanager

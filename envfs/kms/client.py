@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Mapping
@@ -35,8 +36,12 @@ class KMSClient:
         *,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
+        trusted_server_uids: frozenset[int] | None = None,
     ) -> None:
         self.socket_path = os.fspath(socket_path)
+        if trusted_server_uids is None:
+            trusted_server_uids = frozenset({0, os.geteuid(), *_env_server_uids()})
+        self.trusted_server_uids = trusted_server_uids
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._lock = threading.Lock()
@@ -135,7 +140,23 @@ class KMSClient:
             raise KMSUnavailableException(
                 f"cannot reach the key service at '{self.socket_path}': {exc.strerror or exc}"
             ) from None
+        self._check_server(sock)
         return sock
+
+    def _check_server(self, sock: socket.socket) -> None:
+        """Talk only to a daemon run by root, by ourselves or by a uid we were told to trust.
+
+        Anyone who could replace the socket file could otherwise read every plaintext we
+        send (Encrypt) and answer with keys of their choosing.
+        """
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in self.trusted_server_uids:
+            sock.close()
+            raise KMSUnavailableException(
+                f"the process listening on '{self.socket_path}' runs as uid {uid}, which is not"
+                " trusted to be the key service (root, yourself, or $ENVFS_KMS_SERVER_UID)"
+            )
 
     def _exchange(
         self, sock: socket.socket, frame: bytes, deadline: float
@@ -177,3 +198,9 @@ class KMSClient:
         if remaining <= 0:
             raise TimeoutError
         return remaining
+
+
+def _env_server_uids() -> list[int]:
+    """Extra daemon uids to trust: ``$ENVFS_KMS_SERVER_UID`` (comma-separated)."""
+    text = os.environ.get("ENVFS_KMS_SERVER_UID", "")
+    return [int(part) for part in text.split(",") if part.strip().isdigit()]

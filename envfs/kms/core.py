@@ -51,12 +51,12 @@ from envfs.kms.policy import KeyPolicy, RequestContext
 from envfs.kms.store import KeyRecord, KeyStore
 
 DAY = 86400.0
+SWEEP_INTERVAL = 1.0  # seconds between checks for due rotations and deletions in handle()
 MAX_PLAINTEXT = 4096
 MAX_DESCRIPTION = 8192
 MAX_TAGS = 50
 MAX_ON_DEMAND_ROTATIONS = 10
 DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
-MANAGEMENT_BLOCKED_WHEN_PENDING = "is pending deletion"
 
 
 @dataclass
@@ -171,6 +171,7 @@ class ServiceCore:
         self._clock = clock
         self._policies: dict[str, KeyPolicy] = {}
         self._materials: dict[tuple[str, int], bytes] = {}
+        self._next_sweep = 0.0
         self._handlers: dict[str, Callable[[_Call, dict[str, Any]], dict[str, Any]]] = {
             name: getattr(self, "_op_" + _snake(name)) for name in OPERATIONS
         }
@@ -186,6 +187,10 @@ class ServiceCore:
             KMSError: the AWS-named error of the call (the call is audited either way).
         """
         call = _Call(caller, self._clock(), str(operation)[:64])
+        if call.now >= self._next_sweep:
+            # Due deletions and rotations happen before the call, in their own
+            # transactions: inside the call's savepoint a failing call would undo them.
+            self.run_due_tasks()
         try:
             op, req = validate_request(operation, params)
             call.action = op.action
@@ -210,6 +215,7 @@ class ServiceCore:
     def run_due_tasks(self) -> None:
         """Carry out due automatic rotations and deletions (at start and on a timer)."""
         now = self._clock()
+        self._next_sweep = now + SWEEP_INTERVAL
         destroyed = False
         for key_id in self.store.due_key_ids(now):
             with self.store.transaction():

@@ -32,6 +32,7 @@ from typing import Any
 
 from envfs import crypto
 from envfs.errors import (
+    IntegrityError,
     RootKeyError,
     StoreCorruptError,
     StoreError,
@@ -197,7 +198,7 @@ class KeyStore:
         check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
         try:
             check.open(root_check, self.region.encode())
-        except Exception:
+        except IntegrityError:
             raise RootKeyError(
                 f"the root key given does not open the key store {str(directory)!r}"
             ) from None
@@ -487,7 +488,7 @@ class KeyStore:
             return None
         try:
             return self._material.open(bytes(row[0]), self._material_aad(key_id, version))
-        except Exception:
+        except IntegrityError:
             raise StoreCorruptError(
                 f"sealed material of key {key_id!r} version {version} does not verify"
             ) from None

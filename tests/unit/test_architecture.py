@@ -1,0 +1,517 @@
+"""The module rules of ``docs/architecture.md``, checked on the source with ``ast``.
+
+Every module under ``envfs/`` is parsed (never imported) and every import in it is
+collected, at any level: module top, functions, methods, ``if TYPE_CHECKING:`` blocks, and
+``importlib.import_module("...")`` / ``__import__("...")`` with a literal name. A failure
+names the module, the line and the offending import or call, and the rule it breaks.
+
+Names in the tables are dotted prefixes: ``envfs.kms`` means the package and everything
+under it, ``cryptography`` means ``cryptography`` and every submodule (``hazmat`` too).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).resolve().parents[2] / "envfs"
+
+# --- the rule table ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForbiddenImport:
+    """Modules under ``modules`` (minus ``except_for``) never import anything ``forbidden``
+    (minus ``unless``)."""
+
+    name: str
+    modules: tuple[str, ...]
+    except_for: tuple[str, ...]
+    forbidden: tuple[str, ...]
+    why: str
+    unless: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OnlyImports:
+    """Modules under ``modules`` import only ``allowed`` (and the stdlib if ``stdlib``)."""
+
+    name: str
+    modules: tuple[str, ...]
+    allowed: tuple[str, ...]
+    stdlib: bool
+    why: str
+
+
+KMS = "envfs.kms"
+FILESYSTEM_SIDE = (
+    "envfs.format",
+    "envfs.cryptfile",
+    "envfs.volume",
+    "envfs.vfs",
+    "envfs.fs",
+    "envfs.mount",
+)
+# The key service's public API for the filesystem (model: callers, contexts, ARNs;
+# provider: the KeyProvider protocol the filesystem calls).
+KMS_PUBLIC = ("envfs.kms.model", "envfs.kms.provider")
+# The library may not know its command line; ``envfs/__main__.py`` is its entry point.
+CLI_SIDE = ("envfs.cli", "envfs.__main__")
+
+IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
+    ForbiddenImport(
+        "pyfuse3-in-adapter-only",
+        modules=("envfs",),
+        except_for=("envfs.fs", "envfs.mount"),
+        forbidden=("pyfuse3",),
+        why="pyfuse3 is imported only by fs.py and mount.py; the core is testable unmounted",
+    ),
+    ForbiddenImport(
+        "cryptography-in-crypto-only",
+        modules=("envfs",),
+        except_for=("envfs.crypto",),
+        forbidden=("cryptography",),
+        why="crypto.py is the only importer of cryptography (hazmat or not)",
+    ),
+    OnlyImports(
+        "errors-stdlib-only",
+        modules=("envfs.errors",),
+        allowed=(),
+        stdlib=True,
+        why="errors.py is the root of the tree and imports only the standard library",
+    ),
+    OnlyImports(
+        "crypto-imports",
+        modules=("envfs.crypto",),
+        allowed=("envfs.errors", "cryptography"),
+        stdlib=True,
+        why="crypto.py imports only errors, the standard library and cryptography",
+    ),
+    OnlyImports(
+        "format-imports",
+        modules=("envfs.format",),
+        allowed=("envfs.crypto", "envfs.errors"),
+        stdlib=True,
+        why="format.py is pure: crypto, errors and the standard library only",
+    ),
+    ForbiddenImport(
+        "kms-knows-no-files",
+        modules=(KMS,),
+        except_for=(),
+        forbidden=(*FILESYSTEM_SIDE, "envfs.cli"),
+        why="the key service knows nothing of files, FUSE or the command line",
+    ),
+    ForbiddenImport(
+        "sync-core-no-trio",
+        modules=("envfs.format", "envfs.crypto", KMS),
+        except_for=("envfs.kms.server", "envfs.kms.client"),
+        forbidden=("trio",),
+        why="format, crypto and kms (except server/client) are synchronous",
+    ),
+    ForbiddenImport(
+        "library-knows-no-cli",
+        modules=("envfs",),
+        except_for=CLI_SIDE,
+        forbidden=("envfs.cli",),
+        why="the command line sits on top; nothing below it imports it",
+    ),
+    ForbiddenImport(
+        "filesystem-uses-kms-public-api",
+        modules=FILESYSTEM_SIDE,
+        except_for=(),
+        forbidden=(KMS,),
+        unless=KMS_PUBLIC,
+        why="the filesystem reaches the key service only through kms.model and kms.provider",
+    ),
+    OnlyImports(
+        "kms-model-imports",
+        modules=("envfs.kms.model",),
+        allowed=("envfs.errors",),
+        stdlib=True,
+        why="kms/model.py is the key service's vocabulary: errors and the stdlib only",
+    ),
+    OnlyImports(
+        "kms-policy-imports",
+        modules=("envfs.kms.policy",),
+        allowed=("envfs.errors", "envfs.kms.model"),
+        stdlib=True,
+        why="kms/policy.py imports only model and errors",
+    ),
+    OnlyImports(
+        "kms-store-imports",
+        modules=("envfs.kms.store",),
+        allowed=("envfs.crypto", "envfs.errors", "envfs.kms.model"),
+        stdlib=True,
+        why="kms/store.py imports only model, crypto and errors",
+    ),
+    OnlyImports(
+        "declared-dependencies-only",
+        modules=("envfs",),
+        allowed=("envfs", "cryptography", "pyfuse3", "trio"),
+        stdlib=True,
+        why="third-party imports are the dependencies pyproject.toml declares",
+    ),
+)
+
+# Printing and exiting belong to the command line (and the ``python -m envfs`` shim).
+OUTPUT_AND_EXIT_ALLOWED = CLI_SIDE
+OUTPUT_AND_EXIT_WHY = "only envfs/cli/* prints, writes to stdout/stderr or exits the process"
+
+# Synchronous modules: no ``async def``, ``await``, ``async for`` or ``async with``.
+SYNC_MODULES = ("envfs.format", "envfs.crypto", KMS)
+SYNC_EXCEPT = ("envfs.kms.server",)
+SYNC_WHY = "format, crypto and kms (except the daemon's server) are synchronous"
+
+
+# --- scanning ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str  # dotted, e.g. "envfs.kms.store"
+    path: str  # as shown in messages, e.g. "envfs/kms/store.py"
+    is_package: bool
+    tree: ast.Module
+
+
+@dataclass(frozen=True)
+class Found:
+    line: int
+    target: str  # the imported module, or the forbidden call
+    source: str  # the statement as written
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def load_modules(root: Path = SOURCE) -> dict[str, Module]:
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_package else parts)
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        shown = str(path.relative_to(root.parent))
+        modules[name] = Module(name, shown, is_package, tree)
+    return modules
+
+
+def _resolve_from(
+    module: str, is_package: bool, node: ast.ImportFrom, known: set[str]
+) -> list[str]:
+    """The modules a ``from X import a, b`` statement imports (``X.a`` if it is a module)."""
+    if node.level:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - (node.level - 1)]
+        base = ".".join([*package, *([node.module] if node.module else [])])
+    else:
+        base = node.module or ""
+    targets = []
+    for alias in node.names:
+        candidate = f"{base}.{alias.name}"
+        targets.append(candidate if candidate in known else base)
+    return targets
+
+
+def _dynamic_import(node: ast.Call) -> str | None:
+    """``"importlib.import_module"`` or ``"__import__"`` if the call is one, else None."""
+    func = node.func
+    if isinstance(func, ast.Name) and func.id in ("__import__", "import_module"):
+        return func.id
+    if (
+        isinstance(func, ast.Attribute)
+        and func.attr == "import_module"
+        and isinstance(func.value, ast.Name)
+        and func.value.id == "importlib"
+    ):
+        return "importlib.import_module"
+    return None
+
+
+def imports_of(module: Module, known: set[str]) -> list[Found]:
+    """Every import in ``module``, in line order; a non-literal dynamic import as ``?``."""
+    return sorted(_imports(module, known), key=lambda found: found.line)
+
+
+def _imports(module: Module, known: set[str]) -> Iterator[Found]:
+    for node in ast.walk(module.tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield Found(node.lineno, alias.name, ast.unparse(node))
+        elif isinstance(node, ast.ImportFrom):
+            if node.module == "__future__":
+                continue
+            for target in _resolve_from(module.name, module.is_package, node, known):
+                yield Found(node.lineno, target, ast.unparse(node))
+        elif isinstance(node, ast.Call) and _dynamic_import(node):
+            arg = node.args[0] if node.args else None
+            target = "?"
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                target = arg.value
+            yield Found(node.lineno, target, ast.unparse(node))
+
+
+def _names_bound_to(tree: ast.Module, module: str, attr: str | None) -> set[str]:
+    """Local names for ``module`` (``attr`` None) or for ``module.attr`` in ``tree``."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and attr is None:
+            names.update(a.asname or a.name for a in node.names if a.name == module)
+        elif isinstance(node, ast.ImportFrom) and node.module == module and attr is not None:
+            names.update(a.asname or a.name for a in node.names if a.name == attr)
+    return names
+
+
+def output_and_exit_of(module: Module) -> list[Found]:
+    """``print(...)``, exits, and uses of ``sys.stdout``/``sys.stderr``, in line order."""
+    return sorted(_output_and_exit(module.tree), key=lambda found: found.line)
+
+
+def _output_and_exit(tree: ast.Module) -> Iterator[Found]:
+    sys_names = _names_bound_to(tree, "sys", None) | {"sys"}
+    os_names = _names_bound_to(tree, "os", None) | {"os"}
+    exit_names = {"exit", "quit"} | _names_bound_to(tree, "sys", "exit")
+    stream_names = _names_bound_to(tree, "sys", "stdout") | _names_bound_to(tree, "sys", "stderr")
+    for node in ast.walk(tree):
+        what = None
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id == "print":
+                what = "print()"
+            elif isinstance(func, ast.Name) and func.id in exit_names:
+                what = f"{func.id}()"
+            elif isinstance(func, ast.Name) and func.id == "SystemExit":
+                what = "SystemExit"
+            elif (
+                isinstance(func, ast.Attribute)
+                and isinstance(func.value, ast.Name)
+                and (
+                    (func.value.id in sys_names and func.attr == "exit")
+                    or (func.value.id in os_names and func.attr == "_exit")
+                )
+            ):
+                what = f"{func.value.id}.{func.attr}()"
+        elif isinstance(node, ast.Raise) and isinstance(node.exc, ast.Name):
+            if node.exc.id == "SystemExit":
+                what = "SystemExit"
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in sys_names
+            and node.attr in ("stdout", "stderr", "__stdout__", "__stderr__")
+        ):
+            what = f"{node.value.id}.{node.attr}"
+        elif isinstance(node, ast.Name) and node.id in stream_names:
+            what = node.id
+        if what is not None:
+            yield Found(node.lineno, what, ast.unparse(node))
+
+
+def async_constructs_of(module: Module) -> Iterator[Found]:
+    kinds = (ast.AsyncFunctionDef, ast.Await, ast.AsyncFor, ast.AsyncWith)
+    for node in ast.walk(module.tree):
+        if isinstance(node, kinds):
+            line = ast.unparse(node).splitlines()[0]
+            yield Found(node.lineno, type(node).__name__, line)
+
+
+# --- checking ----------------------------------------------------------------------------
+
+
+def _is_stdlib(name: str) -> bool:
+    return name.split(".")[0] in sys.stdlib_module_names
+
+
+def _covered(rule: ForbiddenImport | OnlyImports, modules: dict[str, Module]) -> list[Module]:
+    skip = rule.except_for if isinstance(rule, ForbiddenImport) else ()
+    return [
+        m for name, m in modules.items() if _within(name, rule.modules) and not _within(name, skip)
+    ]
+
+
+def _where(module: Module, found: Found) -> str:
+    return f"{module.path}:{found.line} ({module.name})"
+
+
+def import_violations(rule: ForbiddenImport | OnlyImports, modules: dict[str, Module]) -> list[str]:
+    known = set(modules)
+    problems = []
+    for module in _covered(rule, modules):
+        for found in imports_of(module, known):
+            target = found.target
+            if target == "?":
+                problems.append(
+                    f"{_where(module, found)}: dynamic import the rules cannot check:"
+                    f" {found.source}"
+                )
+                continue
+            if isinstance(rule, ForbiddenImport):
+                bad = _within(target, rule.forbidden) and not _within(target, rule.unless)
+            else:
+                bad = not (_within(target, rule.allowed) or (rule.stdlib and _is_stdlib(target)))
+            if bad:
+                problems.append(
+                    f"{_where(module, found)}: imports {target!r} ({found.source});"
+                    f" rule {rule.name!r}: {rule.why}"
+                )
+    return problems
+
+
+@functools.cache
+def _modules() -> dict[str, Module]:
+    modules = load_modules()
+    assert len(modules) > 20, f"expected envfs's modules under {SOURCE}, found {sorted(modules)}"
+    return modules
+
+
+def _report(problems: list[str]) -> None:
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+# --- the tests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", IMPORT_RULES, ids=lambda rule: rule.name)
+def test_import_rule(rule: ForbiddenImport | OnlyImports) -> None:
+    _report(import_violations(rule, _modules()))
+
+
+def test_only_the_cli_prints_or_exits() -> None:
+    problems = [
+        f"{_where(module, found)}: {found.target} ({found.source}); {OUTPUT_AND_EXIT_WHY}"
+        for name, module in _modules().items()
+        if not _within(name, OUTPUT_AND_EXIT_ALLOWED)
+        for found in output_and_exit_of(module)
+    ]
+    _report(problems)
+
+
+def test_sync_modules_have_no_async_code() -> None:
+    problems = [
+        f"{_where(module, found)}: {found.target} ({found.source}); {SYNC_WHY}"
+        for name, module in _modules().items()
+        if _within(name, SYNC_MODULES) and not _within(name, SYNC_EXCEPT)
+        for found in async_constructs_of(module)
+    ]
+    _report(problems)
+
+
+@pytest.mark.parametrize("rule", IMPORT_RULES, ids=lambda rule: rule.name)
+def test_rule_names_existing_modules(rule: ForbiddenImport | OnlyImports) -> None:
+    """A renamed module must not leave a rule checking nothing."""
+    modules = _modules()
+    assert _covered(rule, modules), f"rule {rule.name!r} covers no module"
+    named = list(rule.modules)
+    if isinstance(rule, ForbiddenImport):
+        named += [*rule.except_for, *rule.unless]
+        named += [f for f in rule.forbidden if f.startswith("envfs.")]
+    else:
+        named += [a for a in rule.allowed if a.startswith("envfs.")]
+    missing = [n for n in named if n not in modules]
+    assert not missing, f"rule {rule.name!r} names modules that do not exist: {missing}"
+
+
+# --- the scanner itself can fail --------------------------------------------------------
+
+
+def _fake(name: str, source: str, is_package: bool = False) -> Module:
+    return Module(name, "envfs/fake.py", is_package, ast.parse(source))
+
+
+KNOWN = {"envfs", "envfs.crypto", "envfs.errors", "envfs.kms", "envfs.kms.model"}
+
+
+def test_scanner_finds_imports_at_every_level() -> None:
+    source = """
+import os
+from envfs import crypto, errors
+from envfs.kms.model import Caller
+from cryptography.hazmat.primitives import hashes
+if TYPE_CHECKING:
+    import trio
+def f():
+    import pyfuse3
+    class C:
+        def g(self):
+            from envfs.kms import model
+importlib.import_module("sqlite3")
+__import__(name)
+"""
+    targets = [f.target for f in imports_of(_fake("envfs.kms.x", source), KNOWN)]
+    assert targets == [
+        "os",
+        "envfs.crypto",
+        "envfs.errors",
+        "envfs.kms.model",
+        "cryptography.hazmat.primitives",
+        "trio",
+        "pyfuse3",
+        "envfs.kms.model",
+        "sqlite3",
+        "?",
+    ]
+
+
+def test_scanner_resolves_relative_imports() -> None:
+    source = "from . import model\nfrom .. import crypto\nfrom ..errors import EnvfsError\n"
+    assert [f.target for f in imports_of(_fake("envfs.kms.core", source), KNOWN)] == [
+        "envfs.kms.model",
+        "envfs.crypto",
+        "envfs.errors",
+    ]
+    package = _fake("envfs.kms", "from . import model\n", is_package=True)
+    assert [f.target for f in imports_of(package, KNOWN)] == ["envfs.kms.model"]
+
+
+def test_scanner_finds_output_and_exits() -> None:
+    source = """
+import sys as system
+from sys import exit as leave, stderr
+def f():
+    print("x")
+    system.exit(1)
+    leave(2)
+    exit()
+    os._exit(3)
+    raise SystemExit(4)
+    raise SystemExit
+    system.stdout.write("y")
+    stderr.write("z")
+    log.info("fine")
+"""
+    found = [f.target for f in output_and_exit_of(_fake("envfs.x", source))]
+    assert found == [
+        "print()",
+        "system.exit()",
+        "leave()",
+        "exit()",
+        "os._exit()",
+        "SystemExit",
+        "SystemExit",
+        "system.stdout",
+        "stderr",
+    ]
+
+
+def test_violation_message_names_module_and_import() -> None:
+    modules = {
+        "envfs.kms.store": _fake("envfs.kms.store", "def f():\n    import trio\n"),
+    }
+    rule = next(r for r in IMPORT_RULES if r.name == "sync-core-no-trio")
+    assert import_violations(rule, modules) == [
+        "envfs/fake.py:2 (envfs.kms.store): imports 'trio' (import trio);"
+        " rule 'sync-core-no-trio': format, crypto and kms (except server/client) are"
+        " synchronous"
+    ]
+    only = OnlyImports("only", ("envfs.kms.store",), ("envfs.errors",), True, "why")
+    assert import_violations(only, modules) == [
+        "envfs/fake.py:2 (envfs.kms.store): imports 'trio' (import trio); rule 'only': why"
+    ]
