@@ -160,15 +160,20 @@ class Vfs:
         return node
 
     def path(self, ino: int) -> bytes:
-        """The backing path of a node (through its first known link)."""
+        """The backing path of a node, through its first link whose folder is still known.
+
+        The kernel may forget one folder of a hard-linked file while it keeps the file
+        through another: such links are skipped (inode numbers are never reused).
+        """
         parts: list[bytes] = []
         node = self._node(ino)
         while node.ino != ROOT_INODE:
-            if not node.links:
+            link = next((link for link in node.links if link[0] in self._nodes), None)
+            if link is None:
                 raise OSError(errno.ESTALE, "node has no known name")
-            parent, name = next(iter(node.links))
+            parent, name = link
             parts.append(name)
-            node = self._node(parent)
+            node = self._nodes[parent]
         parts.append(self.root_path)
         return b"/".join(reversed(parts))
 
@@ -261,6 +266,8 @@ class Vfs:
 
     def getattr(self, ino: int) -> Stat:
         node = self._node(ino)
+        if node.file is not None:  # its fd outlives its names (unlinked or replaced while open)
+            return self._stat(node, os.fstat(node.file.fd), self._safe_path(node))
         path = self.path(ino)
         return self._stat(node, os.lstat(path), path)
 
@@ -384,39 +391,47 @@ class Vfs:
         mtime_ns: int | None = None,
     ) -> Stat:
         node = self._node(ino)
-        path = self.path(ino)
         if size is not None:
-            self._truncate(node, path, size, caller)
+            self._truncate(node, size, caller)
+        target = self._target(node)
+        follow = isinstance(target, int)  # fds take only the default
         if mode is not None:
-            os.chmod(path, stat.S_IMODE(mode))
+            os.chmod(target, stat.S_IMODE(mode))
         if uid is not None or gid is not None:
             os.chown(
-                path,
+                target,
                 -1 if uid is None else uid,
                 -1 if gid is None else gid,
-                follow_symlinks=False,
+                follow_symlinks=follow,
             )
         if atime_ns is not None or mtime_ns is not None:
-            st = os.lstat(path)
+            st = os.stat(target, follow_symlinks=follow)
             os.utime(
-                path,
+                target,
                 ns=(
                     st.st_atime_ns if atime_ns is None else atime_ns,
                     st.st_mtime_ns if mtime_ns is None else mtime_ns,
                 ),
-                follow_symlinks=False,
+                follow_symlinks=follow,
             )
         return self.getattr(ino)
 
-    def _truncate(self, node: Node, path: bytes, size: int, caller: Caller) -> None:
+    def _target(self, node: Node) -> bytes | int:
+        """Where to act on a node's backing entry: an open file's fd, which outlives the
+        file's names (unlinked or replaced while open), else its path, never to be followed
+        (``follow_symlinks=isinstance(target, int)``: fds take only the default)."""
+        return node.file.fd if node.file is not None else self.path(node.ino)
+
+    def _truncate(self, node: Node, size: int, caller: Caller) -> None:
+        if node.file is not None:
+            self._guard(self._safe_path(node), node.file.truncate, size)
+            return
+        path = self.path(node.ino)
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, "is a directory")
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        if node.file is not None:
-            self._guard(path, node.file.truncate, size)
-            return
         fh = self.open(node.ino, os.O_WRONLY, caller)
         try:
             cfile = self._handles[fh].node.file
@@ -433,21 +448,25 @@ class Vfs:
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if not name.startswith(b"user."):
             raise OSError(errno.ENODATA, "no such attribute")
-        return os.getxattr(self.path(ino), name, follow_symlinks=False)
+        target = self._target(self._node(ino))
+        return os.getxattr(target, name, follow_symlinks=isinstance(target, int))
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if not name.startswith(b"user."):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        os.setxattr(self.path(ino), name, value, follow_symlinks=False)
+        target = self._target(self._node(ino))
+        os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
 
     def listxattr(self, ino: int) -> list[bytes]:
-        names = os.listxattr(self.path(ino), follow_symlinks=False)
+        target = self._target(self._node(ino))
+        names = os.listxattr(target, follow_symlinks=isinstance(target, int))
         return [os.fsencode(n) for n in names if n.startswith("user.")]
 
     def removexattr(self, ino: int, name: bytes) -> None:
         if not name.startswith(b"user."):
             raise OSError(errno.ENODATA, "no such attribute")
-        os.removexattr(self.path(ino), name, follow_symlinks=False)
+        target = self._target(self._node(ino))
+        os.removexattr(target, name, follow_symlinks=isinstance(target, int))
 
     # --- files -------------------------------------------------------------------------
 
@@ -529,7 +548,7 @@ class Vfs:
         node.opens += 1
         fh = self._new_fh()
         self._handles[fh] = Handle(node, writable)
-        if flags & os.O_TRUNC and writable:
+        if flags & os.O_TRUNC:  # as on Linux, even read-only (the kernel checked write access)
             self._guard(path, node.file.truncate, 0)
         return fh
 
@@ -547,6 +566,11 @@ class Vfs:
         except KMSError as exc:
             if exc.errno == errno.EIO:
                 log.warning("backing file %r: its data key does not unwrap: %s", path, exc)
+            elif header.key_arn != self.volume.key_arn:
+                # A header naming a key the service does not know (or a malformed ARN) is
+                # a damaged or foreign file, not a missing volume key (ENOKEY).
+                log.warning("backing file %r: its header names an unusable key: %s", path, exc)
+                raise IntegrityError("the header names a key that is not the volume's") from None
             raise
 
     def _open_backing(self, path: bytes, header_caller: Caller) -> CryptFile:

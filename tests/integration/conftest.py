@@ -98,7 +98,11 @@ class Mount:
 @pytest.fixture
 def kms_env(tmp_path: Path) -> Env:
     """A fresh embedded key store (region local-1) under the test's temporary folder."""
-    root = tmp_path
+    return make_env(tmp_path)
+
+
+def make_env(root: Path) -> Env:
+    """A fresh embedded key store (region local-1) under ``root`` (for wider-scoped fixtures)."""
     env = dict(os.environ)
     env.update(
         ENVFS_KMS_DIR=str(root / "kms"),
