@@ -38,6 +38,7 @@ from typing import Any
 from envfs import crypto, format
 from envfs.errors import (
     IncorrectKeyException,
+    InvalidArnException,
     InvalidCiphertextException,
     NotFoundException,
     VolumeError,
@@ -139,7 +140,6 @@ class Volume:
                 f"{str(backing)!r} is not empty: a volume starts from an empty folder, so that"
                 " no plaintext file is ever mixed with encrypted ones"
             )
-        backing.mkdir(mode=0o700, parents=True, exist_ok=True)
         volume = cls(
             backing=backing,
             volume_id=str(uuid.uuid4()),
@@ -154,6 +154,8 @@ class Volume:
         volume.key_arn = data_key.key_arn
         volume.auth_key = data_key.wrapped
         volume.mac = volume._mac_for(data_key.plaintext)
+        # Only now: a refused key leaves no new folder behind.
+        backing.mkdir(mode=0o700, parents=True, exist_ok=True)
         volume._write()
         return volume
 
@@ -242,6 +244,16 @@ class Volume:
             )
         if not format.MIN_BLOCK_SHIFT <= volume.block_shift <= format.MAX_BLOCK_SHIFT:
             raise VolumeError(f"{str(path)!r} has an invalid block shift {volume.block_shift}")
+        try:
+            key_region = parse_arn(volume.key_arn).region
+        except InvalidArnException:
+            raise VolumeError(f"{str(path)!r} names a key that is not a key ARN") from None
+        if key_region != volume.region:
+            # Caught here, before a key store of the wrong region is even looked for.
+            raise VolumeError(
+                f"{str(path)!r} is not consistent: its region is {volume.region!r} but its key"
+                f" {volume.key_arn!r} is in region {key_region!r}"
+            )
         return volume
 
     def check_region(self, provider: KeyProvider) -> None:
@@ -265,7 +277,10 @@ class Volume:
 
         Raises:
             VolumeError: the file was altered, or its key or region swapped.
-            KMSError: the key service refused ``caller`` (e.g. AccessDeniedException).
+            NotFoundException: the key named in the file does not exist (deleted, or an
+                edited file naming a key that never existed).
+            KMSError: the key service refused ``caller`` (e.g. AccessDeniedException,
+                DisabledException).
         """
         self.check_region(provider)
         try:
@@ -276,7 +291,13 @@ class Volume:
                 caller,
                 f"envfs mount {self.backing}",
             )
-        except (IncorrectKeyException, InvalidCiphertextException, NotFoundException) as exc:
+        except NotFoundException as exc:
+            # Said as the key service says it (exit code 11): the key may have been deleted,
+            # or the file edited to name a key that never existed.
+            raise NotFoundException(
+                f"volume {str(self.backing)!r} cannot be used: {exc.message}"
+            ) from None
+        except (IncorrectKeyException, InvalidCiphertextException) as exc:
             raise VolumeError(
                 f"the volume file of {str(self.backing)!r} is not authentic: {exc.message}"
             ) from None

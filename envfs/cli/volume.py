@@ -20,7 +20,7 @@ from typing import Any
 from envfs import format
 from envfs.cli.kms import open_store
 from envfs.cli.output import render
-from envfs.errors import EnvfsError, IntegrityError, MountError, UsageError
+from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
 from envfs.kms.model import Caller, validate_region
 from envfs.kms.provider import ServiceKeyProvider
 from envfs.kms.service import KeyService
@@ -205,6 +205,9 @@ def _daemonize(args: argparse.Namespace) -> int:
         return 0
     if answer.startswith("error "):
         _, code, kind, message = [*answer.split(" ", 3), "", "", ""][:4]
+        kms_error = KMSError.registry.get(kind)
+        if kms_error is not None:
+            raise kms_error(message)  # printed with its AWS name, as in the foreground
         error = MountError(message or kind)
         error.exit_code = int(code) if code.isdigit() else MountError.exit_code  # type: ignore[misc]
         raise error
@@ -235,7 +238,10 @@ def _inspect(args: argparse.Namespace) -> int:
             backing = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise UsageError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    header = format.FileHeader.parse(raw)
+    try:
+        header = format.FileHeader.parse(raw)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{str(path)!r}: {exc.message}") from None
     info: dict[str, Any] = {
         "Path": str(path),
         "FormatVersion": format.FORMAT_VERSION,
