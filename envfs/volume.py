@@ -44,7 +44,7 @@ from envfs.errors import (
     VolumeError,
 )
 from envfs.kms.model import Caller, EncryptionContext, parse_arn
-from envfs.kms.provider import KeyProvider
+from envfs.kms.provider import KeyProvider, wrapped_key_id
 
 VOLUME_FILE = ".envfs-volume.json"
 VOLUME_FILE_VERSION = 1
@@ -270,6 +270,14 @@ class Volume:
             raise VolumeError(
                 f"volume {self.volume_id} belongs to region {self.region!r} (key"
                 f" {self.key_arn!r}); the key service serves region {provider.region!r}"
+            )
+        # The authentication key's blob names the key it is under: a volume file whose key
+        # ARN was swapped is refused here, before any key-service call or permission.
+        blob_key = wrapped_key_id(self.auth_key)
+        if blob_key is None or not self.key_arn.endswith(f":key/{blob_key}"):
+            raise VolumeError(
+                f"the volume file of {str(self.backing)!r} is not authentic: it names key"
+                f" {self.key_arn!r} but was made under another key"
             )
 
     def verify(self, provider: KeyProvider, caller: Caller) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from envfs.errors import InvalidCiphertextException
+from envfs.kms.blob import parse_blob
 from envfs.kms.model import Caller, EncryptionContext
 from envfs.kms.service import KeyService
 
@@ -27,6 +29,15 @@ class DataKey:
 
     def __repr__(self) -> str:
         return f"DataKey(key_arn={self.key_arn!r}, wrapped=<{len(self.wrapped)} bytes>)"
+
+
+def wrapped_key_id(wrapped: bytes) -> str | None:
+    """The id of the master key a wrapped key (ciphertext blob) names, without decrypting;
+    None if it is not a blob this envfs reads."""
+    try:
+        return parse_blob(wrapped).key_id
+    except InvalidCiphertextException:
+        return None
 
 
 class KeyProvider(Protocol):
