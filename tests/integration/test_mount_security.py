@@ -393,7 +393,7 @@ def test_volume_file_mount_errors_and_inspect(kms_env: Env) -> None:
     cannot_use = "NotFoundException: " + re.escape(f"volume {str(m.backing)!r} cannot be used: ")
     refused(m, 11, cannot_use + ".* does not exist in region 'local-2'$")
     edit(key_arn=arn[:-12] + "000000000000")  # a key that never existed
-    refused(m, 11, cannot_use + ".* does not exist in region 'local-1'$")
+    refused(m, 60, not_authentic + "it names key .* but was made under another key$")
     edit(features=["encrypted-names"])
     refused(m, 60, re.escape(f"{str(volume_file)!r} needs features this envfs does not have"))
     volume_file.write_text(original)
