@@ -9,9 +9,7 @@ key service (Decrypt or GenerateDataKey on the user's behalf, audited with the f
 and backing path): the page cache is shared between users, so the open is the only gate.
 Files already open keep working if the key is disabled afterwards.
 
-Inodes are numbered here, not by the backing filesystem; a node remembers the
-``(parent inode, name)`` links it was found under, and its backing path is rebuilt from
-them, so renaming a directory needs no bookkeeping for its descendants.
+Inodes and the names they are known by are kept by :mod:`envfs.inodes`.
 
 All methods are synchronous and raise ``OSError`` (with an errno) or an ``EnvfsError``;
 the FUSE adapter turns both into errno answers.
@@ -19,17 +17,17 @@ the FUSE adapter turns both into errno answers.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from envfs import crypto, format
+from envfs.backing import TEMP_PREFIX, link_fd, open_unnamed, renameat2
 from envfs.cryptfile import CryptFile, read_header
 from envfs.errors import (
     AccessDeniedException,
@@ -39,6 +37,7 @@ from envfs.errors import (
     VolumeError,
 )
 from envfs.format import FileHeader, FileKeys
+from envfs.inodes import ROOT_INODE, InodeTable, Node
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider
 from envfs.volume import VOLUME_FILE, Volume
@@ -46,13 +45,9 @@ from envfs.volume import VOLUME_FILE, Volume
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ROOT_INODE = 1
-TEMP_PREFIX = b".envfs-tmp-"
 HIDDEN_AT_ROOT = frozenset({VOLUME_FILE.encode(), (VOLUME_FILE + ".tmp").encode()})
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-_O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 _CALLER_TTL = 30.0
 
 
@@ -72,16 +67,6 @@ class Stat:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
-
-
-@dataclass(eq=False)
-class Node:
-    ino: int
-    key: tuple[int, int]  # backing (st_dev, st_ino)
-    lookups: int = 0
-    links: dict[tuple[int, bytes], None] = field(default_factory=dict)  # ordered set
-    file: CryptFile | None = None
-    opens: int = 0
 
 
 @dataclass(eq=False)
@@ -106,11 +91,7 @@ class Vfs:
         self.chown_new = chown_new
         self.root_path = os.fsencode(volume.backing.resolve())
         st = os.lstat(self.root_path)
-        root = Node(ROOT_INODE, (st.st_dev, st.st_ino), lookups=1)
-        self._nodes: dict[int, Node] = {ROOT_INODE: root}
-        self._by_key: dict[tuple[int, int], Node] = {root.key: root}
-        self._names: dict[tuple[int, bytes], Node] = {}  # (parent inode, name) -> node
-        self._next_ino = ROOT_INODE + 1
+        self.inodes = InodeTable(self.root_path, (st.st_dev, st.st_ino))
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_fh = 1
@@ -153,29 +134,9 @@ class Vfs:
 
     # --- nodes and paths ---------------------------------------------------------------
 
-    def _node(self, ino: int) -> Node:
-        node = self._nodes.get(ino)
-        if node is None:
-            raise OSError(errno.ESTALE, "stale inode")
-        return node
-
     def path(self, ino: int) -> bytes:
-        """The backing path of a node, through its first link whose folder is still known.
-
-        The kernel may forget one folder of a hard-linked file while it keeps the file
-        through another: such links are skipped (inode numbers are never reused).
-        """
-        parts: list[bytes] = []
-        node = self._node(ino)
-        while node.ino != ROOT_INODE:
-            link = next((link for link in node.links if link[0] in self._nodes), None)
-            if link is None:
-                raise OSError(errno.ESTALE, "node has no known name")
-            parent, name = link
-            parts.append(name)
-            node = self._nodes[parent]
-        parts.append(self.root_path)
-        return b"/".join(reversed(parts))
+        """The backing path of a node."""
+        return self.inodes.path(ino)
 
     def _child(self, parent: int, name: bytes) -> bytes:
         if b"/" in name or name in (b"", b".", b".."):
@@ -185,47 +146,13 @@ class Vfs:
         return self.path(parent) + b"/" + name
 
     def _remember(self, parent: int, name: bytes, st: os.stat_result, lookups: int) -> Node:
-        key = (st.st_dev, st.st_ino)
-        node = self._by_key.get(key)
-        if node is None:
-            node = Node(self._next_ino, key)
-            self._next_ino += 1
-            self._nodes[node.ino] = node
-            self._by_key[key] = node
-        self._link(node, parent, name)
-        node.lookups += lookups
-        return node
-
-    def _link(self, node: Node, parent: int, name: bytes) -> None:
-        old = self._names.get((parent, name))
-        if old is not None and old is not node:
-            old.links.pop((parent, name), None)
-        node.links[(parent, name)] = None
-        self._names[(parent, name)] = node
-
-    def _unlink_name(self, parent: int, name: bytes) -> Node | None:
-        node = self._names.pop((parent, name), None)
-        if node is not None:
-            node.links.pop((parent, name), None)
-        return node
-
-    def _drop_if_unused(self, node: Node) -> None:
-        if node.ino != ROOT_INODE and node.lookups <= 0 and node.opens == 0:
-            self._nodes.pop(node.ino, None)
-            if self._by_key.get(node.key) is node:
-                del self._by_key[node.key]
-            for link in node.links:
-                if self._names.get(link) is node:
-                    del self._names[link]
+        return self.inodes.remember(parent, name, (st.st_dev, st.st_ino), lookups)
 
     def forget(self, ino: int, count: int) -> None:
-        node = self._nodes.get(ino)
-        if node is not None:
-            node.lookups -= count
-            self._drop_if_unused(node)
+        self.inodes.forget(ino, count)
 
     def add_lookup(self, ino: int) -> None:
-        self._node(ino).lookups += 1
+        self.inodes.node(ino).lookups += 1
 
     def _stat(self, node: Node, st: os.stat_result, path: bytes) -> Stat:
         size = st.st_size
@@ -257,7 +184,7 @@ class Vfs:
         if name == b".":
             return self.getattr(parent)
         if name == b"..":
-            node = self._node(parent)
+            node = self.inodes.node(parent)
             up = next(iter(node.links))[0] if node.links else ROOT_INODE
             return self.getattr(up)
         path = self._child(parent, name)
@@ -265,7 +192,7 @@ class Vfs:
         return self._stat(self._remember(parent, name, st, 1), st, path)
 
     def getattr(self, ino: int) -> Stat:
-        node = self._node(ino)
+        node = self.inodes.node(ino)
         if node.file is not None:  # its fd outlives its names (unlinked or replaced while open)
             return self._stat(node, os.fstat(node.file.fd), self._safe_path(node))
         path = self.path(ino)
@@ -325,7 +252,7 @@ class Vfs:
 
     def rmdir(self, parent: int, name: bytes) -> None:
         os.rmdir(self._child(parent, name))
-        self._unlink_name(parent, name)
+        self.inodes.unlink_name(parent, name)
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Stat:
         path = self._child(parent, name)
@@ -351,7 +278,7 @@ class Vfs:
 
     def unlink(self, parent: int, name: bytes) -> None:
         os.unlink(self._child(parent, name))
-        self._unlink_name(parent, name)
+        self.inodes.unlink_name(parent, name)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Stat:
         new_path = self._child(new_parent, new_name)
@@ -366,15 +293,15 @@ class Vfs:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unknown rename flags")
         if flags:
-            _renameat2(old_path, new_path, flags)
+            renameat2(old_path, new_path, flags)
         else:
             os.rename(old_path, new_path)
-        moved = self._unlink_name(parent, name)
-        replaced = self._unlink_name(new_parent, new_name)
+        moved = self.inodes.unlink_name(parent, name)
+        replaced = self.inodes.unlink_name(new_parent, new_name)
         if replaced is not None and flags & RENAME_EXCHANGE:
-            self._link(replaced, parent, name)
+            self.inodes.link(replaced, parent, name)
         if moved is not None:
-            self._link(moved, new_parent, new_name)
+            self.inodes.link(moved, new_parent, new_name)
 
     # --- attributes --------------------------------------------------------------------
 
@@ -390,7 +317,7 @@ class Vfs:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Stat:
-        node = self._node(ino)
+        node = self.inodes.node(ino)
         if size is not None:
             self._truncate(node, size, caller)
         target = self._target(node)
@@ -448,24 +375,24 @@ class Vfs:
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if not name.startswith(b"user."):
             raise OSError(errno.ENODATA, "no such attribute")
-        target = self._target(self._node(ino))
+        target = self._target(self.inodes.node(ino))
         return os.getxattr(target, name, follow_symlinks=isinstance(target, int))
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if not name.startswith(b"user."):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        target = self._target(self._node(ino))
+        target = self._target(self.inodes.node(ino))
         os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
 
     def listxattr(self, ino: int) -> list[bytes]:
-        target = self._target(self._node(ino))
+        target = self._target(self.inodes.node(ino))
         names = os.listxattr(target, follow_symlinks=isinstance(target, int))
         return [os.fsencode(n) for n in names if n.startswith("user.")]
 
     def removexattr(self, ino: int, name: bytes) -> None:
         if not name.startswith(b"user."):
             raise OSError(errno.ENODATA, "no such attribute")
-        target = self._target(self._node(ino))
+        target = self._target(self.inodes.node(ino))
         os.removexattr(target, name, follow_symlinks=isinstance(target, int))
 
     # --- files -------------------------------------------------------------------------
@@ -504,7 +431,7 @@ class Vfs:
         )
         header = FileHeader(file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped)
         keys = FileKeys.derive(data_key.plaintext, file_id)
-        fd, temp = _open_unnamed(parent_path, mode & 0o7777)
+        fd, temp = open_unnamed(parent_path, mode & 0o7777)
         try:
             cfile = CryptFile.create(fd, header, keys)
             if self.chown_new:
@@ -512,7 +439,7 @@ class Vfs:
                 gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
                 os.fchown(fd, caller.uid, gid)
             if temp is None:
-                _link_fd(fd, path)
+                link_fd(fd, path)
             else:
                 try:
                     os.link(temp, path)
@@ -536,7 +463,7 @@ class Vfs:
             AccessDeniedException (EACCES), DisabledException / KMSInvalidStateException
             (EKEYREVOKED), NotFoundException (ENOKEY), IntegrityError (EIO).
         """
-        node = self._node(ino)
+        node = self.inodes.node(ino)
         path = self.path(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         self._decide(caller)
@@ -649,7 +576,7 @@ class Vfs:
         if node.opens == 0 and node.file is not None:
             node.file.close()
             node.file = None
-        self._drop_if_unused(node)
+        self.inodes.drop_if_unused(node)
 
     def file_size(self, fh: int) -> int:
         handle = self._handle(fh)
@@ -660,44 +587,6 @@ class Vfs:
         """Close every open file (at unmount)."""
         for fh in list(self._handles):
             self.release(fh)
-
-
-def _open_unnamed(directory: bytes, mode: int) -> tuple[int, bytes | None]:
-    """An fd for a new file in ``directory`` that has no name yet.
-
-    Returns ``(fd, None)`` for an ``O_TMPFILE`` file, or ``(fd, temp path)`` where the
-    filesystem lacks ``O_TMPFILE`` (the temporary name is hidden from the plaintext view).
-    """
-    try:
-        return os.open(directory, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode), None
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise
-    temp = directory + b"/" + TEMP_PREFIX + crypto.random_bytes(8).hex().encode()
-    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    return fd, temp
-
-
-def _link_fd(fd: int, path: bytes) -> None:
-    """Give the ``O_TMPFILE`` file open on ``fd`` the name ``path`` (EEXIST if taken).
-
-    ``linkat`` must follow the /proc magic link; os.link does so only with a dir fd.
-    """
-    proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.link(str(fd), path, src_dir_fd=proc_fds, follow_symlinks=True)
-    finally:
-        os.close(proc_fds)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    result = _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, ctypes.c_uint(flags))
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 __all__ = ["ROOT_INODE", "EnvfsError", "Handle", "Node", "Stat", "Vfs"]
