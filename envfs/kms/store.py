@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import json
 import os
 import sqlite3
 import stat
@@ -39,6 +38,7 @@ from envfs.errors import (
     StoreNotFoundError,
     StorePermissionError,
 )
+from envfs.kms.audit import AuditLog
 from envfs.kms.model import KeyState, validate_region
 
 SCHEMA_VERSION = 1
@@ -194,7 +194,7 @@ class KeyStore:
         except KeyError as exc:
             raise StoreCorruptError(f"key store {str(directory)!r} lacks {exc}") from None
         self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
-        self._audit_key = crypto.hkdf(root_key, b"envfs-kms v1 audit chain")
+        self.audit = AuditLog(conn, crypto.hkdf(root_key, b"envfs-kms v1 audit chain"))
         check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
         try:
             check.open(root_check, self.region.encode())
@@ -276,7 +276,7 @@ class KeyStore:
         conn.close()
         store = cls(directory, _connect(tmp_db), root_key)
         with store.transaction():
-            store._write_audit_head(0, bytes(32))  # an empty log has a head too
+            store.audit.write_head(0, bytes(32))  # an empty log has a head too
         store.close()
         for suffix in ("-wal", "-shm"):
             Path(str(tmp_db) + suffix).unlink(missing_ok=True)
@@ -552,79 +552,18 @@ class KeyStore:
     def remove_tag(self, key_id: str, tag_key: str) -> None:
         self._conn.execute("DELETE FROM tags WHERE key_id=? AND tag_key=?", (key_id, tag_key))
 
-    # --- audit log ---------------------------------------------------------------------
-    # mac_n = HMAC(audit key, mac_(n-1) || u64 n || record_n), mac_0 = 32 zero bytes.
-    # meta "audit_head" = u64 n || mac_n || HMAC(audit key, "head" || u64 n || mac_n), so
-    # removing records at the end is detected as well as editing or removing any other.
-
-    def _audit_mac(self, prev: bytes, seq: int, record: bytes) -> bytes:
-        return crypto.hmac_sha256(self._audit_key, prev + struct.pack(">Q", seq) + record)
-
-    def _head_mac(self, seq: int, mac: bytes) -> bytes:
-        return crypto.hmac_sha256(self._audit_key, b"head" + struct.pack(">Q", seq) + mac)
-
-    def _audit_head(self) -> tuple[int, bytes]:
-        row = self._conn.execute("SELECT value FROM meta WHERE name='audit_head'").fetchone()
-        if row is None:
-            return 0, bytes(32)
-        raw = bytes(row[0])
-        return struct.unpack(">Q", raw[:8])[0], raw[8:40]
+    # --- audit log (envfs.kms.audit) ----------------------------------------------------
 
     def append_audit(self, record: dict[str, Any]) -> int:
-        """Append one record to the chain (inside the caller's transaction)."""
-        seq, prev = self._audit_head()
-        seq += 1
-        record = {"seq": seq, **record}
-        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-        mac = self._audit_mac(prev, seq, body)
-        self._conn.execute("INSERT INTO audit VALUES (?, ?, ?)", (seq, body.decode(), mac))
-        self._write_audit_head(seq, mac)
-        return seq
-
-    def _write_audit_head(self, seq: int, mac: bytes) -> None:
-        head = struct.pack(">Q", seq) + mac + self._head_mac(seq, mac)
-        self._conn.execute(
-            "INSERT INTO meta VALUES ('audit_head', ?) ON CONFLICT(name) DO UPDATE"
-            " SET value=excluded.value",
-            (head,),
-        )
+        """Append one record to the audit chain (inside the caller's transaction)."""
+        return self.audit.append(record)
 
     def audit_records(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
-        rows = self._conn.execute(
-            "SELECT record FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
-        ).fetchall()
-        out = []
-        for (text,) in rows:
-            try:
-                out.append(json.loads(text))
-            except ValueError:
-                out.append({"corrupt": True})
-        return out
+        return self.audit.records(after_seq, limit)
 
     def verify_audit(self) -> tuple[int, str | None]:
-        """Walk the chain: ``(records, None)`` if intact, else ``(checked, problem)``."""
-        prev = bytes(32)
-        expected = 1
-        for seq, text, mac in self._conn.execute("SELECT seq, record, mac FROM audit ORDER BY seq"):
-            if seq != expected:
-                return expected - 1, f"record {expected} is missing"
-            if not crypto.constant_time_equal(
-                self._audit_mac(prev, seq, text.encode()), bytes(mac)
-            ):
-                return expected - 1, f"record {seq} was altered"
-            prev = bytes(mac)
-            expected += 1
-        count = expected - 1
-        row = self._conn.execute("SELECT value FROM meta WHERE name='audit_head'").fetchone()
-        if row is None:
-            return count, "the audit head is missing"
-        raw = bytes(row[0])
-        head_seq = struct.unpack(">Q", raw[:8])[0]
-        if not crypto.constant_time_equal(self._head_mac(head_seq, raw[8:40]), raw[40:72]):
-            return count, "the audit head was altered"
-        if head_seq != count or not crypto.constant_time_equal(raw[8:40], prev):
-            return count, f"records after {count} were removed (the log had {head_seq})"
-        return count, None
+        """``(records, None)`` if the chain is intact, else ``(checked, problem)``."""
+        return self.audit.verify()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
