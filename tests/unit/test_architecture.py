@@ -146,9 +146,16 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     OnlyImports(
         "kms-store-imports",
         modules=("envfs.kms.store",),
-        allowed=("envfs.crypto", "envfs.errors", "envfs.kms.model"),
+        allowed=("envfs.crypto", "envfs.errors", "envfs.kms.model", "envfs.kms.audit"),
         stdlib=True,
-        why="kms/store.py imports only model, crypto and errors",
+        why="kms/store.py imports only model, audit, crypto and errors",
+    ),
+    OnlyImports(
+        "kms-audit-imports",
+        modules=("envfs.kms.audit",),
+        allowed=("envfs.crypto",),
+        stdlib=True,
+        why="kms/audit.py (the store's audit chain) imports only crypto",
     ),
     OnlyImports(
         "declared-dependencies-only",
