@@ -19,6 +19,8 @@ from envfs.format import FileHeader, FileKeys
 
 # Gaps (writes past the end, truncation upwards) are sealed in runs of this many bytes.
 _ZERO_RUN = 1 << 20
+# Sequential reads ask the kernel to fetch this much of the backing file ahead.
+_READ_AHEAD = 1 << 20
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -42,7 +44,7 @@ def read_header(fd: int) -> tuple[FileHeader, bytes]:
 class CryptFile:
     """An encrypted file open on ``fd``; not thread-safe (the filesystem is one trio loop)."""
 
-    __slots__ = ("_block", "_shift", "fd", "header", "keys", "size")
+    __slots__ = ("_block", "_read_end", "_shift", "fd", "header", "keys", "size")
 
     def __init__(self, fd: int, header: FileHeader, keys: FileKeys, size: int) -> None:
         self.fd = fd
@@ -51,6 +53,7 @@ class CryptFile:
         self.size = size
         self._shift = header.block_shift
         self._block = 1 << header.block_shift
+        self._read_end = -1  # where the last read ended in the backing file
 
     @classmethod
     def create(cls, fd: int, header: FileHeader, keys: FileKeys) -> CryptFile:
@@ -89,6 +92,12 @@ class CryptFile:
         length = min(length, self.size - offset)
         span = format.block_span(offset, length, self._shift)
         data = os.pread(self.fd, span.backing_length, span.backing_offset)
+        end = span.backing_offset + span.backing_length
+        if span.backing_offset == self._read_end:
+            # Sequential: have the backing file's next stretch read while we decrypt (the
+            # daemon serves one request at a time, so its disk waits cannot overlap else).
+            os.posix_fadvise(self.fd, end, _READ_AHEAD, os.POSIX_FADV_WILLNEED)
+        self._read_end = end
         plain = format.decrypt_blocks(
             self.keys, self.header.file_id, span.first_block, data, self._shift
         )

@@ -374,7 +374,9 @@ class Vfs:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if not name.startswith(b"user."):
-            raise OSError(errno.ENODATA, "no such attribute")
+            # EOPNOTSUPP, not ENODATA: `ls -l` then stops asking for security.selinux and
+            # system.posix_acl_access on every entry (two round trips per file).
+            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
         target = self._target(self.inodes.node(ino))
         return os.getxattr(target, name, follow_symlinks=isinstance(target, int))
 
@@ -391,7 +393,7 @@ class Vfs:
 
     def removexattr(self, ino: int, name: bytes) -> None:
         if not name.startswith(b"user."):
-            raise OSError(errno.ENODATA, "no such attribute")
+            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
         target = self._target(self.inodes.node(ino))
         os.removexattr(target, name, follow_symlinks=isinstance(target, int))
 

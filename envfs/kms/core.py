@@ -51,6 +51,28 @@ from envfs.kms.policy import KeyPolicy, RequestContext
 from envfs.kms.store import KeyRecord, KeyStore
 
 DAY = 86400.0
+# Calls that change no key: their transaction adds only the audit record, committed with
+# synchronous=NORMAL (safe against a crash of the service; the last records of such calls
+# may be lost on power loss). Key changes are committed with FULL. About 2x faster per call.
+AUDIT_ONLY_OPERATIONS = frozenset(
+    {
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateRandom",
+        "DescribeKey",
+        "ListKeys",
+        "ListAliases",
+        "ListResourceTags",
+        "GetKeyRotationStatus",
+        "ListKeyRotations",
+        "GetKeyPolicy",
+        "ListAuditRecords",
+        "VerifyAudit",
+    }
+)
 SWEEP_INTERVAL = 1.0  # seconds between checks for due rotations and deletions in handle()
 MAX_PLAINTEXT = 4096
 MAX_DESCRIPTION = 8192
@@ -201,7 +223,7 @@ class ServiceCore:
             raise
         error: KMSError | None = None
         result: dict[str, Any] = {}
-        with self.store.transaction():
+        with self.store.transaction(durable=op.name not in AUDIT_ONLY_OPERATIONS):
             try:
                 with self.store.savepoint():
                     result = self._handlers[op.name](call, req)
@@ -278,10 +300,13 @@ class ServiceCore:
         return NotFoundException(f"key {text!r} does not exist in region {self.region!r}")
 
     def _load(self, call: _Call, key_id: str, shown_as: str) -> KeyRecord:
+        """A key by id; one whose deletion is due is gone already (the sweep destroys it)."""
         key = self.store.get_key(key_id)
-        if key is not None:
-            key = self._apply_due(key, call.now)
-        if key is None:
+        if key is None or (
+            key.state is KeyState.PENDING_DELETION
+            and key.deletion_date is not None
+            and key.deletion_date <= call.now
+        ):
             raise self._not_found(shown_as)
         return key
 

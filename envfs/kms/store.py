@@ -373,15 +373,28 @@ class KeyStore:
     # --- transactions ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One write transaction; committed durably on success, rolled back on error."""
-        self._conn.execute("BEGIN IMMEDIATE")
+    def transaction(self, *, durable: bool = True) -> Iterator[None]:
+        """One write transaction, committed on success and rolled back on error.
+
+        Args:
+            durable: commit with ``synchronous=FULL`` (survives power loss once returned).
+                False commits with ``NORMAL``: it survives a crash of the process but the
+                last commits may be lost on power loss. Only for transactions that add
+                nothing but audit records of calls that changed no key.
+        """
+        if not durable:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        finally:
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=FULL")
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
