@@ -41,11 +41,19 @@ def link_fd(fd: int, path: bytes) -> None:
 
     ``linkat`` must follow the /proc magic link; os.link does so only with a dir fd.
     """
-    proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.link(str(fd), path, src_dir_fd=proc_fds, follow_symlinks=True)
-    finally:
-        os.close(proc_fds)
+    os.link(str(fd), path, src_dir_fd=_proc_fds(), follow_symlinks=True)
+
+
+_proc_fds_of: tuple[int, int] | None = None  # (pid, fd of /proc/<pid>/fd), opened once
+
+
+def _proc_fds() -> int:
+    global _proc_fds_of
+    pid = os.getpid()
+    if _proc_fds_of is None or _proc_fds_of[0] != pid:  # a forked child needs its own
+        fd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _proc_fds_of = (pid, fd)
+    return _proc_fds_of[1]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import re
 import time
@@ -223,9 +224,11 @@ class ServiceCore:
             raise
         error: KMSError | None = None
         result: dict[str, Any] = {}
-        with self.store.transaction(durable=op.name not in AUDIT_ONLY_OPERATIONS):
+        audit_only = op.name in AUDIT_ONLY_OPERATIONS
+        with self.store.transaction(durable=not audit_only):
             try:
-                with self.store.savepoint():
+                # A call that changes no key needs no savepoint to undo its changes.
+                with contextlib.nullcontext() if audit_only else self.store.savepoint():
                     result = self._handlers[op.name](call, req)
             except KMSError as exc:
                 error = exc
