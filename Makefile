@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc rsync sqlite3 git \
                 util-linux passwd gocryptfs
 
-.PHONY: setup system-deps venv demo test lint typecheck pytest bench clean
+.PHONY: setup system-deps venv demo test lint typecheck pytest bench bench-fs clean
 
 setup: system-deps venv
 
@@ -52,6 +52,10 @@ test: lint typecheck pytest
 
 bench: setup
 	$(BIN)/python bench/kms_bench.py
+
+# envfs beside gocryptfs on the same disk (root; about 5 minutes). BENCH_ARGS="--reps 5"
+bench-fs: setup
+	bash bench/fs.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
