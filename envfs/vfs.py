@@ -236,9 +236,7 @@ class Vfs:
         """Give a new entry to its creator on a multi-user mount (setgid dirs keep the gid)."""
         if not self.chown_new:
             return
-        parent_st = os.lstat(parent_path)
-        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
-        os.chown(path, caller.uid, gid, follow_symlinks=False)
+        os.chown(path, caller.uid, _new_gid(parent_path, caller), follow_symlinks=False)
 
     def _entry(self, parent: int, name: bytes, path: bytes) -> Stat:
         st = os.lstat(path)
@@ -437,9 +435,7 @@ class Vfs:
         try:
             cfile = CryptFile.create(fd, header, keys)
             if self.chown_new:
-                parent_st = os.lstat(parent_path)
-                gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
-                os.fchown(fd, caller.uid, gid)
+                os.fchown(fd, caller.uid, _new_gid(parent_path, caller))
             if temp is None:
                 link_fd(fd, path)
             else:
@@ -589,6 +585,12 @@ class Vfs:
         """Close every open file (at unmount)."""
         for fh in list(self._handles):
             self.release(fh)
+
+
+def _new_gid(parent_path: bytes, caller: Caller) -> int:
+    """The group of a new entry: the caller's, or the directory's if it is setgid."""
+    parent_st = os.lstat(parent_path)
+    return parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
 
 
 __all__ = ["ROOT_INODE", "EnvfsError", "Handle", "Node", "Stat", "Vfs"]

@@ -22,10 +22,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from envfs.cli.common import configure_logging, region_type
 from envfs.cli.output import QueryError, parse_query, render
 from envfs.cli.params import ArgumentError, build_request, read_file_bytes
-from envfs.errors import AuditVerificationError, UsageError, ValidationException
-from envfs.kms.model import DEFAULT_REGION, validate_region
+from envfs.errors import AuditVerificationError, UsageError
+from envfs.kms.model import DEFAULT_REGION
 from envfs.kms.operations import OPERATIONS, Operation, Param, ParamType
 
 if TYPE_CHECKING:
@@ -79,13 +80,6 @@ _LIST_METAVARS: dict[ParamType, str] = {
 # --- common options ----------------------------------------------------------------------
 
 
-def _region(text: str) -> str:
-    try:
-        return validate_region(text)
-    except ValidationException as e:
-        raise argparse.ArgumentTypeError(e.message) from None
-
-
 def _query(text: str) -> Any:
     try:
         return parse_query(text)
@@ -101,7 +95,7 @@ def _add_store_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("key store options")
     group.add_argument(
         "--region",
-        type=_region,
+        type=region_type,
         default=os.environ.get("ENVFS_REGION") or DEFAULT_REGION,
         help=f"the region whose keys to use (env ENVFS_REGION; default {DEFAULT_REGION!r})",
     )
@@ -349,16 +343,6 @@ def _init(args: argparse.Namespace) -> int:
 # --- serve ---------------------------------------------------------------------------------
 
 
-def _configure_logging() -> None:
-    # Under systemd the journal adds timestamps; elsewhere a human reads them.
-    under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not under_systemd:
-        fmt = "%(asctime)s " + fmt
-    debug = os.environ.get("ENVFS_DEBUG") == "1"
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt)
-
-
 async def _serve_until_signalled(serve: Callable[[], Any]) -> None:
     import trio
 
@@ -382,7 +366,7 @@ def _serve(args: argparse.Namespace) -> int:
     from envfs.kms.service import KeyService
     from envfs.kms.store import default_socket_path
 
-    _configure_logging()
+    configure_logging()
     store = open_store(args)
     try:
         service = KeyService(store)

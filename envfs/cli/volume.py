@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from envfs import format
+from envfs.cli.common import configure_logging, region_type
 from envfs.cli.kms import open_store
 from envfs.cli.output import render
 from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
-from envfs.kms.model import Caller, validate_region
+from envfs.kms.model import Caller
 from envfs.kms.provider import ServiceKeyProvider
 from envfs.kms.service import KeyService
 from envfs.volume import Volume
@@ -46,16 +47,9 @@ def parse_block_size(text: str) -> int:
     return shift
 
 
-def _region(text: str) -> str:
-    try:
-        return validate_region(text)
-    except EnvfsError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-
-
 def _add_kms_options(parser: argparse.ArgumentParser, *, region_help: str) -> None:
     group = parser.add_argument_group("key service options")
-    group.add_argument("--region", type=_region, default=None, help=region_help)
+    group.add_argument("--region", type=region_type, default=None, help=region_help)
     group.add_argument(
         "--kms-dir",
         metavar="DIR",
@@ -114,35 +108,13 @@ def _init(args: argparse.Namespace) -> int:
 # --- mount ---------------------------------------------------------------------------------
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
-    under_systemd = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    handler: logging.Handler
-    if args.log_file:
-        handler = logging.FileHandler(args.log_file)
-        fmt = "%(asctime)s " + fmt
-    elif args.foreground or under_systemd:
-        handler = logging.StreamHandler(sys.stderr)
-        if not under_systemd:
-            fmt = "%(asctime)s " + fmt
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        fmt = "envfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
-    else:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if os.environ.get("ENVFS_DEBUG") == "1" else logging.INFO)
-
-
 def _mount(args: argparse.Namespace) -> int:
     from envfs import mount
 
     backing, mountpoint = Path(args.backing), Path(args.mountpoint)
     if not args.foreground:
         return _daemonize(args)
-    _configure_logging(args)
+    configure_logging(log_file=args.log_file, to_stderr=args.foreground)
     ready_fd: int | None = args.ready_fd
 
     def report(message: str) -> None:
