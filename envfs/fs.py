@@ -76,6 +76,8 @@ class Operations(pyfuse3.Operations):
     """FUSE operations over a :class:`Vfs`."""
 
     supports_dot_lookup = True
+    # Off: with the kernel's writeback cache on, overlapping writes of two processes to
+    # one file were lost in a test (tests/integration/test_mount_posix.py); revisit with care.
     enable_writeback_cache = False
 
     def __init__(self, vfs: Vfs) -> None:
