@@ -9,18 +9,8 @@
 # use it; the last lines say how to unmount.
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -n ${ENVFS:-} ]]; then
-    envfs_bin=$ENVFS
-elif [[ -x $repo/.venv/bin/envfs ]]; then
-    envfs_bin=$repo/.venv/bin/envfs
-elif envfs_bin=$(command -v envfs); then
-    :
-else
-    echo "demo: error: no envfs executable (run 'make setup' first, or set ENVFS)" >&2
-    exit 1
-fi
-envfs() { "$envfs_bin" "$@"; }
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 demo=${DEMO_DIR:-$repo/demo}
 mkdir -p "$demo"
@@ -38,16 +28,7 @@ export ENVFS_KMS_SOCKET=$demo/no-daemon.sock
 export ENVFS_REGION=local-1
 unset ENVFS_KMS_PASSPHRASE_FILE
 
-run() {
-    printf '\n$ %s\n' "$1"
-    eval "$1"
-}
-
 echo "envfs demo, in $demo"
-creators=""
-if [[ $(id -u) != 0 ]]; then
-    creators=" --key-creators-group $(id -gn)"  # root may create keys; others need the group
-fi
 run "envfs kms init$creators"
 run 'KEY_ID=$(envfs kms create-key --description "demo volume key" --tags TagKey=Purpose,TagValue=demo --query KeyMetadata.KeyId --output text)'
 run 'envfs kms create-alias --alias-name alias/demo --target-key-id "$KEY_ID"'

@@ -8,19 +8,8 @@
 # PATH.
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -n ${ENVFS:-} ]]; then
-    envfs_bin=$ENVFS
-elif [[ -x $repo/.venv/bin/envfs ]]; then
-    envfs_bin=$repo/.venv/bin/envfs
-elif envfs_bin=$(command -v envfs); then
-    :
-else
-    echo "demo: error: no envfs executable (run 'make setup' first, or set ENVFS)" >&2
-    exit 1
-fi
-# Commands read as they would be typed: "envfs kms ...".
-envfs() { "$envfs_bin" "$@"; }
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -32,19 +21,8 @@ export ENVFS_KMS_SOCKET=$work/no-daemon.sock
 export ENVFS_REGION=local-1
 unset ENVFS_KMS_PASSPHRASE_FILE
 
-run() {
-    printf '\n$ %s\n' "$1"
-    eval "$1"
-}
-
 echo "envfs key service walkthrough, in $work"
 
-# Root may create keys; anyone else needs to be in the key creators group. For a non-root
-# demo, make that the user's own primary group.
-creators=""
-if [[ $(id -u) != 0 ]]; then
-    creators=" --key-creators-group $(id -gn)"
-fi
 run "envfs kms init$creators"
 
 run 'KEY_ID=$(envfs kms create-key --description "my first envfs key" --tags TagKey=Purpose,TagValue=demo --query KeyMetadata.KeyId --output text)'

@@ -124,8 +124,8 @@ def _make_mount(kms_env: Env, name: str, extra: tuple[str, ...]) -> Mount:
 
 
 @contextlib.contextmanager
-def mounted(kms_env: Env, name: str = "vol", extra: tuple[str, ...] = ()) -> Iterator[Mount]:
-    m = _make_mount(kms_env, name, extra)
+def live(m: Mount) -> Iterator[Mount]:
+    """Mount ``m`` for the block; always unmounted afterwards, even if the daemon died."""
     m.mount()
     try:
         yield m
@@ -135,6 +135,12 @@ def mounted(kms_env: Env, name: str = "vol", extra: tuple[str, ...] = ()) -> Ite
                 m.env.run("umount", str(m.mnt), check=False)
         finally:
             m.force_cleanup()
+
+
+@contextlib.contextmanager
+def mounted(kms_env: Env, name: str = "vol", extra: tuple[str, ...] = ()) -> Iterator[Mount]:
+    with live(_make_mount(kms_env, name, extra)) as m:
+        yield m
 
 
 @pytest.fixture

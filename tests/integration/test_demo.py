@@ -13,35 +13,31 @@ REPO = Path(__file__).resolve().parents[2]
 ENVFS = str(Path(sys.executable).with_name("envfs"))
 
 
-def test_demo_mounts_an_encrypted_folder(tmp_path: Path) -> None:
+def run_demo(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "ENVFS": ENVFS}
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_demo_mounts_an_encrypted_folder(tmp_path: Path) -> None:
     mnt = tmp_path / "demo" / "mnt"
     try:
-        result = subprocess.run(
-            ["bash", str(REPO / "scripts" / "demo.sh")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        result = run_demo(tmp_path)
         assert is_mounted(mnt)
         assert (mnt / "myfile.txt").read_text() == "Some text, written through the mount\n"
         assert b"Some text" not in (tmp_path / "demo" / "backing" / "myfile.txt").read_bytes()
         assert "the backing file holds no plaintext" in result.stdout
         assert '"KeyVersion": 1' in result.stdout
         assert f"umount {mnt}" in result.stdout
-        # Running it again starts over cleanly, over the live mount.
-        again = subprocess.run(
-            ["bash", str(REPO / "scripts" / "demo.sh")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert again.returncode == 0, again.stderr
+        run_demo(tmp_path)  # running it again starts over cleanly, over the live mount
         subprocess.run([ENVFS, "umount", str(mnt)], check=True, timeout=60)
         assert not is_mounted(mnt)
     finally:

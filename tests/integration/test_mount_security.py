@@ -45,7 +45,7 @@ from envfs.kms.policy import default_policy
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore, region_store_dir
 from envfs.mount import pid_file_for
-from tests.integration.conftest import ENVFS, Env, Mount, is_mounted
+from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live
 
 pytestmark = [
     pytest.mark.integration,
@@ -109,20 +109,6 @@ def new_volume(env: Env, name: str, key_alias: str = "vol", *extra: str) -> Moun
     mnt.mkdir()
     envfs(env, "init", str(backing), "--key-id", f"alias/{key_alias}")
     return Mount(env, backing, mnt, env.root / f"{name}.log", extra)
-
-
-@contextlib.contextmanager
-def live(m: Mount) -> Iterator[Mount]:
-    """Mount ``m`` for the block; always unmounted afterwards, even if the daemon died."""
-    m.mount()
-    try:
-        yield m
-    finally:
-        try:
-            if is_mounted(m.mnt):
-                m.env.run("umount", str(m.mnt), check=False)
-        finally:
-            m.force_cleanup()
 
 
 def read_errno(path: Path) -> tuple[str, int]:
