@@ -47,8 +47,15 @@ class KMSClient:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
 
-    def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Run ``operation`` with ``params`` in the service, as the calling process's user.
+    def call(
+        self,
+        operation: str,
+        params: Mapping[str, Any],
+        *,
+        on_behalf_of: tuple[int, int] | None = None,
+    ) -> dict[str, Any]:
+        """Run ``operation`` with ``params`` in the service, as the calling process's user,
+        or on behalf of the user ``(uid, gid)`` if the service trusts this process for that.
 
         Raises:
             KMSError: the error the service answered with (its own subclass).
@@ -59,7 +66,7 @@ class KMSClient:
             InvalidRequestException: ``params`` cannot be sent (a value JSON cannot
                 carry, or a request over 1 MiB); nothing was sent.
         """
-        frame = protocol.encode_frame(protocol.build_request(operation, params))
+        frame = protocol.encode_frame(protocol.build_request(operation, params, on_behalf_of))
         deadline = time.monotonic() + self.timeout
         if not self._lock.acquire(timeout=self.timeout):
             raise DependencyTimeoutException(

@@ -109,7 +109,7 @@ class _Call:
             "outcome": "Success" if error is None else error.aws_name,
         }
         if self.caller.via is not None:
-            rec["via"] = self.caller.via
+            rec["via"] = {"service": self.caller.via, "uid": self.caller.via_uid}
         if self.destination_key_arn is not None:
             rec["destination_key_arn"] = self.destination_key_arn
         if self.context is not None:

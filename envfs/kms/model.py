@@ -215,7 +215,8 @@ class Caller:
     """Who is calling: a Unix identity as the kernel reported it.
 
     ``groups`` holds every group id the caller is counted in (primary included).
-    ``via`` names the trusted service acting on the caller's behalf, if any.
+    ``via`` names the trusted service acting on the caller's behalf, if any, and
+    ``via_uid`` is that service's own uid.
     """
 
     uid: int
@@ -224,10 +225,16 @@ class Caller:
     user_name: str | None = None
     group_names: frozenset[str] = field(default_factory=frozenset)
     via: str | None = None
+    via_uid: int | None = None
 
     @classmethod
     def from_ids(
-        cls, uid: int, gid: int, extra_groups: frozenset[int] = frozenset(), via: str | None = None
+        cls,
+        uid: int,
+        gid: int,
+        extra_groups: frozenset[int] = frozenset(),
+        via: str | None = None,
+        via_uid: int | None = None,
     ) -> Caller:
         """Build a caller from kernel ids, adding the user's groups from the group database.
 
@@ -250,7 +257,7 @@ class Caller:
                 names.add(grp.getgrgid(g).gr_name)
             except KeyError:
                 continue
-        return cls(uid, gid, frozenset(gids), user_name, frozenset(names), via)
+        return cls(uid, gid, frozenset(gids), user_name, frozenset(names), via, via_uid)
 
     @classmethod
     def current(cls) -> Caller:

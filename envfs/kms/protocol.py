@@ -72,7 +72,7 @@ MAX_DEPTH = 64
 BYTES_TAG = "$b"
 OBJECT_TAG = "$o"
 
-_REQUEST_KEYS = frozenset({"v", "op", "params"})
+_REQUEST_KEYS = frozenset({"v", "op", "params", "on_behalf_of"})
 
 
 # --- framing -----------------------------------------------------------------------------
@@ -243,13 +243,39 @@ def _check_version(message: Mapping[str, Any]) -> None:
 # --- requests ----------------------------------------------------------------------------
 
 
-def build_request(operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
+def build_request(
+    operation: str, params: Mapping[str, Any], on_behalf_of: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """The wire form of a request (pass it to :func:`encode_frame`).
+
+    Args:
+        on_behalf_of: ``(uid, gid)`` of the user a trusted service calls for.
 
     Raises:
         InvalidRequestException: a parameter value cannot be sent.
     """
-    return {"v": PROTOCOL_VERSION, "op": operation, "params": to_wire(dict(params))}
+    request = {"v": PROTOCOL_VERSION, "op": operation, "params": to_wire(dict(params))}
+    if on_behalf_of is not None:
+        request["on_behalf_of"] = {"uid": on_behalf_of[0], "gid": on_behalf_of[1]}
+    return request
+
+
+def parse_on_behalf_of(message: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The ``(uid, gid)`` a request is made on behalf of, or None.
+
+    Raises:
+        InvalidRequestException: ``on_behalf_of`` is not ``{"uid": N, "gid": N}``.
+    """
+    obo = message.get("on_behalf_of")
+    if obo is None:
+        return None
+    if (
+        not isinstance(obo, dict)
+        or set(obo) != {"uid", "gid"}
+        or not all(type(obo[k]) is int and 0 <= obo[k] < 2**32 - 1 for k in ("uid", "gid"))
+    ):
+        raise InvalidRequestException('request "on_behalf_of" must be {"uid": N, "gid": N}')
+    return obo["uid"], obo["gid"]
 
 
 def parse_request(message: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -167,6 +167,7 @@ async def serve(
     max_connections_per_uid: int = 128,
     periodic: Callable[[], object] | None = None,
     periodic_interval: float = 60.0,
+    trusted_services: Mapping[int, str] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve key-service requests on ``listener`` until cancelled.
@@ -186,6 +187,12 @@ async def serve(
         periodic: maintenance (due rotations and deletions) run in the worker thread,
             between handler calls, at start and then every ``periodic_interval`` seconds;
             its exceptions are logged.
+        trusted_services: peer uids trusted to call *on behalf of* other users (the
+            ``on_behalf_of`` request field, AWS's kms:ViaService idea), each with the
+            service name that policies see as ``kms:ViaService`` and audit records as
+            ``via``. A request on behalf of another user from any other peer is refused
+            with AccessDeniedException. A request on behalf of the peer itself is a plain
+            call.
         task_status: ``started`` is given the socket's address (for ``nursery.start``).
     """
     if isinstance(listener, socket.socket):
@@ -198,6 +205,7 @@ async def serve(
         frame_timeout=frame_timeout,
         max_connections=max_connections,
         max_connections_per_uid=max_connections_per_uid,
+        trusted_services=dict(trusted_services or {}),
     )
     address = str(listener.socket.getsockname())
     try:
@@ -226,8 +234,10 @@ class _Server:
         frame_timeout: float,
         max_connections: int,
         max_connections_per_uid: int,
+        trusted_services: dict[int, str],
     ) -> None:
         self._handler = handler
+        self._trusted = trusted_services
         self._idle_timeout = idle_timeout
         self._frame_timeout = frame_timeout
         self._max_per_uid = max_connections_per_uid
@@ -313,13 +323,36 @@ class _Server:
 
     async def _answer(self, caller: Caller, payload: bytes) -> bytes:
         try:
-            operation, params = protocol.parse_request(protocol.decode_payload(payload))
+            message = protocol.decode_payload(payload)
+            operation, params = protocol.parse_request(message)
+            on_behalf_of = protocol.parse_on_behalf_of(message)
         except InvalidRequestException as exc:
             return _error_frame(exc.aws_name, exc.message)
+        if on_behalf_of is not None and on_behalf_of[0] != caller.uid:
+            service = self._trusted.get(caller.uid)
+            if service is None:
+                logger.warning(
+                    "%s asked to call %s on behalf of uid %d but is not trusted for that",
+                    caller.describe(),
+                    operation,
+                    on_behalf_of[0],
+                )
+                return _error_frame(
+                    "AccessDeniedException",
+                    f"user {caller.describe()} is not trusted to call on behalf of other users",
+                )
+        else:
+            service = None
+
+        def call() -> Mapping[str, Any]:
+            effective = caller
+            if service is not None and on_behalf_of is not None:
+                uid, gid = on_behalf_of
+                effective = Caller.from_ids(uid, gid, via=service, via_uid=caller.uid)
+            return self._handler(effective, operation, params)
+
         try:
-            result = await trio.to_thread.run_sync(
-                self._handler, caller, operation, params, limiter=self._worker
-            )
+            result = await trio.to_thread.run_sync(call, limiter=self._worker)
         except KMSError as exc:
             return _error_frame(exc.aws_name, exc.message)
         except EnvfsError as exc:

@@ -1,0 +1,175 @@
+"""Mounts backed by the key-service daemon: on-behalf-of calls, trust, outages."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from envfs.errors import AccessDeniedException
+from envfs.kms.client import KMSClient
+from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live, make_env
+
+KEY_USER = 4242
+STRANGER = 4343
+
+
+class Daemon:
+    """``envfs kms serve`` on a socket, as a subprocess."""
+
+    def __init__(self, env: Env, sock: Path, *extra: str) -> None:
+        self.env, self.sock, self.extra = env, sock, extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.sock.with_suffix(".log")
+        with log.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [ENVFS, "kms", "serve", "--socket", str(self.sock), *self.extra],
+                env=self.env.env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        deadline = time.monotonic() + 20
+        while not self.sock.exists():
+            assert self.proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the key daemon did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def as_user(uid: int, command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "setpriv",
+            "--reuid",
+            str(uid),
+            "--regid",
+            str(uid),
+            "--clear-groups",
+            "sh",
+            "-c",
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short, world-traversable folder: socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="envfs-d-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_mount(short_dir: Path) -> Iterator[tuple[Daemon, Mount]]:
+    env = make_env(short_dir)
+    sock = short_dir / "kms.sock"
+    env.env["ENVFS_KMS_SOCKET"] = str(sock)
+    daemon = Daemon(env, sock)
+    daemon.start()
+    try:
+        key = env.kms("create-key", "--key-users", f"uid:0,uid:{KEY_USER}")
+        key_id = str(key["KeyMetadata"]["KeyId"])  # type: ignore[index]
+        env.kms("create-alias", "--alias-name", "alias/vol", "--target-key-id", key_id)
+        kms = f"unix:{sock}"
+        backing, mnt = short_dir / "backing", short_dir / "mnt"
+        mnt.mkdir()
+        env.run("init", str(backing), "--key-id", "alias/vol", "--kms", kms)
+        m = Mount(env, backing, mnt, short_dir / "mount.log", ("--allow-other", "--kms", kms))
+        with live(m):
+            mnt.chmod(0o777)
+            yield daemon, m
+    finally:
+        daemon.stop()
+
+
+def test_per_user_decisions_through_the_daemon(daemon_mount: tuple[Daemon, Mount]) -> None:
+    _, m = daemon_mount
+    (m.mnt / "shared.txt").write_text("for the key user\n")
+    (m.mnt / "shared.txt").chmod(0o666)
+    allowed = as_user(KEY_USER, f"cat {m.mnt}/shared.txt && echo mine > {m.mnt}/mine.txt")
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout == "for the key user\n"
+    assert (m.mnt / "mine.txt").stat().st_uid == KEY_USER
+    denied = as_user(STRANGER, f"cat {m.mnt}/shared.txt")
+    assert denied.returncode != 0
+    assert "Permission denied" in denied.stderr
+    records = json.loads(m.env.run("kms", "audit", "--key-id", "alias/vol").stdout)["Records"]
+    by_uid = {(r["operation"], r["caller"]["uid"], r["outcome"]): r for r in records}
+    ok = by_uid[("Decrypt", KEY_USER, "Success")]
+    refused = by_uid[("Decrypt", STRANGER, "AccessDeniedException")]
+    for record in (ok, refused):
+        assert record["via"] == {"service": "envfs-mount", "uid": 0}
+        assert record["request"]["AuditNote"].endswith("/backing/shared.txt")
+        assert "envfs:file" in record["encryption_context"]
+    assert ("GenerateDataKey", KEY_USER, "Success") in by_uid
+
+
+def test_an_untrusted_caller_cannot_act_for_others(short_dir: Path) -> None:
+    env = make_env(short_dir)
+    sock = short_dir / "strict.sock"
+    daemon = Daemon(env, sock, "--trust-on-behalf-of", "none")
+    daemon.start()
+    try:
+        with KMSClient(sock) as client:
+            assert client.call("GenerateRandom", {"NumberOfBytes": 8}, on_behalf_of=(0, 0))
+            with pytest.raises(AccessDeniedException, match="not trusted to call on behalf of"):
+                client.call("GenerateRandom", {"NumberOfBytes": 8}, on_behalf_of=(KEY_USER, 0))
+    finally:
+        daemon.stop()
+
+
+def test_key_service_down_and_back(daemon_mount: tuple[Daemon, Mount]) -> None:
+    daemon, m = daemon_mount
+    path = m.mnt / "held.txt"
+    path.write_bytes(b"x" * 50000)
+    with path.open("r+b") as held:
+        daemon.stop()
+        # Files already open keep working; new opens fail with a clear errno.
+        assert held.read(5) == b"xxxxx"
+        held.seek(0)
+        held.write(b"yy")
+        held.flush()
+        with pytest.raises(OSError) as exc:
+            path.read_bytes()
+        assert exc.value.errno == errno.EHOSTDOWN
+        assert "key service unavailable" in m.log_text()
+        daemon.start()
+        deadline = time.monotonic() + 15
+        while True:  # the mount retries by itself, with backoff
+            try:
+                data = path.read_bytes()
+                break
+            except OSError as again:
+                assert again.errno == errno.EHOSTDOWN
+                assert time.monotonic() < deadline, "the mount did not recover"
+                time.sleep(0.2)
+        assert data == b"yy" + b"x" * 49998
+    assert "reachable again" in m.log_text()
+    assert is_mounted(m.mnt)
+    assert os.path.exists(m.mnt / "held.txt")
