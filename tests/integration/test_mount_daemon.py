@@ -21,6 +21,7 @@ from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live, make
 
 KEY_USER = 4242
 STRANGER = 4343
+CACHE_SECONDS = 2.0  # how long a user's unwrapped data key is reused by the mount
 
 
 class Daemon:
@@ -100,7 +101,8 @@ def daemon_mount(short_dir: Path) -> Iterator[tuple[Daemon, Mount]]:
         backing, mnt = short_dir / "backing", short_dir / "mnt"
         mnt.mkdir()
         env.run("init", str(backing), "--key-id", "alias/vol", "--kms", kms)
-        m = Mount(env, backing, mnt, short_dir / "mount.log", ("--allow-other", "--kms", kms))
+        extra = ("--allow-other", "--kms", kms, "--key-cache-seconds", str(CACHE_SECONDS))
+        m = Mount(env, backing, mnt, short_dir / "mount.log", extra)
         with live(m):
             mnt.chmod(0o777)
             yield daemon, m
@@ -150,6 +152,9 @@ def test_key_service_down_and_back(daemon_mount: tuple[Daemon, Mount]) -> None:
     path.write_bytes(b"x" * 50000)
     with path.open("r+b") as held:
         daemon.stop()
+        # Root's data key for the file was just used: a re-open needs no key service...
+        assert path.read_bytes()[:5] == b"xxxxx"
+        time.sleep(CACHE_SECONDS + 0.2)  # ...until the entry is older than the cache age
         # Files already open keep working; new opens fail with a clear errno.
         assert held.read(5) == b"xxxxx"
         held.seek(0)
@@ -173,3 +178,23 @@ def test_key_service_down_and_back(daemon_mount: tuple[Daemon, Mount]) -> None:
     assert "reachable again" in m.log_text()
     assert is_mounted(m.mnt)
     assert os.path.exists(m.mnt / "held.txt")
+
+
+def test_a_policy_change_takes_effect_within_the_cache_age(
+    daemon_mount: tuple[Daemon, Mount],
+) -> None:
+    _, m = daemon_mount
+    (m.mnt / "doc.txt").write_text("v1\n")
+    (m.mnt / "doc.txt").chmod(0o666)
+    assert as_user(KEY_USER, f"cat {m.mnt}/doc.txt").stdout == "v1\n"
+    policy = json.loads(m.env.kms("get-key-policy", "--key-id", "alias/vol")["Policy"])  # type: ignore[arg-type]
+    for statement in policy["Statement"]:
+        principals = statement["Principal"]["Unix"]
+        if f"uid:{KEY_USER}" in principals:
+            principals.remove(f"uid:{KEY_USER}")
+    m.env.kms("put-key-policy", "--key-id", "alias/vol", "--policy", json.dumps(policy))
+    # The user's recent decision may be reused for at most CACHE_SECONDS...
+    time.sleep(CACHE_SECONDS + 0.2)
+    # ...after which every new open asks the key service again, and is refused.
+    denied = as_user(KEY_USER, f"cat {m.mnt}/doc.txt")
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
