@@ -236,3 +236,10 @@ class MountError(EnvfsError):
 
     errno = _errno.EBUSY
     exit_code = 61
+
+
+class ConfigError(EnvfsError):
+    """A volume configuration file that is missing, unreadable or has a bad key or value."""
+
+    errno = _errno.EINVAL
+    exit_code = 62

@@ -3,7 +3,7 @@
 ``run_foreground`` mounts and serves until the filesystem is unmounted or the process is
 told to stop (SIGTERM, SIGINT), then closes every open file and unmounts. ``on_ready``
 is called once the mount is live, which is what ``envfs mount`` waits for before it
-returns (and, later, what systemd's readiness notification will report).
+returns and what systemd's readiness notification reports.
 
 A pid file per mount point (``pid_file_for``) lets ``envfs umount`` wait until the daemon
 has really finished.
@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import trio
 
 from envfs.errors import AccessDeniedException, MountError
 from envfs.fs import Operations
+from envfs.keycache import DataKeyCache
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider
 from envfs.vfs import Vfs
@@ -36,6 +37,7 @@ from envfs.volume import Volume
 log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.envfs"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass
@@ -87,15 +89,30 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mount point {str(mountpoint)!r} is busy: something is mounted there")
 
 
-def prepare(volume: Volume, provider: KeyProvider, caller: Caller, *, multi_user: bool) -> Vfs:
+def prepare(
+    volume: Volume,
+    provider: KeyProvider,
+    caller: Caller,
+    *,
+    multi_user: bool,
+    key_cache_seconds: float = 0.0,
+) -> Vfs:
     """Check the volume against the key service and build the filesystem core.
+
+    ``key_cache_seconds``: how long a user's unwrapped data key may be reused for that
+    user's re-opens without asking the key service (0: every open asks).
 
     The volume file is authenticated as the mounting user. If that user may not use the
     volume's key (a root-run mount shared by key users), authentication happens at the
     first open or create by a user who may; no file is served before it.
     """
     volume.check_region(provider)
-    vfs = Vfs(volume, provider, chown_new=multi_user and os.geteuid() == 0)
+    vfs = Vfs(
+        volume,
+        provider,
+        chown_new=multi_user and os.geteuid() == 0,
+        key_cache=DataKeyCache(key_cache_seconds),
+    )
     try:
         vfs.verify_volume(caller)
     except AccessDeniedException:
@@ -125,8 +142,12 @@ def run_foreground(
     mountpoint: Path,
     options: MountOptions,
     on_ready: Callable[[], None] | None = None,
+    on_stopping: Callable[[], None] | None = None,
 ) -> None:
     """Mount and serve until unmounted or signalled; always unmounts and closes files.
+
+    ``on_ready`` is called once the mount is live, ``on_stopping`` when shutdown begins
+    (before open files are flushed and closed and the filesystem unmounted).
 
     Raises:
         MountError: FUSE could not mount.
@@ -140,13 +161,17 @@ def run_foreground(
     except RuntimeError as exc:
         os.umask(old_umask)
         raise MountError(f"cannot mount on {str(mountpoint)!r}: {exc}") from None
+    # From here on a stop signal must unmount, never kill: hold them until the loop that
+    # handles them runs. (Not before pyfuse3.init: fusermount3 would inherit the mask.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     log.info("mounted %s on %s", vfs.volume.backing, mountpoint)
     try:
         _write_pid_file(pid_file)
-        if on_ready is not None:
-            on_ready()
-        trio.run(_serve)
+        trio.run(_serve, on_ready)
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if on_stopping is not None:
+            on_stopping()
         vfs.close()
         pyfuse3.close(unmount=True)
         pid_file.unlink(missing_ok=True)
@@ -154,19 +179,23 @@ def run_foreground(
         log.info("unmounted %s", mountpoint)
 
 
-async def _serve() -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+async def _serve(on_ready: Callable[[], None] | None) -> None:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        # Handled from here on, including one that arrived since the mount was made.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals, signals, nursery.cancel_scope)
+            if on_ready is not None:
+                on_ready()  # only now: a stop signal right after readiness unmounts cleanly
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            scope.cancel()
-            return
+async def _stop_on_signals(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("received %s: unmounting", signal.Signals(signum).name)
+        scope.cancel()
+        return
 
 
 def _write_pid_file(path: Path) -> None:

@@ -38,6 +38,7 @@ from envfs.errors import (
 )
 from envfs.format import FileHeader, FileKeys
 from envfs.inodes import ROOT_INODE, InodeTable, Node
+from envfs.keycache import DataKeyCache
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider
 from envfs.volume import VOLUME_FILE, Volume
@@ -85,10 +86,18 @@ class Vfs:
             multi-user mounts); otherwise they belong to the daemon's user.
     """
 
-    def __init__(self, volume: Volume, provider: KeyProvider, *, chown_new: bool) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        provider: KeyProvider,
+        *,
+        chown_new: bool,
+        key_cache: DataKeyCache | None = None,
+    ) -> None:
         self.volume = volume
         self.provider = provider
         self.chown_new = chown_new
+        self.key_cache = key_cache if key_cache is not None else DataKeyCache(0)
         self.root_path = os.fsencode(volume.backing.resolve())
         st = os.lstat(self.root_path)
         self.inodes = InodeTable(self.root_path, (st.st_dev, st.st_ino))
@@ -430,6 +439,7 @@ class Vfs:
             os.fsdecode(path),
         )
         header = FileHeader(file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped)
+        self.key_cache.put(caller.uid, caller.gid, file_id, data_key.wrapped, data_key.plaintext)
         keys = FileKeys.derive(data_key.plaintext, file_id)
         fd, temp = open_unnamed(parent_path, mode & 0o7777)
         try:
@@ -478,11 +488,17 @@ class Vfs:
         return fh
 
     def _unwrap(self, header: FileHeader, caller: Caller, path: bytes) -> bytes:
+        """The file's data key for ``caller``: the key service's decision, or a recent one
+        for the same user from the cache (see :mod:`envfs.keycache`)."""
+        wrapped, file_id = header.wrapped_key, header.file_id
+        cached = self.key_cache.get(caller.uid, caller.gid, file_id, wrapped)
+        if cached is not None:
+            return cached
         try:
-            return self.provider.decrypt(
-                header.wrapped_key,
+            data_key = self.provider.decrypt(
+                wrapped,
                 header.key_arn,
-                self.volume.file_context(header.file_id),
+                self.volume.file_context(file_id),
                 caller,
                 os.fsdecode(path),
             )
@@ -497,6 +513,8 @@ class Vfs:
                 log.warning("backing file %r: its header names an unusable key: %s", path, exc)
                 raise IntegrityError("the header names a key that is not the volume's") from None
             raise
+        self.key_cache.put(caller.uid, caller.gid, file_id, wrapped, data_key)
+        return data_key
 
     def _open_backing(self, path: bytes, header_caller: Caller) -> CryptFile:
         try:
@@ -582,9 +600,26 @@ class Vfs:
         return handle.node.file.size
 
     def close(self) -> None:
-        """Close every open file (at unmount)."""
+        """Flush every open file to disk and close it (at unmount).
+
+        A file still open here was not released by the kernel: the daemon is stopping
+        under its users (SIGTERM). Its writes are in the backing file already; fsync
+        makes them survive a crash or power loss that follows.
+        """
+        open_nodes = {id(h.node): h.node for h in self._handles.values() if h.node.file is not None}
+        for node in open_nodes.values():
+            assert node.file is not None
+            try:
+                os.fsync(node.file.fd)
+            except OSError as exc:
+                log.warning(
+                    "backing file %r: fsync at unmount failed: %s",
+                    self._safe_path(node),
+                    exc.strerror,
+                )
         for fh in list(self._handles):
             self.release(fh)
+        self.key_cache.clear()
 
 
 def _new_gid(parent_path: bytes, caller: Caller) -> int:

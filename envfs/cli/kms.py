@@ -16,12 +16,14 @@ import grp
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from envfs import notify
 from envfs.cli.common import configure_logging, region_type
 from envfs.cli.output import QueryError, parse_query, render
 from envfs.cli.params import ArgumentError, build_request, read_file_bytes
@@ -343,20 +345,68 @@ def _init(args: argparse.Namespace) -> int:
 # --- serve ---------------------------------------------------------------------------------
 
 
-async def _serve_until_signalled(serve: Callable[[], Any]) -> None:
+def _trusted_service(text: str) -> tuple[int, str] | None:
+    """argparse type of ``--trust-on-behalf-of``: ``UID=NAME``, or ``none``."""
+    if text == "none":
+        return None
+    uid, _, name = text.partition("=")
+    if not uid.isdigit() or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not UID=NAME (e.g. 0=envfs-mount; NAME of letters, digits, - and _)"
+        )
+    return int(uid), name
+
+
+def _trusted_services(given: list[tuple[int, str] | None] | None) -> dict[int, str]:
+    if given is None:
+        return {0: "envfs-mount"}
+    return {entry[0]: entry[1] for entry in given if entry is not None}
+
+
+async def _serve_until_signalled(serve: Callable[..., Any], ready_status: str) -> None:
+    """Run ``serve`` until SIGINT or SIGTERM, telling systemd when it accepts calls."""
     import trio
 
-    async def run_server(cancel_scope: trio.CancelScope) -> None:
-        await serve()
-        cancel_scope.cancel()
+    async def run_server(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(task_status=task_status)
+        nursery.cancel_scope.cancel()
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_server, nursery.cancel_scope)
+            await nursery.start(run_server)  # returns once the listener accepts calls
+            notify.ready(ready_status)
             async for signum in signals:
                 logger.info("received %s, stopping", signal.Signals(signum).name)
+                notify.stopping()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _listener(args: argparse.Namespace) -> tuple[socket.socket, Path | None]:
+    """The listening socket: systemd's (socket activation) or one bound at ``--socket``.
+
+    Returns the socket and the path to remove at exit (None for systemd's: it owns it).
+    """
+    from envfs.kms import server
+    from envfs.kms.store import default_socket_path
+
+    try:
+        inherited = notify.listen_fds()
+    except ValueError as exc:
+        raise UsageError(f"socket activation: {exc}") from None
+    if not inherited:
+        socket_path: Path = args.socket or default_socket_path(args.region)
+        return server.bind_unix_socket(socket_path), socket_path
+    if len(inherited) != 1:
+        raise UsageError(f"socket activation: expected one socket, systemd passed {len(inherited)}")
+    sock = inherited[0]
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        raise UsageError(
+            "socket activation: the passed socket is not a listening Unix stream socket"
+            " (ListenStream=/PATH in the .socket unit)"
+        )
+    return sock, None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -364,25 +414,36 @@ def _serve(args: argparse.Namespace) -> int:
 
     from envfs.kms import server
     from envfs.kms.service import KeyService
-    from envfs.kms.store import default_socket_path
 
     configure_logging()
     store = open_store(args)
     try:
         service = KeyService(store)
         try:
-            socket_path: Path = args.socket or default_socket_path(args.region)
-            listener = server.bind_unix_socket(socket_path)
-            logger.info("serving region %r from %s", args.region, store.directory)
+            listener, socket_path = _listener(args)
+            address = listener.getsockname()
+            logger.info(
+                "serving region %r from %s on %s%s",
+                args.region,
+                store.directory,
+                address,
+                "" if socket_path else " (socket from systemd)",
+            )
             try:
                 serve = partial(
-                    server.serve, service.handle, listener, periodic=service.run_due_tasks
+                    server.serve,
+                    service.handle,
+                    listener,
+                    periodic=service.run_due_tasks,
+                    trusted_services=_trusted_services(args.trust_on_behalf_of),
                 )
-                trio.run(_serve_until_signalled, serve)
+                status = f"serving region {args.region} on {address}"
+                trio.run(_serve_until_signalled, serve, status)
             finally:
                 listener.close()
-                with contextlib.suppress(FileNotFoundError):
-                    socket_path.unlink()
+                if socket_path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        socket_path.unlink()
         finally:
             service.close()
     finally:
@@ -469,9 +530,20 @@ def add_parser(commands: Any) -> None:
         "serve",
         help="run the key-service daemon on a Unix socket",
         description="Run the key-service daemon of a region on a Unix socket; callers are"
-        " identified by the kernel (SO_PEERCRED). SIGINT or SIGTERM stop it.",
+        " identified by the kernel (SO_PEERCRED). SIGINT or SIGTERM stop it. Under systemd"
+        " it takes its socket from socket activation (LISTEN_FDS) when given one, and"
+        " reports readiness to NOTIFY_SOCKET (Type=notify).",
     )
     _add_socket_option(serve, "where to listen")
+    serve.add_argument(
+        "--trust-on-behalf-of",
+        metavar="UID=NAME",
+        action="append",
+        type=_trusted_service,
+        help="trust processes of uid UID to call on behalf of other users, as the service"
+        " NAME (what key policies see as kms:ViaService); repeatable. Default: 0=envfs-mount"
+        " (root's mount daemons). 'none' trusts nobody",
+    )
     _add_store_options(serve)
     serve.set_defaults(handler=_serve)
 

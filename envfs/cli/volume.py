@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envfs import format
+from envfs import config, format, notify
 from envfs.cli.common import configure_logging, region_type
 from envfs.cli.kms import open_store
 from envfs.cli.output import render
 from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
+from envfs.kms.client import KMSClient
 from envfs.kms.model import Caller
-from envfs.kms.provider import ServiceKeyProvider
+from envfs.kms.provider import ClientKeyProvider, KeyProvider, ServiceKeyProvider
 from envfs.kms.service import KeyService
 from envfs.volume import Volume
 
@@ -63,12 +64,79 @@ def _add_kms_options(parser: argparse.ArgumentParser, *, region_help: str) -> No
         default=os.environ.get("ENVFS_KMS_PASSPHRASE_FILE") or None,
         help="the key store's passphrase, if it has one (env ENVFS_KMS_PASSPHRASE_FILE)",
     )
+    group.add_argument(
+        "--kms",
+        metavar="SERVICE",
+        type=kms_service_type,
+        default=os.environ.get("ENVFS_KMS") or "embedded",
+        help="'embedded' (open the region's store in this process; default) or"
+        " 'unix:PATH' (a key-service daemon's socket, called on behalf of each user;"
+        " env ENVFS_KMS)",
+    )
+    group.add_argument(
+        "--key-cache-seconds",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="reuse a user's unwrapped data key for that user's re-opens this long without"
+        " asking the key service; policy changes take effect for new opens within it"
+        f" (default {DEFAULT_KEY_CACHE_SECONDS:g} with a daemon, 0 embedded: every open asks)",
+    )
+    group.add_argument(
+        "--kms-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=10.0,
+        help="how long a call to a key-service daemon may take (default 10)",
+    )
+
+
+DEFAULT_KEY_CACHE_SECONDS = 30.0  # with a key-service daemon; 0 with the embedded store
+
+
+def _key_cache_seconds(args: argparse.Namespace) -> float:
+    if args.key_cache_seconds is not None:
+        return float(args.key_cache_seconds)
+    return DEFAULT_KEY_CACHE_SECONDS if args.kms.startswith("unix:") else 0.0
+
+
+def kms_service_type(text: str) -> str:
+    """argparse type of ``--kms``: ``embedded`` or ``unix:/absolute/path``."""
+    if text == "embedded" or (text.startswith("unix:/") and len(text) > len("unix:/")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"key service {text!r} is neither 'embedded' nor 'unix:/PATH/TO/SOCKET'"
+    )
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("volume configuration")
+    group.add_argument(
+        "--config",
+        metavar="NAME",
+        help="take the volume from the configuration file NAME.toml (instead of BACKING and"
+        " MOUNTPOINT; see docs/systemd.md)",
+    )
+    group.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="where configuration files live (env ENVFS_CONFIG_DIR; default /etc/envfs/volumes)",
+    )
 
 
 class _Service:
-    """The embedded key service of a region, closed on exit."""
+    """The key service of a region, embedded or a daemon's; closed on exit."""
 
     def __init__(self, args: argparse.Namespace, region: str) -> None:
+        self.provider: KeyProvider
+        self.service: KeyService | None = None
+        self.client: KMSClient | None = None
+        if args.kms.startswith("unix:"):
+            self.client = KMSClient(args.kms[len("unix:") :], timeout=args.kms_timeout)
+            self.provider = ClientKeyProvider(self.client, region)
+            return
         store_args = argparse.Namespace(
             region=region, kms_dir=args.kms_dir, passphrase_file=args.passphrase_file
         )
@@ -80,7 +148,10 @@ class _Service:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.service.close()
+        if self.service is not None:
+            self.service.close()
+        if self.client is not None:
+            self.client.close()
 
 
 # --- init ----------------------------------------------------------------------------------
@@ -108,9 +179,40 @@ def _init(args: argparse.Namespace) -> int:
 # --- mount ---------------------------------------------------------------------------------
 
 
+def _apply_config(args: argparse.Namespace, *, positionals: tuple[str, ...]) -> None:
+    """``--config NAME``: fill ``args`` from ``/etc/envfs/volumes/NAME.toml`` (or
+    ``--config-dir``). The file decides every key it sets; ``--allow-other`` and ``-o`` on
+    the command line add to it. Without ``--config`` the positional arguments are required.
+
+    Raises:
+        UsageError: both or neither of ``--config`` and the positional arguments.
+        ConfigError: the file is missing or wrong.
+    """
+    given = [name for name in positionals if getattr(args, name) is not None]
+    shown = " ".join(name.upper() for name in positionals)
+    if args.config is None:
+        if len(given) != len(positionals):
+            raise UsageError(f"give {shown}, or --config NAME")
+        return
+    if given:
+        raise UsageError(f"--config NAME replaces {shown}: give one or the other")
+    cfg = config.load(args.config, args.config_dir)
+    args.backing, args.mountpoint = str(cfg.backing), str(cfg.mountpoint)
+    if not hasattr(args, "foreground"):  # umount needs only the mount point
+        return
+    args.kms = cfg.kms
+    args.region = cfg.region or args.region
+    args.kms_dir = cfg.kms_dir or args.kms_dir
+    args.passphrase_file = str(cfg.passphrase_file or "") or args.passphrase_file
+    args.log_file = str(cfg.log_file or "") or args.log_file
+    args.allow_other = args.allow_other or cfg.allow_other
+    args.o = [*cfg.options, *(args.o or [])]
+
+
 def _mount(args: argparse.Namespace) -> int:
     from envfs import mount
 
+    _apply_config(args, positionals=("backing", "mountpoint"))
     backing, mountpoint = Path(args.backing), Path(args.mountpoint)
     if not args.foreground:
         return _daemonize(args)
@@ -130,9 +232,23 @@ def _mount(args: argparse.Namespace) -> int:
         volume = Volume.load(backing)
         region = args.region or volume.region
         with _Service(args, region) as kms:
-            vfs = mount.prepare(volume, kms.provider, Caller.current(), multi_user=args.allow_other)
+            vfs = mount.prepare(
+                volume,
+                kms.provider,
+                Caller.current(),
+                multi_user=args.allow_other,
+                key_cache_seconds=_key_cache_seconds(args),
+            )
             options = mount.MountOptions(allow_other=args.allow_other, extra=args.o or [])
-            mount.run_foreground(vfs, mountpoint, options, on_ready=lambda: report("ready"))
+
+            def ready() -> None:
+                report("ready")
+                notify.ready(f"mounted {backing} on {mountpoint}")
+
+            def stopping() -> None:
+                notify.stopping(f"unmounting {mountpoint}")
+
+            mount.run_foreground(vfs, mountpoint, options, on_ready=ready, on_stopping=stopping)
     except EnvfsError as exc:
         report(f"error {exc.exit_code} {type(exc).__name__} {exc.message}")
         raise
@@ -149,6 +265,9 @@ def _daemonize(args: argparse.Namespace) -> int:
         ("--kms-dir", args.kms_dir),
         ("--passphrase-file", args.passphrase_file),
         ("--log-file", args.log_file),
+        ("--kms", args.kms),
+        ("--kms-timeout", args.kms_timeout),
+        ("--key-cache-seconds", args.key_cache_seconds),
     ):
         if value:
             command += [flag, str(value)]
@@ -159,6 +278,8 @@ def _daemonize(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if not args.log_file:
         env.pop("JOURNAL_STREAM", None)
+    # Readiness is ours to report (when the child says it is live), not the child's.
+    env.pop("NOTIFY_SOCKET", None)
     try:
         child = subprocess.Popen(  # the daemon outlives us: no context manager
             command,
@@ -193,6 +314,7 @@ def _daemonize(args: argparse.Namespace) -> int:
 def _umount(args: argparse.Namespace) -> int:
     from envfs import mount
 
+    _apply_config(args, positionals=("mountpoint",))
     mount.unmount(Path(args.mountpoint))
     return 0
 
@@ -263,10 +385,14 @@ def add_parsers(commands: Any) -> None:
         "mount",
         help="mount a volume's plaintext view",
         description="Mount the plaintext view of the volume BACKING on MOUNTPOINT. Returns"
-        " once the mount is live; the daemon runs in the background unless --foreground.",
+        " once the mount is live; the daemon runs in the background unless --foreground."
+        " In the foreground under systemd (Type=notify) it reports readiness to"
+        " NOTIFY_SOCKET once the mount is live; SIGTERM or SIGINT flush open files and"
+        " unmount.",
     )
-    mount.add_argument("backing", metavar="BACKING")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("backing", metavar="BACKING", nargs="?")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    _add_config_options(mount)
     mount.add_argument("--foreground", action="store_true", help="do not daemonize")
     mount.add_argument(
         "--allow-other",
@@ -288,7 +414,8 @@ def add_parsers(commands: Any) -> None:
         help="unmount a volume",
         description="Unmount an envfs mount and wait until its daemon has finished.",
     )
-    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    _add_config_options(umount)
     umount.set_defaults(handler=_umount)
 
     inspect = commands.add_parser(

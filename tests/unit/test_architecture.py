@@ -158,6 +158,13 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         why="kms/audit.py (the store's audit chain) imports only crypto",
     ),
     OnlyImports(
+        "config-imports",
+        modules=("envfs.config",),
+        allowed=("envfs.errors", "envfs.kms.model"),
+        stdlib=True,
+        why="config.py reads TOML into a typed config: errors, kms.model and the stdlib only",
+    ),
+    OnlyImports(
         "declared-dependencies-only",
         modules=("envfs",),
         allowed=("envfs", "cryptography", "pyfuse3", "trio"),

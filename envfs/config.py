@@ -1,0 +1,233 @@
+"""Volume configurations: ``/etc/envfs/volumes/NAME.toml``, what ``envfs mount --config`` reads.
+
+One file per volume, named after it. The directory is ``$ENVFS_CONFIG_DIR`` when set, else
+``/etc/envfs/volumes`` (the command line's ``--config-dir`` overrides both). The format
+(every key is documented in ``docs/systemd.md``)::
+
+    backing = "/srv/data.envfs"      # required: the volume's backing folder
+    mountpoint = "/srv/data"         # required: where the plaintext view appears
+    allow_other = true               # optional, default false
+    options = ["noatime"]            # optional: extra FUSE -o options, default none
+    log_file = "/var/log/envfs.log"  # optional: default stderr (the journal under systemd)
+
+    [kms]                            # optional table
+    region = "eu-west-1"             # default: the volume's region
+    service = "embedded"             # or "unix:/run/envfs/kms-eu-west-1.sock"
+    dir = "/var/lib/envfs/kms"       # embedded only: where region stores live
+    passphrase_file = "/etc/envfs/pass"  # embedded only: the store's passphrase
+
+Anything else is refused, never ignored: an unknown key, a value of the wrong type, a
+relative path, a malformed region, a key service that is neither form. Each refusal is a
+:class:`~envfs.errors.ConfigError` naming the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from envfs.errors import ConfigError, ValidationException
+from envfs.kms.model import validate_region
+
+DEFAULT_CONFIG_DIR = Path("/etc/envfs/volumes")
+EMBEDDED = "embedded"
+UNIX_PREFIX = "unix:"
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_TOP_KEYS = ("backing", "mountpoint", "allow_other", "options", "log_file", "kms")
+_KMS_KEYS = ("region", "service", "dir", "passphrase_file")
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """One volume as its configuration file describes it."""
+
+    name: str
+    source: Path  # the file it was read from, for messages
+    backing: Path
+    mountpoint: Path
+    region: str | None  # None: the volume's own region
+    kms: str  # "embedded" or "unix:/absolute/path.sock"
+    kms_dir: Path | None
+    passphrase_file: Path | None
+    allow_other: bool
+    options: tuple[str, ...]  # FUSE -o options
+    log_file: Path | None
+
+    @property
+    def kms_socket(self) -> Path | None:
+        """The key daemon's socket when ``kms`` names one, else None (embedded)."""
+        if self.kms.startswith(UNIX_PREFIX):
+            return Path(self.kms[len(UNIX_PREFIX) :])
+        return None
+
+
+def config_dir(override: Path | str | None = None) -> Path:
+    """``override``, else ``$ENVFS_CONFIG_DIR``, else ``/etc/envfs/volumes``."""
+    if override:
+        return Path(override)
+    return Path(os.environ.get("ENVFS_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it can name a volume configuration (and a systemd instance).
+
+    Raises:
+        ConfigError: it holds something other than ``[A-Za-z0-9_.-]``, or starts with
+            ``.`` or ``-`` (no ``..``, nothing an option parser would take for a flag).
+    """
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"volume name {name!r} is not valid: expected 1-128 letters, digits, '_', '.' or"
+            " '-', not starting with '.' or '-'"
+        )
+    return name
+
+
+def load(name: str, directory: Path | str | None = None) -> VolumeConfig:
+    """Read and check ``DIR/NAME.toml``.
+
+    Raises:
+        ConfigError: a bad name, an unreadable or unparsable file, or any bad key.
+    """
+    path = config_dir(directory) / f"{validate_name(name)}.toml"
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such volume configuration") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(name, path, data)
+
+
+def parse(name: str, path: Path, data: dict[str, Any]) -> VolumeConfig:
+    """Check a parsed TOML document; ``path`` is named in every message.
+
+    Raises:
+        ConfigError: the first bad key, in file order.
+    """
+    reader = _Reader(path)
+    reader.refuse_unknown(data, _TOP_KEYS, "")
+    kms_table = data.get("kms", {})
+    if not isinstance(kms_table, dict):
+        raise reader.error("kms", f"expected a table, got {_describe(kms_table)}")
+    reader.refuse_unknown(kms_table, _KMS_KEYS, "kms.")
+    backing = reader.path(data, "backing", required=True)
+    mountpoint = reader.path(data, "mountpoint", required=True)
+    assert backing is not None and mountpoint is not None
+    kms = reader.string(kms_table, "kms.service", "service") or EMBEDDED
+    if kms != EMBEDDED:
+        socket = kms[len(UNIX_PREFIX) :] if kms.startswith(UNIX_PREFIX) else ""
+        if not os.path.isabs(socket):
+            raise reader.error(
+                "kms.service",
+                f"expected 'embedded' or 'unix:' and an absolute socket path, got {kms!r}",
+            )
+    kms_dir = reader.path(kms_table, "kms.dir", key="dir")
+    passphrase_file = reader.path(kms_table, "kms.passphrase_file", key="passphrase_file")
+    if kms != EMBEDDED:
+        for shown, value in (("kms.dir", kms_dir), ("kms.passphrase_file", passphrase_file)):
+            if value is not None:
+                raise reader.error(shown, "applies only to service = 'embedded'")
+    return VolumeConfig(
+        name=name,
+        source=path,
+        backing=backing,
+        mountpoint=mountpoint,
+        region=reader.region(kms_table),
+        kms=kms,
+        kms_dir=kms_dir,
+        passphrase_file=passphrase_file,
+        allow_other=reader.boolean(data, "allow_other"),
+        options=reader.options(data),
+        log_file=reader.path(data, "log_file"),
+    )
+
+
+class _Reader:
+    """Typed getters whose refusals name the file and the (dotted) key."""
+
+    def __init__(self, path: Path) -> None:
+        self.source = path
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.source}: key {key!r}: {reason}")
+
+    def refuse_unknown(self, table: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
+        for key in table:
+            if key not in known:
+                allowed = ", ".join(k for k in known)
+                raise self.error(prefix + key, f"unknown key (known: {allowed})")
+
+    def string(self, table: dict[str, Any], shown: str, key: str | None = None) -> str | None:
+        value = table.get(key or shown)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.error(shown, f"expected a non-empty string, got {_describe(value)}")
+        return value
+
+    def path(
+        self, table: dict[str, Any], shown: str, *, key: str | None = None, required: bool = False
+    ) -> Path | None:
+        value = table.get(key or shown)
+        if value is None:
+            if required:
+                raise self.error(shown, "missing (an absolute path is required)")
+            return None
+        if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+            raise self.error(shown, f"expected an absolute path, got {_describe(value)}")
+        return Path(value)
+
+    def boolean(self, table: dict[str, Any], key: str) -> bool:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def options(self, table: dict[str, Any]) -> tuple[str, ...]:
+        value = table.get("options", [])
+        if not isinstance(value, list) or not all(
+            isinstance(opt, str) and opt and "," not in opt for opt in value
+        ):
+            raise self.error(
+                "options",
+                'expected a list of FUSE options like ["noatime"], one option per string,'
+                f" got {_describe(value)}",
+            )
+        return tuple(value)
+
+    def region(self, table: dict[str, Any]) -> str | None:
+        value = self.string(table, "kms.region", "region")
+        if value is None:
+            return None
+        try:
+            return validate_region(value)
+        except ValidationException:
+            raise self.error(
+                "kms.region",
+                "expected lowercase letters, digits and dashes, starting with a letter, like"
+                f" 'eu-west-1', got {value!r}",
+            ) from None
+
+
+def _describe(value: object) -> str:
+    """A value as the message quotes it: strings quoted, other types named."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"

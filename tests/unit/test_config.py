@@ -1,0 +1,308 @@
+"""Volume configuration files: what is read, and every refusal with its pinned message."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from envfs import config
+from envfs.cli import main
+from envfs.config import VolumeConfig
+from envfs.errors import ConfigError
+
+MINIMAL = 'backing = "/srv/data.envfs"\nmountpoint = "/srv/data"\n'
+
+
+def write(directory: Path, text: str, name: str = "data") -> Path:
+    path = directory / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def refusal(tmp_path: Path, text: str, name: str = "data") -> str:
+    path = write(tmp_path, text, name)
+    with pytest.raises(ConfigError) as info:
+        config.load(name, tmp_path)
+    return info.value.message.replace(str(path), "FILE")
+
+
+def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    assert config.load("data", tmp_path) == VolumeConfig(
+        name="data",
+        source=path,
+        backing=Path("/srv/data.envfs"),
+        mountpoint=Path("/srv/data"),
+        region=None,
+        kms="embedded",
+        kms_dir=None,
+        passphrase_file=None,
+        allow_other=False,
+        options=(),
+        log_file=None,
+    )
+
+
+def test_every_key(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        MINIMAL
+        + 'allow_other = true\noptions = ["noatime", "max_read=131072"]\n'
+        + 'log_file = "/var/log/envfs-data.log"\n'
+        + '[kms]\nregion = "eu-west-1"\nservice = "embedded"\ndir = "/var/lib/envfs/kms"\n'
+        + 'passphrase_file = "/etc/envfs/data.pass"\n',
+    )
+    cfg = config.load("data", tmp_path)
+    assert cfg.allow_other is True
+    assert cfg.options == ("noatime", "max_read=131072")
+    assert cfg.log_file == Path("/var/log/envfs-data.log")
+    assert cfg.region == "eu-west-1"
+    assert cfg.kms == "embedded" and cfg.kms_socket is None
+    assert cfg.kms_dir == Path("/var/lib/envfs/kms")
+    assert cfg.passphrase_file == Path("/etc/envfs/data.pass")
+
+
+def test_daemon_socket(tmp_path: Path) -> None:
+    write(tmp_path, MINIMAL + '[kms]\nservice = "unix:/run/envfs/kms-eu-west-1.sock"\n')
+    cfg = config.load("data", tmp_path)
+    assert cfg.kms == "unix:/run/envfs/kms-eu-west-1.sock"
+    assert cfg.kms_socket == Path("/run/envfs/kms-eu-west-1.sock")
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    write(tmp_path, MINIMAL)
+    cfg = config.load("data", tmp_path)
+    with pytest.raises(AttributeError):
+        cfg.backing = Path("/elsewhere")  # type: ignore[misc]
+
+
+def test_directory_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, MINIMAL)
+    monkeypatch.setenv("ENVFS_CONFIG_DIR", str(tmp_path))
+    assert config.config_dir() == tmp_path
+    assert config.load("data").mountpoint == Path("/srv/data")
+    assert config.config_dir("/other") == Path("/other")
+    monkeypatch.delenv("ENVFS_CONFIG_DIR")
+    assert config.config_dir() == Path("/etc/envfs/volumes")
+
+
+def test_error_is_an_envfs_error_with_its_own_code() -> None:
+    assert ConfigError.exit_code == 62
+    assert ConfigError.errno == 22  # EINVAL
+
+
+# --- refusals: one per way a file can be wrong, messages pinned ---------------------------
+
+REFUSALS = [
+    pytest.param(
+        'backing = "/srv/data.envfs"\nmountpoint = "mnt"\n',
+        "FILE: key 'mountpoint': expected an absolute path, got 'mnt'",
+        id="relative-mountpoint",
+    ),
+    pytest.param(
+        'backing = "srv"\nmountpoint = "/srv/data"\n',
+        "FILE: key 'backing': expected an absolute path, got 'srv'",
+        id="relative-backing",
+    ),
+    pytest.param(
+        'mountpoint = "/srv/data"\n',
+        "FILE: key 'backing': missing (an absolute path is required)",
+        id="missing-backing",
+    ),
+    pytest.param(
+        'backing = "/srv/data.envfs"\n',
+        "FILE: key 'mountpoint': missing (an absolute path is required)",
+        id="missing-mountpoint",
+    ),
+    pytest.param(
+        'backing = 5\nmountpoint = "/srv/data"\n',
+        "FILE: key 'backing': expected an absolute path, got the number 5",
+        id="backing-not-a-string",
+    ),
+    pytest.param(
+        MINIMAL + "mount_point = '/x'\n",
+        "FILE: key 'mount_point': unknown key (known: backing, mountpoint, allow_other,"
+        " options, log_file, kms)",
+        id="unknown-key",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nsocket = '/x'\n",
+        "FILE: key 'kms.socket': unknown key (known: region, service, dir, passphrase_file)",
+        id="unknown-kms-key",
+    ),
+    pytest.param(
+        MINIMAL + "kms = 'embedded'\n",
+        "FILE: key 'kms': expected a table, got 'embedded'",
+        id="kms-not-a-table",
+    ),
+    pytest.param(
+        MINIMAL + "allow_other = 'yes'\n",
+        "FILE: key 'allow_other': expected true or false, got 'yes'",
+        id="allow-other-not-bool",
+    ),
+    pytest.param(
+        MINIMAL + "options = 'noatime'\n",
+        "FILE: key 'options': expected a list of FUSE options like [\"noatime\"], one option"
+        " per string, got 'noatime'",
+        id="options-not-a-list",
+    ),
+    pytest.param(
+        MINIMAL + "options = ['noatime,ro']\n",
+        "FILE: key 'options': expected a list of FUSE options like [\"noatime\"], one option"
+        " per string, got a list",
+        id="options-with-comma",
+    ),
+    pytest.param(
+        MINIMAL + "options = [1]\n",
+        "FILE: key 'options': expected a list of FUSE options like [\"noatime\"], one option"
+        " per string, got a list",
+        id="options-not-strings",
+    ),
+    pytest.param(
+        MINIMAL + "log_file = 'envfs.log'\n",
+        "FILE: key 'log_file': expected an absolute path, got 'envfs.log'",
+        id="relative-log-file",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nregion = 'EU_West'\n",
+        "FILE: key 'kms.region': expected lowercase letters, digits and dashes, starting with"
+        " a letter, like 'eu-west-1', got 'EU_West'",
+        id="bad-region",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nregion = 1\n",
+        "FILE: key 'kms.region': expected a non-empty string, got the number 1",
+        id="region-not-a-string",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nregion = ''\n",
+        "FILE: key 'kms.region': expected a non-empty string, got ''",
+        id="empty-region",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'daemon'\n",
+        "FILE: key 'kms.service': expected 'embedded' or 'unix:' and an absolute socket path,"
+        " got 'daemon'",
+        id="kms-neither-form",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'unix:kms.sock'\n",
+        "FILE: key 'kms.service': expected 'embedded' or 'unix:' and an absolute socket path,"
+        " got 'unix:kms.sock'",
+        id="kms-relative-socket",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = true\n",
+        "FILE: key 'kms.service': expected a non-empty string, got true",
+        id="kms-not-a-string",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\ndir = 'kms'\n",
+        "FILE: key 'kms.dir': expected an absolute path, got 'kms'",
+        id="relative-kms-dir",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\npassphrase_file = ['x']\n",
+        "FILE: key 'kms.passphrase_file': expected an absolute path, got a list",
+        id="passphrase-file-not-a-string",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'unix:/run/envfs/kms-local-1.sock'\ndir = '/var/lib/x'\n",
+        "FILE: key 'kms.dir': applies only to service = 'embedded'",
+        id="kms-dir-with-daemon",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'unix:/run/envfs/kms-local-1.sock'\n"
+        "passphrase_file = '/etc/p'\n",
+        "FILE: key 'kms.passphrase_file': applies only to service = 'embedded'",
+        id="passphrase-with-daemon",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), REFUSALS)
+def test_refusal(tmp_path: Path, text: str, message: str) -> None:
+    assert refusal(tmp_path, text) == message
+
+
+def test_refusal_names_the_real_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'backing = "/srv/data.envfs"\nmountpoint = "mnt"\n')
+    expected = f"{path}: key 'mountpoint': expected an absolute path, got 'mnt'"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        config.load("data", tmp_path)
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    message = refusal(tmp_path, "backing = /srv\n")
+    assert message.startswith("FILE: not valid TOML: ")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    expected = f"{tmp_path / 'nope.toml'}: no such volume configuration"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        config.load("nope", tmp_path)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    (tmp_path / "dir.toml").mkdir()
+    expected = f"{tmp_path / 'dir.toml'}: cannot read: Is a directory"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        config.load("dir", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", ["../etc/passwd", "a/b", "", ".", "..", ".hidden", "-x", "da ta", "é", "x" * 129]
+)
+def test_unsafe_names(tmp_path: Path, name: str) -> None:
+    expected = (
+        f"volume name {name!r} is not valid: expected 1-128 letters, digits, '_', '.' or '-',"
+        " not starting with '.' or '-'"
+    )
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        config.load(name, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["data", "Data_2.backup-x", "_x", "9", "x" * 128])
+def test_safe_names(name: str) -> None:
+    assert config.validate_name(name) == name
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def test_cli_refuses_config_with_positionals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, MINIMAL)
+    code = main(["mount", "--config", "data", "--config-dir", str(tmp_path), "/a", "/b"])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "envfs: error: --config NAME replaces BACKING MOUNTPOINT: give one or the other"
+    )
+    assert main(["umount", "--config", "data", "--config-dir", str(tmp_path), "/b"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "envfs: error: --config NAME replaces MOUNTPOINT: give one or the other"
+    )
+
+
+def test_cli_needs_config_or_positionals(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["mount", "/only-backing"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "envfs: error: give BACKING MOUNTPOINT, or --config NAME"
+    )
+    assert main(["umount"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "envfs: error: give MOUNTPOINT, or --config NAME"
+    )
+
+
+def test_cli_reports_config_error_with_exit_62(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, 'backing = "/srv/data.envfs"\nmountpoint = "mnt"\n')
+    assert main(["mount", "--config", "data", "--config-dir", str(tmp_path)]) == 62
+    assert capsys.readouterr().err == (
+        f"envfs: error: {path}: key 'mountpoint': expected an absolute path, got 'mnt'\n"
+    )
