@@ -29,6 +29,7 @@ import trio
 from envfs.errors import AccessDeniedException, MountError
 from envfs.fs import Operations
 from envfs.keycache import DataKeyCache
+from envfs.keypool import DataKeyPool
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider
 from envfs.vfs import Vfs
@@ -96,11 +97,14 @@ def prepare(
     *,
     multi_user: bool,
     key_cache_seconds: float = 0.0,
+    key_pool_size: int = 0,
 ) -> Vfs:
     """Check the volume against the key service and build the filesystem core.
 
     ``key_cache_seconds``: how long a user's unwrapped data key may be reused for that
     user's re-opens without asking the key service (0: every open asks).
+    ``key_pool_size``: data keys made in advance per user for creates (0: none), each
+    usable for ``key_cache_seconds``.
 
     The volume file is authenticated as the mounting user. If that user may not use the
     volume's key (a root-run mount shared by key users), authentication happens at the
@@ -112,6 +116,11 @@ def prepare(
         provider,
         chown_new=multi_user and os.geteuid() == 0,
         key_cache=DataKeyCache(key_cache_seconds),
+        key_pool=(
+            DataKeyPool(volume, provider, size=key_pool_size, max_age=key_cache_seconds)
+            if key_pool_size and key_cache_seconds
+            else None
+        ),
     )
     try:
         vfs.verify_volume(caller)
@@ -167,7 +176,7 @@ def run_foreground(
     log.info("mounted %s on %s", vfs.volume.backing, mountpoint)
     try:
         _write_pid_file(pid_file)
-        trio.run(_serve, on_ready)
+        trio.run(_serve, vfs, on_ready)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         if on_stopping is not None:
@@ -179,12 +188,14 @@ def run_foreground(
         log.info("unmounted %s", mountpoint)
 
 
-async def _serve(on_ready: Callable[[], None] | None) -> None:
+async def _serve(vfs: Vfs, on_ready: Callable[[], None] | None) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         # Handled from here on, including one that arrived since the mount was made.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, signals, nursery.cancel_scope)
+            if vfs.key_pool is not None:
+                nursery.start_soon(vfs.key_pool.run)
             if on_ready is not None:
                 on_ready()  # only now: a stop signal right after readiness unmounts cleanly
             await pyfuse3.main()

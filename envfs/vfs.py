@@ -39,6 +39,7 @@ from envfs.errors import (
 from envfs.format import FileHeader, FileKeys
 from envfs.inodes import ROOT_INODE, InodeTable, Node
 from envfs.keycache import DataKeyCache
+from envfs.keypool import DataKeyPool
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider
 from envfs.volume import VOLUME_FILE, Volume
@@ -93,11 +94,13 @@ class Vfs:
         *,
         chown_new: bool,
         key_cache: DataKeyCache | None = None,
+        key_pool: DataKeyPool | None = None,
     ) -> None:
         self.volume = volume
         self.provider = provider
         self.chown_new = chown_new
         self.key_cache = key_cache if key_cache is not None else DataKeyCache(0)
+        self.key_pool = key_pool
         self.root_path = os.fsencode(volume.backing.resolve())
         st = os.lstat(self.root_path)
         self.inodes = InodeTable(self.root_path, (st.st_dev, st.st_ino))
@@ -431,13 +434,17 @@ class Vfs:
         path = self._child(parent, name)
         parent_path = self.path(parent)
         self._decide(caller)
-        file_id = crypto.random_bytes(format.FILE_ID_SIZE)
-        data_key = self.provider.generate_data_key(
-            self.volume.key_arn,
-            self.volume.file_context(file_id),
-            caller,
-            os.fsdecode(path),
-        )
+        pooled = self.key_pool.take(caller) if self.key_pool is not None else None
+        if pooled is not None:
+            file_id, data_key = pooled
+        else:
+            file_id = crypto.random_bytes(format.FILE_ID_SIZE)
+            data_key = self.provider.generate_data_key(
+                self.volume.key_arn,
+                self.volume.file_context(file_id),
+                caller,
+                os.fsdecode(path),
+            )
         header = FileHeader(file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped)
         self.key_cache.put(caller.uid, caller.gid, file_id, data_key.wrapped, data_key.plaintext)
         keys = FileKeys.derive(data_key.plaintext, file_id)
@@ -620,6 +627,8 @@ class Vfs:
         for fh in list(self._handles):
             self.release(fh)
         self.key_cache.clear()
+        if self.key_pool is not None:
+            self.key_pool.clear()
 
 
 def _new_gid(parent_path: bytes, caller: Caller) -> int:

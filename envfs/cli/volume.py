@@ -83,6 +83,15 @@ def _add_kms_options(parser: argparse.ArgumentParser, *, region_help: str) -> No
         f" (default {DEFAULT_KEY_CACHE_SECONDS:g} with a daemon, 0 embedded: every open asks)",
     )
     group.add_argument(
+        "--key-pool-size",
+        metavar="N",
+        type=int,
+        default=None,
+        help="data keys made in advance per user so that creates need no round trip, each"
+        " usable for --key-cache-seconds (default 4 with a daemon; the embedded store"
+        " cannot make them in the background, so 0)",
+    )
+    group.add_argument(
         "--kms-timeout",
         metavar="SECONDS",
         type=float,
@@ -98,6 +107,21 @@ def _key_cache_seconds(args: argparse.Namespace) -> float:
     if args.key_cache_seconds is not None:
         return float(args.key_cache_seconds)
     return DEFAULT_KEY_CACHE_SECONDS if args.kms.startswith("unix:") else 0.0
+
+
+DEFAULT_KEY_POOL_SIZE = 4  # per user, with a key-service daemon; none with the embedded store
+
+
+def _key_pool_size(args: argparse.Namespace) -> int:
+    daemon = args.kms.startswith("unix:")
+    if args.key_pool_size is not None:
+        if args.key_pool_size and not daemon:
+            raise UsageError(
+                "argument --key-pool-size: only a key-service daemon (--kms unix:PATH) can"
+                " make data keys in advance"
+            )
+        return int(args.key_pool_size)
+    return DEFAULT_KEY_POOL_SIZE if daemon else 0
 
 
 def kms_service_type(text: str) -> str:
@@ -238,6 +262,7 @@ def _mount(args: argparse.Namespace) -> int:
                 Caller.current(),
                 multi_user=args.allow_other,
                 key_cache_seconds=_key_cache_seconds(args),
+                key_pool_size=_key_pool_size(args),
             )
             options = mount.MountOptions(allow_other=args.allow_other, extra=args.o or [])
 
@@ -268,6 +293,7 @@ def _daemonize(args: argparse.Namespace) -> int:
         ("--kms", args.kms),
         ("--kms-timeout", args.kms_timeout),
         ("--key-cache-seconds", args.key_cache_seconds),
+        ("--key-pool-size", args.key_pool_size),
     ):
         if value:
             command += [flag, str(value)]

@@ -198,3 +198,25 @@ def test_a_policy_change_takes_effect_within_the_cache_age(
     # ...after which every new open asks the key service again, and is refused.
     denied = as_user(KEY_USER, f"cat {m.mnt}/doc.txt")
     assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+def test_creates_use_data_keys_made_in_advance(daemon_mount: tuple[Daemon, Mount]) -> None:
+    daemon, m = daemon_mount
+    (m.mnt / "first.txt").write_text("asks the key service\n")
+    deadline = time.monotonic() + 10
+    while True:  # the pool fills in the background, on root's behalf
+        records = json.loads(m.env.run("kms", "audit", "--key-id", "alias/vol").stdout)
+        notes = [r.get("request", {}).get("AuditNote", "") for r in records["Records"]]
+        if sum("made in advance" in note for note in notes) >= 2:
+            break
+        assert time.monotonic() < deadline, "no data keys were made in advance"
+        time.sleep(0.1)
+    daemon.stop()
+    # With the daemon gone, a create still needs no round trip...
+    (m.mnt / "second.txt").write_text("made without the key service\n")
+    assert (m.mnt / "second.txt").read_text() == "made without the key service\n"
+    time.sleep(CACHE_SECONDS + 0.2)
+    # ...until the keys made in advance are older than the cache age.
+    with pytest.raises(OSError) as exc:
+        (m.mnt / "third.txt").write_text("no key service\n")
+    assert exc.value.errno == errno.EHOSTDOWN
