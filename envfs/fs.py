@@ -93,7 +93,15 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self.vfs.lookup(parent_inode, name))
+        try:
+            return entry_attributes(self.vfs.lookup(parent_inode, name))
+        except FileNotFoundError:
+            # A negative entry the kernel may cache like a positive one (st_ino 0): tools
+            # probe for names before creating them. Our own creates replace it at once.
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = 0
+            missing.entry_timeout = ENTRY_TIMEOUT
+            return missing
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
