@@ -251,10 +251,18 @@ def unmount(mountpoint: Path, *, timeout: float = 30.0) -> None:
 
 
 def _read_pid(path: Path) -> int | None:
+    """The mount daemon's pid from its pid file, if that process is still an envfs mount.
+
+    A daemon killed with SIGKILL leaves its pid file behind, and the pid may have been
+    reused since: such a file names no daemon to wait for.
+    """
     try:
-        return int(path.read_text().strip())
+        pid = int(path.read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
     except (OSError, ValueError):
         return None
+    return pid if b"mount" in argv and any(b"envfs" in arg for arg in argv) else None
 
 
 def _wait_for_exit(pid: int, timeout: float, mountpoint: Path) -> None:
