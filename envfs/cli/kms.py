@@ -436,6 +436,7 @@ def _serve(args: argparse.Namespace) -> int:
                     listener,
                     periodic=service.run_due_tasks,
                     trusted_services=_trusted_services(args.trust_on_behalf_of),
+                    on_refused=service.record_refusal,
                 )
                 status = f"serving region {args.region} on {address}"
                 trio.run(_serve_until_signalled, serve, status)

@@ -237,6 +237,13 @@ class ServiceCore:
             raise error
         return result
 
+    def record_refusal(self, caller: Caller, operation: str, error: KMSError) -> None:
+        """Audit a call refused before it reached an operation (by the daemon's trust rules)."""
+        call = _Call(caller, self._clock(), str(operation)[:64])
+        call.action = OPERATIONS[operation].action if operation in OPERATIONS else None
+        with self.store.transaction():
+            self.store.append_audit(call.record(error))
+
     def run_due_tasks(self) -> None:
         """Carry out due automatic rotations and deletions (at start and on a timer)."""
         now = self._clock()

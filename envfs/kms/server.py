@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from envfs.errors import EnvfsError, InvalidRequestException, KMSError
+from envfs.errors import AccessDeniedException, EnvfsError, InvalidRequestException, KMSError
 from envfs.kms import protocol
 from envfs.kms.model import Caller
 
@@ -168,6 +168,7 @@ async def serve(
     periodic: Callable[[], object] | None = None,
     periodic_interval: float = 60.0,
     trusted_services: Mapping[int, str] | None = None,
+    on_refused: Callable[[Caller, str, KMSError], object] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve key-service requests on ``listener`` until cancelled.
@@ -193,6 +194,8 @@ async def serve(
             ``via``. A request on behalf of another user from any other peer is refused
             with AccessDeniedException. A request on behalf of the peer itself is a plain
             call.
+        on_refused: told (in the worker thread) of each request refused for lack of
+            trust, e.g. ``KeyService.record_refusal`` so that it is audited too.
         task_status: ``started`` is given the socket's address (for ``nursery.start``).
     """
     if isinstance(listener, socket.socket):
@@ -206,6 +209,7 @@ async def serve(
         max_connections=max_connections,
         max_connections_per_uid=max_connections_per_uid,
         trusted_services=dict(trusted_services or {}),
+        on_refused=on_refused,
     )
     address = str(listener.socket.getsockname())
     try:
@@ -235,9 +239,11 @@ class _Server:
         max_connections: int,
         max_connections_per_uid: int,
         trusted_services: dict[int, str],
+        on_refused: Callable[[Caller, str, KMSError], object] | None = None,
     ) -> None:
         self._handler = handler
         self._trusted = trusted_services
+        self._on_refused = on_refused
         self._idle_timeout = idle_timeout
         self._frame_timeout = frame_timeout
         self._max_per_uid = max_connections_per_uid
@@ -337,10 +343,18 @@ class _Server:
                     operation,
                     on_behalf_of[0],
                 )
-                return _error_frame(
-                    "AccessDeniedException",
-                    f"user {caller.describe()} is not trusted to call on behalf of other users",
+                refusal = AccessDeniedException(
+                    f"user {caller.describe()} is not trusted to call on behalf of other users"
+                    f" (asked for uid {on_behalf_of[0]})"
                 )
+                if self._on_refused is not None:
+                    try:
+                        await trio.to_thread.run_sync(
+                            self._on_refused, caller, operation, refusal, limiter=self._worker
+                        )
+                    except Exception:
+                        logger.exception("recording a refused call failed")
+                return _error_frame(refusal.aws_name, refusal.message)
         else:
             service = None
 

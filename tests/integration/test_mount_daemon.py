@@ -144,6 +144,11 @@ def test_an_untrusted_caller_cannot_act_for_others(short_dir: Path) -> None:
                 client.call("GenerateRandom", {"NumberOfBytes": 8}, on_behalf_of=(KEY_USER, 0))
     finally:
         daemon.stop()
+    # The refusal is audited like any denied call.
+    records = json.loads(env.run("kms", "audit", "--embedded").stdout)["Records"]
+    refused = [r for r in records if r["outcome"] == "AccessDeniedException"]
+    assert [(r["operation"], r["caller"]["uid"]) for r in refused] == [("GenerateRandom", 0)]
+    assert f"asked for uid {KEY_USER}" in refused[0]["message"]
 
 
 def test_key_service_down_and_back(daemon_mount: tuple[Daemon, Mount]) -> None:
