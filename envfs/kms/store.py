@@ -412,36 +412,30 @@ class KeyStore:
 
     # --- keys --------------------------------------------------------------------------
 
+    @staticmethod
+    def _mutable_columns(key: KeyRecord) -> tuple[object, ...]:
+        """The values of the columns after ``key_id`` and ``created``, in table order."""
+        return (
+            key.description,
+            key.state.value,
+            key.deletion_date,
+            key.pending_window_days,
+            key.rotation_period_days,
+            key.next_rotation,
+            key.policy,
+        )
+
     def insert_key(self, key: KeyRecord) -> None:
         self._conn.execute(
             "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key.key_id,
-                key.created,
-                key.description,
-                key.state.value,
-                key.deletion_date,
-                key.pending_window_days,
-                key.rotation_period_days,
-                key.next_rotation,
-                key.policy,
-            ),
+            (key.key_id, key.created, *self._mutable_columns(key)),
         )
 
     def update_key(self, key: KeyRecord) -> None:
         self._conn.execute(
             "UPDATE keys SET description=?, state=?, deletion_date=?, pending_window_days=?,"
             " rotation_period_days=?, next_rotation=?, policy=? WHERE key_id=?",
-            (
-                key.description,
-                key.state.value,
-                key.deletion_date,
-                key.pending_window_days,
-                key.rotation_period_days,
-                key.next_rotation,
-                key.policy,
-                key.key_id,
-            ),
+            (*self._mutable_columns(key), key.key_id),
         )
 
     def get_key(self, key_id: str) -> KeyRecord | None:
