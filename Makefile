@@ -28,8 +28,11 @@ system-deps:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# pyfuse3 first, built with a fallocate handler (see scripts/build_pyfuse3.py); envfs's
+# requirement on pyfuse3 is then already met and pip keeps that build.
+$(VENV)/.installed: $(BIN)/python pyproject.toml scripts/build_pyfuse3.py
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python scripts/build_pyfuse3.py
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
@@ -39,8 +42,8 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 lint: setup
-	$(BIN)/ruff check envfs tests bench
-	$(BIN)/ruff format --check envfs tests bench
+	$(BIN)/ruff check envfs tests bench scripts
+	$(BIN)/ruff format --check envfs tests bench scripts
 
 typecheck: setup
 	$(BIN)/mypy --strict envfs

@@ -5,6 +5,7 @@
   filesystem lacks ``O_TMPFILE``.
 - :func:`link_fd`: give such a file its name (``linkat`` through ``/proc/self/fd``).
 - :func:`renameat2`: rename with ``RENAME_NOREPLACE`` / ``RENAME_EXCHANGE``.
+- :func:`reserve`: allocate disk space for a byte range without changing the file's size.
 """
 
 from __future__ import annotations
@@ -64,3 +65,23 @@ def renameat2(old: bytes, new: bytes, flags: int) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate disk space for ``length`` bytes at ``offset`` of the file on ``fd`` without
+    changing its size (``fallocate(FALLOC_FL_KEEP_SIZE)``): a later write there cannot fail
+    with ENOSPC. Does nothing where the filesystem cannot do this (EOPNOTSUPP).
+
+    Raises:
+        OSError: ENOSPC, EFBIG, EIO and the like.
+    """
+    if length <= 0:
+        return
+    result = _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, ctypes.c_long(offset), ctypes.c_long(length))
+    if result != 0:
+        err = ctypes.get_errno()
+        if err != errno.EOPNOTSUPP:
+            raise OSError(err, os.strerror(err))

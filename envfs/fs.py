@@ -268,6 +268,12 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errno_answers
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        # Called only by a pyfuse3 built with scripts/build_pyfuse3.py (stock pyfuse3 has
+        # no fallocate handler: the kernel then answers EOPNOTSUPP by itself).
+        self.vfs.fallocate(fh, mode, offset, length)
+
+    @_errno_answers
     async def fsync(self, fh: int, datasync: bool) -> None:
         self.vfs.fsync(fh, datasync)
 

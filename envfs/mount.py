@@ -174,6 +174,11 @@ def run_foreground(
     # handles them runs. (Not before pyfuse3.init: fusermount3 would inherit the mask.)
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     log.info("mounted %s on %s", vfs.volume.backing, mountpoint)
+    if not getattr(pyfuse3, "_envfs_fallocate", 0):
+        log.warning(
+            "this pyfuse3 has no fallocate handler: fallocate(2) gives EOPNOTSUPP "
+            "(install pyfuse3 with scripts/build_pyfuse3.py)"
+        )
     try:
         _write_pid_file(pid_file)
         trio.run(_serve, vfs, on_ready)

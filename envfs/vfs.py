@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from envfs import crypto, format
-from envfs.backing import TEMP_PREFIX, link_fd, open_unnamed, renameat2
+from envfs.backing import TEMP_PREFIX, link_fd, open_unnamed, renameat2, reserve
 from envfs.cryptfile import CryptFile, read_header
 from envfs.errors import (
     AccessDeniedException,
@@ -584,6 +584,29 @@ class Vfs:
             return self.path(node.ino)
         except OSError:
             return b"<unlinked>"
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` mode 0: afterwards the file is at least ``offset + length``
+        bytes long (the new part reads as zeros) and writes inside that range will not fail
+        for want of space. The backing space is reserved first, so ENOSPC leaves the file
+        unchanged. Other modes (keep size, punch hole, zero range, ...) give EOPNOTSUPP.
+        """
+        handle = self._handle(fh)
+        cfile = handle.node.file
+        assert cfile is not None
+        if mode != 0:
+            raise OSError(errno.EOPNOTSUPP, "only fallocate mode 0 is supported")
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "invalid fallocate range")
+        if not handle.writable:
+            raise OSError(errno.EBADF, "file not open for writing")
+        end = offset + length
+        if end <= cfile.size:
+            return  # every block of the range is written already: nothing is sparse
+        shift = cfile.header.block_shift
+        current = format.backing_size(cfile.size, shift)
+        reserve(cfile.fd, current, format.backing_size(end, shift) - current)
+        self._guard(self._safe_path(handle.node), cfile.truncate, end)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handle(fh)

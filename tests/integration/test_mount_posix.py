@@ -777,21 +777,102 @@ def test_posix_fallocate_extends_with_zeros(d: Path) -> None:
     assert data[4:] == bytes(8 * BLOCK + 3)
 
 
-def test_fallocate_syscall_is_not_supported(d: Path) -> None:
-    """pyfuse3 3.5 has no fallocate handler: the kernel answers EOPNOTSUPP (glibc's
-    posix_fallocate then writes zeros instead, see the test above)."""
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """The fallocate(2) system call itself (not glibc's posix_fallocate, which writes zeros
+    where the call is refused): 0, or the errno."""
+    call = _libc.fallocate
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return 0 if call(fd, mode, offset, length) == 0 else ctypes.get_errno()
+
+
+def test_fallocate_mode_0_extends_with_zeros(vol_m: Mount, d: Path) -> None:
     f = d / "f"
     f.write_bytes(b"kept")
     fd = os.open(f, os.O_RDWR)
     try:
-        libc_fallocate = _libc.fallocate
-        libc_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-        assert libc_fallocate(fd, 0, 0, 100_000) == -1
-        assert ctypes.get_errno() == errno.EOPNOTSUPP
-        assert os.fstat(fd).st_size == 4
+        assert fallocate(fd, 0, 0, 100_000) == 0
+        assert os.fstat(fd).st_size == 100_000
+        assert fallocate(fd, 0, 10, 20) == 0  # inside the file: nothing changes
+        assert os.fstat(fd).st_size == 100_000
+        assert fallocate(fd, 0, 7 * BLOCK + 7, BLOCK) == 0
+        assert os.fstat(fd).st_size == 8 * BLOCK + 7
+        os.pwrite(fd, b"end", 8 * BLOCK + 4)
+    finally:
+        os.close(fd)
+    data = f.read_bytes()
+    assert data == b"kept" + bytes(8 * BLOCK) + b"end"
+    backing = backing_of(vol_m, f)
+    assert backing.stat().st_size == format.backing_size(8 * BLOCK + 7, SHIFT)
+    assert bytes(BLOCK) not in backing.read_bytes()  # the zeros are encrypted too
+    vol_m.remount()
+    assert f.read_bytes() == data
+
+
+def test_fallocate_command_line_tool(d: Path) -> None:
+    f = d / "f"
+    subprocess.run(["fallocate", "-l", "1MiB", str(f)], check=True)
+    assert f.stat().st_size == MIB
+    assert f.read_bytes() == bytes(MIB)
+
+
+def test_fallocate_other_modes_are_not_supported(d: Path) -> None:
+    f = d / "f"
+    f.write_bytes(b"x" * (3 * BLOCK))
+    fd = os.open(f, os.O_RDWR)
+    try:
+        for mode in (
+            FALLOC_FL_KEEP_SIZE,
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            FALLOC_FL_ZERO_RANGE,
+        ):
+            assert fallocate(fd, mode, 0, 5 * BLOCK) == errno.EOPNOTSUPP, mode
+        assert os.fstat(fd).st_size == 3 * BLOCK
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"x" * (3 * BLOCK)
+
+
+def test_fallocate_needs_a_file_open_for_writing(d: Path) -> None:
+    f = d / "f"
+    f.write_bytes(b"kept")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert fallocate(fd, 0, 0, BLOCK) == errno.EBADF
     finally:
         os.close(fd)
     assert f.read_bytes() == b"kept"
+
+
+def test_fallocate_without_space_changes_nothing(tmp_path: Path) -> None:
+    """The backing space is reserved before the file grows: ENOSPC leaves it as it was."""
+    env = make_env(tmp_path)
+    env.create_key("vol")
+    small = tmp_path / "small-backing"
+    small.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(small)], check=True
+    )
+    try:
+        with mounted(env, "small") as m:
+            f = m.mnt / "f"
+            f.write_bytes(b"kept" * 1000)
+            fd = os.open(f, os.O_RDWR)
+            try:
+                assert fallocate(fd, 0, 0, 8 * MIB) == errno.ENOSPC
+                assert os.fstat(fd).st_size == 4000
+            finally:
+                os.close(fd)
+            assert f.read_bytes() == b"kept" * 1000
+            assert (small / "f").stat().st_size == format.backing_size(4000, SHIFT)
+            m.remount()
+            assert f.read_bytes() == b"kept" * 1000
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_shared_writable_mmap(d: Path) -> None:
