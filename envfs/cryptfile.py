@@ -21,6 +21,8 @@ from envfs.format import FileHeader, FileKeys
 _ZERO_RUN = 1 << 20
 # Sequential reads ask the kernel to fetch this much of the backing file ahead.
 _READ_AHEAD = 1 << 20
+# Opening asks for the header and a first FUSE read's worth (128 KiB) of blocks.
+_OPEN_READ_AHEAD = (128 << 10) + 8192
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -37,6 +39,9 @@ def read_header(fd: int) -> tuple[FileHeader, bytes]:
     Raises:
         IntegrityError: not an envfs file, unsupported version, malformed header.
     """
+    # An open is mostly followed by a read of the file's start: ask for that stretch now,
+    # so that the header and the first blocks come from the disk in one request.
+    os.posix_fadvise(fd, 0, _OPEN_READ_AHEAD, os.POSIX_FADV_WILLNEED)
     raw = os.pread(fd, format.HEADER_SIZE, 0)
     return FileHeader.parse(raw), raw
 

@@ -203,7 +203,10 @@ async def _serve(vfs: Vfs, on_ready: Callable[[], None] | None) -> None:
                 nursery.start_soon(vfs.key_pool.run)
             if on_ready is not None:
                 on_ready()  # only now: a stop signal right after readiness unmounts cleanly
-            await pyfuse3.main()
+            # One worker task: every handler runs to completion without awaiting (the core
+            # is synchronous), so more workers would only hand pyfuse3's read lock back
+            # and forth through the scheduler on every request.
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
             nursery.cancel_scope.cancel()
 
 

@@ -28,6 +28,12 @@ class AuditLog:
     def __init__(self, conn: sqlite3.Connection, key: bytes) -> None:
         self._conn = conn
         self._key = key
+        # The head as this connection last wrote it; the store forgets it whenever another
+        # connection may have appended (see KeyStore.transaction) and on rollback.
+        self._known_head: tuple[int, bytes] | None = None
+
+    def forget_head(self) -> None:
+        self._known_head = None
 
     def _mac(self, prev: bytes, seq: int, record: bytes) -> bytes:
         return crypto.hmac_sha256(self._key, prev + struct.pack(">Q", seq) + record)
@@ -36,6 +42,8 @@ class AuditLog:
         return crypto.hmac_sha256(self._key, b"head" + struct.pack(">Q", seq) + mac)
 
     def _head(self) -> tuple[int, bytes]:
+        if self._known_head is not None and self._conn.in_transaction:
+            return self._known_head
         row = self._conn.execute("SELECT value FROM meta WHERE name='audit_head'").fetchone()
         if row is None:
             return 0, bytes(32)
@@ -60,6 +68,7 @@ class AuditLog:
             " SET value=excluded.value",
             (head,),
         )
+        self._known_head = (seq, mac)
 
     def records(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
         rows = self._conn.execute(

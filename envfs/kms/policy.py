@@ -460,12 +460,20 @@ def _refuse_constant(name: str) -> Any:
     raise _malformed(f"policy is not valid JSON: {name} is not a JSON value")
 
 
+_MEMO_SIZE = 1024  # remembered decisions per policy
+
+
 @dataclass(frozen=True)
 class KeyPolicy:
     """A parsed, valid key policy. Build one with ``KeyPolicy.parse``."""
 
     text: str  # the document as given, stored verbatim
     _statements: tuple[_Statement, ...] = field(repr=False)
+    # Decisions of a policy without conditions depend only on (action, principals,
+    # resource), so they are remembered: a mount asks the same question on every open.
+    _memo: dict[tuple[str, frozenset[str], str | None], Decision] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def parse(cls, text: str, *, check_names: bool = True) -> KeyPolicy:
@@ -531,6 +539,18 @@ class KeyPolicy:
     def _decide(self, facts: _Facts) -> Decision:
         if facts.action not in ALL_ACTIONS:
             raise ValueError(f"unknown action {facts.action!r}")
+        if any(statement.conditions for statement in self._statements):
+            return self._evaluate(facts)
+        memo_key = (facts.action, facts.principals, facts.resource_arn)
+        decision = self._memo.get(memo_key)
+        if decision is None:
+            decision = self._evaluate(facts)
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[memo_key] = decision
+        return decision
+
+    def _evaluate(self, facts: _Facts) -> Decision:
         allowed = False
         for statement in self._statements:
             applies = statement.applies(facts)

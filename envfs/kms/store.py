@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import copy
 import os
 import sqlite3
 import stat
@@ -174,6 +175,10 @@ class KeyVersion:
     rotation_type: str | None  # None for the first version; "AUTOMATIC" or "ON_DEMAND"
 
 
+_MISS = object()
+_READ_CACHE_SIZE = 4096
+
+
 class KeyStore:
     """One region's key store. Use :meth:`init` or :meth:`open`; not thread-safe."""
 
@@ -193,6 +198,11 @@ class KeyStore:
             root_check = bytes(meta["root_check"])
         except KeyError as exc:
             raise StoreCorruptError(f"key store {str(directory)!r} lacks {exc}") from None
+        # Rows read inside transactions, reused until something may have changed them:
+        # a write or rollback on this connection, or a commit by any other connection
+        # (``PRAGMA data_version``, checked when each transaction begins).
+        self._reads: dict[tuple[str, str], Any] = {}
+        self._data_version = -1
         self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
         self.audit = AuditLog(conn, crypto.hkdf(root_key, b"envfs-kms v1 audit chain"))
         check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
@@ -389,8 +399,14 @@ class KeyStore:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                # With the write lock held, nobody else can commit until we are done.
+                data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+                if data_version != self._data_version:
+                    self._forget_reads()
+                    self._data_version = data_version
                 yield
             except BaseException:
+                self._forget_reads()
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
@@ -405,10 +421,27 @@ class KeyStore:
         try:
             yield
         except BaseException:
+            self._forget_reads()
             self._conn.execute("ROLLBACK TO op")
             self._conn.execute("RELEASE op")
             raise
         self._conn.execute("RELEASE op")
+
+    def _forget_reads(self) -> None:
+        self._reads.clear()
+        self.audit.forget_head()
+
+    def _cached(self, kind: str, name: str) -> Any:
+        """A row read earlier, or ``_MISS``; only inside a transaction."""
+        if not self._conn.in_transaction:
+            return _MISS
+        return self._reads.get((kind, name), _MISS)
+
+    def _remember(self, kind: str, name: str, value: Any) -> None:
+        if self._conn.in_transaction:
+            if len(self._reads) >= _READ_CACHE_SIZE:
+                self._reads.clear()
+            self._reads[(kind, name)] = value
 
     # --- keys --------------------------------------------------------------------------
 
@@ -426,12 +459,14 @@ class KeyStore:
         )
 
     def insert_key(self, key: KeyRecord) -> None:
+        self._reads.clear()
         self._conn.execute(
             "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key.key_id, key.created, *self._mutable_columns(key)),
         )
 
     def update_key(self, key: KeyRecord) -> None:
+        self._reads.clear()
         self._conn.execute(
             "UPDATE keys SET description=?, state=?, deletion_date=?, pending_window_days=?,"
             " rotation_period_days=?, next_rotation=?, policy=? WHERE key_id=?",
@@ -439,12 +474,17 @@ class KeyStore:
         )
 
     def get_key(self, key_id: str) -> KeyRecord | None:
-        row = self._conn.execute("SELECT * FROM keys WHERE key_id=?", (key_id,)).fetchone()
-        if row is None:
-            return None
-        return KeyRecord(
-            row[0], row[1], row[2], KeyState(row[3]), row[4], row[5], row[6], row[7], row[8]
-        )
+        """A key's row (a copy: the caller may change it and :meth:`update_key`)."""
+        cached = self._cached("key", key_id)
+        if cached is _MISS:
+            row = self._conn.execute("SELECT * FROM keys WHERE key_id=?", (key_id,)).fetchone()
+            cached = None
+            if row is not None:
+                cached = KeyRecord(
+                    row[0], row[1], row[2], KeyState(row[3]), row[4], row[5], row[6], row[7], row[8]
+                )
+            self._remember("key", key_id, cached)
+        return None if cached is None else copy.copy(cached)
 
     def list_key_ids(self, after: str | None, limit: int) -> list[str]:
         rows = self._conn.execute(
@@ -464,6 +504,7 @@ class KeyStore:
 
     def destroy_key(self, key_id: str) -> None:
         """Delete a key with its material, aliases and tags (``secure_delete`` is on)."""
+        self._reads.clear()
         self._conn.execute("DELETE FROM keys WHERE key_id=?", (key_id,))
 
     def checkpoint(self) -> None:
@@ -483,6 +524,7 @@ class KeyStore:
     def add_version(
         self, key_id: str, version: int, material: bytes, created: float, rotation_type: str | None
     ) -> None:
+        self._reads.clear()
         sealed = self._material.seal(material, self._material_aad(key_id, version))
         self._conn.execute(
             "INSERT INTO key_versions VALUES (?, ?, ?, ?, ?)",
@@ -503,23 +545,32 @@ class KeyStore:
             ) from None
 
     def versions(self, key_id: str) -> list[KeyVersion]:
-        rows = self._conn.execute(
-            "SELECT version, created, rotation_type FROM key_versions WHERE key_id=?"
-            " ORDER BY version",
-            (key_id,),
-        ).fetchall()
-        return [KeyVersion(r[0], r[1], r[2]) for r in rows]
+        cached = self._cached("versions", key_id)
+        if cached is _MISS:
+            rows = self._conn.execute(
+                "SELECT version, created, rotation_type FROM key_versions WHERE key_id=?"
+                " ORDER BY version",
+                (key_id,),
+            ).fetchall()
+            cached = tuple(KeyVersion(r[0], r[1], r[2]) for r in rows)
+            self._remember("versions", key_id, cached)
+        return list(cached)
 
     # --- aliases -----------------------------------------------------------------------
 
     def get_alias(self, name: str) -> tuple[str, float, float] | None:
         """``(key id, created, updated)`` of an alias, or None."""
-        row = self._conn.execute(
-            "SELECT key_id, created, updated FROM aliases WHERE name=?", (name,)
-        ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+        cached = self._cached("alias", name)
+        if cached is _MISS:
+            row = self._conn.execute(
+                "SELECT key_id, created, updated FROM aliases WHERE name=?", (name,)
+            ).fetchone()
+            cached = None if row is None else (row[0], row[1], row[2])
+            self._remember("alias", name, cached)
+        return cached  # type: ignore[no-any-return]
 
     def put_alias(self, name: str, key_id: str, now: float) -> None:
+        self._reads.clear()
         self._conn.execute(
             "INSERT INTO aliases VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE"
             " SET key_id=excluded.key_id, updated=excluded.updated",
@@ -527,6 +578,7 @@ class KeyStore:
         )
 
     def delete_alias(self, name: str) -> None:
+        self._reads.clear()
         self._conn.execute("DELETE FROM aliases WHERE name=?", (name,))
 
     def list_aliases(

@@ -192,6 +192,35 @@ def test_admins_never_use_keys_and_users_never_manage_them() -> None:
         assert {a for a in ALL_ACTIONS if DEFAULT.allows(request(a, caller))} == USER_MAY
 
 
+def test_remembered_decisions_are_per_caller_action_and_key() -> None:
+    """Decisions of a policy without conditions are remembered: asked twice, each question
+    must still get its own answer."""
+    both = KeyPolicy.parse(default_policy(["uid:1001"], ["uid:1002"]))
+    admin, user = who(1001), who(1002)
+    for _ in range(2):
+        assert both.allows(request("kms:Decrypt", user))
+        assert not both.allows(request("kms:Decrypt", admin))
+        assert both.allows(request("kms:DisableKey", admin))
+        assert not both.allows(request("kms:DisableKey", user))
+    one_key = policy(statement(principal={"Unix": "uid:1002"}, resource=KEY_ARN))
+    for _ in range(2):
+        assert one_key.allows(request("kms:Decrypt", user))
+        assert not one_key.allows(request("kms:Decrypt", user, arn=OTHER_ARN))
+
+
+def test_decisions_with_conditions_are_never_remembered() -> None:
+    needs_context = policy(
+        statement(
+            principal={"Unix": "uid:1002"},
+            Condition={"StringEquals": {"kms:EncryptionContext:volume": "v1"}},
+        )
+    )
+    user = who(1002)
+    for _ in range(2):
+        assert needs_context.allows(request("kms:Decrypt", user, context={"volume": "v1"}))
+        assert not needs_context.allows(request("kms:Decrypt", user, context={"volume": "v2"}))
+
+
 def test_root_gets_nothing_special() -> None:
     # Root's group "root" is named in the users statement: root is a key user, nothing more.
     assert {a for a in ALL_ACTIONS if DEFAULT.allows(request(a, ROOT))} == USER_MAY

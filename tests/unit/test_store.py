@@ -598,6 +598,69 @@ def test_unexpected_error_in_a_call_rolls_everything_back(
     assert store.verify_audit() == (0, None)
 
 
+# --- rows read again within a connection --------------------------------------------------
+
+
+def test_a_change_by_another_connection_is_seen_at_once(
+    service: KeyService, store: KeyStore, store_dir: Path, clock: list[float]
+) -> None:
+    """The store reuses rows it has read; a commit by another process (the CLI beside a
+    mount) must still take effect on this connection's very next call."""
+    key_id = create_key(service)
+    generate = {"KeyId": key_id, "KeySpec": "AES_256"}
+    service.handle(ROOT, "GenerateDataKey", generate)  # the key's row is now remembered
+    other = KeyStore.open(store_dir, REGION)
+    try:
+        KeyService(other, clock=lambda: clock[0]).handle(ROOT, "DisableKey", {"KeyId": key_id})
+    finally:
+        other.close()
+    with pytest.raises(Exception, match="is disabled"):
+        service.handle(ROOT, "GenerateDataKey", generate)
+
+
+def test_a_rolled_back_change_is_not_remembered(store: KeyStore) -> None:
+    key_id = "11111111-1111-4111-8111-111111111111"
+    with store.transaction():
+        store.insert_key(key_record(key_id))
+    with pytest.raises(RuntimeError), store.transaction():
+        key = store.get_key(key_id)
+        assert key is not None
+        key.description = "changed"
+        store.update_key(key)
+        assert store.get_key(key_id).description == "changed"  # type: ignore[union-attr]
+        raise RuntimeError("undo")
+    with store.transaction():
+        assert store.get_key(key_id).description == ""  # type: ignore[union-attr]
+
+
+def test_a_returned_row_is_a_copy(store: KeyStore) -> None:
+    key_id = "11111111-1111-4111-8111-111111111111"
+    with store.transaction():
+        store.insert_key(key_record(key_id))
+        key = store.get_key(key_id)
+        assert key is not None
+        key.state = KeyState.DISABLED  # changed but never written back
+        assert store.get_key(key_id).state is KeyState.ENABLED  # type: ignore[union-attr]
+
+
+def test_two_connections_appending_keep_one_chain(
+    service: KeyService, store: KeyStore, store_dir: Path, clock: list[float]
+) -> None:
+    """Each connection remembers the audit head it wrote; an append by the other must
+    make it read the head again, or the chain would fork."""
+    key_id = create_key(service)
+    other = KeyStore.open(store_dir, REGION)
+    try:
+        other_service = KeyService(other, clock=lambda: clock[0])
+        generate = {"KeyId": key_id, "KeySpec": "AES_256"}
+        for _ in range(3):
+            service.handle(ROOT, "GenerateDataKey", generate)
+            other_service.handle(ROOT, "GenerateDataKey", generate)
+    finally:
+        other.close()
+    assert store.verify_audit() == (7, None)
+
+
 # --- audit chain ---------------------------------------------------------------------------
 
 
