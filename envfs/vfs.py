@@ -166,7 +166,9 @@ class Vfs:
     def add_lookup(self, ino: int) -> None:
         self.inodes.node(ino).lookups += 1
 
-    def _stat(self, node: Node, st: os.stat_result, path: bytes) -> Stat:
+    def _stat(self, node: Node, st: os.stat_result, path: bytes | None) -> Stat:
+        """Attributes from the backing ``st``; ``path`` (None: an open file's, unknown) is
+        only for the log."""
         size = st.st_size
         if stat.S_ISREG(st.st_mode):
             if node.file is not None:
@@ -175,7 +177,8 @@ class Vfs:
                 try:
                     size = format.plaintext_size(st.st_size, self.volume.block_shift)
                 except IntegrityError:
-                    log.warning("backing file %r has an impossible size %d", path, st.st_size)
+                    where = self._safe_path(node) if path is None else path
+                    log.warning("backing file %r has an impossible size %d", where, st.st_size)
                     size = 0
         return Stat(
             ino=node.ino,
@@ -206,7 +209,7 @@ class Vfs:
     def getattr(self, ino: int) -> Stat:
         node = self.inodes.node(ino)
         if node.file is not None:  # its fd outlives its names (unlinked or replaced while open)
-            return self._stat(node, os.fstat(node.file.fd), self._safe_path(node))
+            return self._stat(node, os.fstat(node.file.fd), None)
         path = self.path(ino)
         return self._stat(node, os.lstat(path), path)
 
