@@ -253,3 +253,38 @@ def test_mount_stops_cleanly_on_sigint_the_moment_it_is_ready(
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+
+
+def test_mount_stops_on_sigterm_under_a_stream_of_requests(
+    kms_env: Env, notify_socket: NotifySocket
+) -> None:
+    """The mount's loop takes requests without trio while they keep coming (the pyfuse3
+    fast path of scripts/build_pyfuse3.py); a stop signal must still be handled at once."""
+    backing, mnt = new_volume(kms_env)
+    env = dict(kms_env.env, NOTIFY_SOCKET=str(notify_socket.path))
+    args = [ENVFS, "mount", "--foreground", str(backing), str(mnt)]
+    busy = "import os, sys\nwhile True:\n    os.listdir(sys.argv[1])\n"
+    try:
+        with daemon(args, env, stderr=subprocess.PIPE) as proc:
+            assert "READY=1" in notify_socket.receive(proc)
+            (mnt / "a").write_bytes(b"a")
+            # Several listers, so that a request is always waiting.
+            loaders = [
+                subprocess.Popen([sys.executable, "-c", busy, str(mnt)], stderr=subprocess.DEVNULL)
+                for _ in range(4)
+            ]
+            try:
+                time.sleep(0.5)
+                assert all(p.poll() is None for p in loaders)  # the requests keep coming
+                err = stop(proc)
+            finally:
+                for p in loaders:
+                    p.kill()
+                    p.wait(timeout=10)
+            assert proc.returncode == 0, err
+            assert notify_socket.receive()[0] == "STOPPING=1"
+        assert "received SIGTERM" in err
+        assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
