@@ -24,7 +24,6 @@ with another encryption context fails to authenticate.
 from __future__ import annotations
 
 import struct
-import uuid
 from dataclasses import dataclass
 
 from envfs import crypto
@@ -45,7 +44,21 @@ class BlobHeader:
     salt: bytes
 
     def encode(self) -> bytes:
-        return _HEAD.pack(BLOB_VERSION, uuid.UUID(self.key_id).bytes, self.key_version, self.salt)
+        return _HEAD.pack(BLOB_VERSION, _uuid_bytes(self.key_id), self.key_version, self.salt)
+
+
+def _uuid_bytes(key_id: str) -> bytes:
+    """A key id's 16 bytes (as ``uuid.UUID(key_id).bytes`` for the canonical form)."""
+    raw = bytes.fromhex(key_id.replace("-", ""))
+    if len(raw) != 16:
+        raise ValueError(f"not a key id: {key_id!r}")
+    return raw
+
+
+def _uuid_text(raw: bytes) -> str:
+    """The canonical text of a key id (as ``str(uuid.UUID(bytes=raw))``)."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def parse_blob(blob: bytes) -> BlobHeader:
@@ -59,7 +72,7 @@ def parse_blob(blob: bytes) -> BlobHeader:
     _, key_bytes, key_version, salt = _HEAD.unpack_from(blob)
     if key_version < 1:
         raise InvalidCiphertextException("the ciphertext blob is not valid")
-    return BlobHeader(str(uuid.UUID(bytes=key_bytes)), key_version, salt)
+    return BlobHeader(_uuid_text(key_bytes), key_version, salt)
 
 
 def _aad(region: str, head: bytes, context: EncryptionContext) -> bytes:

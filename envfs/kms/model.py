@@ -195,16 +195,27 @@ def validate_context(context: object) -> EncryptionContext:
     return dict(context)
 
 
+# Recent encodings: a call encodes its context twice (size check, then AAD).
+_encoded: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+
 def encode_context(context: EncryptionContext) -> bytes:
-    """The canonical, length-prefixed encoding of an encryption context."""
-    items = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in context.items())
-    out = [struct.pack(">I", len(items))]
-    for key, value in items:
-        out.append(struct.pack(">I", len(key)))
-        out.append(key)
-        out.append(struct.pack(">I", len(value)))
-        out.append(value)
-    return b"".join(out)
+    """The canonical, length-prefixed encoding of an encryption context (of strings)."""
+    memo_key = tuple(context.items())
+    encoded = _encoded.get(memo_key)
+    if encoded is None:
+        items = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in context.items())
+        out = [struct.pack(">I", len(items))]
+        for key, value in items:
+            out.append(struct.pack(">I", len(key)))
+            out.append(key)
+            out.append(struct.pack(">I", len(value)))
+            out.append(value)
+        encoded = b"".join(out)
+        if len(_encoded) >= 64:
+            _encoded.clear()
+        _encoded[memo_key] = encoded
+    return encoded
 
 
 # --- callers -----------------------------------------------------------------------------

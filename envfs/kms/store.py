@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import copy
 import os
 import sqlite3
 import stat
@@ -475,16 +474,15 @@ class KeyStore:
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         """A key's row (a copy: the caller may change it and :meth:`update_key`)."""
-        cached = self._cached("key", key_id)
-        if cached is _MISS:
+        row = self._cached("key", key_id)
+        if row is _MISS:
             row = self._conn.execute("SELECT * FROM keys WHERE key_id=?", (key_id,)).fetchone()
-            cached = None
-            if row is not None:
-                cached = KeyRecord(
-                    row[0], row[1], row[2], KeyState(row[3]), row[4], row[5], row[6], row[7], row[8]
-                )
-            self._remember("key", key_id, cached)
-        return None if cached is None else copy.copy(cached)
+            self._remember("key", key_id, row)
+        if row is None:
+            return None
+        return KeyRecord(
+            row[0], row[1], row[2], KeyState(row[3]), row[4], row[5], row[6], row[7], row[8]
+        )
 
     def list_key_ids(self, after: str | None, limit: int) -> list[str]:
         rows = self._conn.execute(
