@@ -42,6 +42,7 @@ from envfs.keycache import DataKeyCache
 from envfs.keypool import DataKeyPool
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider
+from envfs.readahead import FolderReadAhead
 from envfs.volume import VOLUME_FILE, Volume
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Vfs:
         self._dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_fh = 1
         self._callers: dict[tuple[int, int], tuple[float, Caller]] = {}
+        self.read_ahead = FolderReadAhead()
         self.volume_verified = False
         self._remove_stale_temporaries()
 
@@ -489,6 +491,8 @@ class Vfs:
             header = node.file.header
             self._unwrap(header, caller, path)  # the decision; the keys are known already
         else:
+            folder, _, name = path.rpartition(b"/")
+            self.read_ahead.opened(folder, name)
             node.file = self._open_backing(path, header_caller=caller)
         node.opens += 1
         fh = self._new_fh()

@@ -1149,3 +1149,39 @@ def test_the_mount_logged_no_unexpected_error(vol_m: Mount) -> None:
     assert "unexpected error" not in log
     assert "Traceback" not in log
     assert "WARNING" not in log
+
+
+# --- read-ahead across a folder ---------------------------------------------------------
+
+
+def cached_bytes(path: Path) -> int:
+    """How much of ``path`` is in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.strip() or 0)
+
+
+def test_opening_files_in_name_order_reads_the_next_ones_ahead(vol_m: Mount, d: Path) -> None:
+    for i in range(12):
+        (d / f"f{i:02d}").write_bytes(os.urandom(3 * BLOCK))
+    vol_m.remount()  # closed everywhere; now push the backing files out of the page cache
+    backing = [backing_of(vol_m, d / f"f{i:02d}") for i in range(12)]
+    os.sync()
+    for path in backing:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    assert cached_bytes(backing[5]) == 0
+    (d / "f00").read_bytes()
+    (d / "f01").read_bytes()  # the second in name order: the next files are asked for
+    deadline = time.monotonic() + 5
+    while cached_bytes(backing[5]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cached_bytes(backing[5]) > 0
+    assert cached_bytes(backing[11]) == 0  # beyond the read-ahead

@@ -1,0 +1,75 @@
+"""Read-ahead across the files of a folder.
+
+Tools that copy, archive, search or print a tree (``cp -r``, ``tar c``, ``rsync``,
+``grep -r``, ``cat`` of a listing) open the files of a folder one after the other in name
+order, and every open of an envfs file first reads the file's header from the backing
+folder. With a cold cache each such open waits for the disk, and the daemon, which serves
+one request at a time, waits with it.
+
+:class:`FolderReadAhead` notices when two files of one folder are opened in a row in the
+order of the folder's sorted listing (the order ``readdir`` gives) and then asks the kernel
+(``POSIX_FADV_WILLNEED``) for the start of the next few files of the listing, so that
+their headers and first blocks are on their way while the current file is served. A file
+opened out of order costs nothing more than a dictionary lookup. Reading ahead is a hint:
+every failure is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The files asked for ahead of the one opened, and how much of each (header and the first
+# FUSE read's worth of blocks, as cryptfile.read_header asks for the file it opens).
+FILES_AHEAD = 8
+BYTES_AHEAD = (128 << 10) + 8192
+
+
+class FolderReadAhead:
+    """Watches the opens of one folder at a time (the one last opened in)."""
+
+    def __init__(self, files_ahead: int = FILES_AHEAD, bytes_ahead: int = BYTES_AHEAD) -> None:
+        self.files_ahead = files_ahead
+        self.bytes_ahead = bytes_ahead
+        self._folder: bytes | None = None
+        self._last_name: bytes | None = None
+        self._listing: list[bytes] | None = None  # sorted names, once opens look sequential
+        self._index: dict[bytes, int] = {}
+        self._asked_up_to = -1  # index of the last file asked for
+
+    def opened(self, folder: bytes, name: bytes) -> None:
+        """``folder/name`` (backing paths) was just opened."""
+        if folder != self._folder:
+            self._folder, self._last_name = folder, name
+            self._listing, self._index, self._asked_up_to = None, {}, -1
+            return
+        last, self._last_name = self._last_name, name
+        if self._listing is None:
+            if last is None or name <= last:
+                return  # not in name order: no listing yet
+            try:
+                self._listing = sorted(os.listdir(folder))
+            except OSError:
+                self._folder = None
+                return
+            self._index = {n: i for i, n in enumerate(self._listing)}
+        here = self._index.get(name)
+        before = self._index.get(last) if last is not None else None
+        if here is None or before is None or not 0 < here - before <= 2:
+            return  # out of order (or a file made since the listing): nothing to ask for
+        first = max(here + 1, self._asked_up_to + 1)
+        stop = min(here + 1 + self.files_ahead, len(self._listing))
+        for index in range(first, stop):
+            self._ask(folder + b"/" + self._listing[index])
+        self._asked_up_to = max(self._asked_up_to, stop - 1)
+
+    def _ask(self, path: bytes) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, self.bytes_ahead, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

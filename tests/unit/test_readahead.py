@@ -1,0 +1,101 @@
+"""Read-ahead across the files of a folder: when it asks the kernel for which files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from envfs import readahead
+from envfs.readahead import FolderReadAhead
+
+
+@pytest.fixture
+def asked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the files the read-ahead asked the kernel for, in order."""
+    names: list[str] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        assert (offset, length, advice) == (0, readahead.BYTES_AHEAD, os.POSIX_FADV_WILLNEED)
+        names.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(readahead.os, "posix_fadvise", record)
+    return names
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> bytes:
+    for i in range(20):
+        (tmp_path / f"f{i:02d}").write_bytes(b"x" * 100)
+    return os.fsencode(tmp_path)
+
+
+def names(*numbers: int) -> list[str]:
+    return [f"f{n:02d}" for n in numbers]
+
+
+def test_one_open_asks_for_nothing(folder: bytes, asked: list[str]) -> None:
+    FolderReadAhead(files_ahead=3).opened(folder, b"f00")
+    assert asked == []
+
+
+def test_opens_in_name_order_ask_for_the_next_files_once(folder: bytes, asked: list[str]) -> None:
+    ahead = FolderReadAhead(files_ahead=3)
+    ahead.opened(folder, b"f00")
+    ahead.opened(folder, b"f01")
+    assert asked == names(2, 3, 4)
+    ahead.opened(folder, b"f02")
+    assert asked == names(2, 3, 4, 5)  # only the one not asked for yet
+    ahead.opened(folder, b"f04")  # one skipped still counts as in order
+    assert asked == names(2, 3, 4, 5, 6, 7)
+
+
+def test_opens_out_of_order_ask_for_nothing(folder: bytes, asked: list[str]) -> None:
+    ahead = FolderReadAhead(files_ahead=3)
+    for name in (b"f05", b"f01", b"f09", b"f03", b"f03"):
+        ahead.opened(folder, name)
+    assert asked == []
+
+
+def test_the_end_of_the_folder_stops_it(folder: bytes, asked: list[str]) -> None:
+    ahead = FolderReadAhead(files_ahead=5)
+    ahead.opened(folder, b"f17")
+    ahead.opened(folder, b"f18")
+    assert asked == names(19)
+
+
+def test_another_folder_starts_again(folder: bytes, tmp_path: Path, asked: list[str]) -> None:
+    other = tmp_path / "sub"
+    other.mkdir()
+    (other / "g0").touch()
+    (other / "g1").touch()
+    ahead = FolderReadAhead(files_ahead=2)
+    ahead.opened(folder, b"f00")
+    ahead.opened(os.fsencode(other), b"g0")
+    ahead.opened(folder, b"f01")  # f00 was opened before the other folder: no sequence yet
+    assert asked == []
+    ahead.opened(folder, b"f02")
+    assert asked == names(3, 4)
+
+
+def test_what_cannot_be_opened_is_skipped(folder: bytes, asked: list[str]) -> None:
+    ahead = FolderReadAhead(files_ahead=2)
+    ahead.opened(folder, b"f00")
+    ahead.opened(folder, b"f01")  # the listing is made now
+    os.unlink(os.path.join(folder, b"f04"))  # gone since
+    os.unlink(os.path.join(folder, b"f05"))
+    os.mkfifo(os.path.join(folder, b"f05"))  # opened without blocking, then refused
+    ahead.opened(folder, b"f02")
+    ahead.opened(folder, b"f03")
+    assert asked == names(2, 3, 5)
+
+
+def test_a_vanished_folder_is_no_error(tmp_path: Path, asked: list[str]) -> None:
+    ahead = FolderReadAhead()
+    gone = os.fsencode(tmp_path / "gone")
+    ahead.opened(gone, b"a")
+    ahead.opened(gone, b"b")
+    assert asked == []
