@@ -202,57 +202,60 @@ def new_volume(kms_env: Env) -> tuple[Path, Path]:
     return backing, mnt
 
 
-def test_mount_is_ready_when_live_and_sigterm_unmounts_after_flushing(
+@contextlib.contextmanager
+def foreground_mount(
     kms_env: Env, notify_socket: NotifySocket
-) -> None:
+) -> Iterator[tuple[subprocess.Popen[str], Path, Path]]:
+    """``envfs mount --foreground`` of a new volume, reporting to ``notify_socket``: the
+    process, the backing folder and the mount point. Killed and detached at the end."""
     backing, mnt = new_volume(kms_env)
     env = dict(kms_env.env, NOTIFY_SOCKET=str(notify_socket.path))
     args = [ENVFS, "mount", "--foreground", str(backing), str(mnt)]
-    data = os.urandom(100_000)
     try:
         with daemon(args, env, stderr=subprocess.PIPE) as proc:
-            message = notify_socket.receive(proc)
-            live_at_ready = is_mounted(mnt)
-            assert "READY=1" in message
-            assert live_at_ready
-            assert f"STATUS=mounted {backing} on {mnt}" in message
-            # Written, not closed: the daemon must flush it when told to stop.
-            f = (mnt / "open.bin").open("wb", buffering=0)
-            try:
-                f.write(data)
-                err = stop(proc)
-            finally:
-                with contextlib.suppress(OSError):
-                    f.close()  # the mount is gone: ENOTCONN
-            assert notify_socket.receive()[0] == "STOPPING=1"
-            assert proc.returncode == 0, err
+            yield proc, backing, mnt
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+
+
+def test_mount_is_ready_when_live_and_sigterm_unmounts_after_flushing(
+    kms_env: Env, notify_socket: NotifySocket
+) -> None:
+    data = os.urandom(100_000)
+    with foreground_mount(kms_env, notify_socket) as (proc, backing, mnt):
+        message = notify_socket.receive(proc)
+        live_at_ready = is_mounted(mnt)
+        assert "READY=1" in message
+        assert live_at_ready
+        assert f"STATUS=mounted {backing} on {mnt}" in message
+        # Written, not closed: the daemon must flush it when told to stop.
+        f = (mnt / "open.bin").open("wb", buffering=0)
+        try:
+            f.write(data)
+            err = stop(proc)
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()  # the mount is gone: ENOTCONN
+        assert notify_socket.receive()[0] == "STOPPING=1"
+        assert proc.returncode == 0, err
         assert not is_mounted(mnt)
         assert "received SIGTERM" in err
         with live(Mount(kms_env, backing, mnt, kms_env.root / "mount.log")):
             assert (mnt / "open.bin").read_bytes() == data
-    finally:
-        if is_mounted(mnt):
-            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
 
 
 def test_mount_stops_cleanly_on_sigint_the_moment_it_is_ready(
     kms_env: Env, notify_socket: NotifySocket
 ) -> None:
-    backing, mnt = new_volume(kms_env)
-    env = dict(kms_env.env, NOTIFY_SOCKET=str(notify_socket.path))
-    args = [ENVFS, "mount", "--foreground", str(backing), str(mnt)]
-    try:
-        with daemon(args, env, stderr=subprocess.PIPE) as proc:
-            assert "READY=1" in notify_socket.receive(proc)
-            proc.send_signal(signal.SIGINT)  # systemd may stop a unit as soon as it started
-            _, err = proc.communicate(timeout=15)
-            assert proc.returncode == 0, err
-            assert notify_socket.receive()[0] == "STOPPING=1"
+    with foreground_mount(kms_env, notify_socket) as (proc, _, mnt):
+        assert "READY=1" in notify_socket.receive(proc)
+        proc.send_signal(signal.SIGINT)  # systemd may stop a unit as soon as it started
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
+        assert notify_socket.receive()[0] == "STOPPING=1"
         assert "received SIGINT" in err
         assert not is_mounted(mnt)
-    finally:
-        if is_mounted(mnt):
-            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
 
 
 def test_mount_stops_on_sigterm_under_a_stream_of_requests(
@@ -260,31 +263,24 @@ def test_mount_stops_on_sigterm_under_a_stream_of_requests(
 ) -> None:
     """The mount's loop takes requests without trio while they keep coming (the pyfuse3
     fast path of scripts/build_pyfuse3.py); a stop signal must still be handled at once."""
-    backing, mnt = new_volume(kms_env)
-    env = dict(kms_env.env, NOTIFY_SOCKET=str(notify_socket.path))
-    args = [ENVFS, "mount", "--foreground", str(backing), str(mnt)]
     busy = "import os, sys\nwhile True:\n    os.listdir(sys.argv[1])\n"
-    try:
-        with daemon(args, env, stderr=subprocess.PIPE) as proc:
-            assert "READY=1" in notify_socket.receive(proc)
-            (mnt / "a").write_bytes(b"a")
-            # Several listers, so that a request is always waiting.
-            loaders = [
-                subprocess.Popen([sys.executable, "-c", busy, str(mnt)], stderr=subprocess.DEVNULL)
-                for _ in range(4)
-            ]
-            try:
-                time.sleep(0.5)
-                assert all(p.poll() is None for p in loaders)  # the requests keep coming
-                err = stop(proc)
-            finally:
-                for p in loaders:
-                    p.kill()
-                    p.wait(timeout=10)
-            assert proc.returncode == 0, err
-            assert notify_socket.receive()[0] == "STOPPING=1"
+    with foreground_mount(kms_env, notify_socket) as (proc, _, mnt):
+        assert "READY=1" in notify_socket.receive(proc)
+        (mnt / "a").write_bytes(b"a")
+        # Several listers, so that a request is always waiting.
+        loaders = [
+            subprocess.Popen([sys.executable, "-c", busy, str(mnt)], stderr=subprocess.DEVNULL)
+            for _ in range(4)
+        ]
+        try:
+            time.sleep(0.5)
+            assert all(p.poll() is None for p in loaders)  # the requests keep coming
+            err = stop(proc)
+        finally:
+            for p in loaders:
+                p.kill()
+                p.wait(timeout=10)
+        assert proc.returncode == 0, err
+        assert notify_socket.receive()[0] == "STOPPING=1"
         assert "received SIGTERM" in err
         assert not is_mounted(mnt)
-    finally:
-        if is_mounted(mnt):
-            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
