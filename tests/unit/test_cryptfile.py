@@ -94,3 +94,24 @@ def test_cut_at_a_block_boundary_is_refused_at_open(cfile: CryptFile) -> None:
     os.ftruncate(cfile.fd, format.block_offset(2, SHIFT))
     with pytest.raises(IntegrityError, match="impossible backing size"):
         reopen(cfile)
+
+
+def test_sequential_reads_ask_the_kernel_ahead_now_and_then(
+    cfile: CryptFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ask costs a system call: one per half read-ahead stretch, not one per read; a
+    read that goes back before the stretch asks again at once."""
+    cfile.write(0, bytes(8 << 20))
+    asks: list[int] = []
+    monkeypatch.setattr(
+        "envfs.cryptfile.os.posix_fadvise",
+        lambda fd, offset, length, advice: asks.append(offset),
+    )
+    chunk = 128 << 10
+    for offset in range(0, 4 << 20, chunk):  # 32 reads of 4 MiB in order
+        assert cfile.read(offset, chunk) == bytes(chunk)
+    assert 4 <= len(asks) <= 10
+    asks.clear()
+    cfile.read(0, chunk)  # back to the start: a new sequence
+    cfile.read(chunk, chunk)
+    assert len(asks) == 1 and asks[0] < 1 << 20
