@@ -56,7 +56,7 @@ test: lint typecheck pytest
 bench: setup
 	$(BIN)/python bench/kms_bench.py
 
-# envfs beside gocryptfs on the same disk (root; about 5 minutes). BENCH_ARGS="--reps 5"
+# envfs beside gocryptfs on the same disk (root; about 10 minutes). BENCH_ARGS="--reps 5"
 bench-fs: setup
 	bash bench/fs.sh $(BENCH_ARGS)
 
