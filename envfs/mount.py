@@ -179,6 +179,11 @@ def run_foreground(
             "this pyfuse3 has no fallocate handler: fallocate(2) gives EOPNOTSUPP "
             "(install pyfuse3 with scripts/build_pyfuse3.py)"
         )
+    if not getattr(pyfuse3, "_envfs_fast_path", 0):
+        log.info(
+            "this pyfuse3 lacks envfs's faster request loop: each request costs more "
+            "(install pyfuse3 with scripts/build_pyfuse3.py)"
+        )
     try:
         _write_pid_file(pid_file)
         trio.run(_serve, vfs, on_ready)
