@@ -21,6 +21,9 @@ from typing import Any
 
 from envfs import crypto
 
+# Records as stored: keys sorted, no spaces (one encoder, made once).
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
 
 class AuditLog:
     """The audit chain of one store; writes happen inside the store's transactions."""
@@ -55,7 +58,7 @@ class AuditLog:
         seq, prev = self._head()
         seq += 1
         record = {"seq": seq, **record}
-        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        body = _ENCODER.encode(record).encode()
         mac = self._mac(prev, seq, body)
         self._conn.execute("INSERT INTO audit VALUES (?, ?, ?)", (seq, body.decode(), mac))
         self.write_head(seq, mac)

@@ -277,11 +277,15 @@ class Caller:
 
     def principals(self) -> frozenset[str]:
         """Every principal string this caller matches in a key policy."""
-        names = {f"uid:{self.uid}", f"gid:{self.gid}", *(f"gid:{g}" for g in self.groups)}
-        if self.user_name is not None:
-            names.add(f"user:{self.user_name}")
-        names.update(f"group:{n}" for n in self.group_names)
-        return frozenset(names)
+        known: frozenset[str] | None = self.__dict__.get("_principals")
+        if known is None:
+            names = {f"uid:{self.uid}", f"gid:{self.gid}", *(f"gid:{g}" for g in self.groups)}
+            if self.user_name is not None:
+                names.add(f"user:{self.user_name}")
+            names.update(f"group:{n}" for n in self.group_names)
+            known = frozenset(names)
+            object.__setattr__(self, "_principals", known)  # frozen: derived, never changes
+        return known
 
     def describe(self) -> str:
         """``name(uid)`` for messages and the audit log."""

@@ -283,6 +283,9 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
+# Each operation's parameters by name, for validate_request.
+_PARAMS_BY_NAME = {name: {p.name: p for p in op.params} for name, op in OPERATIONS.items()}
+
 _TYPE_CHECKS: dict[ParamType, type | tuple[type, ...]] = {
     S: str,
     B: (bytes, bytearray),
@@ -310,7 +313,7 @@ def validate_request(
         raise InvalidRequestException(f"unknown operation {operation!r}")
     if not isinstance(request, Mapping):
         raise ValidationException(f"{operation}: the request must be a map of parameters")
-    known = {p.name: p for p in op.params}
+    known = _PARAMS_BY_NAME[op.name]
     clean: dict[str, Any] = {}
     for name, value in request.items():
         param = known.get(name)
