@@ -11,7 +11,9 @@ as zero blocks.
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 
 from envfs import format
 from envfs.errors import IntegrityError
@@ -23,6 +25,55 @@ _ZERO_RUN = 1 << 20
 _READ_AHEAD = 1 << 20
 # Opening asks for the header and a first FUSE read's worth (128 KiB) of blocks.
 _OPEN_READ_AHEAD = (128 << 10) + 8192
+
+
+# A read whose blocks are not in the page cache waits for the disk busily, for this long at
+# most, before it sleeps (see :func:`_pread`).
+SPIN_NS = 250_000
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_nowait_works = bool(_NOWAIT)  # False once the backing filesystem refused RWF_NOWAIT
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes | bytearray:
+    """``os.pread``, but waiting for the disk without sleeping, for up to ``SPIN_NS``.
+
+    On virtual machines, waking a vCPU that went idle while the disk worked costs tens of
+    microseconds, as much as the rest of a random read. So a read whose pages are not in
+    the page cache is started (``POSIX_FADV_WILLNEED``) and then polled with ``RWF_NOWAIT``
+    reads, which never block, until its data is there or ``SPIN_NS`` has passed; then it
+    sleeps in a plain ``pread``. A read whose pages are cached costs one system call, as
+    ``pread`` does. A short result means the end of the file, as with ``pread``.
+    """
+    global _nowait_works
+    if not _nowait_works:
+        return os.pread(fd, length, offset)
+    buf = bytearray(length)
+    got = 0
+    deadline = 0
+    while True:
+        try:
+            n = os.preadv(fd, (memoryview(buf)[got:] if got else buf,), offset + got, _NOWAIT)
+        except BlockingIOError:
+            n = -1
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _nowait_works = False  # this filesystem cannot: read the plain way from now on
+            break
+        if n > 0:
+            got += n
+            if got == length:
+                return buf
+            continue
+        if n == 0:  # the end of the file
+            return bytes(buf[:got])
+        now = time.monotonic_ns()
+        if not deadline:
+            os.posix_fadvise(fd, offset + got, length - got, os.POSIX_FADV_WILLNEED)
+            deadline = now + SPIN_NS
+        elif now > deadline:
+            break
+    return bytes(buf[:got]) + os.pread(fd, length - got, offset + got)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -42,7 +93,7 @@ def read_header(fd: int) -> tuple[FileHeader, bytes]:
     # An open is mostly followed by a read of the file's start: ask for that stretch now,
     # so that the header and the first blocks come from the disk in one request.
     os.posix_fadvise(fd, 0, _OPEN_READ_AHEAD, os.POSIX_FADV_WILLNEED)
-    raw = os.pread(fd, format.HEADER_SIZE, 0)
+    raw = bytes(_pread(fd, format.HEADER_SIZE, 0))
     return FileHeader.parse(raw), raw
 
 
@@ -82,7 +133,7 @@ class CryptFile:
     # --- reading -----------------------------------------------------------------------
 
     def _plain_block(self, index: int) -> bytes:
-        sealed = os.pread(
+        sealed = _pread(
             self.fd, format.block_stride(self._shift), format.block_offset(index, self._shift)
         )
         return format.decrypt_block(self.keys, self.header.file_id, index, sealed, self._shift)
@@ -97,7 +148,7 @@ class CryptFile:
             return b""
         length = min(length, self.size - offset)
         span = format.block_span(offset, length, self._shift)
-        data = os.pread(self.fd, span.backing_length, span.backing_offset)
+        data = _pread(self.fd, span.backing_length, span.backing_offset)
         end = span.backing_offset + span.backing_length
         if span.backing_offset == self._read_end and not (
             _READ_AHEAD // 2 <= self._ahead_to - end <= _READ_AHEAD

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from envfs import format
+from envfs import cryptfile, format
 from envfs.cryptfile import CryptFile, read_header
 from envfs.errors import IntegrityError
 from envfs.format import FileHeader, FileKeys
@@ -115,3 +116,106 @@ def test_sequential_reads_ask_the_kernel_ahead_now_and_then(
     cfile.read(0, chunk)  # back to the start: a new sequence
     cfile.read(chunk, chunk)
     assert len(asks) == 1 and asks[0] < 1 << 20
+
+
+# --- _pread: waiting for the disk without sleeping ---------------------------------------
+
+
+@pytest.fixture
+def data_fd(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    data = random.Random(7).randbytes(256 << 10)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, data
+    os.close(fd)
+
+
+class FakeDisk:
+    """``os.preadv`` that answers EAGAIN ``busy`` times, then ``chunk`` bytes at a time."""
+
+    def __init__(self, busy: int, chunk: int | None = None) -> None:
+        self.busy, self.chunk, self.calls = busy, chunk, 0
+        self.real = os.preadv
+
+    def __call__(
+        self, fd: int, buffers: tuple[bytearray | memoryview], offset: int, flags: int
+    ) -> int:
+        assert flags == os.RWF_NOWAIT
+        self.calls += 1
+        if self.busy > 0:
+            self.busy -= 1
+            raise BlockingIOError
+        (buf,) = buffers
+        view = memoryview(buf)
+        if self.chunk is not None:
+            view = view[: self.chunk]
+        return self.real(fd, (view,), offset, flags)
+
+
+def test_pread_matches_pread_from_the_page_cache_and_from_the_disk(
+    data_fd: tuple[int, bytes],
+) -> None:
+    fd, data = data_fd
+    assert cryptfile._pread(fd, 20000, 5000) == data[5000:25000]
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # gone from the page cache (if clean)
+    assert cryptfile._pread(fd, 70000, 100000) == data[100000:170000]
+    assert cryptfile._pread(fd, 4096, len(data) - 100) == data[-100:]  # short at the end
+    assert cryptfile._pread(fd, 4096, len(data) + 1) == b""
+
+
+def test_pread_polls_a_busy_disk_after_starting_the_read(
+    data_fd: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, data = data_fd
+    disk = FakeDisk(busy=3, chunk=1000)
+    advice: list[tuple[int, int, int]] = []
+    monkeypatch.setattr("envfs.cryptfile.os.preadv", disk)
+    monkeypatch.setattr(
+        "envfs.cryptfile.os.posix_fadvise", lambda fd, o, n, a: advice.append((o, n, a))
+    )
+    assert cryptfile._pread(fd, 2500, 10) == data[10:2510]
+    # EAGAIN three times (the read is started once), then 1000 + 1000 + 500 bytes.
+    assert disk.calls == 6
+    assert advice == [(10, 2500, os.POSIX_FADV_WILLNEED)]
+
+
+def test_pread_sleeps_in_pread_once_the_spin_time_is_over(
+    data_fd: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, data = data_fd
+    disk = FakeDisk(busy=10**9, chunk=None)
+    monkeypatch.setattr("envfs.cryptfile.os.preadv", disk)
+    monkeypatch.setattr("envfs.cryptfile.SPIN_NS", 2_000_000)
+    assert cryptfile._pread(fd, 3000, 7) == data[7:3007]
+    assert disk.calls >= 2  # polled until the deadline, then pread
+
+
+def test_pread_falls_back_for_good_where_rwf_nowait_is_refused(
+    data_fd: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, data = data_fd
+    calls: list[int] = []
+
+    def refusing(*args: object) -> int:
+        calls.append(1)
+        raise OSError(errno.EOPNOTSUPP, "not here")
+
+    monkeypatch.setattr("envfs.cryptfile.os.preadv", refusing)
+    monkeypatch.setattr("envfs.cryptfile._nowait_works", True)
+    assert cryptfile._pread(fd, 100, 0) == data[:100]
+    assert cryptfile._pread(fd, 100, 100) == data[100:200]
+    assert len(calls) == 1
+    assert cryptfile._nowait_works is False
+
+
+def test_pread_passes_other_errors_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(*args: object) -> int:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr("envfs.cryptfile.os.preadv", failing)
+    monkeypatch.setattr("envfs.cryptfile._nowait_works", True)
+    with pytest.raises(OSError) as info:
+        cryptfile._pread(0, 10, 0)
+    assert info.value.errno == errno.EIO
