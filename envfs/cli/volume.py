@@ -153,7 +153,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 class _Service:
     """The key service of a region, embedded or a daemon's; closed on exit."""
 
-    def __init__(self, args: argparse.Namespace, region: str) -> None:
+    def __init__(self, args: argparse.Namespace, region: str, *, batch_audit: bool = False) -> None:
+        """``batch_audit``: an embedded service batches its audit records (the mount)."""
         self.provider: KeyProvider
         self.service: KeyService | None = None
         self.client: KMSClient | None = None
@@ -164,7 +165,7 @@ class _Service:
         store_args = argparse.Namespace(
             region=region, kms_dir=args.kms_dir, passphrase_file=args.passphrase_file
         )
-        self.service = KeyService(open_store(store_args))
+        self.service = KeyService(open_store(store_args), batch_audit=batch_audit)
         self.service.run_due_tasks()
         self.provider = ServiceKeyProvider(self.service)
 
@@ -255,7 +256,7 @@ def _mount(args: argparse.Namespace) -> int:
         mount.check_mountpoint(mountpoint)
         volume = Volume.load(backing)
         region = args.region or volume.region
-        with _Service(args, region) as kms:
+        with _Service(args, region, batch_audit=True) as kms:
             vfs = mount.prepare(
                 volume,
                 kms.provider,

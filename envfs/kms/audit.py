@@ -55,13 +55,19 @@ class AuditLog:
 
     def append(self, record: dict[str, Any]) -> int:
         """Append one record to the chain (inside the caller's transaction)."""
-        seq, prev = self._head()
-        seq += 1
-        record = {"seq": seq, **record}
-        body = _ENCODER.encode(record).encode()
-        mac = self._mac(prev, seq, body)
-        self._conn.execute("INSERT INTO audit VALUES (?, ?, ?)", (seq, body.decode(), mac))
-        self.write_head(seq, mac)
+        return self.extend([record])
+
+    def extend(self, records: list[dict[str, Any]]) -> int:
+        """Append records to the chain in order, the head written once (inside the caller's
+        transaction); the last record's sequence number."""
+        seq, mac = self._head()
+        for record in records:
+            seq += 1
+            body = _ENCODER.encode({"seq": seq, **record})
+            mac = self._mac(mac, seq, body.encode())
+            self._conn.execute("INSERT INTO audit VALUES (?, ?, ?)", (seq, body, mac))
+        if records:
+            self.write_head(seq, mac)
         return seq
 
     def write_head(self, seq: int, mac: bytes) -> None:

@@ -3,7 +3,10 @@ lookup, policy and state checks, and the sealing helpers every operation shares.
 
 Each call is one store transaction: the operation runs inside a savepoint (undone if it
 fails), then its audit record is appended and the transaction commits durably, so a
-call that returned is never lost and a failed call leaves only its audit record.
+call that returned is never lost and a failed call leaves only its audit record. A
+service made with ``batch_audit`` runs the calls that only read the store (the ones a
+filesystem makes per open and create) without a transaction: their records go to the
+store's journal and join the chain in batches.
 
 Order of checks, as AWS does it: request shape, key lookup (NotFoundException), key
 policy (AccessDeniedException), key state (DisabledException, KMSInvalidStateException),
@@ -72,6 +75,20 @@ AUDIT_ONLY_OPERATIONS = frozenset(
         "GetKeyPolicy",
         "ListAuditRecords",
         "VerifyAudit",
+    }
+)
+# Calls whose audit records a service made with ``batch_audit`` writes to its journal and
+# adds to the chain in batches (KeyStore.append_audit_batched): the calls a filesystem
+# makes per open and create, which only read the store.
+BATCHED_OPERATIONS = frozenset(
+    {
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateRandom",
+        "DescribeKey",
     }
 )
 SWEEP_INTERVAL = 1.0  # seconds between checks for due rotations and deletions in handle()
@@ -183,12 +200,24 @@ def _parse_since(text: str) -> float:
 class ServiceCore:
     """Shared machinery of :class:`envfs.kms.service.KeyService`; see that class."""
 
-    def __init__(self, store: KeyStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        batch_audit: bool = False,
+    ) -> None:
         """Args:
         store: the region's open key store.
         clock: returns the time in seconds since the epoch; injectable for tests.
+        batch_audit: the audit records of the calls in ``BATCHED_OPERATIONS`` go to a
+            journal first and into the chain in batches (``docs/kms.md`` §8): such a
+            call costs no transaction. Only for one long-running process that calls
+            :meth:`flush_audit` now and then (the mount); a record is in the chain within
+            ``store.BATCH_SECONDS`` of its call once ``flush_audit`` runs that often.
         """
         self.store = store
+        self._batch_audit = batch_audit
         self.region = store.region
         self.account = store.account
         self._clock = clock
@@ -202,6 +231,15 @@ class ServiceCore:
     def close(self) -> None:
         self._materials.clear()
         self.store.close()
+
+    def flush_audit(self) -> None:
+        """Add batched audit records to the chain if they are due (see ``batch_audit``).
+
+        Raises:
+            StoreError and the like: the records stay in the journal, for a later try.
+        """
+        if self.store.audit_due():
+            self.store.flush_audit()
 
     def handle(self, caller: Caller, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """Perform one operation for ``caller``; AWS request and response shapes.
@@ -224,6 +262,18 @@ class ServiceCore:
             raise
         error: KMSError | None = None
         result: dict[str, Any] = {}
+        if self._batch_audit and op.name in BATCHED_OPERATIONS:
+            if self.store.audit_due():
+                self.store.flush_audit()
+            with self.store.reading():
+                try:
+                    result = self._handlers[op.name](call, req)
+                except KMSError as exc:
+                    error = exc
+            self.store.append_audit_batched(call.record(error))
+            if error is not None:
+                raise error
+            return result
         audit_only = op.name in AUDIT_ONLY_OPERATIONS
         with self.store.transaction(durable=not audit_only):
             try:

@@ -116,6 +116,10 @@ class ServiceKeyProvider(_KeyServiceCalls):
     def _call(self, operation: str, params: Mapping[str, Any], caller: Caller) -> dict[str, Any]:
         return self.service.handle(caller, operation, params)
 
+    def flush_audit(self) -> None:
+        """Add the service's batched audit records to the chain if they are due."""
+        self.service.flush_audit()
+
 
 class ClientKeyProvider(_KeyServiceCalls):
     """A :class:`KeyProvider` over a key-service daemon, calling on behalf of each user.

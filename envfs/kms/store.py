@@ -24,6 +24,7 @@ import os
 import sqlite3
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from envfs.errors import (
     StoreNotFoundError,
     StorePermissionError,
 )
+from envfs.kms import journal
 from envfs.kms.audit import AuditLog
 from envfs.kms.model import KeyState, validate_region
 
@@ -176,6 +178,12 @@ class KeyVersion:
 
 _MISS = object()
 _READ_CACHE_SIZE = 4096
+# Batched audit records (see append_audit_batched) are added to the chain when this many
+# wait, when the oldest has waited this long (at the next call or flush_audit), and
+# before any transaction. A journal that grew past JOURNAL_BYTES is replaced after that.
+BATCH_RECORDS = 256
+BATCH_SECONDS = 0.1
+JOURNAL_BYTES = 1 << 20
 
 
 class KeyStore:
@@ -202,6 +210,12 @@ class KeyStore:
         # (``PRAGMA data_version``, checked when each transaction begins).
         self._reads: dict[tuple[str, str], Any] = {}
         self._data_version = -1
+        self._reading = False  # inside reading(): rows may be reused as in a transaction
+        # Batched audit records: written to this process's journal, not yet in the chain.
+        self._journal: journal.Journal | None = None
+        self._pending: list[dict[str, Any]] = []
+        self._pending_since = 0.0
+        self._stale_journal_rows: list[str] = []
         self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
         self.audit = AuditLog(conn, crypto.hkdf(root_key, b"envfs-kms v1 audit chain"))
         check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
@@ -342,10 +356,16 @@ class KeyStore:
         root_key = cls._load_root_key(directory, db_path, passphrase, root_key_file)
         conn = _connect(db_path)
         try:
-            return cls(directory, conn, root_key)
+            store = cls(directory, conn, root_key)
         except BaseException:
             conn.close()
             raise
+        try:
+            store.recover_journals()
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     @staticmethod
     def _load_root_key(
@@ -377,7 +397,17 @@ class KeyStore:
         return _read_root_key_file(key_path)
 
     def close(self) -> None:
-        self._conn.close()
+        """Add the batched audit records to the chain and close. If they cannot be added,
+        they stay in the journal for the next opener."""
+        try:
+            if self._journal is not None:
+                self.flush_audit()
+                self._retire_journal()
+                self.flush_audit()  # its row
+        finally:
+            if self._journal is not None:
+                self._journal.close()
+            self._conn.close()
 
     # --- transactions ------------------------------------------------------------------
 
@@ -399,10 +429,8 @@ class KeyStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 # With the write lock held, nobody else can commit until we are done.
-                data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-                if data_version != self._data_version:
-                    self._forget_reads()
-                    self._data_version = data_version
+                self._check_data_version()
+                added = self._add_batch()
                 yield
             except BaseException:
                 self._forget_reads()
@@ -412,6 +440,136 @@ class KeyStore:
         finally:
             if durable:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
+        if added:
+            self._batch_added()
+
+    def _check_data_version(self) -> None:
+        """Forget every row read if another connection committed since the last check."""
+        data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if data_version != self._data_version:
+            self._forget_reads()
+            self._data_version = data_version
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A call that only reads, outside any transaction (its audit record goes to
+        :meth:`append_audit_batched`). Rows read earlier are reused as in a transaction:
+        the check at its start forgets them if another connection has committed since.
+        """
+        self._check_data_version()
+        self._reading = True
+        try:
+            yield
+        finally:
+            self._reading = False
+
+    # --- batched audit records -----------------------------------------------------------
+
+    def append_audit_batched(self, record: dict[str, Any]) -> None:
+        """Record a call that changed no key: written to this process's journal now (it
+        survives a crash of the process, as a ``synchronous=NORMAL`` commit does), added
+        to the chain with others later (:meth:`flush_audit`, any transaction, close).
+        Where the journal cannot be written, the record is added to the chain at once.
+        """
+        if self._journal is None:
+            try:
+                self._journal = journal.Journal(self.directory)
+            except OSError:
+                with self.transaction(durable=False):
+                    self.audit.append(record)
+                return
+        try:
+            self._journal.append(record)
+        except OSError:
+            # A partial record may end the journal now: put what it holds in the chain,
+            # with this record, and start a new journal next time.
+            self._pending.append(record)
+            self.flush_audit()
+            self._retire_journal()
+            return
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(record)
+
+    def audit_due(self) -> bool:
+        """Whether the batched records should be added to the chain now."""
+        return bool(self._pending) and (
+            len(self._pending) >= BATCH_RECORDS
+            or time.monotonic() - self._pending_since >= BATCH_SECONDS
+        )
+
+    def flush_audit(self) -> None:
+        """Add the batched records to the chain now (one transaction).
+
+        Raises:
+            StoreError and the like: they stay in the journal (and batched) then.
+        """
+        if self._pending or self._stale_journal_rows:
+            with self.transaction(durable=False):
+                pass  # every transaction adds the batch first
+
+    def _add_batch(self) -> bool:
+        """Inside a transaction: the batched records go into the chain, and the journal's
+        row says they are there (so that nobody adds them again after a crash)."""
+        if self._stale_journal_rows:
+            self._conn.executemany(
+                "DELETE FROM meta WHERE name=?", [(row,) for row in self._stale_journal_rows]
+            )
+        if not self._pending:
+            return bool(self._stale_journal_rows)
+        assert self._journal is not None
+        self.audit.extend(self._pending)
+        self._conn.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+            (journal.meta_name(self._journal.path), self._journal.size),
+        )
+        return True
+
+    def _batch_added(self) -> None:
+        """After the commit that added the batch."""
+        self._pending.clear()
+        self._stale_journal_rows.clear()
+        if self._journal is not None and self._journal.size >= JOURNAL_BYTES:
+            self._retire_journal()  # everything in it is in the chain: start a new one
+
+    def _retire_journal(self) -> None:
+        """Delete this process's journal, all of it being in the chain. Its row goes with
+        the next transaction (or the next opener's clean-up, after a crash): deleting it
+        before the file would let a crash in between add the journal again."""
+        assert self._journal is not None and not self._pending
+        self._journal.remove()
+        self._stale_journal_rows.append(journal.meta_name(self._journal.path))
+        self._journal = None
+
+    def recover_journals(self) -> None:
+        """Add the records of journals left by processes that are gone to the chain, and
+        delete those journals and the rows of journals that no longer exist."""
+        with journal.orphaned(self.directory) as found:
+            for path, data in found:
+                row = journal.meta_name(path)
+                value = self._conn.execute("SELECT value FROM meta WHERE name=?", (row,))
+                stored = value.fetchone()
+                done = int(stored[0]) if stored is not None else 0
+                records, used = journal.read_records(data[done:])
+                with self.transaction():
+                    self.audit.extend(records)
+                    self._conn.execute(
+                        "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE"
+                        " SET value=excluded.value",
+                        (row, done + used),
+                    )
+                path.unlink(missing_ok=True)  # still locked: nobody else adds it again
+        rows = self._conn.execute(
+            "SELECT name FROM meta WHERE name LIKE 'audit_journal:%'"
+        ).fetchall()
+        stale = [
+            name
+            for (name,) in rows
+            if not (self.directory / name.removeprefix("audit_journal:")).exists()
+        ]
+        if stale:
+            self._stale_journal_rows.extend(stale)
+            self.flush_audit()
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -431,13 +589,13 @@ class KeyStore:
         self.audit.forget_head()
 
     def _cached(self, kind: str, name: str) -> Any:
-        """A row read earlier, or ``_MISS``; only inside a transaction."""
-        if not self._conn.in_transaction:
+        """A row read earlier, or ``_MISS``; only inside a transaction or :meth:`reading`."""
+        if not (self._reading or self._conn.in_transaction):
             return _MISS
         return self._reads.get((kind, name), _MISS)
 
     def _remember(self, kind: str, name: str, value: Any) -> None:
-        if self._conn.in_transaction:
+        if self._reading or self._conn.in_transaction:
             if len(self._reads) >= _READ_CACHE_SIZE:
                 self._reads.clear()
             self._reads[(kind, name)] = value

@@ -78,3 +78,29 @@ def test_kill_9_during_writes_loses_only_unsynced_data(kms_env: Env, vol: Mount)
     # The writer rewrites each file in turn: at most the file it was writing when the
     # daemon died may hold newer, unsynced content.
     assert len(touched_after) <= 1, touched_after
+
+
+def test_kill_9_loses_no_audit_record_of_an_open(kms_env: Env, vol: Mount) -> None:
+    """The mount's key service batches the audit records of opens (docs/kms.md §8): a
+    record waits in the store's journal for up to about 0.1 s before it joins the chain.
+    Killed in that time, the mount loses none: the next user of the store adds them."""
+    names = [f"f{i:02d}" for i in range(20)]
+    for name in names:
+        (vol.mnt / name).write_bytes(name.encode())
+    pid = int(envfs_mount.pid_file_for(vol.mnt).read_text())
+    store_dir = kms_env.root / "kms" / "local-1"
+    for name in names:
+        assert (vol.mnt / name).read_bytes() == name.encode()  # one Decrypt each
+    os.kill(pid, signal.SIGKILL)  # at once: the last records are in the journal only
+    vol.force_cleanup()
+    assert list(store_dir.glob("audit-journal-*.log")), "the mount left no journal"
+    records = kms_env.kms("audit")["Records"]  # this opener adds the journal to the chain
+    assert isinstance(records, list)
+    opened = [
+        r["request"]["AuditNote"]
+        for r in records
+        if r["operation"] == "Decrypt" and r["outcome"] == "Success"
+    ]
+    assert sorted(opened) == sorted(str(vol.backing / name) for name in names)
+    assert list(store_dir.glob("audit-journal-*.log")) == []
+    assert "audit log verified" in kms_env.run("kms", "audit", "--verify").stdout

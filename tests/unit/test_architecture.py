@@ -146,9 +146,22 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     OnlyImports(
         "kms-store-imports",
         modules=("envfs.kms.store",),
-        allowed=("envfs.crypto", "envfs.errors", "envfs.kms.model", "envfs.kms.audit"),
+        allowed=(
+            "envfs.crypto",
+            "envfs.errors",
+            "envfs.kms.model",
+            "envfs.kms.audit",
+            "envfs.kms.journal",
+        ),
         stdlib=True,
-        why="kms/store.py imports only model, audit, crypto and errors",
+        why="kms/store.py imports only model, audit, journal, crypto and errors",
+    ),
+    OnlyImports(
+        "kms-journal-imports",
+        modules=("envfs.kms.journal",),
+        allowed=(),
+        stdlib=True,
+        why="kms/journal.py (the store's audit journal files) imports only the stdlib",
     ),
     OnlyImports(
         "kms-audit-imports",

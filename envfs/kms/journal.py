@@ -1,0 +1,172 @@
+"""The audit journal: records of calls that changed no key, on disk before they are in the
+chain.
+
+A key service that batches its audit records (the mount's embedded service, see
+``docs/kms.md`` §8) writes each such record to its own journal file with one ``write``
+and adds the records to the store's chain later, many in one transaction. A record in
+the journal survives a crash of the process (it is in the page cache), as a committed
+``synchronous=NORMAL`` transaction does; whoever opens the store next adds the records
+of a dead process's journal to the chain.
+
+Files live in the store's directory, one per process, named ``audit-journal-<hex>.log``
+and locked (``flock``) by their process for as long as it runs: a journal that can be
+locked belongs to a process that is gone. The store's ``meta`` row
+``audit_journal:<file name>`` says how many bytes of the journal are in the chain, and
+is written in the same transaction that adds them, so no record is added twice.
+
+A record is ``u32 length || JSON || u32 CRC-32 of the JSON`` (big-endian). A torn record
+at the end (a crash in the middle of a write, or lost power) is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PREFIX = "audit-journal-"
+SUFFIX = ".log"
+_TEMP_PREFIX = ".audit-journal-"
+_U32 = struct.Struct(">I")
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def meta_name(path: Path) -> str:
+    """The ``meta`` row that says how much of the journal ``path`` is in the chain."""
+    return "audit_journal:" + path.name
+
+
+class Journal:
+    """This process's journal: created and locked at construction, appended to by
+    :meth:`append`. Not thread-safe."""
+
+    def __init__(self, directory: Path) -> None:
+        """Create a new journal in ``directory``.
+
+        It is created and locked under a temporary name first and then renamed, so that
+        nobody ever finds it unlocked under its real name.
+
+        Raises:
+            OSError: it could not be created.
+        """
+        name = secrets.token_hex(8)
+        temp = directory / f"{_TEMP_PREFIX}{name}.tmp"
+        self.path = directory / f"{PREFIX}{name}{SUFFIX}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(temp, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        self._fd = fd
+        self.size = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record (one ``write`` call).
+
+        Raises:
+            OSError: it could not be written whole (the journal is then unusable: a
+                partial record may sit at its end).
+        """
+        body = _ENCODER.encode(record).encode()
+        frame = _U32.pack(len(body)) + body + _U32.pack(zlib.crc32(body))
+        written = os.write(self._fd, frame)
+        self.size += written
+        if written != len(frame):
+            raise OSError(f"short write to the audit journal {str(self.path)!r}")
+
+    def remove(self) -> None:
+        """Delete the journal (all its records are in the chain) and drop the lock."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self.close()
+
+    def close(self) -> None:
+        """Drop the lock, keeping the file (its records are added by the next opener)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_records(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The whole records at the start of ``data`` and how many bytes they take; stops at
+    the first torn or damaged one."""
+    records: list[dict[str, Any]] = []
+    offset = 0
+    while offset + 8 <= len(data):
+        (length,) = _U32.unpack_from(data, offset)
+        end = offset + 4 + length + 4
+        if end > len(data):
+            break
+        body = data[offset + 4 : offset + 4 + length]
+        if _U32.unpack_from(data, offset + 4 + length)[0] != zlib.crc32(body):
+            break
+        try:
+            record = json.loads(body)
+        except ValueError:
+            break
+        if not isinstance(record, dict):
+            break
+        records.append(record)
+        offset = end
+    return records, offset
+
+
+@contextlib.contextmanager
+def orphaned(directory: Path) -> Iterator[list[tuple[Path, bytes]]]:
+    """The journals in ``directory`` whose process is gone, with their contents, locked
+    for as long as the block runs: the caller adds their records and deletes them inside
+    it, so that two openers never add one twice.
+
+    Leftover temporary files (a process that died while creating its journal) are
+    deleted.
+    """
+    found: list[tuple[Path, bytes]] = []
+    fds: list[int] = []
+    try:
+        for path in sorted(directory.glob(f"{_TEMP_PREFIX}*.tmp")):
+            _remove_if_unlocked(path)
+        for path in sorted(directory.glob(f"{PREFIX}*{SUFFIX}")):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                gone = os.fstat(fd).st_nlink == 0  # added and deleted by another opener
+            except OSError:
+                gone = True  # its process runs: not ours to add
+            if gone:
+                os.close(fd)
+                continue
+            fds.append(fd)
+            with open(fd, "rb", closefd=False) as f:
+                found.append((path, f.read()))
+        yield found
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)  # before the lock goes, so that its creator cannot take it
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
