@@ -228,6 +228,10 @@ async def _flush_audit(provider: ServiceKeyProvider) -> None:
             provider.flush_audit()
         except EnvfsError as exc:
             log.warning("audit records wait in the journal: %s", exc.message)
+        except Exception as exc:
+            # Anything (sqlite3's "database is locked" after its busy timeout...): this
+            # task failing would stop the mount.
+            log.warning("audit records wait in the journal: %s: %s", type(exc).__name__, exc)
 
 
 async def _stop_on_signals(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from envfs import mount as envfs_mount
+from envfs.errors import StoreError
 from envfs.kms import journal
 from envfs.kms import store as store_module
 from envfs.kms.model import Caller
@@ -394,3 +397,38 @@ def test_sigkill_loses_no_acknowledged_record(store_dir: Path, key_id: str) -> N
     assert found[:acknowledged] == [f"n{i}" for i in range(acknowledged)]
     assert len(found) == len(set(found))
     assert journal_files(store_dir) == []
+
+
+# --- the mount's flush task ----------------------------------------------------------------
+
+
+class FlakyProvider:
+    """A provider whose flushes fail twice (SQLite busy, then a store error)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def flush_audit(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise sqlite3.OperationalError("database is locked")
+        if self.calls == 2:
+            raise StoreError("the disk is full")
+
+
+def test_the_mount_s_flush_task_outlives_failures(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing background task would end the whole mount: a flush that fails is logged
+    and tried again."""
+    monkeypatch.setattr(envfs_mount, "AUDIT_FLUSH_INTERVAL", 0.001)
+    provider = FlakyProvider()
+
+    async def run() -> None:
+        with trio.move_on_after(0.3):
+            await envfs_mount._flush_audit(provider)  # type: ignore[arg-type]
+
+    trio.run(run)
+    assert provider.calls >= 3
+    assert "database is locked" in caplog.text
+    assert "the disk is full" in caplog.text
