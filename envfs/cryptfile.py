@@ -84,15 +84,20 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
-def read_header(fd: int) -> tuple[FileHeader, bytes]:
+def read_header(fd: int, *, read_ahead: bool = True) -> tuple[FileHeader, bytes]:
     """Parse a backing file's header (unauthenticated), returning it and its raw bytes.
+
+    Args:
+        read_ahead: ask the kernel for the file's first blocks too; False where that was
+            done already (:mod:`envfs.readahead`).
 
     Raises:
         IntegrityError: not an envfs file, unsupported version, malformed header.
     """
-    # An open is mostly followed by a read of the file's start: ask for that stretch now,
-    # so that the header and the first blocks come from the disk in one request.
-    os.posix_fadvise(fd, 0, _OPEN_READ_AHEAD, os.POSIX_FADV_WILLNEED)
+    if read_ahead:
+        # An open is mostly followed by a read of the file's start: ask for that stretch
+        # now, so that the header and the first blocks come from the disk in one request.
+        os.posix_fadvise(fd, 0, _OPEN_READ_AHEAD, os.POSIX_FADV_WILLNEED)
     raw = bytes(_pread(fd, format.HEADER_SIZE, 0))
     return FileHeader.parse(raw), raw
 

@@ -36,31 +36,34 @@ class FolderReadAhead:
         self._index: dict[bytes, int] = {}
         self._asked_up_to = -1  # index of the last file asked for
 
-    def opened(self, folder: bytes, name: bytes) -> None:
-        """``folder/name`` (backing paths) was just opened."""
+    def opened(self, folder: bytes, name: bytes) -> bool:
+        """``folder/name`` (backing paths) was just opened. True if its start was asked
+        for already (the caller need not ask again)."""
         if folder != self._folder:
             self._folder, self._last_name = folder, name
             self._listing, self._index, self._asked_up_to = None, {}, -1
-            return
+            return False
         last, self._last_name = self._last_name, name
         if self._listing is None:
             if last is None or name <= last:
-                return  # not in name order: no listing yet
+                return False  # not in name order: no listing yet
             try:
                 self._listing = sorted(os.listdir(folder))
             except OSError:
                 self._folder = None
-                return
+                return False
             self._index = {n: i for i, n in enumerate(self._listing)}
         here = self._index.get(name)
         before = self._index.get(last) if last is not None else None
         if here is None or before is None or not 0 < here - before <= 2:
-            return  # out of order (or a file made since the listing): nothing to ask for
+            return False  # out of order (or a file made since the listing): nothing to ask
+        was_asked = here <= self._asked_up_to
         first = max(here + 1, self._asked_up_to + 1)
         stop = min(here + 1 + self.files_ahead, len(self._listing))
         for index in range(first, stop):
             self._ask(folder + b"/" + self._listing[index])
         self._asked_up_to = max(self._asked_up_to, stop - 1)
+        return was_asked
 
     def _ask(self, path: bytes) -> None:
         try:

@@ -492,8 +492,8 @@ class Vfs:
             self._unwrap(header, caller, path)  # the decision; the keys are known already
         else:
             folder, _, name = path.rpartition(b"/")
-            self.read_ahead.opened(folder, name)
-            node.file = self._open_backing(path, header_caller=caller)
+            asked = self.read_ahead.opened(folder, name)
+            node.file = self._open_backing(path, header_caller=caller, read_ahead=not asked)
         node.opens += 1
         fh = self._new_fh()
         self._handles[fh] = Handle(node, writable)
@@ -530,14 +530,16 @@ class Vfs:
         self.key_cache.put(caller.uid, caller.gid, file_id, wrapped, data_key)
         return data_key
 
-    def _open_backing(self, path: bytes, header_caller: Caller) -> CryptFile:
+    def _open_backing(
+        self, path: bytes, header_caller: Caller, *, read_ahead: bool = True
+    ) -> CryptFile:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except PermissionError:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             try:
-                header, raw = read_header(fd)
+                header, raw = read_header(fd, read_ahead=read_ahead)
             except IntegrityError as exc:
                 log.warning("backing file %r: %s", path, exc.message)
                 raise

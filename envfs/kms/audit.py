@@ -25,6 +25,34 @@ from envfs import crypto
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
+class EncodedRecord:
+    """A record's canonical JSON text in two halves: the members whose keys sort before
+    ``"seq"`` and those after (each without braces). A record is encoded once: its text
+    without ``seq`` goes to the journal (:attr:`text`), its text with ``seq`` to the chain
+    (:meth:`with_seq`), exactly as ``_ENCODER.encode({"seq": seq, **record})`` would give.
+    """
+
+    __slots__ = ("after", "before")
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        before = {k: v for k, v in record.items() if k < "seq"}
+        after = {k: v for k, v in record.items() if k > "seq"}
+        if len(before) + len(after) != len(record):
+            raise ValueError("an audit record has no 'seq' of its own")
+        self.before = _ENCODER.encode(before)[1:-1]
+        self.after = _ENCODER.encode(after)[1:-1]
+
+    @property
+    def text(self) -> str:
+        """The canonical JSON text of the record (without ``seq``)."""
+        return "{" + ",".join(part for part in (self.before, self.after) if part) + "}"
+
+    def with_seq(self, seq: int) -> str:
+        """The canonical JSON text of the record with ``seq``, as stored in the chain."""
+        parts = (self.before, f'"seq":{seq}', self.after)
+        return "{" + ",".join(part for part in parts if part) + "}"
+
+
 class AuditLog:
     """The audit chain of one store; writes happen inside the store's transactions."""
 
@@ -55,18 +83,20 @@ class AuditLog:
 
     def append(self, record: dict[str, Any]) -> int:
         """Append one record to the chain (inside the caller's transaction)."""
-        return self.extend([record])
+        return self.extend([EncodedRecord(record)])
 
-    def extend(self, records: list[dict[str, Any]]) -> int:
+    def extend(self, records: list[EncodedRecord]) -> int:
         """Append records to the chain in order, the head written once (inside the caller's
         transaction); the last record's sequence number."""
         seq, mac = self._head()
+        rows = []
         for record in records:
             seq += 1
-            body = _ENCODER.encode({"seq": seq, **record})
+            body = record.with_seq(seq)
             mac = self._mac(mac, seq, body.encode())
-            self._conn.execute("INSERT INTO audit VALUES (?, ?, ?)", (seq, body, mac))
-        if records:
+            rows.append((seq, body, mac))
+        if rows:
+            self._conn.executemany("INSERT INTO audit VALUES (?, ?, ?)", rows)
             self.write_head(seq, mac)
         return seq
 

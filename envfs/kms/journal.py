@@ -35,7 +35,6 @@ PREFIX = "audit-journal-"
 SUFFIX = ".log"
 _TEMP_PREFIX = ".audit-journal-"
 _U32 = struct.Struct(">I")
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def meta_name(path: Path) -> str:
@@ -71,14 +70,14 @@ class Journal:
         self._fd = fd
         self.size = 0
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Write one record (one ``write`` call).
+    def append(self, text: str) -> None:
+        """Write one record, given as its JSON text (one ``write`` call).
 
         Raises:
             OSError: it could not be written whole (the journal is then unusable: a
                 partial record may sit at its end).
         """
-        body = _ENCODER.encode(record).encode()
+        body = text.encode()
         frame = _U32.pack(len(body)) + body + _U32.pack(zlib.crc32(body))
         written = os.write(self._fd, frame)
         self.size += written
@@ -115,8 +114,8 @@ def read_records(data: bytes) -> tuple[list[dict[str, Any]], int]:
             record = json.loads(body)
         except ValueError:
             break
-        if not isinstance(record, dict):
-            break
+        if not isinstance(record, dict) or "seq" in record:
+            break  # not a record as this module writes them
         records.append(record)
         offset = end
     return records, offset

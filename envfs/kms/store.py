@@ -40,7 +40,7 @@ from envfs.errors import (
     StorePermissionError,
 )
 from envfs.kms import journal
-from envfs.kms.audit import AuditLog
+from envfs.kms.audit import AuditLog, EncodedRecord
 from envfs.kms.model import KeyState, validate_region
 
 SCHEMA_VERSION = 1
@@ -213,7 +213,7 @@ class KeyStore:
         self._reading = False  # inside reading(): rows may be reused as in a transaction
         # Batched audit records: written to this process's journal, not yet in the chain.
         self._journal: journal.Journal | None = None
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[EncodedRecord] = []
         self._pending_since = 0.0
         self._stale_journal_rows: list[str] = []
         self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
@@ -471,25 +471,26 @@ class KeyStore:
         to the chain with others later (:meth:`flush_audit`, any transaction, close).
         Where the journal cannot be written, the record is added to the chain at once.
         """
+        encoded = EncodedRecord(record)
         if self._journal is None:
             try:
                 self._journal = journal.Journal(self.directory)
             except OSError:
                 with self.transaction(durable=False):
-                    self.audit.append(record)
+                    self.audit.extend([encoded])
                 return
         try:
-            self._journal.append(record)
+            self._journal.append(encoded.text)
         except OSError:
             # A partial record may end the journal now: put what it holds in the chain,
             # with this record, and start a new journal next time.
-            self._pending.append(record)
+            self._pending.append(encoded)
             self.flush_audit()
             self._retire_journal()
             return
         if not self._pending:
             self._pending_since = time.monotonic()
-        self._pending.append(record)
+        self._pending.append(encoded)
 
     def audit_due(self) -> bool:
         """Whether the batched records should be added to the chain now."""
@@ -552,7 +553,7 @@ class KeyStore:
                 done = int(stored[0]) if stored is not None else 0
                 records, used = journal.read_records(data[done:])
                 with self.transaction():
-                    self.audit.extend(records)
+                    self.audit.extend([EncodedRecord(record) for record in records])
                     self._conn.execute(
                         "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE"
                         " SET value=excluded.value",

@@ -10,6 +10,7 @@ process is never taken; changes by other connections still apply at the next cal
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from envfs import mount as envfs_mount
 from envfs.errors import StoreError
 from envfs.kms import journal
 from envfs.kms import store as store_module
+from envfs.kms.audit import EncodedRecord
 from envfs.kms.model import Caller
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
@@ -300,7 +303,7 @@ def test_a_damaged_record_ends_what_is_read(tmp_path: Path) -> None:
     directory = tmp_path
     j = journal.Journal(directory)
     for n in range(3):
-        j.append({"n": n})
+        j.append(json.dumps({"n": n}))
     j.close()
     data = bytearray(j.path.read_bytes())
     found, used = journal.read_records(bytes(data))
@@ -432,3 +435,48 @@ def test_the_mount_s_flush_task_outlives_failures(
     assert provider.calls >= 3
     assert "database is locked" in caplog.text
     assert "the disk is full" in caplog.text
+
+
+# --- records encoded once ------------------------------------------------------------------
+
+
+CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {},
+        {"time": 1.5},
+        {"action": "kms:Decrypt", "time": 1.0},
+        {"zeta": 1, "alpha": 2},
+        {
+            "time": 1700000000.25,
+            "caller": {"uid": 1, "user": "a", "gid": 1},
+            "operation": "Decrypt",
+            "action": "kms:Decrypt",
+            "key_arn": "arn:x",
+            "outcome": "AccessDeniedException",
+            "encryption_context": {"time": "x", "seq": "y", "\u00e9": "z"},
+            "request": {"AuditNote": '/a,"time":1}'},
+            "message": "no",
+            "via": {"service": "s", "uid": 0},
+        },
+    ],
+)
+def test_an_encoded_record_is_the_canonical_text(record: dict[str, Any]) -> None:
+    encoded = EncodedRecord(record)
+    assert encoded.text == CANONICAL.encode(record)
+    assert encoded.with_seq(42) == CANONICAL.encode({"seq": 42, **record})
+    assert json.loads(encoded.text) == record
+
+
+def test_a_record_cannot_bring_its_own_seq() -> None:
+    with pytest.raises(ValueError):
+        EncodedRecord({"seq": 1, "time": 2.0})
+    data = b""
+    for text in ('{"n":1}', '{"seq":9,"n":2}', '{"n":3}'):
+        body = text.encode()
+        data += len(body).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    found, _ = journal.read_records(data)
+    assert found == [{"n": 1}]

@@ -219,3 +219,17 @@ def test_pread_passes_other_errors_on(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(OSError) as info:
         cryptfile._pread(0, 10, 0)
     assert info.value.errno == errno.EIO
+
+
+def test_read_header_asks_for_the_file_s_start_unless_told_not_to(
+    cfile: CryptFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asks: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        "envfs.cryptfile.os.posix_fadvise", lambda fd, o, n, a: asks.append((o, n, a))
+    )
+    assert read_header(cfile.fd)[0] == cfile.header
+    assert asks == [(0, (128 << 10) + 8192, os.POSIX_FADV_WILLNEED)]
+    asks.clear()
+    assert read_header(cfile.fd, read_ahead=False)[0] == cfile.header
+    assert asks == []

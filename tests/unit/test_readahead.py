@@ -44,13 +44,14 @@ def test_one_open_asks_for_nothing(folder: bytes, asked: list[str]) -> None:
 
 def test_opens_in_name_order_ask_for_the_next_files_once(folder: bytes, asked: list[str]) -> None:
     ahead = FolderReadAhead(files_ahead=3)
-    ahead.opened(folder, b"f00")
-    ahead.opened(folder, b"f01")
+    assert ahead.opened(folder, b"f00") is False
+    assert ahead.opened(folder, b"f01") is False  # not asked for: the caller asks
     assert asked == names(2, 3, 4)
-    ahead.opened(folder, b"f02")
+    assert ahead.opened(folder, b"f02") is True  # asked for already
     assert asked == names(2, 3, 4, 5)  # only the one not asked for yet
-    ahead.opened(folder, b"f04")  # one skipped still counts as in order
+    assert ahead.opened(folder, b"f04") is True  # one skipped still counts as in order
     assert asked == names(2, 3, 4, 5, 6, 7)
+    assert ahead.opened(folder, b"f00") is False  # out of order
 
 
 def test_opens_out_of_order_ask_for_nothing(folder: bytes, asked: list[str]) -> None:
