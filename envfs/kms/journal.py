@@ -136,17 +136,11 @@ def orphaned(directory: Path) -> Iterator[list[tuple[Path, bytes]]]:
         for path in sorted(directory.glob(f"{_TEMP_PREFIX}*.tmp")):
             _remove_if_unlocked(path)
         for path in sorted(directory.glob(f"{PREFIX}*{SUFFIX}")):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                gone = os.fstat(fd).st_nlink == 0  # added and deleted by another opener
-            except OSError:
-                gone = True  # its process runs: not ours to add
-            if gone:
-                os.close(fd)
+            fd = _lock(path)
+            if fd is None:
+                continue  # its process runs: not ours to add
+            if os.fstat(fd).st_nlink == 0:
+                os.close(fd)  # added and deleted by another opener meanwhile
                 continue
             fds.append(fd)
             with open(fd, "rb", closefd=False) as f:
@@ -157,13 +151,26 @@ def orphaned(directory: Path) -> Iterator[list[tuple[Path, bytes]]]:
             os.close(fd)
 
 
-def _remove_if_unlocked(path: Path) -> None:
+def _lock(path: Path) -> int | None:
+    """An fd of ``path`` with its lock taken, or None if its process holds it (or it is
+    gone)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
-        return
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    fd = _lock(path)
+    if fd is None:
+        return
+    try:
         os.unlink(path)  # before the lock goes, so that its creator cannot take it
     except OSError:
         pass
