@@ -14,8 +14,12 @@ locked belongs to a process that is gone. The store's ``meta`` row
 ``audit_journal:<file name>`` says how many bytes of the journal are in the chain, and
 is written in the same transaction that adds them, so no record is added twice.
 
-A record is ``u32 length || JSON || u32 CRC-32 of the JSON`` (big-endian). A torn record
-at the end (a crash in the middle of a write, or lost power) is ignored.
+A record is ``u32 length || JSON || tag`` (big-endian), where the tag is
+``HMAC-SHA256(journal key, "envfs-kms v1 audit journal" || u32 len || file name || u64
+offset || JSON)``, the offset being where the record starts in the file. The journal key
+is derived from the root key, so a record cannot be made, changed, moved or copied
+without it; the first record that does not verify ends what is read. A record torn at
+the end (a crash in the middle of a write, or lost power) is ignored the same way.
 """
 
 from __future__ import annotations
@@ -26,15 +30,26 @@ import json
 import os
 import secrets
 import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from envfs import crypto
 
 PREFIX = "audit-journal-"
 SUFFIX = ".log"
 _TEMP_PREFIX = ".audit-journal-"
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_TAG_INFO = b"envfs-kms v1 audit journal"
+TAG_SIZE = 32
+
+
+def _tag(key: bytes, name: str, offset: int, body: bytes) -> bytes:
+    raw_name = name.encode()
+    return crypto.hmac_sha256(
+        key, _TAG_INFO + _U32.pack(len(raw_name)) + raw_name + _U64.pack(offset) + body
+    )
 
 
 def meta_name(path: Path) -> str:
@@ -46,8 +61,8 @@ class Journal:
     """This process's journal: created and locked at construction, appended to by
     :meth:`append`. Not thread-safe."""
 
-    def __init__(self, directory: Path) -> None:
-        """Create a new journal in ``directory``.
+    def __init__(self, directory: Path, key: bytes) -> None:
+        """Create a new journal in ``directory``, its records tagged under ``key``.
 
         It is created and locked under a temporary name first and then renamed, so that
         nobody ever finds it unlocked under its real name.
@@ -68,6 +83,7 @@ class Journal:
                 os.unlink(temp)
             raise
         self._fd = fd
+        self._key = key
         self.size = 0
 
     def append(self, text: str) -> None:
@@ -78,7 +94,7 @@ class Journal:
                 partial record may sit at its end).
         """
         body = text.encode()
-        frame = _U32.pack(len(body)) + body + _U32.pack(zlib.crc32(body))
+        frame = _U32.pack(len(body)) + body + _tag(self._key, self.path.name, self.size, body)
         written = os.write(self._fd, frame)
         self.size += written
         if written != len(frame):
@@ -97,18 +113,22 @@ class Journal:
             self._fd = -1
 
 
-def read_records(data: bytes) -> tuple[list[dict[str, Any]], int]:
-    """The whole records at the start of ``data`` and how many bytes they take; stops at
-    the first torn or damaged one."""
+def read_records(
+    key: bytes, name: str, data: bytes, start: int = 0
+) -> tuple[list[dict[str, Any]], int]:
+    """The whole, verified records of the journal file ``name`` (contents ``data``) from
+    offset ``start`` on, and the offset after the last; stops at the first record that is
+    torn or does not verify."""
     records: list[dict[str, Any]] = []
-    offset = 0
-    while offset + 8 <= len(data):
+    offset = start
+    while offset + 4 + TAG_SIZE <= len(data):
         (length,) = _U32.unpack_from(data, offset)
-        end = offset + 4 + length + 4
+        end = offset + 4 + length + TAG_SIZE
         if end > len(data):
             break
         body = data[offset + 4 : offset + 4 + length]
-        if _U32.unpack_from(data, offset + 4 + length)[0] != zlib.crc32(body):
+        tag = data[offset + 4 + length : end]
+        if not crypto.constant_time_equal(tag, _tag(key, name, offset, body)):
             break
         try:
             record = json.loads(body)

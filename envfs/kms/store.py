@@ -5,6 +5,8 @@ Layout of a store directory (mode 0700, owned by the service's user)::
     <kms dir>/<region>/keys.db     SQLite database (and its -wal/-shm files), mode 0600
     <kms dir>/<region>/root.key    the root key, base64 text, mode 0600 (absent for
                                    passphrase stores and when a systemd credential is used)
+    <kms dir>/<region>/audit-journal-<hex>.log
+                                   batched audit records of a running mount (kms.journal)
 
 The root key never touches the database. Sub-keys derived from it with HKDF seal key
 material (AES-256-GCM, AAD = region, key id and version, so sealed material cannot be
@@ -218,6 +220,7 @@ class KeyStore:
         self._stale_journal_rows: list[str] = []
         self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
         self.audit = AuditLog(conn, crypto.hkdf(root_key, b"envfs-kms v1 audit chain"))
+        self._journal_key = crypto.hkdf(root_key, b"envfs-kms v1 audit journal")
         check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
         try:
             check.open(root_check, self.region.encode())
@@ -474,7 +477,7 @@ class KeyStore:
         encoded = EncodedRecord(record)
         if self._journal is None:
             try:
-                self._journal = journal.Journal(self.directory)
+                self._journal = journal.Journal(self.directory, self._journal_key)
             except OSError:
                 with self.transaction(durable=False):
                     self.audit.extend([encoded])
@@ -551,13 +554,13 @@ class KeyStore:
                 value = self._conn.execute("SELECT value FROM meta WHERE name=?", (row,))
                 stored = value.fetchone()
                 done = int(stored[0]) if stored is not None else 0
-                records, used = journal.read_records(data[done:])
+                records, end = journal.read_records(self._journal_key, path.name, data, done)
                 with self.transaction():
                     self.audit.extend([EncodedRecord(record) for record in records])
                     self._conn.execute(
                         "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE"
                         " SET value=excluded.value",
-                        (row, done + used),
+                        (row, max(end, done)),
                     )
                 path.unlink(missing_ok=True)  # still locked: nobody else adds it again
         rows = self._conn.execute(

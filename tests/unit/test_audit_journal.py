@@ -18,7 +18,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,7 +113,7 @@ def test_batched_records_wait_in_the_journal_until_flushed(
         generate(batched, key_id, f"n{n}")
     assert notes(records(store_dir)) == []  # not in the chain yet...
     [path] = journal_files(store_dir)
-    found, _ = journal.read_records(path.read_bytes())
+    found, _ = journal.read_records(batched.store._journal_key, path.name, path.read_bytes())
     assert [r["request"]["AuditNote"] for r in found] == ["n0", "n1", "n2"]  # ...but on disk
     batched.store.flush_audit()
     assert notes(records(store_dir)) == ["n0", "n1", "n2"]
@@ -243,7 +242,7 @@ def test_a_journal_that_cannot_be_written_puts_the_record_in_the_chain_at_once(
 def test_no_journal_at_all_puts_each_record_in_the_chain_at_once(
     batched: KeyService, store_dir: Path, key_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refused(directory: Path) -> None:
+    def refused(directory: Path, key: bytes) -> None:
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(journal, "Journal", refused)
@@ -299,19 +298,46 @@ def test_a_torn_record_at_the_end_is_ignored(
     assert notes(records(store_dir)) == ["a"]
 
 
+KEY = bytes(range(32))
+
+
 def test_a_damaged_record_ends_what_is_read(tmp_path: Path) -> None:
-    directory = tmp_path
-    j = journal.Journal(directory)
+    j = journal.Journal(tmp_path, KEY)
     for n in range(3):
         j.append(json.dumps({"n": n}))
     j.close()
     data = bytearray(j.path.read_bytes())
-    found, used = journal.read_records(bytes(data))
-    assert [r["n"] for r in found] == [0, 1, 2] and used == len(data)
+    found, end = journal.read_records(KEY, j.path.name, bytes(data))
+    assert [r["n"] for r in found] == [0, 1, 2] and end == len(data)
     second = len(data) // 3 + 6
-    data[second] ^= 1  # a flipped bit in the second record: its CRC fails
-    found, _ = journal.read_records(bytes(data))
-    assert [r["n"] for r in found] == [0]
+    data[second] ^= 1  # a flipped bit in the second record: its tag fails
+    found, end = journal.read_records(KEY, j.path.name, bytes(data))
+    assert [r["n"] for r in found] == [0] and end == len(data) // 3
+
+
+def test_records_without_the_key_or_out_of_place_are_refused(tmp_path: Path) -> None:
+    """Whoever can write the store's directory but lacks its root key cannot put records
+    into the chain through a journal: not made up, not copied, not moved."""
+    j = journal.Journal(tmp_path, KEY)
+    j.append(json.dumps({"n": 0}))
+    j.append(json.dumps({"n": 1}))
+    j.close()
+    data = j.path.read_bytes()
+    half = len(data) // 2
+    assert journal.read_records(bytes(32), j.path.name, data)[0] == []  # another key
+    assert journal.read_records(KEY, "audit-journal-other.log", data)[0] == []  # renamed
+    assert journal.read_records(KEY, j.path.name, data[half:])[0] == []  # moved up
+    copied, _ = journal.read_records(KEY, j.path.name, data + data[:half])
+    assert [r["n"] for r in copied] == [0, 1]  # a copy of a record at the end: refused
+    assert [r["n"] for r in journal.read_records(KEY, j.path.name, data, half)[0]] == [1]
+
+
+def test_a_forged_journal_adds_nothing_to_the_chain(store_dir: Path) -> None:
+    fake = journal.Journal(store_dir, bytes(32))  # not the store's key
+    fake.append(json.dumps({"operation": "Decrypt", "time": 1.0}))
+    fake.close()
+    assert [r["operation"] for r in records(store_dir)] == ["CreateKey"]  # the template's
+    assert journal_files(store_dir) == []
 
 
 def test_a_crash_after_adding_and_before_deleting_adds_nothing_twice(
@@ -471,12 +497,11 @@ def test_an_encoded_record_is_the_canonical_text(record: dict[str, Any]) -> None
     assert json.loads(encoded.text) == record
 
 
-def test_a_record_cannot_bring_its_own_seq() -> None:
+def test_a_record_cannot_bring_its_own_seq(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         EncodedRecord({"seq": 1, "time": 2.0})
-    data = b""
+    j = journal.Journal(tmp_path, KEY)
     for text in ('{"n":1}', '{"seq":9,"n":2}', '{"n":3}'):
-        body = text.encode()
-        data += len(body).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
-    found, _ = journal.read_records(data)
-    assert found == [{"n": 1}]
+        j.append(text)
+    j.close()
+    assert journal.read_records(KEY, j.path.name, j.path.read_bytes())[0] == [{"n": 1}]
