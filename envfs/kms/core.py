@@ -254,8 +254,7 @@ class ServiceCore:
         error: KMSError | None = None
         result: dict[str, Any] = {}
         if self._batch_audit and op.name in BATCHED_OPERATIONS:
-            if self.store.audit_due():
-                self.store.flush_audit()
+            self.flush_audit()
             with self.store.reading():
                 try:
                     result = self._handlers[op.name](call, req)

@@ -523,11 +523,15 @@ class KeyStore:
             return bool(self._stale_journal_rows)
         assert self._journal is not None
         self.audit.extend(self._pending)
+        self._set_journal_row(journal.meta_name(self._journal.path), self._journal.size)
+        return True
+
+    def _set_journal_row(self, row: str, covered: int) -> None:
+        """Inside a transaction: ``covered`` bytes of the journal of ``row`` are in the chain."""
         self._conn.execute(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
-            (journal.meta_name(self._journal.path), self._journal.size),
+            (row, covered),
         )
-        return True
 
     def _batch_added(self) -> None:
         """After the commit that added the batch."""
@@ -557,11 +561,7 @@ class KeyStore:
                 records, end = journal.read_records(self._journal_key, path.name, data, done)
                 with self.transaction():
                     self.audit.extend([EncodedRecord(record) for record in records])
-                    self._conn.execute(
-                        "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE"
-                        " SET value=excluded.value",
-                        (row, max(end, done)),
-                    )
+                    self._set_journal_row(row, max(end, done))
                 path.unlink(missing_ok=True)  # still locked: nobody else adds it again
         rows = self._conn.execute(
             "SELECT name FROM meta WHERE name LIKE 'audit_journal:%'"
