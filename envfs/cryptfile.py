@@ -5,22 +5,41 @@ and the plaintext size, which it keeps exact while the file is open. Every reque
 one backing ``pread`` and, for writes, one ``pwrite`` covering all the blocks it touches
 (the edge blocks are read, merged and re-sealed with fresh nonces).
 
-The file format has no holes: a write past the end, or truncation upwards, seals the gap
-as zero blocks.
+The final block is authenticated when the file is opened, before anything of it is served:
+a file cut or extended at a block boundary, or whose empty final block was replaced, is
+refused at open.
+
+Gaps (a write past the end, truncation upwards, ``fallocate``) up to ``SPARSE_GAP`` bytes
+are sealed as zero blocks. Larger ones become holes in the backing file, which cost neither
+disk space nor time: the file's header then carries ``format.FLAG_SPARSE`` (see
+``docs/format.md`` for what that lets an attacker do).
+
+A write or truncation that moves the end of the file and fails (``ENOSPC``, ``EFBIG``, ``EIO``)
+puts back the bytes it overwrote and the old backing size: the file is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
+import logging
 import os
 import time
+from collections.abc import Iterator
 
 from envfs import format
+from envfs.backing import reserve as _reserve
 from envfs.errors import IntegrityError
 from envfs.format import FileHeader, FileKeys
 
-# Gaps (writes past the end, truncation upwards) are sealed in runs of this many bytes.
-_ZERO_RUN = 1 << 20
+log = logging.getLogger(__name__)
+
+# Gaps up to this many bytes are sealed as zero blocks; larger ones are left as holes. At
+# least the largest block size, so a gap this large always spans a whole block.
+SPARSE_GAP = 1 << 20
+# The largest backing file offset the system calls take (off_t).
+MAX_BACKING_SIZE = (1 << 63) - 1
 # Sequential reads ask the kernel to fetch this much of the backing file ahead.
 _READ_AHEAD = 1 << 20
 # Opening asks for the header and a first FUSE read's worth (128 KiB) of blocks.
@@ -84,12 +103,14 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
-def read_header(fd: int, *, read_ahead: bool = True) -> tuple[FileHeader, bytes]:
+def read_header(fd: int, *, read_ahead: bool = True, extra: int = 0) -> tuple[FileHeader, bytes]:
     """Parse a backing file's header (unauthenticated), returning it and its raw bytes.
 
     Args:
         read_ahead: ask the kernel for the file's first blocks too; False where that was
             done already (:mod:`envfs.readahead`).
+        extra: also read up to this many bytes after the header (returned in the raw
+            bytes), so that :meth:`CryptFile.open` finds a small file's final block there.
 
     Raises:
         IntegrityError: not an envfs file, unsupported version, malformed header.
@@ -98,7 +119,7 @@ def read_header(fd: int, *, read_ahead: bool = True) -> tuple[FileHeader, bytes]
         # An open is mostly followed by a read of the file's start: ask for that stretch
         # now, so that the header and the first blocks come from the disk in one request.
         os.posix_fadvise(fd, 0, _OPEN_READ_AHEAD, os.POSIX_FADV_WILLNEED)
-    raw = bytes(_pread(fd, format.HEADER_SIZE, 0))
+    raw = bytes(_pread(fd, format.HEADER_SIZE + extra, 0))
     return FileHeader.parse(raw), raw
 
 
@@ -126,13 +147,26 @@ class CryptFile:
 
     @classmethod
     def open(cls, fd: int, header: FileHeader, raw: bytes, keys: FileKeys) -> CryptFile:
-        """Authenticate the header and size up the file.
+        """Authenticate the header and the final block, and size up the file.
+
+        ``raw`` is what :func:`read_header` read: the header, and perhaps more of the file.
 
         Raises:
-            IntegrityError: the header does not verify, or the backing size is impossible.
+            IntegrityError: the header or the final block does not verify, or the backing
+                size is impossible.
         """
         header.verify(raw, keys)
-        size = format.plaintext_size(os.fstat(fd).st_size, header.block_shift)
+        backing = os.fstat(fd).st_size
+        shift = header.block_shift
+        size = format.plaintext_size(backing, shift)
+        # The final block says where the file ends: a cut at a block boundary, a replaced
+        # empty final block or appended bytes all fail here, before any content is served.
+        final = size >> shift
+        start = format.block_offset(final, shift)
+        sealed = raw[start:backing] if len(raw) >= backing else _pread(fd, backing - start, start)
+        if len(sealed) != backing - start:
+            raise IntegrityError("the backing file is shorter than expected")
+        format.decrypt_block(keys, header.file_id, final, sealed, shift)
         return cls(fd, header, keys, size)
 
     # --- reading -----------------------------------------------------------------------
@@ -141,7 +175,9 @@ class CryptFile:
         sealed = _pread(
             self.fd, format.block_stride(self._shift), format.block_offset(index, self._shift)
         )
-        return format.decrypt_block(self.keys, self.header.file_id, index, sealed, self._shift)
+        return format.decrypt_block(
+            self.keys, self.header.file_id, index, sealed, self._shift, holes=self.header.sparse
+        )
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to ``length`` plaintext bytes at ``offset`` (fewer at the end of the file).
@@ -166,7 +202,12 @@ class CryptFile:
             self._ahead_to = end + _READ_AHEAD
         self._read_end = end
         plain = format.decrypt_blocks(
-            self.keys, self.header.file_id, span.first_block, data, self._shift
+            self.keys,
+            self.header.file_id,
+            span.first_block,
+            data,
+            self._shift,
+            holes=self.header.sparse,
         )
         if len(plain) < span.skip + length:
             # The backing file is shorter than its size said: cut behind our back.
@@ -179,17 +220,28 @@ class CryptFile:
         """Write ``data`` at ``offset``; a gap past the end reads as zeros.
 
         Raises:
+            OSError: EFBIG (past the largest backing file), ENOSPC, EIO...: the file is as
+                it was before the call.
             IntegrityError: an edge block to merge with fails authentication.
         """
         if not data:
             return 0
-        if offset > self.size:
-            self._fill_zeros(offset)
-        self._write_run(offset, data)
+        end = offset + len(data)
+        self._check_size(end)
+        if offset <= self.size:
+            self._write_run(offset, data)
+            return len(data)
+        with self._rollback():
+            self._grow(offset)
+            self._write_run(offset, data, guarded=True)
         return len(data)
 
-    def _write_run(self, offset: int, data: bytes) -> None:
-        """Rewrite the blocks covering ``[offset, offset + len(data))``; offset <= size."""
+    def _write_run(self, offset: int, data: bytes, *, guarded: bool = False) -> None:
+        """Rewrite the blocks covering ``[offset, offset + len(data))``; offset <= size.
+
+        A run that moves the end of the file, or may fill holes (which needs disk space),
+        is undone if it fails, unless ``guarded`` (the caller undoes it).
+        """
         block, size = self._block, self.size
         end = offset + len(data)
         new_size = max(size, end)
@@ -217,29 +269,51 @@ class CryptFile:
             self._shift,
             final=run_end == new_size,
         )
-        _pwrite_all(self.fd, sealed, format.block_offset(first, self._shift))
+        at = format.block_offset(first, self._shift)
+        if guarded or (new_size == size and not self.header.sparse):
+            # Overwriting blocks in place needs no new disk space.
+            _pwrite_all(self.fd, sealed, at)
+        else:
+            with self._rollback(first, last):
+                _pwrite_all(self.fd, sealed, at)
         self.size = new_size
 
-    def _fill_zeros(self, until: int) -> None:
-        """Extend the file with zeros up to ``until`` bytes."""
-        while self.size < until:
-            start = self.size
-            # Align runs to block boundaries so each pwrite seals whole blocks.
-            stop = min(until, ((start + _ZERO_RUN) >> self._shift) << self._shift)
-            if stop <= start:
-                stop = until
-            self._write_run(start, bytes(stop - start))
+    def _grow(self, until: int) -> None:
+        """Extend the file with zeros up to ``until`` bytes: sealed zero blocks for a small
+        gap, holes for a large one."""
+        if until - self.size <= SPARSE_GAP:
+            self._write_run(self.size, bytes(until - self.size), guarded=True)
+            return
+        shift, size = self._shift, self.size
+        last_old, last_new = size >> shift, until >> shift  # last_new > last_old: a big gap
+        if not self.header.sparse:
+            self.header = dataclasses.replace(self.header, flags=format.FLAG_SPARSE)
+            _pwrite_all(self.fd, self.header.encode(self.keys), 0)
+        # The old final block becomes a whole one, padded with zeros; the new final block
+        # holds the zeros after the last whole block; everything between is a hole.
+        padded = self._plain_block(last_old).ljust(self._block, b"\0")
+        file_id = self.header.file_id
+        whole = format.encrypt_blocks(self.keys, file_id, last_old, padded, shift, final=False)
+        tail = bytes(until - (last_new << shift))
+        final = format.encrypt_blocks(self.keys, file_id, last_new, tail, shift, final=True)
+        _pwrite_all(self.fd, final, format.block_offset(last_new, shift))
+        _pwrite_all(self.fd, whole, format.block_offset(last_old, shift))
+        self.size = until
 
     def truncate(self, new_size: int) -> None:
         """Cut or extend the file to ``new_size`` plaintext bytes.
 
         Raises:
+            OSError: EFBIG (past the largest backing file), ENOSPC, EIO...: the file is as
+                it was before the call.
             IntegrityError: the block that becomes the final one fails authentication.
         """
         if new_size == self.size:
             return
+        self._check_size(new_size)
         if new_size > self.size:
-            self._fill_zeros(new_size)
+            with self._rollback():
+                self._grow(new_size)
             return
         index = new_size >> self._shift
         keep = new_size - (index << self._shift)
@@ -247,9 +321,60 @@ class CryptFile:
         sealed = format.encrypt_blocks(
             self.keys, self.header.file_id, index, plain, self._shift, final=True
         )
-        _pwrite_all(self.fd, sealed, format.block_offset(index, self._shift))
-        os.ftruncate(self.fd, format.backing_size(new_size, self._shift))
+        with self._rollback(index, index):
+            _pwrite_all(self.fd, sealed, format.block_offset(index, self._shift))
+            os.ftruncate(self.fd, format.backing_size(new_size, self._shift))
         self.size = new_size
+
+    def reserve(self, until: int) -> None:
+        """Make sure the file can grow to ``until`` bytes and be written up to there without
+        running out of disk space (``fallocate`` mode 0), then grow it: the new part reads
+        as zeros. Fails fast, before anything is written, when the space is not there.
+
+        Raises:
+            OSError: ENOSPC, EFBIG, EIO...: the file is as it was before the call.
+        """
+        self._check_size(until)
+        if until <= self.size:
+            return
+        current = format.backing_size(self.size, self._shift)
+        wanted = format.backing_size(until, self._shift) - current
+        free = os.fstatvfs(self.fd)
+        if wanted > free.f_bavail * free.f_frsize:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with self._rollback():
+            _reserve(self.fd, current, wanted)
+            self._grow(until)
+
+    def _check_size(self, size: int) -> None:
+        if format.backing_size(size, self._shift) > MAX_BACKING_SIZE:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    @contextlib.contextmanager
+    def _rollback(self, first: int | None = None, last: int | None = None) -> Iterator[None]:
+        """Undo the body's changes to the backing file if it fails: the bytes of blocks
+        ``first`` to ``last`` (default: the final block), the backing size, the header."""
+        shift, size, header = self._shift, self.size, self.header
+        final = size >> shift
+        first = final if first is None else min(first, final)
+        last = final if last is None else min(last, final)
+        at = format.block_offset(first, shift)
+        old_backing = format.backing_size(size, shift)
+        saved = bytes(
+            _pread(self.fd, min(old_backing, format.block_offset(last + 1, shift)) - at, at)
+        )
+        try:
+            yield
+        except BaseException:
+            try:
+                os.ftruncate(self.fd, old_backing)
+                _pwrite_all(self.fd, saved, at)
+                if header is not self.header:
+                    _pwrite_all(self.fd, header.encode(self.keys), 0)
+            except OSError as exc:
+                log.error("a failed change could not be undone: %s", exc.strerror)
+            self.size, self.header = size, header
+            raise
 
     def close(self) -> None:
         os.close(self.fd)

@@ -8,7 +8,7 @@ are big-endian::
            0     8  magic b"\\x89envfs\\r\\n"
            8     2  format version, u16 = 1
           10     2  cipher suite, u16 = 1 (AES-256-GCM blocks, HKDF-SHA256, HMAC-SHA256)
-          12     4  flags, u32 = 0 (version 1 defines none)
+          12     4  flags, u32: 0, or FLAG_SPARSE = 0x00000002 (the file may have holes)
           16    16  file id (random)
           32     1  block shift s, u8, 12..20: plaintext block size B = 2**s (default 14)
           33     2  key ARN length a, u16 (>= 1)
@@ -29,7 +29,13 @@ Every block but the last holds exactly B plaintext bytes; the last holds 0..B-1.
 plaintext size is a multiple of B (the empty file included) the file ends with an empty
 28-byte block. So every file has a header and at least one block, a file cut at a block
 boundary has an impossible size, and the plaintext size follows from the backing size alone:
-``backing = HEADER_SIZE + plaintext + 28 * (plaintext // B + 1)``.
+``backing = HEADER_SIZE + plaintext + 28 * (plaintext // B + 1)``. The final block is
+authenticated before any of the file is served (:mod:`envfs.cryptfile`).
+
+In a file whose header has ``FLAG_SPARSE``, a block other than the final one whose B + 28
+bytes on disk are all zero is a *hole* and reads as B zero bytes: large gaps (a truncate
+upwards, a write far past the end) cost no disk space and no time. A file without the flag
+has no holes: an all-zero block fails authentication like any other damaged block.
 
 Parsing is two-phase: :meth:`FileHeader.parse` reads the structure (unauthenticated) so the
 caller can have the key service unwrap the data key; :meth:`FileHeader.verify` then checks
@@ -68,6 +74,10 @@ MAX_BLOCK_SHIFT = 20
 DEFAULT_BLOCK_SHIFT = 14
 BLOCK_OVERHEAD = SEAL_OVERHEAD  # nonce (12) + tag (16)
 MIN_BACKING_SIZE = HEADER_SIZE + BLOCK_OVERHEAD  # the empty file
+
+# Header flags. Bit 0 is reserved (never set; refused like any unknown flag).
+FLAG_SPARSE = 0x00000002  # non-final all-zero blocks are holes that read as zeros
+KNOWN_FLAGS = FLAG_SPARSE
 
 HEADER_INFO = b"envfs v1 header"
 CONTENT_INFO = b"envfs v1 content"
@@ -138,10 +148,13 @@ class FileHeader:
     block_shift: int
     key_arn: str
     wrapped_key: bytes
+    flags: int = 0
 
     def __post_init__(self) -> None:
         _check_file_id(self.file_id)
         _check_shift(self.block_shift)
+        if self.flags & ~KNOWN_FLAGS:
+            raise ValueError(f"unknown header flags 0x{self.flags & ~KNOWN_FLAGS:08x}")
         arn_size = len(self.key_arn.encode())
         if arn_size == 0 or not self.wrapped_key:
             raise ValueError("key arn and wrapped key must not be empty")
@@ -167,6 +180,11 @@ class FileHeader:
     def block_size(self) -> int:
         """The plaintext block size B in bytes."""
         return 1 << self.block_shift
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the file may have holes (all-zero non-final blocks reading as zeros)."""
+        return bool(self.flags & FLAG_SPARSE)
 
     @classmethod
     def parse(cls, raw: BytesLike) -> FileHeader:
@@ -196,9 +214,10 @@ class FileHeader:
             raise UnsupportedFormatError(
                 f"unsupported cipher suite {suite} (this envfs knows suite {CIPHER_SUITE})"
             )
-        if flags != 0:
+        if flags & ~KNOWN_FLAGS:
             raise UnsupportedFormatError(
-                f"unsupported header flags 0x{flags:08x} (version {FORMAT_VERSION} defines none)"
+                f"unsupported header flags 0x{flags:08x} (version {FORMAT_VERSION} defines"
+                f" 0x{KNOWN_FLAGS:08x})"
             )
         if not MIN_BLOCK_SHIFT <= block_shift <= MAX_BLOCK_SHIFT:
             raise UnsupportedFormatError(
@@ -214,7 +233,7 @@ class FileHeader:
             key_arn = arn.decode()
         except UnicodeDecodeError:
             raise IntegrityError("malformed header: key arn is not utf-8") from None
-        return cls(bytes(file_id), block_shift, key_arn, wrapped_key)
+        return cls(bytes(file_id), block_shift, key_arn, wrapped_key, flags)
 
     def verify(self, raw: BytesLike, keys: FileKeys) -> None:
         """Check that ``raw`` is exactly this header, authenticated under ``keys``.
@@ -243,7 +262,9 @@ class FileHeader:
 
     def _body(self) -> bytes:
         arn = self.key_arn.encode()
-        fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, CIPHER_SUITE, 0, self.file_id, self.block_shift)
+        fixed = _FIXED.pack(
+            MAGIC, FORMAT_VERSION, CIPHER_SUITE, self.flags, self.file_id, self.block_shift
+        )
         body = b"".join(
             (fixed, _U16.pack(len(arn)), arn, _U16.pack(len(self.wrapped_key)), self.wrapped_key)
         )
@@ -378,9 +399,19 @@ def encrypt_block(
 
 
 def decrypt_block(
-    keys: FileKeys, file_id: bytes, index: int, sealed: BytesLike, block_shift: int
+    keys: FileKeys,
+    file_id: bytes,
+    index: int,
+    sealed: BytesLike,
+    block_shift: int,
+    *,
+    holes: bool = False,
 ) -> bytes:
     """Open on-disk block ``index`` (28 to B + 28 bytes).
+
+    Args:
+        holes: the file has ``FLAG_SPARSE``: a whole block of zero bytes is a hole and
+            reads as B zeros.
 
     Raises:
         IntegrityError: the block has an impossible length or fails authentication.
@@ -392,7 +423,24 @@ def decrypt_block(
     try:
         return open_(sealed, _aad_prefix(file_id) + _U64.pack(index))
     except IntegrityError:
+        if holes and is_hole(sealed, block_shift):
+            return bytes(1 << block_shift)
         raise IntegrityError(f"block {index} failed authentication") from None
+
+
+def is_hole(sealed: BytesLike, block_shift: int) -> bool:
+    """Whether on-disk bytes are a hole: a whole block (B + 28 bytes) of zeros."""
+    return len(sealed) == block_stride(block_shift) and _zero_block(block_shift) == sealed
+
+
+def _zero_block(block_shift: int) -> bytes:
+    zeros = _ZERO_BLOCKS.get(block_shift)
+    if zeros is None:
+        zeros = _ZERO_BLOCKS[block_shift] = bytes(block_stride(block_shift))
+    return zeros
+
+
+_ZERO_BLOCKS: dict[int, bytes] = {}
 
 
 def encrypt_blocks(
@@ -436,13 +484,23 @@ def encrypt_blocks(
 
 
 def decrypt_blocks(
-    keys: FileKeys, file_id: bytes, first_index: int, data: BytesLike, block_shift: int
+    keys: FileKeys,
+    file_id: bytes,
+    first_index: int,
+    data: BytesLike,
+    block_shift: int,
+    *,
+    holes: bool = False,
 ) -> bytes:
     """Open a run of consecutive on-disk blocks starting at ``first_index``.
 
     Every block but the last must be whole (B + 28 bytes); the last may be short. Checking
     that a short block really is the file's last is the size check's job
     (:func:`plaintext_size`), not this function's.
+
+    Args:
+        holes: the file has ``FLAG_SPARSE``: whole blocks of zero bytes are holes and
+            read as B zeros each (a short block never is one).
 
     Raises:
         IntegrityError: a block fails authentication (the message names its index).
@@ -456,10 +514,14 @@ def decrypt_blocks(
     plain = []
     index = first_index
     for start in range(0, len(view), stride):
+        sealed = view[start : start + stride]
         try:
-            plain.append(open_(view[start : start + stride], prefix + pack(index)))
+            plain.append(open_(sealed, prefix + pack(index)))
         except IntegrityError:
-            raise IntegrityError(f"block {index} failed authentication") from None
+            if holes and is_hole(sealed, block_shift):
+                plain.append(bytes(1 << block_shift))
+            else:
+                raise IntegrityError(f"block {index} failed authentication") from None
         index += 1
     return b"".join(plain)
 
@@ -482,5 +544,10 @@ def decrypt_file(raw: BytesLike, keys: FileKeys) -> bytes:
     header = FileHeader.parse_verified(raw, keys)
     plaintext_size(len(raw), header.block_shift)
     return decrypt_blocks(
-        keys, header.file_id, 0, memoryview(raw)[HEADER_SIZE:], header.block_shift
+        keys,
+        header.file_id,
+        0,
+        memoryview(raw)[HEADER_SIZE:],
+        header.block_shift,
+        holes=header.sparse,
     )

@@ -270,10 +270,12 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errno_answers
-    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+    async def fallocate(
+        self, fh: int, mode: int, offset: int, length: int, ctx: pyfuse3.RequestContext
+    ) -> None:
         # Called only by a pyfuse3 built with scripts/build_pyfuse3.py (stock pyfuse3 has
         # no fallocate handler: the kernel then answers EOPNOTSUPP by itself).
-        self.vfs.fallocate(fh, mode, offset, length)
+        self.vfs.fallocate(fh, mode, offset, length, self._caller(ctx))
 
     @_errno_answers
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -2,7 +2,7 @@
 
 Inodes are numbered here, not by the backing filesystem (one backing file, found under
 several hard-linked names, is one node). A node remembers the ``(parent inode, name)``
-links it was found under, and its backing path is rebuilt from them, so renaming a
+links it was found under, and the names leading to it are rebuilt from them, so renaming a
 directory needs no bookkeeping for its descendants. Nodes live while the kernel holds a
 lookup on them or a file on them is open; inode numbers are never reused.
 """
@@ -46,23 +46,35 @@ class InodeTable:
             raise OSError(errno.ESTALE, "stale inode")
         return node
 
-    def path(self, ino: int) -> bytes:
-        """The backing path of a node, through its first link whose folder is still known.
+    def entry(self, ino: int) -> tuple[int, bytes]:
+        """The ``(parent inode, name)`` a node is reached by: its first link whose folder is
+        still known.
 
         The kernel may forget one folder of a hard-linked file while it keeps the file
         through another: such links are skipped.
+
+        Raises:
+            OSError: ESTALE, the node has no known name (removed, or the root).
         """
-        parts: list[bytes] = []
         node = self.node(ino)
-        while node.ino != ROOT_INODE:
-            link = next((link for link in node.links if link[0] in self._nodes), None)
-            if link is None:
-                raise OSError(errno.ESTALE, "node has no known name")
-            parent, name = link
+        link = next((link for link in node.links if link[0] in self._nodes), None)
+        if link is None:
+            raise OSError(errno.ESTALE, "node has no known name")
+        return link
+
+    def names(self, ino: int) -> list[bytes]:
+        """The names leading from the root to a node (empty for the root)."""
+        parts: list[bytes] = []
+        while ino != ROOT_INODE:
+            ino, name = self.entry(ino)
             parts.append(name)
-            node = self._nodes[parent]
-        parts.append(self.root_path)
-        return b"/".join(reversed(parts))
+        parts.reverse()
+        return parts
+
+    def path(self, ino: int) -> bytes:
+        """The backing path of a node (for messages: the backing folder is reached through
+        directory descriptors, never by path; see :mod:`envfs.tree`)."""
+        return b"/".join([self.root_path, *self.names(ino)])
 
     def remember(self, parent: int, name: bytes, key: tuple[int, int], lookups: int) -> Node:
         """The node of backing file ``key`` found as ``name`` in ``parent``."""

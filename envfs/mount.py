@@ -136,16 +136,21 @@ def prepare(
 
 
 def fuse_options(volume: Volume, options: MountOptions) -> set[str]:
-    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
+    """The FUSE mount options: ``default_permissions`` (the kernel checks mode bits),
+    ``nodev`` and ``nosuid`` unless ``-o dev`` / ``-o suid`` ask otherwise (whoever may
+    write the backing folder must not get a device node or a set-user-ID program
+    honoured through the mount), and the ``-o`` options given."""
+    opts = set(pyfuse3.default_options)
     opts.add("fsname=envfs")
     opts.add("subtype=envfs")
     if options.allow_other:
         opts.add("allow_other")
-    for extra in options.extra:
-        for opt in extra.split(","):
-            if opt:
-                opts.add(opt)
-    return opts
+    extra = {opt for group in options.extra for opt in group.split(",") if opt}
+    if "dev" not in extra:
+        opts.add("nodev")
+    if "suid" not in extra:
+        opts.add("nosuid")
+    return opts | extra
 
 
 def run_foreground(
@@ -176,7 +181,7 @@ def run_foreground(
     # handles them runs. (Not before pyfuse3.init: fusermount3 would inherit the mask.)
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     log.info("mounted %s on %s", vfs.volume.backing, mountpoint)
-    if not getattr(pyfuse3, "_envfs_fallocate", 0):
+    if getattr(pyfuse3, "_envfs_fallocate", 0) < 2:
         log.warning(
             "this pyfuse3 has no fallocate handler: fallocate(2) gives EOPNOTSUPP "
             "(install pyfuse3 with scripts/build_pyfuse3.py)"

@@ -12,11 +12,16 @@ order of the folder's sorted listing (the order ``readdir`` gives) and then asks
 their headers and first blocks are on their way while the current file is served. A file
 opened out of order costs nothing more than a dictionary lookup. Reading ahead is a hint:
 every failure is ignored.
+
+Folders are identified by their inode number and read through a directory descriptor, and
+files are opened by a function of the caller's (which opens regular files only), so a
+backing folder changed meanwhile leads nowhere.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 # The files asked for ahead of the one opened, and how much of each (header and the first
 # FUSE read's worth of blocks, as cryptfile.read_header asks for the file it opens).
@@ -27,18 +32,26 @@ BYTES_AHEAD = (128 << 10) + 8192
 class FolderReadAhead:
     """Watches the opens of one folder at a time (the one last opened in)."""
 
-    def __init__(self, files_ahead: int = FILES_AHEAD, bytes_ahead: int = BYTES_AHEAD) -> None:
+    def __init__(
+        self,
+        open_file: Callable[[int, bytes], int],
+        files_ahead: int = FILES_AHEAD,
+        bytes_ahead: int = BYTES_AHEAD,
+    ) -> None:
+        """``open_file(dir_fd, name)`` opens a regular file for reading (OSError if not)."""
+        self.open_file = open_file
         self.files_ahead = files_ahead
         self.bytes_ahead = bytes_ahead
-        self._folder: bytes | None = None
+        self._folder: int | None = None
         self._last_name: bytes | None = None
         self._listing: list[bytes] | None = None  # sorted names, once opens look sequential
         self._index: dict[bytes, int] = {}
         self._asked_up_to = -1  # index of the last file asked for
 
-    def opened(self, folder: bytes, name: bytes) -> bool:
-        """``folder/name`` (backing paths) was just opened. True if its start was asked
-        for already (the caller need not ask again)."""
+    def opened(self, folder: int, name: bytes, dir_fd: int) -> bool:
+        """``name`` in the folder ``folder`` (an inode number; ``dir_fd`` a descriptor of
+        it) was just opened. True if its start was asked for already (the caller need not
+        ask again)."""
         if folder != self._folder:
             self._folder, self._last_name = folder, name
             self._listing, self._index, self._asked_up_to = None, {}, -1
@@ -48,7 +61,11 @@ class FolderReadAhead:
             if last is None or name <= last:
                 return False  # not in name order: no listing yet
             try:
-                self._listing = sorted(os.listdir(folder))
+                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    self._listing = sorted(os.fsencode(n) for n in os.listdir(fd))
+                finally:
+                    os.close(fd)
             except OSError:
                 self._folder = None
                 return False
@@ -61,13 +78,13 @@ class FolderReadAhead:
         first = max(here + 1, self._asked_up_to + 1)
         stop = min(here + 1 + self.files_ahead, len(self._listing))
         for index in range(first, stop):
-            self._ask(folder + b"/" + self._listing[index])
+            self._ask(dir_fd, self._listing[index])
         self._asked_up_to = max(self._asked_up_to, stop - 1)
         return was_asked
 
-    def _ask(self, path: bytes) -> None:
+    def _ask(self, dir_fd: int, name: bytes) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = self.open_file(dir_fd, name)
         except OSError:
             return
         try:

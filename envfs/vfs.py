@@ -1,15 +1,23 @@
-"""The encrypted filesystem without FUSE: inodes, backing paths, open files, access.
+"""The encrypted filesystem without FUSE: inodes, backing entries, open files, access.
 
-``Vfs`` serves a plaintext view of a backing folder. Directories, symlinks and FIFOs are
-stored as they are; regular files are encrypted (:mod:`envfs.cryptfile`), each with its
-own data key from the key service.
+``Vfs`` serves a plaintext view of a backing folder. Directories, symlinks, FIFOs, sockets
+and device nodes are stored as they are; regular files are encrypted
+(:mod:`envfs.cryptfile`), each with its own data key from the key service.
 
 Every ``open`` and ``create`` is an access decision for the calling user, made by the
 key service (Decrypt or GenerateDataKey on the user's behalf, audited with the file id
 and backing path): the page cache is shared between users, so the open is the only gate.
-Files already open keep working if the key is disabled afterwards.
+So is every other change of a file's content that does not go through a handle the user
+opened: a truncation (``truncate(2)``, ``ftruncate(2)``, ``O_TRUNC``) and ``fallocate(2)``
+are decided for the calling user, whether or not the file is open already. Files already
+open keep working if the key is disabled afterwards.
 
-Inodes and the names they are known by are kept by :mod:`envfs.inodes`.
+Only the volume file decides which master keys may wrap a file's data key
+(:meth:`Volume.accepts_key`); a header naming any other key is refused (EIO) without asking
+the key service.
+
+Inodes and the names they are known by are kept by :mod:`envfs.inodes`; the backing folder
+is reached only through directory descriptors (:mod:`envfs.tree`), never by path.
 
 All methods are synchronous and raise ``OSError`` (with an errno) or an ``EnvfsError``;
 the FUSE adapter turns both into errno answers.
@@ -17,20 +25,20 @@ the FUSE adapter turns both into errno answers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 from envfs import crypto, format
-from envfs.backing import TEMP_PREFIX, link_fd, open_unnamed, renameat2, reserve
+from envfs.backing import TEMP_PREFIX, chown_fd, link_fd, open_unnamed, proc_path, renameat2
+from envfs.callers import CallerCache
 from envfs.cryptfile import CryptFile, read_header
 from envfs.errors import (
-    AccessDeniedException,
     EnvfsError,
     IntegrityError,
     KMSError,
@@ -43,6 +51,7 @@ from envfs.keypool import DataKeyPool
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider
 from envfs.readahead import FolderReadAhead
+from envfs.tree import BackingTree, DirFd, check_regular, open_path, open_regular
 from envfs.volume import VOLUME_FILE, Volume
 
 log = logging.getLogger(__name__)
@@ -51,7 +60,7 @@ T = TypeVar("T")
 HIDDEN_AT_ROOT = frozenset({VOLUME_FILE.encode(), (VOLUME_FILE + ".tmp").encode()})
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-_CALLER_TTL = 30.0
+_NODE_KINDS = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 
 
 @dataclass
@@ -86,6 +95,8 @@ class Vfs:
         provider: the key service, called on behalf of each user.
         chown_new: give new files and directories to the calling user (root-run,
             multi-user mounts); otherwise they belong to the daemon's user.
+        key_cache: recent key decisions per user (default: none, every open asks); the
+            users' groups are kept exactly as long (:mod:`envfs.callers`).
     """
 
     def __init__(
@@ -105,12 +116,14 @@ class Vfs:
         self.root_path = os.fsencode(volume.backing.resolve())
         st = os.lstat(self.root_path)
         self.inodes = InodeTable(self.root_path, (st.st_dev, st.st_ino))
+        self.tree = BackingTree(self.root_path, self.inodes)
+        self.callers = CallerCache(self.key_cache.max_age)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_fh = 1
-        self._callers: dict[tuple[int, int], tuple[float, Caller]] = {}
-        self.read_ahead = FolderReadAhead()
+        self.read_ahead = FolderReadAhead(self._open_for_read_ahead)
         self.volume_verified = False
+        self._euid = os.geteuid()
         self._remove_stale_temporaries()
 
     # --- volume ------------------------------------------------------------------------
@@ -128,36 +141,34 @@ class Vfs:
             log.info("volume %s authenticated by the key service", self.volume.volume_id)
 
     def _remove_stale_temporaries(self) -> None:
-        """Temporary files of creates a crash interrupted hold no data: remove them."""
-        for dirpath, _dirs, files in os.walk(self.root_path):
+        """Temporary files of creates a crash interrupted hold no data: remove them.
+
+        ``os.fwalk`` works on directory descriptors and follows no symlink, so a folder
+        swapped for a symlink meanwhile leads nowhere outside the backing folder.
+        """
+        for dirpath, _dirs, files, dir_fd in os.fwalk(b".", dir_fd=self.tree.root_fd):
             for name in files:
                 if name.startswith(TEMP_PREFIX):
-                    path = os.path.join(dirpath, name)
-                    log.info("removing the leftover of an interrupted create: %r", path)
-                    os.unlink(path)
+                    where = os.path.join(self.root_path, dirpath, name)
+                    log.info("removing the leftover of an interrupted create: %r", where)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dir_fd)
 
     def caller(self, uid: int, gid: int) -> Caller:
-        """The identity of a FUSE request's user, with its groups (cached briefly)."""
-        now = time.monotonic()
-        cached = self._callers.get((uid, gid))
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        caller = Caller.from_ids(uid, gid)
-        self._callers[(uid, gid)] = (now + _CALLER_TTL, caller)
-        return caller
+        """The identity of a FUSE request's user, with its groups (see :mod:`envfs.callers`)."""
+        return self.callers.get(uid, gid)
 
-    # --- nodes and paths ---------------------------------------------------------------
+    # --- nodes and entries -------------------------------------------------------------
 
     def path(self, ino: int) -> bytes:
-        """The backing path of a node."""
+        """The backing path of a node (for messages only)."""
         return self.inodes.path(ino)
 
-    def _child(self, parent: int, name: bytes) -> bytes:
-        if b"/" in name or name in (b"", b".", b".."):
+    def _check_name(self, parent: int, name: bytes) -> None:
+        if b"/" in name or b"\0" in name or name in (b"", b".", b".."):
             raise OSError(errno.EINVAL, "invalid name")
         if name.startswith(TEMP_PREFIX) or (parent == ROOT_INODE and name in HIDDEN_AT_ROOT):
             raise OSError(errno.ENOENT, "reserved name")
-        return self.path(parent) + b"/" + name
 
     def _remember(self, parent: int, name: bytes, st: os.stat_result, lookups: int) -> Node:
         return self.inodes.remember(parent, name, (st.st_dev, st.st_ino), lookups)
@@ -168,9 +179,34 @@ class Vfs:
     def add_lookup(self, ino: int) -> None:
         self.inodes.node(ino).lookups += 1
 
-    def _stat(self, node: Node, st: os.stat_result, path: bytes | None) -> Stat:
-        """Attributes from the backing ``st``; ``path`` (None: an open file's, unknown) is
-        only for the log."""
+    def _lstat(self, ino: int) -> os.stat_result:
+        """The backing attributes of a node (its entry, no symlink followed)."""
+        if ino == ROOT_INODE:
+            return os.fstat(self.tree.root_fd)
+        parent, name = self.inodes.entry(ino)
+        with self.tree.dir(parent) as dir_fd:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+    def _entry_fd(self, node: Node) -> DirFd:
+        """A descriptor of a node's backing entry itself for a ``with`` block: an open file's
+        (it outlives the file's names), the root's, or an ``O_PATH`` one of the entry, which
+        must still be the node's (ESTALE otherwise). Calls that take no ``O_PATH``
+        descriptor use its :func:`proc_path`, which reaches exactly that entry."""
+        if node.file is not None:
+            return DirFd(node.file.fd, False)
+        if node.ino == ROOT_INODE:
+            return DirFd(self.tree.root_fd, False)
+        parent, name = self.inodes.entry(node.ino)
+        with self.tree.dir(parent) as dir_fd:
+            fd = open_path(dir_fd, name)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.key:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "the backing folder changed: another entry")
+        return DirFd(fd, True)
+
+    def _stat(self, node: Node, st: os.stat_result) -> Stat:
+        """Attributes in the plaintext view from the backing ``st``."""
         size = st.st_size
         if stat.S_ISREG(st.st_mode):
             if node.file is not None:
@@ -179,8 +215,11 @@ class Vfs:
                 try:
                     size = format.plaintext_size(st.st_size, self.volume.block_shift)
                 except IntegrityError:
-                    where = self._safe_path(node) if path is None else path
-                    log.warning("backing file %r has an impossible size %d", where, st.st_size)
+                    log.warning(
+                        "backing file %r has an impossible size %d",
+                        self._safe_path(node),
+                        st.st_size,
+                    )
                     size = 0
         return Stat(
             ino=node.ino,
@@ -204,22 +243,26 @@ class Vfs:
             node = self.inodes.node(parent)
             up = next(iter(node.links))[0] if node.links else ROOT_INODE
             return self.getattr(up)
-        path = self._child(parent, name)
-        st = os.lstat(path)
-        return self._stat(self._remember(parent, name, st, 1), st, path)
+        self._check_name(parent, name)
+        with self.tree.dir(parent) as dir_fd:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return self._stat(self._remember(parent, name, st, 1), st)
 
     def getattr(self, ino: int) -> Stat:
         node = self.inodes.node(ino)
         if node.file is not None:  # its fd outlives its names (unlinked or replaced while open)
-            return self._stat(node, os.fstat(node.file.fd), None)
-        path = self.path(ino)
-        return self._stat(node, os.lstat(path), path)
+            return self._stat(node, os.fstat(node.file.fd))
+        return self._stat(node, self._lstat(ino))
 
     # --- directories -------------------------------------------------------------------
 
     def opendir(self, ino: int) -> int:
-        path = self.path(ino)
-        names = sorted(os.listdir(path))
+        with self.tree.dir(ino) as dir_fd:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        finally:
+            os.close(fd)
         if ino == ROOT_INODE:
             names = [n for n in names if n not in HIDDEN_AT_ROOT]
         fh = self._new_fh()
@@ -235,82 +278,123 @@ class Vfs:
         if fh not in self._dirs:
             raise OSError(errno.EBADF, "bad directory handle")
         ino, names = self._dirs[fh]
-        base = self.path(ino)
-        for index in range(start, len(names)):
-            name = names[index]
-            path = base + b"/" + name
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue  # removed since opendir
-            node = self._remember(ino, name, st, 0)
-            yield name, self._stat(node, st, path), index + 1
+        with self.tree.dir(ino) as dir_fd:
+            for index in range(start, len(names)):
+                name = names[index]
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since opendir
+                node = self._remember(ino, name, st, 0)
+                yield name, self._stat(node, st), index + 1
 
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
-    def _give_to(self, path: bytes, caller: Caller, parent_path: bytes) -> None:
-        """Give a new entry to its creator on a multi-user mount (setgid dirs keep the gid)."""
-        if not self.chown_new:
-            return
-        os.chown(path, caller.uid, _new_gid(parent_path, caller), follow_symlinks=False)
+    def _new_entry(self, parent: int, dir_fd: int, name: bytes, kind: int, caller: Caller) -> Stat:
+        """Register an entry just made in ``dir_fd``; on a multi-user mount, give it to its
+        creator (setgid folders keep their group).
 
-    def _entry(self, parent: int, name: bytes, path: bytes) -> Stat:
-        st = os.lstat(path)
-        return self._stat(self._remember(parent, name, st, 1), st, path)
+        The entry is checked before it is given away: still of the kind made, and still
+        the daemon's. Someone who swapped another entry in meanwhile gets nothing chowned.
+        """
+        fd = open_path(dir_fd, name)
+        try:
+            st = os.fstat(fd)
+            if stat.S_IFMT(st.st_mode) != kind or (self.chown_new and st.st_uid != self._euid):
+                log.warning(
+                    "backing entry %r changed while it was made: left as it is",
+                    self.path(parent) + b"/" + name,
+                )
+                raise OSError(errno.EIO, "the backing folder changed under the mount")
+            if self.chown_new:
+                chown_fd(fd, caller.uid, _new_gid(dir_fd, caller))
+                st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return self._stat(self._remember(parent, name, st, 1), st)
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Stat:
-        path = self._child(parent, name)
-        os.mkdir(path, mode & 0o7777)
-        self._give_to(path, caller, self.path(parent))
-        return self._entry(parent, name, path)
+        self._check_name(parent, name)
+        with self.tree.dir(parent) as dir_fd:
+            os.mkdir(name, mode & 0o7777, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, name, stat.S_IFDIR, caller)
 
     def rmdir(self, parent: int, name: bytes) -> None:
-        os.rmdir(self._child(parent, name))
+        self._check_name(parent, name)
+        with self.tree.dir(parent) as dir_fd:
+            os.rmdir(name, dir_fd=dir_fd)
         self.inodes.unlink_name(parent, name)
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Stat:
-        path = self._child(parent, name)
-        os.symlink(target, path)
-        self._give_to(path, caller, self.path(parent))
-        return self._entry(parent, name, path)
+        self._check_name(parent, name)
+        with self.tree.dir(parent) as dir_fd:
+            os.symlink(target, name, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, name, stat.S_IFLNK, caller)
 
     def readlink(self, ino: int) -> bytes:
-        return os.readlink(self.path(ino))
+        parent, name = self.inodes.entry(ino)
+        with self.tree.dir(parent) as dir_fd:
+            return os.readlink(name, dir_fd=dir_fd)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Stat:
+        """Make a regular file (encrypted, as ``create``), a FIFO, a socket or a device node.
+
+        Device nodes are root's, as on any filesystem (the kernel checks ``CAP_MKNOD``
+        before asking; this checks the caller is root too). The mount is ``nodev`` unless
+        mounted with ``-o dev``, so they can be made and listed but not used as devices.
+        """
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFREG:
             fh, attr = self.create(parent, name, mode, os.O_WRONLY, caller)
             self.release(fh)
             return attr
-        if kind not in (stat.S_IFIFO, stat.S_IFSOCK):
-            raise OSError(errno.EPERM, "only FIFOs, sockets and files can be made here")
-        path = self._child(parent, name)
-        os.mknod(path, mode, rdev)
-        self._give_to(path, caller, self.path(parent))
-        return self._entry(parent, name, path)
+        if kind not in _NODE_KINDS:
+            raise OSError(errno.EINVAL, "not a kind of file mknod makes")
+        if kind in (stat.S_IFCHR, stat.S_IFBLK) and caller.uid != 0:
+            raise OSError(errno.EPERM, "only root makes device nodes")
+        self._check_name(parent, name)
+        with self.tree.dir(parent) as dir_fd:
+            os.mknod(name, kind | (mode & 0o7777), rdev, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, name, kind, caller)
 
     def unlink(self, parent: int, name: bytes) -> None:
-        os.unlink(self._child(parent, name))
+        self._check_name(parent, name)
+        with self.tree.dir(parent) as dir_fd:
+            os.unlink(name, dir_fd=dir_fd)
         self.inodes.unlink_name(parent, name)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Stat:
-        new_path = self._child(new_parent, new_name)
-        os.link(self.path(ino), new_path, follow_symlinks=False)
-        return self._entry(new_parent, new_name, new_path)
+        self._check_name(new_parent, new_name)
+        node = self.inodes.node(ino)
+        with self.tree.dir(new_parent) as new_dir:
+            if node.file is not None:  # exactly the open file, even if renamed meanwhile
+                link_fd(node.file.fd, new_dir, new_name)
+            else:
+                parent, name = self.inodes.entry(ino)
+                with self.tree.dir(parent) as dir_fd:
+                    os.link(
+                        name, new_name, src_dir_fd=dir_fd, dst_dir_fd=new_dir, follow_symlinks=False
+                    )
+            st = os.stat(new_name, dir_fd=new_dir, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != node.key:
+                os.unlink(new_name, dir_fd=new_dir)
+                raise OSError(errno.ESTALE, "the backing folder changed: another entry")
+        return self._stat(self._remember(new_parent, new_name, st, 1), st)
 
     def rename(
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int
     ) -> None:
-        old_path = self._child(parent, name)
-        new_path = self._child(new_parent, new_name)
+        self._check_name(parent, name)
+        self._check_name(new_parent, new_name)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unknown rename flags")
-        if flags:
-            renameat2(old_path, new_path, flags)
-        else:
-            os.rename(old_path, new_path)
+        with self.tree.dir(parent) as old_dir:
+            if new_parent == parent:
+                renameat2(old_dir, name, old_dir, new_name, flags)
+            else:
+                with self.tree.dir(new_parent) as new_dir:
+                    renameat2(old_dir, name, new_dir, new_name, flags)
         moved = self.inodes.unlink_name(parent, name)
         replaced = self.inodes.unlink_name(new_parent, new_name)
         if replaced is not None and flags & RENAME_EXCHANGE:
@@ -332,58 +416,49 @@ class Vfs:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Stat:
+        """Change a node's attributes; a new size is a key decision for ``caller``."""
         node = self.inodes.node(ino)
         if size is not None:
             self._truncate(node, size, caller)
-        target = self._target(node)
-        follow = isinstance(target, int)  # fds take only the default
-        if mode is not None:
-            os.chmod(target, stat.S_IMODE(mode))
-        if uid is not None or gid is not None:
-            os.chown(
-                target,
-                -1 if uid is None else uid,
-                -1 if gid is None else gid,
-                follow_symlinks=follow,
-            )
-        if atime_ns is not None or mtime_ns is not None:
-            st = os.stat(target, follow_symlinks=follow)
-            os.utime(
-                target,
-                ns=(
-                    st.st_atime_ns if atime_ns is None else atime_ns,
-                    st.st_mtime_ns if mtime_ns is None else mtime_ns,
-                ),
-                follow_symlinks=follow,
-            )
-        return self.getattr(ino)
-
-    def _target(self, node: Node) -> bytes | int:
-        """Where to act on a node's backing entry: an open file's fd, which outlives the
-        file's names (unlinked or replaced while open), else its path, never to be followed
-        (``follow_symlinks=isinstance(target, int)``: fds take only the default)."""
-        return node.file.fd if node.file is not None else self.path(node.ino)
+        if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
+            return self.getattr(ino)
+        with self._entry_fd(node) as fd:
+            st = os.fstat(fd)
+            target = proc_path(fd)  # reaches the entry itself, a symlink too
+            if mode is not None:
+                if stat.S_ISLNK(st.st_mode):
+                    raise OSError(errno.EOPNOTSUPP, "symlinks have no mode of their own")
+                os.chmod(target, stat.S_IMODE(mode))
+            if uid is not None or gid is not None:
+                chown_fd(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            if atime_ns is not None or mtime_ns is not None:
+                os.utime(
+                    target,
+                    ns=(
+                        st.st_atime_ns if atime_ns is None else atime_ns,
+                        st.st_mtime_ns if mtime_ns is None else mtime_ns,
+                    ),
+                )
+            return self._stat(node, os.fstat(fd))
 
     def _truncate(self, node: Node, size: int, caller: Caller) -> None:
+        """Truncate a file for ``caller``: a key decision even when the file is open."""
         if node.file is not None:
-            self._guard(self._safe_path(node), node.file.truncate, size)
+            path = self._safe_path(node)
+            self._unwrap(node.file.header, caller, path, "truncate")
+            self._guard(path, node.file.truncate, size)
             return
-        path = self.path(node.ino)
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.EISDIR, "is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        fh = self.open(node.ino, os.O_WRONLY, caller)
+        check_regular(self._lstat(node.ino))
+        fh = self.open(node.ino, os.O_WRONLY, caller, purpose="truncate")
         try:
             cfile = self._handles[fh].node.file
             assert cfile is not None
-            self._guard(path, cfile.truncate, size)
+            self._guard(self._safe_path(node), cfile.truncate, size)
         finally:
             self.release(fh)
 
     def statfs(self) -> os.statvfs_result:
-        return os.statvfs(self.root_path)
+        return os.statvfs(self.tree.root_fd)
 
     # --- extended attributes (user namespace only) -------------------------------------
 
@@ -392,25 +467,25 @@ class Vfs:
             # EOPNOTSUPP, not ENODATA: `ls -l` then stops asking for security.selinux and
             # system.posix_acl_access on every entry (two round trips per file).
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        target = self._target(self.inodes.node(ino))
-        return os.getxattr(target, name, follow_symlinks=isinstance(target, int))
+        with self._entry_fd(self.inodes.node(ino)) as fd:
+            return os.getxattr(proc_path(fd), name)
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if not name.startswith(b"user."):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        target = self._target(self.inodes.node(ino))
-        os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
+        with self._entry_fd(self.inodes.node(ino)) as fd:
+            os.setxattr(proc_path(fd), name, value)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        target = self._target(self.inodes.node(ino))
-        names = os.listxattr(target, follow_symlinks=isinstance(target, int))
+        with self._entry_fd(self.inodes.node(ino)) as fd:
+            names = os.listxattr(proc_path(fd))
         return [os.fsencode(n) for n in names if n.startswith("user.")]
 
     def removexattr(self, ino: int, name: bytes) -> None:
         if not name.startswith(b"user."):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        target = self._target(self.inodes.node(ino))
-        os.removexattr(target, name, follow_symlinks=isinstance(target, int))
+        with self._entry_fd(self.inodes.node(ino)) as fd:
+            os.removexattr(proc_path(fd), name)
 
     # --- files -------------------------------------------------------------------------
 
@@ -436,8 +511,7 @@ class Vfs:
         and ``linkat``, or a temporary name and ``link``), so a crash never leaves a
         file without a header.
         """
-        path = self._child(parent, name)
-        parent_path = self.path(parent)
+        self._check_name(parent, name)
         self._decide(caller)
         pooled = self.key_pool.take(caller) if self.key_pool is not None else None
         if pooled is not None:
@@ -448,111 +522,127 @@ class Vfs:
                 self.volume.key_arn,
                 self.volume.file_context(file_id),
                 caller,
-                os.fsdecode(path),
+                os.fsdecode(self.path(parent) + b"/" + name),
             )
         header = FileHeader(file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped)
         self.key_cache.put(caller.uid, caller.gid, file_id, data_key.wrapped, data_key.plaintext)
         keys = FileKeys.derive(data_key.plaintext, file_id)
-        fd, temp = open_unnamed(parent_path, mode & 0o7777)
-        try:
-            cfile = CryptFile.create(fd, header, keys)
-            if self.chown_new:
-                os.fchown(fd, caller.uid, _new_gid(parent_path, caller))
-            if temp is None:
-                link_fd(fd, path)
-            else:
-                try:
-                    os.link(temp, path)
-                finally:
-                    os.unlink(temp)
-        except BaseException:
-            os.close(fd)
-            raise
+        with self.tree.dir(parent) as dir_fd:
+            fd, temp = open_unnamed(dir_fd, mode & 0o7777)
+            try:
+                cfile = CryptFile.create(fd, header, keys)
+                if self.chown_new:
+                    os.fchown(fd, caller.uid, _new_gid(dir_fd, caller))
+                if temp is None:
+                    link_fd(fd, dir_fd, name)
+                else:
+                    try:
+                        os.link(
+                            temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False
+                        )
+                    finally:
+                        os.unlink(temp, dir_fd=dir_fd)
+            except BaseException:
+                os.close(fd)
+                raise
         st = os.fstat(fd)
         node = self._remember(parent, name, st, 1)
         node.file = cfile
         node.opens += 1
         fh = self._new_fh()
         self._handles[fh] = Handle(node, writable=True)
-        return fh, self._stat(node, st, path)
+        return fh, self._stat(node, st)
 
-    def open(self, ino: int, flags: int, caller: Caller) -> int:
+    def open(self, ino: int, flags: int, caller: Caller, *, purpose: str = "") -> int:
         """Open a file for ``caller``: one key-service decision per open.
 
         Raises:
             AccessDeniedException (EACCES), DisabledException / KMSInvalidStateException
-            (EKEYREVOKED), NotFoundException (ENOKEY), IntegrityError (EIO).
+            (EKEYREVOKED), NotFoundException (ENOKEY), IntegrityError (EIO: a damaged file,
+            or one whose header names a key the volume does not accept).
         """
         node = self.inodes.node(ino)
-        path = self.path(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         self._decide(caller)
         if node.file is not None:
-            header = node.file.header
-            self._unwrap(header, caller, path)  # the decision; the keys are known already
+            # The decision; the keys are known already.
+            self._unwrap(node.file.header, caller, self._safe_path(node), purpose)
         else:
-            folder, _, name = path.rpartition(b"/")
-            asked = self.read_ahead.opened(folder, name)
-            node.file = self._open_backing(path, header_caller=caller, read_ahead=not asked)
+            parent, name = self.inodes.entry(ino)
+            with self.tree.dir(parent) as dir_fd:
+                asked = self.read_ahead.opened(parent, name, dir_fd)
+                node.file = self._open_backing(
+                    dir_fd, name, node, caller, purpose, read_ahead=not asked
+                )
         node.opens += 1
         fh = self._new_fh()
         self._handles[fh] = Handle(node, writable)
         if flags & os.O_TRUNC:  # as on Linux, even read-only (the kernel checked write access)
-            self._guard(path, node.file.truncate, 0)
+            self._guard(self._safe_path(node), node.file.truncate, 0)
         return fh
 
-    def _unwrap(self, header: FileHeader, caller: Caller, path: bytes) -> bytes:
+    def _unwrap(self, header: FileHeader, caller: Caller, path: bytes, purpose: str = "") -> bytes:
         """The file's data key for ``caller``: the key service's decision, or a recent one
-        for the same user from the cache (see :mod:`envfs.keycache`)."""
+        for the same user from the cache (see :mod:`envfs.keycache`).
+
+        Raises:
+            IntegrityError: the header names a key the volume does not accept (nothing is
+                asked of the key service), or its data key does not unwrap.
+        """
+        if not self.volume.accepts_key(header.key_arn):
+            log.warning(
+                "backing file %r: its header names key %r, which the volume does not accept",
+                path,
+                header.key_arn,
+            )
+            raise IntegrityError("the header names a key the volume does not accept")
         wrapped, file_id = header.wrapped_key, header.file_id
         cached = self.key_cache.get(caller.uid, caller.gid, file_id, wrapped)
         if cached is not None:
             return cached
+        note = os.fsdecode(path) + (f" ({purpose})" if purpose else "")
         try:
             data_key = self.provider.decrypt(
-                wrapped,
-                header.key_arn,
-                self.volume.file_context(file_id),
-                caller,
-                os.fsdecode(path),
+                wrapped, header.key_arn, self.volume.file_context(file_id), caller, note
             )
-        except AccessDeniedException:
-            raise
         except KMSError as exc:
             if exc.errno == errno.EIO:
                 log.warning("backing file %r: its data key does not unwrap: %s", path, exc)
-            elif header.key_arn != self.volume.key_arn:
-                # A header naming a key the service does not know (or a malformed ARN) is
-                # a damaged or foreign file, not a missing volume key (ENOKEY).
-                log.warning("backing file %r: its header names an unusable key: %s", path, exc)
-                raise IntegrityError("the header names a key that is not the volume's") from None
             raise
         self.key_cache.put(caller.uid, caller.gid, file_id, wrapped, data_key)
         return data_key
 
     def _open_backing(
-        self, path: bytes, header_caller: Caller, *, read_ahead: bool = True
+        self,
+        dir_fd: int,
+        name: bytes,
+        node: Node,
+        caller: Caller,
+        purpose: str,
+        *,
+        read_ahead: bool = True,
     ) -> CryptFile:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = open_regular(dir_fd, name, os.O_RDWR, node.key)
         except PermissionError:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = open_regular(dir_fd, name, os.O_RDONLY, node.key)
+        path = self._safe_path(node)
         try:
+            stride = format.block_stride(self.volume.block_shift)
             try:
-                header, raw = read_header(fd, read_ahead=read_ahead)
+                header, raw = read_header(fd, read_ahead=read_ahead, extra=stride)
             except IntegrityError as exc:
                 log.warning("backing file %r: %s", path, exc.message)
                 raise
-            data_key = self._unwrap(header, header_caller, path)
+            data_key = self._unwrap(header, caller, path, purpose)
             keys = FileKeys.derive(data_key, header.file_id)
-            try:
-                return CryptFile.open(fd, header, raw, keys)
-            except IntegrityError as exc:
-                log.warning("backing file %r: %s", path, exc.message)
-                raise
+            return self._guard(path, CryptFile.open, fd, header, raw, keys)
         except BaseException:
             os.close(fd)
             raise
+
+    def _open_for_read_ahead(self, dir_fd: int, name: bytes) -> int:
+        return open_regular(dir_fd, name, os.O_RDONLY | os.O_NONBLOCK)
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
@@ -578,6 +668,7 @@ class Vfs:
             raise
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
+        """Write through a handle: decided at the handle's open, like any Unix file."""
         handle = self._handle(fh)
         assert handle.node.file is not None
         if not handle.writable:
@@ -594,11 +685,12 @@ class Vfs:
         except OSError:
             return b"<unlinked>"
 
-    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        """``fallocate(2)`` mode 0: afterwards the file is at least ``offset + length``
-        bytes long (the new part reads as zeros) and writes inside that range will not fail
-        for want of space. The backing space is reserved first, so ENOSPC leaves the file
-        unchanged. Other modes (keep size, punch hole, zero range, ...) give EOPNOTSUPP.
+    def fallocate(self, fh: int, mode: int, offset: int, length: int, caller: Caller) -> None:
+        """``fallocate(2)`` mode 0 for ``caller`` (a key decision): afterwards the file is at
+        least ``offset + length`` bytes long (the new part reads as zeros) and writes inside
+        that range will not fail for want of space. The space is checked and reserved
+        first, so ENOSPC leaves the file unchanged. Other modes (keep size, punch hole,
+        zero range, ...) give EOPNOTSUPP.
         """
         handle = self._handle(fh)
         cfile = handle.node.file
@@ -609,13 +701,9 @@ class Vfs:
             raise OSError(errno.EINVAL, "invalid fallocate range")
         if not handle.writable:
             raise OSError(errno.EBADF, "file not open for writing")
-        end = offset + length
-        if end <= cfile.size:
-            return  # every block of the range is written already: nothing is sparse
-        shift = cfile.header.block_shift
-        current = format.backing_size(cfile.size, shift)
-        reserve(cfile.fd, current, format.backing_size(end, shift) - current)
-        self._guard(self._safe_path(handle.node), cfile.truncate, end)
+        path = self._safe_path(handle.node)
+        self._unwrap(cfile.header, caller, path, "fallocate")
+        self._guard(path, cfile.reserve, offset + length)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handle(fh)
@@ -661,11 +749,12 @@ class Vfs:
         self.key_cache.clear()
         if self.key_pool is not None:
             self.key_pool.clear()
+        self.tree.close()
 
 
-def _new_gid(parent_path: bytes, caller: Caller) -> int:
+def _new_gid(dir_fd: int, caller: Caller) -> int:
     """The group of a new entry: the caller's, or the directory's if it is setgid."""
-    parent_st = os.lstat(parent_path)
+    parent_st = os.fstat(dir_fd)
     return parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
 
 

@@ -6,6 +6,7 @@
      "volume_id": "<uuid>",
      "region": "<region>",
      "key_arn": "arn:envfs:kms:<region>:<account>:key/<uuid>",
+     "previous_key_arns": [...],        # optional: see "Which keys" below
      "format_version": 1,               # file format of the volume's files
      "block_shift": 14,                 # plaintext block size 2**14 = 16 KiB
      "features": [],                    # feature flags; unknown ones are refused
@@ -19,17 +20,26 @@ HMAC-SHA256, under a key derived from it, of the canonical JSON of every other f
 Verifying asks the key service to decrypt ``auth_key`` *requiring* the key named in the
 file (``KeyId``), so a volume file whose key or region was swapped, or any edited field,
 is refused. Files of the volume use the context
-``{"envfs:volume": <volume id>, "envfs:file": <file id, hex>}``, so a file header moved
-into another volume does not unwrap.
+``{"envfs:volume": <volume id>, "envfs:file": <file id, 32 lowercase hex digits>}``, so a
+file header moved into another volume does not unwrap.
+
+Which keys: the volume file, not a file's header, decides under which master keys the
+volume's files may be wrapped. New files use ``key_arn``; ``previous_key_arns`` (present only
+while the volume's key is being changed, see :meth:`Volume.begin_key_change`) lists further
+keys whose files are still accepted. A header naming any other key is refused without asking
+the key service (:meth:`Volume.accepts_key`): otherwise whoever may write the backing folder
+and use some other key could plant a file whose data key they know.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import json
 import os
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +60,7 @@ VOLUME_FILE = ".envfs-volume.json"
 VOLUME_FILE_VERSION = 1
 KNOWN_FEATURES: frozenset[str] = frozenset()
 _MAC_INFO = b"envfs volume mac v1"
+_OPTIONAL_FIELDS = {"previous_key_arns"}
 _FIELDS = {
     "envfs_volume",
     "volume_id",
@@ -78,10 +89,15 @@ class Volume:
     created: str = ""
     auth_key: bytes = b""
     mac: bytes = b""
+    previous_key_arns: list[str] = field(default_factory=list)
 
     @property
     def block_size(self) -> int:
         return 1 << self.block_shift
+
+    def accepts_key(self, key_arn: str) -> bool:
+        """Whether a file of this volume may be wrapped under ``key_arn`` (exact ARN)."""
+        return key_arn == self.key_arn or key_arn in self.previous_key_arns
 
     def file_context(self, file_id: bytes) -> EncryptionContext:
         """The encryption context of one file's data key."""
@@ -91,7 +107,10 @@ class Volume:
         return {"envfs:volume": self.volume_id, "envfs:purpose": "volume"}
 
     def _signed_fields(self) -> dict[str, Any]:
-        return {
+        optional: dict[str, Any] = {}
+        if self.previous_key_arns:  # absent from older files, whose MAC must still verify
+            optional["previous_key_arns"] = list(self.previous_key_arns)
+        return optional | {
             "envfs_volume": VOLUME_FILE_VERSION,
             "volume_id": self.volume_id,
             "region": self.region,
@@ -160,21 +179,50 @@ class Volume:
         return volume
 
     def _write(self) -> None:
+        """Replace the volume file atomically (temporary file, fsync, rename, fsync folder).
+
+        The backing folder may hold a planted ``.envfs-volume.json.tmp`` (a symlink to a
+        file of root's, say): it is removed, never followed or truncated.
+        """
         doc = {**self._signed_fields(), "mac": base64.b64encode(self.mac).decode()}
-        path = self.backing / VOLUME_FILE
-        tmp = self.backing / (VOLUME_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        tmp = VOLUME_FILE + ".tmp"
+        dir_fd = os.open(self.backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.write(fd, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(self.backing, os.O_RDONLY | os.O_DIRECTORY)
-        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+            try:
+                os.write(fd, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, VOLUME_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def begin_key_change(self, new_key_id: str, provider: KeyProvider, caller: Caller) -> None:
+        """Make ``new_key_id`` the key of new files, keeping the files under the current
+        key(s) valid: the groundwork of a key change, which a rewrap of every header then
+        completes. The volume file is authenticated anew under the new key.
+
+        Raises:
+            KMSError: the key service refused (unknown key, not a key user...).
+            VolumeError: the new key is in another region.
+        """
+        data_key = provider.generate_data_key(
+            new_key_id, self._auth_context(), caller, f"envfs key change {self.backing}"
+        )
+        if parse_arn(data_key.key_arn).region != self.region:
+            raise VolumeError(f"key {data_key.key_arn!r} is not in region {self.region!r}")
+        if data_key.key_arn != self.key_arn:
+            previous = [self.key_arn, *self.previous_key_arns]
+            self.previous_key_arns = [a for a in dict.fromkeys(previous) if a != data_key.key_arn]
+        self.key_arn = data_key.key_arn
+        self.auth_key = data_key.wrapped
+        self.mac = self._mac_for(data_key.plaintext)
+        self._write()
 
     # --- loading and verifying ---------------------------------------------------------
 
@@ -190,7 +238,14 @@ class Volume:
         if not backing.is_dir():
             raise VolumeError(f"{str(backing)!r} is not a directory")
         try:
-            raw = path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise VolumeError(f"{str(path)!r} is not a regular file")
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    raw = f.read(1 << 20)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise VolumeError(
                 f"{str(backing)!r} is not an envfs volume (no {VOLUME_FILE}; create one with"
@@ -210,7 +265,7 @@ class Volume:
                 f"{str(path)!r} has volume file version {version!r}; this envfs reads"
                 f" version {VOLUME_FILE_VERSION}"
             )
-        unknown = set(doc) - _FIELDS
+        unknown = set(doc) - _FIELDS - _OPTIONAL_FIELDS
         missing = _FIELDS - set(doc)
         if unknown or missing:
             raise VolumeError(
@@ -229,6 +284,7 @@ class Volume:
                 created=_typed(doc, "created", str),
                 auth_key=base64.b64decode(_typed(doc, "auth_key", str), validate=True),
                 mac=base64.b64decode(_typed(doc, "mac", str), validate=True),
+                previous_key_arns=_typed(doc, "previous_key_arns", list, default=[]),
             )
         except (binascii.Error, ValueError) as exc:
             raise VolumeError(f"{str(path)!r} is malformed: {exc}") from None
@@ -244,10 +300,20 @@ class Volume:
             )
         if not format.MIN_BLOCK_SHIFT <= volume.block_shift <= format.MAX_BLOCK_SHIFT:
             raise VolumeError(f"{str(path)!r} has an invalid block shift {volume.block_shift}")
+        if not all(isinstance(a, str) for a in volume.previous_key_arns) or (
+            "previous_key_arns" in doc and not volume.previous_key_arns
+        ):
+            raise VolumeError(f"{str(path)!r} is malformed: bad previous_key_arns")
         try:
             key_region = parse_arn(volume.key_arn).region
+            previous_regions = {parse_arn(a).region for a in volume.previous_key_arns}
         except InvalidArnException:
             raise VolumeError(f"{str(path)!r} names a key that is not a key ARN") from None
+        if previous_regions - {volume.region}:
+            raise VolumeError(
+                f"{str(path)!r} is not consistent: it accepts keys of regions"
+                f" {sorted(previous_regions - {volume.region})} in region {volume.region!r}"
+            )
         if key_region != volume.region:
             # Caught here, before a key store of the wrong region is even looked for.
             raise VolumeError(
@@ -315,7 +381,12 @@ class Volume:
             )
 
 
-def _typed(doc: dict[str, Any], name: str, kind: type) -> Any:
+_MISSING = object()
+
+
+def _typed(doc: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    if default is not _MISSING and name not in doc:
+        return default
     value = doc[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"field {name!r} must be of type {kind.__name__}")

@@ -7,7 +7,8 @@ this script builds pyfuse3 from its source release with them added:
    kernel answers every ``fallocate(2)`` on a pyfuse3 mount with EOPNOTSUPP; its table
    of operations is a private C global that libfuse copies when the session is made.
    The added ``fuse_fallocate`` passes the request to ``Operations.fallocate(fh, mode,
-   offset, length)`` if the file system defines that method, and answers ENOSYS if not
+   offset, length, ctx)`` (``ctx``: the request's context, so the caller is known) if the
+   file system defines that method, and answers ENOSYS if not
    (the kernel then stops sending it, exactly as without the handler).
 2. **A faster loop for a single worker.** With ``main(max_tasks=1)`` (how envfs runs it,
    since its handlers never await), the session loop watches the FUSE fd for up to
@@ -22,8 +23,8 @@ this script builds pyfuse3 from its source release with them added:
 
 Steps: download the pinned source release with pip and check its SHA-256; insert the
 code below at two anchors, failing if the anchors are not as expected; build and install
-the tree as version ``3.5.0+envfs2``, which satisfies envfs's requirement on pyfuse3, so
-installing envfs afterwards keeps it. The module gains ``_envfs_fallocate = 1`` and
+the tree as version ``3.5.0+envfs3``, which satisfies envfs's requirement on pyfuse3, so
+installing envfs afterwards keeps it. The module gains ``_envfs_fallocate = 2`` and
 ``_envfs_fast_path = 1`` so that envfs can tell the build apart. Nothing else in pyfuse3
 changes.
 
@@ -46,7 +47,7 @@ import tempfile
 from pathlib import Path
 
 VERSION = "3.5.0"
-LOCAL_VERSION = f"{VERSION}+envfs2"
+LOCAL_VERSION = f"{VERSION}+envfs3"
 SDIST = f"pyfuse3-{VERSION}.tar.gz"
 SDIST_SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
 
@@ -57,7 +58,7 @@ HANDLER = """
 
 # --- FUSE_FALLOCATE, added by envfs (scripts/build_pyfuse3.py) ---------------------------
 
-_envfs_fallocate = 1
+_envfs_fallocate = 2  # 2: the handler is given the request's context (the caller)
 
 cdef void fuse_fallocate (fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
                           off_t length, fuse_file_info *fi):
@@ -76,8 +77,9 @@ async def fuse_fallocate_async (_Container c):
     if method is None:
         ret = fuse_reply_err(c.req, errno.ENOSYS)
     else:
+        ctx = get_request_context(c.req)
         try:
-            await method(c.fh, c.flags, c.off, c.size)
+            await method(c.fh, c.flags, c.off, c.size, ctx)
         except FUSEError as e:
             ret = fuse_reply_err(c.req, e.errno)
         else:
@@ -139,7 +141,7 @@ class BuildError(Exception):
 
 def installed_has_handler() -> bool:
     probe = (
-        "import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, '_envfs_fallocate', 0)"
+        "import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, '_envfs_fallocate', 0) >= 2"
         " and getattr(pyfuse3, '_envfs_fast_path', 0) else 1)"
     )
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0

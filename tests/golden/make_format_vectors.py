@@ -178,7 +178,7 @@ def main() -> int:
             patched(empty, 12, struct.pack(">I", 1)),
             "empty",
             "UnsupportedFormatError",
-            r"^unsupported header flags 0x00000001 \(version 1 defines none\)$",
+            r"^unsupported header flags 0x00000001 \(version 1 defines 0x00000002\)$",
         ),
         broken(
             "bad-magic",

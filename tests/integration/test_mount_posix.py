@@ -691,17 +691,39 @@ def test_fifo_passes_bytes(d: Path) -> None:
     assert received == [payload]
 
 
-def test_mknod_kinds(d: Path) -> None:
+def test_mknod_kinds(vol_m: Mount, d: Path) -> None:
     os.mknod(d / "regular", 0o640 | stat.S_IFREG)  # an encrypted empty file
     assert os.stat(d / "regular").st_size == 0
     (d / "regular").write_bytes(b"written later")
     assert (d / "regular").read_bytes() == b"written later"
     os.mknod(d / "socket", 0o600 | stat.S_IFSOCK)
     assert stat.S_ISSOCK(os.lstat(d / "socket").st_mode)
-    with pytest.raises(PermissionError) as exc:
-        os.mknod(d / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    assert exc.value.errno == errno.EPERM
+    # Device nodes (root's, as on ext4): kind, numbers and mode kept, here and behind.
+    os.mknod(d / "null", 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(d / "loop", 0o640 | stat.S_IFBLK, os.makedev(7, 200))
+    for name, kind, mode, dev in (
+        ("null", stat.S_IFCHR, 0o644, os.makedev(1, 3)),
+        ("loop", stat.S_IFBLK, 0o640, os.makedev(7, 200)),
+    ):
+        for st in (os.lstat(d / name), os.lstat(backing_of(vol_m, d / name))):
+            assert (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode)) == (kind, mode), name
+            assert st.st_rdev == dev, name
+    # The mount is nodev: a device node made or planted behind it is no device here.
+    with pytest.raises(PermissionError):
+        os.open(d / "null", os.O_RDONLY)
+    assert "nodev" in mount_options(vol_m.mnt)
+    os.unlink(d / "null")
+    os.unlink(d / "loop")
     assert sorted(os.listdir(d)) == ["regular", "socket"]
+
+
+def mount_options(mnt: Path) -> list[str]:
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if fields[1] == str(mnt):
+                return fields[3].split(",")
+    raise AssertionError(f"{mnt} is not mounted")
 
 
 def test_statfs(vol_m: Mount) -> None:
@@ -1073,9 +1095,11 @@ def test_multi_user_mount_gives_new_entries_to_their_creator(shared_vol: Mount) 
     os.chmod(group, 0o2777)  # setgid: new entries take the folder's group
     as_stranger(
         "echo mine > file; mkdir dir; ln -s file link; mkfifo fifo; cat file > copy;"
-        " echo theirs > ../group/file; mkdir ../group/dir",
+        " echo theirs > ../group/file; mkdir ../group/dir;"
+        " if mknod dev c 1 3 2>/dev/null; then exit 1; fi",  # devices are root's
         cwd=public,
     )
+    assert not os.path.lexists(public / "dev")
     for name in ("file", "dir", "link", "fifo", "copy"):
         st = os.lstat(public / name)
         assert (st.st_uid, st.st_gid) == (STRANGER_UID, STRANGER_GID), name

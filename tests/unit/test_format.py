@@ -397,7 +397,7 @@ def fixed_header(**fields: Any) -> bytes:
         ({"version": 65535}, r"^unsupported format version 65535 "),
         ({"suite": 2}, r"^unsupported cipher suite 2 \(this envfs knows suite 1\)$"),
         ({"suite": 0}, r"^unsupported cipher suite 0 "),
-        ({"flags": 1}, r"^unsupported header flags 0x00000001 \(version 1 defines none\)$"),
+        ({"flags": 1}, r"^unsupported header flags 0x00000001 \(version 1 defines 0x00000002\)$"),
         ({"flags": 1 << 31}, r"^unsupported header flags 0x80000000 "),
         (
             {"shift": 11},
