@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -233,3 +233,234 @@ def test_read_header_asks_for_the_file_s_start_unless_told_not_to(
     asks.clear()
     assert read_header(cfile.fd, read_ahead=False)[0] == cfile.header
     assert asks == []
+
+
+# --- the final block is authenticated at open --------------------------------------------
+
+
+def whole_blocks(cfile: CryptFile, count: int) -> bytes:
+    """Fill ``cfile`` with ``count`` whole blocks: it ends in an empty final block."""
+    data = random.Random(count).randbytes(count << SHIFT)
+    cfile.write(0, data)
+    assert os.fstat(cfile.fd).st_size == format.block_offset(count, SHIFT) + 28
+    return data
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["flip the empty block's tag", "replace the empty block", "cut into the last whole block"],
+)
+def test_a_forged_end_is_refused_at_open(cfile: CryptFile, attack: str) -> None:
+    whole_blocks(cfile, 3)
+    end = format.block_offset(3, SHIFT)
+    if attack == "flip the empty block's tag":
+        byte = os.pread(cfile.fd, 1, end + 20)
+        os.pwrite(cfile.fd, bytes([byte[0] ^ 0x80]), end + 20)
+    elif attack == "replace the empty block":
+        os.pwrite(cfile.fd, random.Random(1).randbytes(28), end)
+    else:  # 512 + 2 * (B + 28) + 28: looks like two whole blocks and an empty one
+        os.ftruncate(cfile.fd, format.block_offset(2, SHIFT) + 28)
+    with pytest.raises(IntegrityError, match=r"^block \d failed authentication$"):
+        reopen(cfile)
+
+
+def test_an_empty_file_whose_only_block_is_forged_is_refused(cfile: CryptFile) -> None:
+    cfile.write(0, b"x" * 100)
+    os.ftruncate(cfile.fd, format.MIN_BACKING_SIZE)  # 540 bytes: the size of an empty file
+    with pytest.raises(IntegrityError, match=r"^block 0 failed authentication$"):
+        reopen(cfile)
+
+
+def test_open_finds_a_small_file_s_final_block_in_what_read_header_read(
+    cfile: CryptFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfile.write(0, b"x" * 1000)
+    header, raw = read_header(cfile.fd, extra=format.block_stride(SHIFT))
+    monkeypatch.setattr("envfs.cryptfile._pread", lambda *a: pytest.fail("read again"))
+    keys = FileKeys.derive(DATA_KEY, header.file_id)
+    assert CryptFile.open(cfile.fd, header, raw, keys).size == 1000
+
+
+# --- holes ----------------------------------------------------------------------------------
+
+
+def allocated(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
+def test_a_large_gap_becomes_holes_that_read_as_zeros(cfile: CryptFile) -> None:
+    cfile.write(0, b"head")
+    size = 64 << 20  # 64 MiB
+    cfile.truncate(size)
+    assert cfile.size == size
+    assert os.fstat(cfile.fd).st_size == format.backing_size(size, SHIFT)
+    assert allocated(cfile.fd) < 1 << 20  # nothing was written in between
+    assert cfile.header.sparse
+    again = reopen(cfile)
+    assert again.header.sparse
+    assert again.read(0, 8) == b"head" + bytes(4)
+    assert again.read(size // 2, 3 << SHIFT) == bytes(3 << SHIFT)
+    assert again.read(size - 10, 100) == bytes(10)
+    cfile.write(size // 2, b"middle")  # writing into a hole fills that block only
+    assert reopen(cfile).read(size // 2 - 2, 10) == bytes(2) + b"middle" + bytes(2)
+
+
+def test_a_small_gap_is_sealed_and_the_file_has_no_holes(cfile: CryptFile) -> None:
+    cfile.write(0, b"head")
+    cfile.truncate(cryptfile.SPARSE_GAP)
+    assert not cfile.header.sparse
+    zero = bytes(format.block_stride(SHIFT))
+    os.pwrite(cfile.fd, zero, format.block_offset(1, SHIFT))  # zeroing a block is caught
+    with pytest.raises(IntegrityError, match=r"^block 1 failed authentication$"):
+        reopen(cfile).read(1 << SHIFT, 10)
+
+
+def test_in_a_sparse_file_only_whole_zero_blocks_are_holes(cfile: CryptFile) -> None:
+    size = 8 << 20
+    cfile.write(size, b"tail")  # a write far past the end makes holes too
+    assert cfile.header.sparse and cfile.read(size, 10) == b"tail"
+    at = format.block_offset(3, SHIFT)
+    os.pwrite(cfile.fd, b"\1", at + 100)  # a hole with one byte set is a damaged block
+    with pytest.raises(IntegrityError, match=r"^block 3 failed authentication$"):
+        reopen(cfile).read(3 << SHIFT, 1)
+    os.pwrite(cfile.fd, b"\0", at + 100)
+    # The final block is never a hole: zeroing it fails at open.
+    end = os.fstat(cfile.fd).st_size
+    final = format.block_offset(size >> SHIFT, SHIFT)
+    os.pwrite(cfile.fd, bytes(end - final), final)
+    with pytest.raises(IntegrityError, match=r"failed authentication$"):
+        reopen(cfile)
+
+
+def test_random_operations_with_holes_match_a_model(
+    cfile: CryptFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    block = 1 << SHIFT
+    monkeypatch.setattr(cryptfile, "SPARSE_GAP", 2 * block)  # holes from 2 blocks of gap on
+    rng = random.Random(99)
+    model = bytearray()
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.5:
+            offset = rng.choice([len(model), rng.randrange(0, len(model) + 12 * block)])
+            data = rng.randbytes(rng.choice([1, block, rng.randrange(1, 3 * block)]))
+            cfile.write(offset, data)
+            model.extend(bytes(max(0, offset - len(model))))
+            model[offset : offset + len(data)] = data
+        elif op < 0.75:
+            new_size = rng.choice([0, len(model) // 3, len(model) + rng.randrange(0, 12 * block)])
+            cfile.truncate(new_size)
+            del model[new_size:]
+            model.extend(bytes(new_size - len(model)))
+        else:
+            offset = rng.randrange(0, len(model) + 10)
+            length = rng.randrange(0, 4 * block)
+            assert cfile.read(offset, length) == bytes(model[offset : offset + length])
+        assert cfile.size == len(model)
+    assert cfile.header.sparse
+    again = reopen(cfile)
+    assert again.read(0, len(model) + 1) == bytes(model)
+
+
+# --- changes that cannot complete leave the file as it was ---------------------------------
+
+
+def test_a_size_past_the_largest_backing_file_is_efbig_at_once(cfile: CryptFile) -> None:
+    cfile.write(0, b"data")
+    before = os.pread(cfile.fd, 1 << 16, 0)
+    for change in (
+        lambda: cfile.truncate((1 << 63) - 1),
+        lambda: cfile.write((1 << 63) - 10, b"x"),
+        lambda: cfile.reserve(1 << 63),
+    ):
+        with pytest.raises(OSError) as info:
+            change()
+        assert info.value.errno == errno.EFBIG
+    assert os.pread(cfile.fd, 1 << 16, 0) == before and cfile.size == 4
+
+
+class FailingWrites:
+    """``_pwrite_all`` whose call number ``failing`` writes ``part`` of its bytes and then
+    fails with ENOSPC, as a full disk would in the middle of a write. Later calls (the
+    undoing, which only overwrites bytes that were there) work."""
+
+    def __init__(self, failing: int, part: float) -> None:
+        self.failing, self.part, self.calls = failing, part, 0
+        self.real = cryptfile._pwrite_all
+
+    def __call__(self, fd: int, data: bytes, offset: int) -> None:
+        self.calls += 1
+        if self.calls - 1 == self.failing:
+            os.pwrite(fd, data[: int(len(data) * self.part)], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.real(fd, data, offset)
+
+
+CHANGES: dict[str, Callable[[CryptFile, int], None]] = {
+    "append": lambda f, b: f.write(f.size, b"y" * (3 * b)),
+    "write past the end": lambda f, b: f.write(f.size + b, b"y" * 10),
+    "write across the end": lambda f, b: f.write(b - 7, b"y" * (3 * b)),
+    "grow by holes": lambda f, b: f.truncate(50 * b),
+    "write far past the end": lambda f, b: f.write(60 * b + 1, b"y" * b),
+    "truncate down": lambda f, b: f.truncate(b + 5),
+    "fill a hole": lambda f, b: f.write(10 * b + 3, b"y" * (2 * b)),
+}
+
+
+@pytest.mark.parametrize("part", [0.0, 0.5])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_failed_change_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str, part: float
+) -> None:
+    """Every write the change makes fails in turn (in a fresh file each time); each time
+    the file is left exactly as it was, bytes and size."""
+    block = 1 << SHIFT
+    monkeypatch.setattr(cryptfile, "SPARSE_GAP", 2 * block)
+    failures = 0
+    for failing in range(10):
+        path = tmp_path / f"f{failing}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        header = FileHeader.new("arn:envfs:kms:local-1:111122223333:key/x", b"w" * 97, SHIFT)
+        f = CryptFile.create(fd, header, FileKeys.derive(DATA_KEY, header.file_id))
+        try:
+            f.write(0, random.Random(5).randbytes(2 * block + 100))
+            if change == "fill a hole":
+                f.truncate(20 * block)
+            before, size = os.pread(fd, 1 << 20, 0), f.size
+            writes = FailingWrites(failing, part)
+            monkeypatch.setattr(cryptfile, "_pwrite_all", writes)
+            try:
+                CHANGES[change](f, block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+            else:
+                assert writes.calls <= failing
+                break  # every write of this change has failed once
+            finally:
+                monkeypatch.setattr(cryptfile, "_pwrite_all", writes.real)
+            failures += 1
+            assert (os.pread(fd, 1 << 20, 0), f.size) == (before, size), f"write {failing}"
+            assert reopen(f).read(0, size) == f.read(0, size)
+        finally:
+            f.close()
+    assert failures >= 1
+
+
+def test_reserve_fails_fast_without_the_space(
+    cfile: CryptFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfile.write(0, b"data")
+    before = os.pread(cfile.fd, 1 << 16, 0)
+    real = os.fstatvfs(cfile.fd)
+
+    class Full:
+        f_bavail, f_frsize = 10, real.f_frsize
+
+    monkeypatch.setattr("envfs.cryptfile.os.fstatvfs", lambda fd: Full)
+    with pytest.raises(OSError) as info:
+        cfile.reserve(1 << 20)
+    assert info.value.errno == errno.ENOSPC
+    assert os.pread(cfile.fd, 1 << 16, 0) == before and cfile.size == 4
+    monkeypatch.undo()
+    cfile.reserve(1 << 20)
+    assert cfile.size == 1 << 20 and reopen(cfile).read(0, 6) == b"data\0\0"

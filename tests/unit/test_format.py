@@ -613,3 +613,65 @@ def test_golden_broken_files_are_refused() -> None:
         backing = bytes.fromhex(case["backing"])
         with pytest.raises(errors[case["error"]], match=case["match"]):
             open_file(backing, keys_by_name[case["data_key_of"]])
+
+
+# --- the sparse flag and holes -------------------------------------------------------------
+
+
+def test_the_sparse_flag_is_authenticated_and_round_trips() -> None:
+    keys = FileKeys.derive(bytes(32), bytes(16))
+    header = FileHeader(bytes(16), 12, ARN, WRAPPED, flags=fmt.FLAG_SPARSE)
+    raw = header.encode(keys)
+    assert raw[12:16] == b"\0\0\0\x02"
+    parsed = FileHeader.parse_verified(raw, keys)
+    assert parsed == header and parsed.sparse
+    plain = FileHeader(bytes(16), 12, ARN, WRAPPED)
+    assert not plain.sparse
+    # Setting or clearing the flag without the key breaks the MAC.
+    forged = raw[:15] + b"\0" + raw[16:]
+    with pytest.raises(IntegrityError, match=r"^header authentication failed$"):
+        FileHeader.parse_verified(forged, keys)
+    with pytest.raises(ValueError, match=r"^unknown header flags 0x00000001$"):
+        FileHeader(bytes(16), 12, ARN, WRAPPED, flags=1)
+
+
+def test_holes_read_as_zeros_only_in_a_sparse_file() -> None:
+    shift, block = 12, 1 << 12
+    keys = FileKeys.derive(bytes(32), bytes(16))
+    sealed = fmt.encrypt_blocks(keys, bytes(16), 0, b"a" * (2 * block + 5), shift, final=True)
+    stride = block + 28
+    holey = bytes(stride) + sealed[stride:]  # block 0 zeroed: a hole
+    assert fmt.decrypt_blocks(keys, bytes(16), 0, holey, shift, holes=True) == (
+        bytes(block) + b"a" * (block + 5)
+    )
+    assert fmt.decrypt_block(keys, bytes(16), 0, bytes(stride), shift, holes=True) == bytes(block)
+    with pytest.raises(IntegrityError, match=r"^block 0 failed authentication$"):
+        fmt.decrypt_blocks(keys, bytes(16), 0, holey, shift)
+    # Not holes: a short run of zeros (a final block), or a whole block with one byte set.
+    with pytest.raises(IntegrityError, match=r"^block 2 failed authentication$"):
+        fmt.decrypt_blocks(keys, bytes(16), 2, bytes(33), shift, holes=True)
+    almost = bytearray(stride)
+    almost[-1] = 1
+    with pytest.raises(IntegrityError, match=r"^block 0 failed authentication$"):
+        fmt.decrypt_block(keys, bytes(16), 0, bytes(almost), shift, holes=True)
+
+
+def test_golden_sparse_vectors_and_forged_ends() -> None:
+    document = json.loads((GOLDEN.parent / "format-v1-sparse.json").read_text())
+    assert document["format_version"] == 1
+    keys_by_name = {}
+    for vector in document["vectors"]:
+        backing = bytes.fromhex(vector["backing"])
+        data_key = bytes.fromhex(vector["data_key"])
+        keys_by_name[vector["name"]] = data_key
+        header = FileHeader.parse(backing)
+        assert header.flags == vector["flags"]
+        assert header.file_id.hex() == vector["file_id"]
+        assert fmt.plaintext_size(len(backing), header.block_shift) == vector["plaintext_size"]
+        assert open_file(backing, data_key) == bytes.fromhex(vector["plaintext"])
+    holey = [v for v in document["vectors"] if v["flags"] & fmt.FLAG_SPARSE]
+    assert len(holey) >= 2
+    assert len(document["broken"]) >= 8
+    for case in document["broken"]:
+        with pytest.raises(IntegrityError, match=case["match"]):
+            open_file(bytes.fromhex(case["backing"]), keys_by_name[case["data_key_of"]])

@@ -1,0 +1,62 @@
+"""CallerCache: a user's groups are reused exactly as long as a key decision could be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from envfs.callers import CallerCache, GroupDatabase
+from envfs.kms.model import Caller
+
+
+class Builds:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, uid: int, gid: int) -> Caller:
+        self.count += 1
+        return Caller(uid, gid, frozenset({gid, 1000 + self.count}))
+
+
+def test_with_a_key_cache_groups_live_as_long_as_its_entries() -> None:
+    now = [100.0]
+    builds = Builds()
+    cache = CallerCache(5.0, clock=lambda: now[0], build=builds, state=lambda: None)
+    first = cache.get(1, 1)
+    assert cache.get(1, 1) is first and builds.count == 1
+    assert cache.get(2, 2) is not first and builds.count == 2
+    now[0] += 5.0
+    assert cache.get(1, 1) is not first and builds.count == 3
+
+
+def test_without_a_key_cache_groups_live_while_the_databases_are_unchanged() -> None:
+    state = [("group", 1)]
+    builds = Builds()
+    cache = CallerCache(0.0, build=builds, state=lambda: tuple(state))  # type: ignore[arg-type]
+    first = cache.get(1, 1)
+    assert cache.get(1, 1) is first and builds.count == 1
+    state[0] = ("group", 2)  # gpasswd -d: /etc/group rewritten
+    assert cache.get(1, 1) is not first and builds.count == 2
+
+
+def test_without_a_key_cache_and_other_sources_every_call_reads_the_database() -> None:
+    builds = Builds()
+    cache = CallerCache(0.0, build=builds, state=lambda: None)
+    cache.get(1, 1)
+    cache.get(1, 1)
+    assert builds.count == 2
+
+
+def test_group_database_state_follows_files_and_nsswitch(tmp_path: Path) -> None:
+    nsswitch = tmp_path / "nsswitch.conf"
+    group = tmp_path / "group"
+    group.write_text("users:x:100:alice\n")
+    nsswitch.write_text("passwd: files systemd\ngroup: files [SUCCESS=merge] systemd\n")
+    db = GroupDatabase(str(nsswitch), (str(group), str(tmp_path / "missing")))
+    before = db.state()
+    assert before is not None and db.state() == before
+    group.write_text("users:x:100:\n")  # alice removed
+    assert db.state() != before
+    nsswitch.write_text("passwd: files\ngroup: files sss\n")
+    assert db.state() is None  # SSSD: no file tells when it changes
+    nsswitch.unlink()
+    assert db.state() is not None  # glibc's default: files

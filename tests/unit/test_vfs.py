@@ -1,0 +1,219 @@
+"""The filesystem core without a mount: key decisions for content changes, accepted keys.
+
+``Vfs`` is built over a real embedded key service in a temporary folder; calls are made as
+the FUSE adapter makes them, with callers the test chooses.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from envfs import format
+from envfs.errors import AccessDeniedException, IntegrityError, VolumeError
+from envfs.inodes import ROOT_INODE
+from envfs.keycache import DataKeyCache
+from envfs.kms.model import Caller, EncryptionContext
+from envfs.kms.provider import DataKey, ServiceKeyProvider
+from envfs.kms.service import KeyService
+from envfs.kms.store import KeyStore
+from envfs.vfs import Vfs
+from envfs.volume import Volume
+
+ROOT = Caller(0, 0, frozenset({0}), "root", frozenset({"root"}))
+USER = Caller(61002, 61002, frozenset({61002}))
+STRANGER = Caller(61003, 61003, frozenset({61003}))
+
+
+class SpyProvider(ServiceKeyProvider):
+    """The embedded provider, recording which keys Decrypt was asked to use."""
+
+    def __init__(self, service: KeyService) -> None:
+        super().__init__(service)
+        self.decrypts: list[tuple[str, int]] = []
+
+    def _call(self, operation: str, params: Mapping[str, Any], caller: Caller) -> dict[str, Any]:
+        if operation == "Decrypt":
+            self.decrypts.append((str(params["KeyId"]), caller.uid))
+        return super()._call(operation, params, caller)
+
+
+class Setup:
+    def __init__(self, root: Path) -> None:
+        store = KeyStore.init(root / "kms" / "local-1", "local-1")
+        self.service = KeyService(store)
+        self.provider = SpyProvider(self.service)
+        users = ["uid:0", f"uid:{USER.uid}"]
+        self.key = self.new_key(users)
+        self.other_key = self.new_key(users)  # a key the same users may use
+        self.backing = root / "backing"
+        self.volume = Volume.create(self.backing, self.key, self.provider, ROOT)
+        self.vfs = Vfs(self.volume, self.provider, chown_new=False)
+
+    def new_key(self, users: list[str]) -> str:
+        params = {"KeyAdministrators": ["uid:0"], "KeyUsers": users}
+        arn: str = self.service.handle(ROOT, "CreateKey", params)["KeyMetadata"]["Arn"]
+        return arn
+
+    def write_file(self, name: bytes, data: bytes, caller: Caller = ROOT) -> int:
+        fh, st = self.vfs.create(ROOT_INODE, name, 0o644, os.O_WRONLY, caller)
+        self.vfs.write(fh, 0, data)
+        self.vfs.release(fh)
+        return st.ino
+
+    def audit(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = self.service.handle(ROOT, "ListAuditRecords", {})["Records"]
+        return records
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    yield s
+    s.vfs.close()
+    s.service.close()
+
+
+# --- content changes are key decisions for the caller ------------------------------------
+
+
+def test_truncating_an_open_file_is_decided_for_the_caller(setup: Setup) -> None:
+    vfs = setup.vfs
+    ino = setup.write_file(b"f", b"secret data" * 1000)
+    held = vfs.open(ino, os.O_RDONLY, USER)  # a key user holds it open
+    decisions = len(setup.provider.decrypts)
+    with pytest.raises(AccessDeniedException):
+        vfs.setattr(ino, STRANGER, size=5)  # Unix write permission, no right to the key
+    with pytest.raises(AccessDeniedException):
+        vfs.setattr(ino, STRANGER, size=1 << 20)  # nor upwards
+    assert setup.provider.decrypts[decisions:] == [(setup.key, STRANGER.uid)] * 2
+    assert vfs.read(held, 0, 1 << 20) == b"secret data" * 1000
+    denied = [
+        r
+        for r in setup.audit()
+        if r["caller"]["uid"] == STRANGER.uid and r["outcome"] == "AccessDeniedException"
+    ]
+    assert len(denied) == 2 and all("(truncate)" in json.dumps(r) for r in denied)
+    vfs.setattr(ino, USER, size=6)  # a key user may
+    assert vfs.read(held, 0, 100) == b"secret"
+    vfs.release(held)
+
+
+def test_truncating_a_closed_file_is_decided_for_the_caller(setup: Setup) -> None:
+    ino = setup.write_file(b"f", b"x" * 100)
+    with pytest.raises(AccessDeniedException):
+        setup.vfs.setattr(ino, STRANGER, size=0)
+    assert setup.vfs.getattr(ino).size == 100
+
+
+def test_fallocate_is_decided_for_the_caller(setup: Setup) -> None:
+    vfs = setup.vfs
+    ino = setup.write_file(b"f", b"x" * 100)
+    fh = vfs.open(ino, os.O_RDWR, USER)
+    with pytest.raises(AccessDeniedException):
+        vfs.fallocate(fh, 0, 0, 1 << 20, STRANGER)  # e.g. a descriptor passed to a stranger
+    assert vfs.file_size(fh) == 100
+    vfs.fallocate(fh, 0, 0, 1 << 20, USER)
+    assert vfs.file_size(fh) == 1 << 20
+    assert vfs.read(fh, 0, 101) == b"x" * 100 + b"\0"
+    vfs.release(fh)
+
+
+def test_o_trunc_is_the_open_s_decision(setup: Setup) -> None:
+    ino = setup.write_file(b"f", b"x" * 100)
+    with pytest.raises(AccessDeniedException):
+        setup.vfs.open(ino, os.O_WRONLY | os.O_TRUNC, STRANGER)
+    assert setup.vfs.getattr(ino).size == 100
+    setup.vfs.release(setup.vfs.open(ino, os.O_WRONLY | os.O_TRUNC, USER))
+    assert setup.vfs.getattr(ino).size == 0
+
+
+# --- which keys may wrap a file's data key ------------------------------------------------
+
+
+def plant(setup: Setup, name: str, key: str, data: bytes) -> bytes:
+    """What someone who may write the backing folder and use ``key`` can do: a well-formed
+    file of this volume (its encryption context) whose data key they keep."""
+    file_id = os.urandom(16)
+    context: EncryptionContext = setup.volume.file_context(file_id)
+    data_key: DataKey = setup.provider.generate_data_key(key, context, USER, "planted")
+    header = format.FileHeader(
+        file_id, setup.volume.block_shift, data_key.key_arn, data_key.wrapped
+    )
+    keys = format.FileKeys.derive(data_key.plaintext, file_id)
+    (setup.backing / name).write_bytes(format.encrypt_file(header, keys, data))
+    return data_key.plaintext
+
+
+def test_a_header_naming_another_key_is_refused_without_asking(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    plant(setup, "planted", setup.other_key, b"bait")
+    ino = setup.vfs.lookup(ROOT_INODE, b"planted").ino
+    setup.vfs.verify_volume(USER)  # the volume file itself: a decision of its own
+    asked = len(setup.provider.decrypts)
+    with pytest.raises(
+        IntegrityError, match=r"^the header names a key the volume does not accept$"
+    ):
+        setup.vfs.open(ino, os.O_RDWR, USER)
+    assert len(setup.provider.decrypts) == asked  # the key service was not asked
+    assert f"names key '{setup.other_key}', which the volume does not accept" in caplog.text
+    assert str(setup.backing / "planted") in caplog.text
+    assert IntegrityError("x").errno == errno.EIO
+
+
+def test_a_volume_being_changed_to_another_key_accepts_both(setup: Setup) -> None:
+    old = setup.write_file(b"old", b"under the old key")
+    setup.volume.begin_key_change(setup.other_key, setup.provider, ROOT)
+    reloaded = Volume.load(setup.backing)
+    assert reloaded.key_arn == setup.other_key
+    assert reloaded.previous_key_arns == [setup.key]
+    reloaded.verify(setup.provider, ROOT)
+    third = setup.new_key(["uid:0", f"uid:{USER.uid}"])
+    plant(setup, "third", third, b"bait")
+    vfs = Vfs(reloaded, setup.provider, chown_new=False)
+    try:
+        new = vfs.create(ROOT_INODE, b"new", 0o644, os.O_WRONLY, ROOT)
+        vfs.write(new[0], 0, b"under the new key")
+        vfs.release(new[0])
+        for name, text in ((b"old", b"under the old key"), (b"new", b"under the new key")):
+            fh = vfs.open(vfs.lookup(ROOT_INODE, name).ino, os.O_RDONLY, USER)
+            assert vfs.read(fh, 0, 100) == text
+            vfs.release(fh)
+        raw = (setup.backing / "new").read_bytes()
+        assert format.FileHeader.parse(raw).key_arn == setup.other_key
+        with pytest.raises(IntegrityError):
+            vfs.open(vfs.lookup(ROOT_INODE, b"third").ino, os.O_RDONLY, USER)
+    finally:
+        vfs.close()
+    assert old
+
+
+def test_group_membership_lives_as_long_as_key_decisions(setup: Setup, tmp_path: Path) -> None:
+    assert setup.vfs.callers.max_age == 0
+    vfs = Vfs(setup.volume, setup.provider, chown_new=False, key_cache=DataKeyCache(7.5))
+    try:
+        assert vfs.callers.max_age == 7.5
+    finally:
+        vfs.close()
+
+
+def test_the_accepted_keys_are_authenticated_by_the_volume_file(setup: Setup) -> None:
+    path = setup.backing / ".envfs-volume.json"
+    doc = json.loads(path.read_text())
+    doc["previous_key_arns"] = [setup.other_key]  # someone adds a key they may use
+    path.write_text(json.dumps(doc))
+    forged = Volume.load(setup.backing)
+    assert forged.accepts_key(setup.other_key)
+    with pytest.raises(VolumeError, match=r"is not authentic: it was altered$"):
+        forged.verify(setup.provider, USER)
+    doc["previous_key_arns"] = [setup.other_key.replace("local-1", "eu-west-1")]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(VolumeError, match=r"accepts keys of regions \['eu-west-1'\]"):
+        Volume.load(setup.backing)
