@@ -12,7 +12,8 @@ on paths that the kernel would walk through symlinks:
 - :func:`renameat2`: rename with ``RENAME_NOREPLACE`` / ``RENAME_EXCHANGE``.
 - :func:`chown_fd`: change the owner of what an ``O_PATH`` descriptor holds
   (``fchownat(AT_EMPTY_PATH)``), a symlink included.
-- :func:`reserve`: allocate disk space for a byte range without changing the file's size.
+- :func:`reserve`: allocate disk space for a byte range without changing the file's size;
+  :func:`punch_hole`: give it back.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def chown_fd(fd: int, uid: int, gid: int) -> None:
 # --- space ---------------------------------------------------------------------------------
 
 _FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def reserve(fd: int, offset: int, length: int) -> None:
@@ -160,3 +162,19 @@ def reserve(fd: int, offset: int, length: int) -> None:
         err = ctypes.get_errno()
         if err != errno.EOPNOTSUPP:
             raise OSError(err, os.strerror(err))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Give back the disk space of a byte range, which then reads as zeros
+    (``fallocate(FALLOC_FL_PUNCH_HOLE)``). False where the filesystem cannot.
+
+    Raises:
+        OSError: EIO and the like.
+    """
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))

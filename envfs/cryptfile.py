@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 
 from envfs import format
+from envfs.backing import punch_hole as _punch_hole
 from envfs.backing import reserve as _reserve
 from envfs.errors import IntegrityError
 from envfs.format import FileHeader, FileKeys
@@ -368,13 +369,32 @@ class CryptFile:
         except BaseException:
             try:
                 os.ftruncate(self.fd, old_backing)
-                _pwrite_all(self.fd, saved, at)
+                self._restore(saved, at)
                 if header is not self.header:
                     _pwrite_all(self.fd, header.encode(self.keys), 0)
             except OSError as exc:
                 log.error("a failed change could not be undone: %s", exc.strerror)
             self.size, self.header = size, header
             raise
+
+    def _restore(self, saved: bytes, at: int) -> None:
+        """Write back ``saved`` at ``at``; holes (whole zero blocks) are punched again, not
+        written, so that undoing a failed fill of a hole needs no disk space."""
+        stride = format.block_stride(self._shift)
+        zero = bytes(stride)
+        start = 0
+        while start < len(saved):
+            end = start
+            while saved[end : end + stride] == zero:
+                end += stride
+            if end > start and not _punch_hole(self.fd, at + start, end - start):
+                end = start  # the filesystem cannot punch holes: write the zeros
+            if end == start:
+                end = min(len(saved), start + stride)
+                while end < len(saved) and saved[end : end + stride] != zero:
+                    end += stride
+                _pwrite_all(self.fd, saved[start:end], at + start)
+            start = end
 
     def close(self) -> None:
         os.close(self.fd)

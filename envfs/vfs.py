@@ -257,6 +257,14 @@ class Vfs:
     # --- directories -------------------------------------------------------------------
 
     def opendir(self, ino: int) -> int:
+        with self.tree.dir(ino):  # ENOENT, ENOTDIR... now rather than at the first read
+            pass
+        fh = self._new_fh()
+        self._dirs[fh] = (ino, [])
+        return fh
+
+    def _listing(self, ino: int) -> list[bytes]:
+        """The names in a directory, sorted, without envfs's own."""
         with self.tree.dir(ino) as dir_fd:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
@@ -265,19 +273,22 @@ class Vfs:
             os.close(fd)
         if ino == ROOT_INODE:
             names = [n for n in names if n not in HIDDEN_AT_ROOT]
-        fh = self._new_fh()
-        self._dirs[fh] = (ino, [n for n in names if not n.startswith(TEMP_PREFIX)])
-        return fh
+        return [n for n in names if not n.startswith(TEMP_PREFIX)]
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Stat, int]]:
         """Entries of an open directory from index ``start``: (name, attributes, next).
 
-        Nodes are registered without a lookup; call :meth:`add_lookup` for each entry
-        the kernel accepted.
+        The names are listed when reading starts at the beginning (the first read, or one
+        after ``rewinddir``), so offsets stay stable while a listing is read. Nodes are
+        registered without a lookup; call :meth:`add_lookup` for each entry the kernel
+        accepted.
         """
         if fh not in self._dirs:
             raise OSError(errno.EBADF, "bad directory handle")
         ino, names = self._dirs[fh]
+        if start == 0:  # the first read, or one after rewinddir: the directory as it is now
+            names = self._listing(ino)
+            self._dirs[fh] = (ino, names)
         with self.tree.dir(ino) as dir_fd:
             for index in range(start, len(names)):
                 name = names[index]
