@@ -35,6 +35,7 @@ from envfs.errors import (
 )
 from envfs.kms import protocol
 from envfs.kms.client import KMSClient
+from envfs.kms.limits import Limits
 from envfs.kms.model import Caller
 from envfs.kms.server import bind_unix_socket, serve
 
@@ -328,7 +329,7 @@ async def test_idle_connection_is_closed_and_the_client_reconnects(
 async def test_connections_over_the_uid_limit_are_refused(
     nursery: trio.Nursery, socket_dir: Path, service: FakeService
 ) -> None:
-    path = await start(nursery, socket_dir, service, max_connections_per_uid=2)
+    path = await start(nursery, socket_dir, service, limits=Limits(max_connections_per_uid=2))
     async with (
         await trio.open_unix_socket(path) as first,
         await trio.open_unix_socket(path) as second,
