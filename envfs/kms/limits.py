@@ -179,26 +179,26 @@ class UidLimiter:
         return state
 
     def _refuse(self, state: _UidState, uid: int, *, connection: bool) -> bool:
-        """Count a refusal; True if it is the uid's first since the last summary."""
+        """Count a refusal; True if it is the uid's first of its kind (connection or call)
+        since the last summary."""
         now = self._wall_clock()
         summary = state.refused
-        first = summary is None
         if summary is None:
             summary = state.refused = ThrottleSummary(uid, state.gid, first=now)
+        summary.last = now
         if connection:
             summary.connections += 1
-        else:
-            summary.calls += 1
-        summary.last = now
-        return first
+            return summary.connections == 1
+        summary.calls += 1
+        return summary.calls == 1
 
     def admit_connection(self, uid: int, gid: int) -> tuple[KMSError | None, bool]:
         """Whether a new connection of ``uid`` may be served.
 
         Returns ``(None, False)`` and counts the connection as open (call
         :meth:`connection_closed` when it ends), or ``(error, first)``: the error to
-        answer with, and whether it is the uid's first refusal since the last summary
-        (worth a log line).
+        answer with, and whether it is the uid's first refused connection since the last
+        summary (worth a log line).
         """
         state = self._state(uid, gid)
         state.gid = gid
