@@ -465,6 +465,15 @@ def _serve(args: argparse.Namespace) -> int:
                 address,
                 "" if socket_path else " (socket from systemd)",
             )
+            limits = _limits(args)
+            logger.info(
+                "limits per uid: %d connections at once, new connections %s, calls %s,"
+                " failed calls %s (RATE:BURST)",
+                limits.max_connections_per_uid,
+                limits.connection_rate or "off",
+                limits.call_rate or "off",
+                limits.failure_rate or "off",
+            )
             try:
                 serve = partial(
                     server.serve,
@@ -472,7 +481,7 @@ def _serve(args: argparse.Namespace) -> int:
                     listener,
                     idle_timeout=args.idle_timeout,
                     max_connections=args.max_connections,
-                    limits=_limits(args),
+                    limits=limits,
                     periodic=service.run_due_tasks,
                     trusted_services=_trusted_services(args.trust_on_behalf_of),
                     on_refused=service.record_refusal,
