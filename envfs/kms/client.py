@@ -38,6 +38,7 @@ from envfs.kms import protocol
 
 _REFUSED_FIRST_DELAY = 0.01  # seconds before connecting again to a socket that refused
 _REFUSED_MAX_DELAY = 0.5
+_BUSY_PAUSE = 0.005  # after a connect that found no room (when not waited out in the kernel)
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
@@ -171,6 +172,8 @@ class KMSClient:
                 sock.close()
                 if exc.errno in (errno.EAGAIN, errno.EINTR, errno.ENOTCONN):
                     refused = None  # the daemon listens: it is busy, not restarting
+                    # (Normally the kernel waited until the deadline; never spin.)
+                    time.sleep(max(0.0, min(_BUSY_PAUSE, until - time.monotonic())))
                     continue
                 if exc.errno != errno.ECONNREFUSED or not os.path.exists(self.socket_path):
                     raise self._unreachable(exc) from None
