@@ -619,29 +619,23 @@ def add_parser(commands: Any) -> None:
         help="connections one uid may hold at once; more are refused"
         f" (default {defaults.max_connections_per_uid})",
     )
-    limits.add_argument(
-        "--uid-connection-rate",
-        metavar="RATE[:BURST]",
-        type=_rate,
-        default=defaults.connection_rate,
-        help=f"new connections a second per uid (default {defaults.connection_rate})",
-    )
-    limits.add_argument(
-        "--uid-call-rate",
-        metavar="RATE[:BURST]",
-        type=_rate,
-        default=defaults.call_rate,
-        help=f"calls a second per uid (default {defaults.call_rate})",
-    )
-    limits.add_argument(
-        "--uid-failure-rate",
-        metavar="RATE[:BURST]",
-        type=_rate,
-        default=defaults.failure_rate,
-        help="calls ending in an error (denied, not found, invalid...) a second per uid;"
-        " while a uid is over it, all its calls are refused (default"
-        f" {defaults.failure_rate})",
-    )
+    for flag, default, what in (
+        ("--uid-connection-rate", defaults.connection_rate, "new connections a second per uid"),
+        ("--uid-call-rate", defaults.call_rate, "calls a second per uid"),
+        (
+            "--uid-failure-rate",
+            defaults.failure_rate,
+            "calls ending in an error (denied, not found, invalid...) a second per uid;"
+            " while a uid is over it, all its calls are refused",
+        ),
+    ):
+        limits.add_argument(
+            flag,
+            metavar="RATE[:BURST]",
+            type=_rate,
+            default=default,
+            help=f"{what} (default {default})",
+        )
     limits.add_argument(
         "--idle-timeout",
         metavar="SECONDS",

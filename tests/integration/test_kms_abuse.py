@@ -53,16 +53,12 @@ for request in requests:
     frames.append(struct.pack(">I", len(body)) + body)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(path)
+answers = s.makefile("rb")
 outcomes = {}
 for n in range(count):
     s.sendall(frames[n % 2])
-    data = b""
-    while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
-        chunk = s.recv(65536)
-        if not chunk:
-            sys.exit("the service closed the connection")
-        data += chunk
-    answer = json.loads(data[4:])
+    (length,) = struct.unpack(">I", answers.read(4))
+    answer = json.loads(answers.read(length))
     kind = answer["error"]["type"] if "error" in answer else "ok"
     outcomes[kind] = outcomes.get(kind, 0) + 1
 print(json.dumps(outcomes))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envfs.errors import LimitExceededException, ThrottlingException
+from envfs.errors import KMSError, LimitExceededException, ThrottlingException
 from envfs.kms.limits import Limits, Rate, UidLimiter
 
 ALICE, BOB = 1000, 1001
@@ -31,6 +31,14 @@ def limiter(clock: Clock, **limits: object) -> UidLimiter:
         clock=lambda: clock.now,
         wall_clock=lambda: clock.wall,
     )
+
+
+def throttled(outcome: tuple[KMSError | None, bool], *, first: bool) -> str:
+    """The message of a ThrottlingException refusal, checking whether it came first."""
+    error, came_first = outcome
+    assert isinstance(error, ThrottlingException)
+    assert came_first is first
+    return error.message
 
 
 # --- Rate ----------------------------------------------------------------------------------
@@ -94,16 +102,11 @@ def test_new_connections_are_rate_limited_per_uid() -> None:
     for _ in range(3):
         assert lim.admit_connection(ALICE, 100)[0] is None
         lim.connection_closed(ALICE)
-    error, first = lim.admit_connection(ALICE, 100)
-    assert isinstance(error, ThrottlingException)
-    assert error.message == (
+    assert throttled(lim.admit_connection(ALICE, 100), first=True) == (
         "too many new connections from uid 1000 (at most 2 a second, 3 at once);"
         " reduce the frequency of your calls"
     )
-    assert first
-    error, first = lim.admit_connection(ALICE, 100)
-    assert isinstance(error, ThrottlingException)
-    assert not first  # logged once per summary
+    throttled(lim.admit_connection(ALICE, 100), first=False)  # logged once per summary
     assert lim.admit_connection(BOB, 100)[0] is None
     clock.advance(0.5)  # one token back
     assert lim.admit_connection(ALICE, 100)[0] is None
@@ -118,13 +121,10 @@ def test_calls_are_rate_limited_per_uid() -> None:
     lim = limiter(clock, call_rate=Rate(8, 2))
     assert lim.admit_call(ALICE, 100) == (None, False)
     assert lim.admit_call(ALICE, 100) == (None, False)
-    error, first = lim.admit_call(ALICE, 100)
-    assert isinstance(error, ThrottlingException)
-    assert error.message == (
+    assert throttled(lim.admit_call(ALICE, 100), first=True) == (
         "too many calls from uid 1000 (at most 8 a second, 2 at once);"
         " reduce the frequency of your calls"
     )
-    assert first
     assert lim.admit_call(BOB, 100) == (None, False)
     clock.advance(0.125)  # one token back (a binary fraction: no rounding)
     assert lim.admit_call(ALICE, 100) == (None, False)
