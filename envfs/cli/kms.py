@@ -596,8 +596,9 @@ def add_parser(commands: Any) -> None:
     )
     limits = serve.add_argument_group(
         "limits",
-        "Per uid (the user a call is made for), checked before any other work. A refused"
-        " connection or call is answered LimitExceededException or ThrottlingException"
+        "Per uid (connections count for the uid that connects, calls for the user they are"
+        " made for), checked before any other work. A refused connection or call is"
+        " answered LimitExceededException or ThrottlingException"
         " (exit 22 or 29 in the CLI) and costs no audit record of its own: every 10 s, one"
         " record per uid (operation ThrottleSummary) counts what was refused. RATE[:BURST]"
         " is events per second with bursts of up to BURST (default twice RATE); 'off' is no"
