@@ -79,6 +79,7 @@ def running_daemon(kms_dir: Path, socket_path: Path, log_path: Path) -> Iterator
     """``envfs kms serve`` on ``socket_path``, and a client connected to it."""
     command = [sys.executable, "-m", "envfs", "kms", "serve", "--region", REGION]
     command += ["--kms-dir", str(kms_dir), "--socket", str(socket_path)]
+    command += ["--uid-call-rate", "off"]  # the service's speed, not its per-uid limit
     with log_path.open("wb") as log:
         daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:

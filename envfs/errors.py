@@ -169,6 +169,17 @@ class InvalidRequestException(KMSError):
     exit_code = 28
 
 
+class ThrottlingException(KMSError):
+    """The caller's uid exceeded one of the daemon's rate limits; nothing was done.
+
+    Safe to retry later (with backoff): the request was refused before it was run.
+    """
+
+    aws_name = "ThrottlingException"
+    errno = _errno.EAGAIN
+    exit_code = 29
+
+
 # --- key store ---------------------------------------------------------------------------
 
 

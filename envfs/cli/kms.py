@@ -28,6 +28,7 @@ from envfs.cli.common import configure_logging, region_type
 from envfs.cli.output import QueryError, parse_query, render
 from envfs.cli.params import ArgumentError, build_request, read_file_bytes
 from envfs.errors import AuditVerificationError, UsageError
+from envfs.kms.limits import Limits, Rate
 from envfs.kms.model import DEFAULT_REGION
 from envfs.kms.operations import OPERATIONS, Operation, Param, ParamType
 
@@ -363,6 +364,41 @@ def _trusted_services(given: list[tuple[int, str] | None] | None) -> dict[int, s
     return {entry[0]: entry[1] for entry in given if entry is not None}
 
 
+def _rate(text: str) -> Rate | None:
+    """argparse type of the ``--uid-*-rate`` options: ``RATE[:BURST]`` or ``off``."""
+    try:
+        return Rate.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    """argparse type of a number of connections: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """argparse type of a timeout: seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_connections_per_uid=args.max_connections_per_uid,
+        connection_rate=args.uid_connection_rate,
+        call_rate=args.uid_call_rate,
+        failure_rate=args.uid_failure_rate,
+    )
+
+
 async def _serve_until_signalled(serve: Callable[..., Any], ready_status: str) -> None:
     """Run ``serve`` until SIGINT or SIGTERM, telling systemd when it accepts calls."""
     import trio
@@ -429,14 +465,27 @@ def _serve(args: argparse.Namespace) -> int:
                 address,
                 "" if socket_path else " (socket from systemd)",
             )
+            limits = _limits(args)
+            logger.info(
+                "limits per uid: %d connections at once, new connections %s, calls %s,"
+                " failed calls %s (RATE:BURST)",
+                limits.max_connections_per_uid,
+                limits.connection_rate or "off",
+                limits.call_rate or "off",
+                limits.failure_rate or "off",
+            )
             try:
                 serve = partial(
                     server.serve,
                     service.handle,
                     listener,
+                    idle_timeout=args.idle_timeout,
+                    max_connections=args.max_connections,
+                    limits=limits,
                     periodic=service.run_due_tasks,
                     trusted_services=_trusted_services(args.trust_on_behalf_of),
                     on_refused=service.record_refusal,
+                    on_throttled=service.record_throttled,
                 )
                 status = f"serving region {args.region} on {address}"
                 trio.run(_serve_until_signalled, serve, status)
@@ -544,6 +593,56 @@ def add_parser(commands: Any) -> None:
         help="trust processes of uid UID to call on behalf of other users, as the service"
         " NAME (what key policies see as kms:ViaService); repeatable. Default: 0=envfs-mount"
         " (root's mount daemons). 'none' trusts nobody",
+    )
+    limits = serve.add_argument_group(
+        "limits",
+        "Per uid (connections count for the uid that connects, calls for the user they are"
+        " made for), checked before any other work. A refused connection or call is"
+        " answered LimitExceededException or ThrottlingException"
+        " (exit 22 or 29 in the CLI) and costs no audit record of its own: every 10 s, one"
+        " record per uid (operation ThrottleSummary) counts what was refused. RATE[:BURST]"
+        " is events per second with bursts of up to BURST (default twice RATE); 'off' is no"
+        " limit.",
+    )
+    defaults = Limits()
+    limits.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_count,
+        default=256,
+        help="connections served at once; more wait in the listen backlog (default 256)",
+    )
+    limits.add_argument(
+        "--max-connections-per-uid",
+        metavar="N",
+        type=_count,
+        default=defaults.max_connections_per_uid,
+        help="connections one uid may hold at once; more are refused"
+        f" (default {defaults.max_connections_per_uid})",
+    )
+    for flag, default, what in (
+        ("--uid-connection-rate", defaults.connection_rate, "new connections a second per uid"),
+        ("--uid-call-rate", defaults.call_rate, "calls a second per uid"),
+        (
+            "--uid-failure-rate",
+            defaults.failure_rate,
+            "calls ending in an error (denied, not found, invalid...) a second per uid;"
+            " while a uid is over it, all its calls are refused",
+        ),
+    ):
+        limits.add_argument(
+            flag,
+            metavar="RATE[:BURST]",
+            type=_rate,
+            default=default,
+            help=f"{what} (default {default})",
+        )
+    limits.add_argument(
+        "--idle-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=60.0,
+        help="close a connection idle this long between requests (default 60)",
     )
     _add_store_options(serve)
     serve.set_defaults(handler=_serve)

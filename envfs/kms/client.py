@@ -4,10 +4,20 @@ Synchronous and thread-safe: one connection, one call at a time (a lock), opened
 first call and again on the next call after a failure. Every call is bounded in time:
 connecting takes at most ``connect_timeout`` seconds and a whole call (waiting for the
 lock included) at most ``timeout`` seconds. The protocol is in :mod:`envfs.kms.protocol`.
+
+Connecting rides out a busy or restarting daemon within ``connect_timeout``: while the
+daemon's listen backlog is full, ``connect`` waits in the kernel (a blocking connect
+bounded by ``SO_SNDTIMEO``, woken as soon as the daemon accepts) instead of failing with
+``EAGAIN``; while the socket file exists but refuses connections (a daemon between two
+runs), it tries again after 10 ms, 20 ms, … up to 0.5 s apart. A missing socket file
+fails at once. A throttled call (``ThrottlingException``) is not retried: it is the
+caller's to slow down.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
 import struct
@@ -25,6 +35,11 @@ from envfs.errors import (
     KMSUnavailableException,
 )
 from envfs.kms import protocol
+
+_REFUSED_FIRST_DELAY = 0.01  # seconds before connecting again to a socket that refused
+_REFUSED_MAX_DELAY = 0.5
+_BUSY_PAUSE = 0.005  # after a connect that found no room (when not waited out in the kernel)
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
 class KMSClient:
@@ -132,23 +147,47 @@ class KMSClient:
         return False
 
     def _connect(self, deadline: float) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(max(0.0, min(self.connect_timeout, deadline - time.monotonic())))
-        try:
-            sock.connect(self.socket_path)
-        except TimeoutError:
-            sock.close()
-            raise DependencyTimeoutException(
-                f"the key service at '{self.socket_path}' did not accept a connection within"
-                f" {self.connect_timeout:g} seconds"
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise KMSUnavailableException(
-                f"cannot reach the key service at '{self.socket_path}': {exc.strerror or exc}"
-            ) from None
-        self._check_server(sock)
-        return sock
+        until = min(deadline, time.monotonic() + self.connect_timeout)
+        delay = _REFUSED_FIRST_DELAY
+        refused: OSError | None = None
+        while True:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                if refused is not None:
+                    raise self._unreachable(refused)
+                raise DependencyTimeoutException(
+                    f"the key service at '{self.socket_path}' did not accept a connection"
+                    f" within {self.connect_timeout:g} seconds"
+                )
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                # Blocking, so that a full backlog is waited for in the kernel, for at
+                # most SO_SNDTIMEO (then EAGAIN).
+                sock.setblocking(True)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(remaining))
+                sock.connect(self.socket_path)
+                sock.getpeername()  # ENOTCONN if a signal cut the connect short
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+            except OSError as exc:
+                sock.close()
+                if exc.errno in (errno.EAGAIN, errno.EINTR, errno.ENOTCONN):
+                    refused = None  # the daemon listens: it is busy, not restarting
+                    # (Normally the kernel waited until the deadline; never spin.)
+                    time.sleep(max(0.0, min(_BUSY_PAUSE, until - time.monotonic())))
+                    continue
+                if exc.errno != errno.ECONNREFUSED or not os.path.exists(self.socket_path):
+                    raise self._unreachable(exc) from None
+                refused = exc  # a daemon (re)starting: its socket file is there already
+                time.sleep(max(0.0, min(delay, until - time.monotonic())))
+                delay = min(_REFUSED_MAX_DELAY, delay * 2)
+                continue
+            self._check_server(sock)
+            return sock
+
+    def _unreachable(self, exc: OSError) -> KMSUnavailableException:
+        return KMSUnavailableException(
+            f"cannot reach the key service at '{self.socket_path}': {exc.strerror or exc}"
+        )
 
     def _check_server(self, sock: socket.socket) -> None:
         """Talk only to a daemon run by root, by ourselves or by a uid we were told to trust.
@@ -170,7 +209,10 @@ class KMSClient:
     ) -> dict[str, Any] | KMSError:
         try:
             sock.settimeout(self._remaining(deadline))
-            sock.sendall(frame)
+            # A refused connection is answered and closed before the request is read:
+            # sending may fail, and the answer is there to read all the same.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(frame)
             header = self._receive_exactly(sock, protocol.HEADER_SIZE, deadline)
             payload = self._receive_exactly(sock, protocol.frame_length(header), deadline)
             return protocol.parse_response(protocol.decode_payload(payload))
@@ -205,6 +247,12 @@ class KMSClient:
         if remaining <= 0:
             raise TimeoutError
         return remaining
+
+
+def _timeval(seconds: float) -> bytes:
+    """``struct timeval`` for ``seconds`` (0 is no limit; anything else at least 1 µs)."""
+    micros = max(1, round(seconds * 1e6)) if seconds > 0 else 0
+    return _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000)
 
 
 def _env_server_uids() -> list[int]:

@@ -1,12 +1,15 @@
 """The core of the key service: one call's life (validate, run, audit, commit), key
 lookup, policy and state checks, and the sealing helpers every operation shares.
 
-Each call is one store transaction: the operation runs inside a savepoint (undone if it
-fails), then its audit record is appended and the transaction commits durably, so a
-call that returned is never lost and a failed call leaves only its audit record. A
-service made with ``batch_audit`` runs the calls that only read the store (the ones a
-filesystem makes per open and create) without a transaction: their records go to the
-store's journal and join the chain in batches.
+Each call is one store transaction: the operation runs, its audit record is appended
+and the transaction commits durably, so a call that returned is never lost. A failed
+call leaves only its audit record, and costs little: the transaction of an operation
+that may change a key is rolled back (nothing was synced) and the record committed on
+its own without a sync, and the record is bounded in size (large fields are replaced by
+their size and SHA-256, ``_bounded_failure``). A service made with ``batch_audit`` runs
+the calls that only read the store (the ones a filesystem makes per open and create)
+without a transaction: their records go to the store's journal and join the chain in
+batches.
 
 Order of checks, as AWS does it: request shape, key lookup (NotFoundException), key
 policy (AccessDeniedException), key state (DisabledException, KMSInvalidStateException),
@@ -17,8 +20,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime as dt
+import json
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +40,7 @@ from envfs.errors import (
     MalformedPolicyDocumentException,
     NotFoundException,
     TagException,
+    ThrottlingException,
     ValidationException,
 )
 from envfs.kms import blob
@@ -88,6 +92,13 @@ MAX_DESCRIPTION = 8192
 MAX_TAGS = 50
 MAX_ON_DEMAND_ROTATIONS = 10
 DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
+# A failed call's audit record: at most FAILED_RECORD_CHARS characters of JSON as stored
+# (seq included), however large its request. See _bounded_failure and docs/kms.md §8.
+FAILED_RECORD_CHARS = 4096
+FAILED_CONTEXT_CHARS = 1024  # a larger context is kept as its size and digest
+FAILED_MESSAGE_CHARS = 1024  # a longer message is cut
+_SEQ_ROOM = 32  # '"seq":<u64>,' in the stored text
+_AUDIT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # as audit.py stores
 
 
 @dataclass
@@ -126,7 +137,40 @@ class _Call:
             rec["request"] = self.request
         if error is not None:
             rec["message"] = error.message
+            _bounded_failure(rec)
         return rec
+
+
+def _bounded_failure(rec: dict[str, Any]) -> None:
+    """Bound a failed call's record: anyone may make a call fail, with up to a MiB of
+    request, and every failed call is recorded.
+
+    The message is cut to FAILED_MESSAGE_CHARS characters (ending in ``...``); an
+    encryption context whose JSON exceeds FAILED_CONTEXT_CHARS, and then, while the record
+    exceeds FAILED_RECORD_CHARS, the request and the message, are moved to ``omitted`` as
+    ``{"chars": N, "sha256": hex}`` of their canonical JSON text (keys sorted, no spaces,
+    ASCII), so that a reader holding the value can still match it.
+    """
+    message = rec["message"]
+    if len(message) > FAILED_MESSAGE_CHARS:
+        rec["message"] = message[:FAILED_MESSAGE_CHARS] + "..."
+    omitted: dict[str, Any] = {}
+    context = rec.get("encryption_context")
+    if context is not None and len(_AUDIT_JSON.encode(context)) > FAILED_CONTEXT_CHARS:
+        omitted["encryption_context"] = _digest(rec.pop("encryption_context"))
+    for name in ("request", "message"):
+        size = len(_AUDIT_JSON.encode({**rec, "omitted": omitted})) + _SEQ_ROOM
+        if size <= FAILED_RECORD_CHARS:
+            break
+        if name in rec:
+            omitted[name] = _digest(rec.pop(name))
+    if omitted:
+        rec["omitted"] = omitted
+
+
+def _digest(value: object) -> dict[str, Any]:
+    text = _AUDIT_JSON.encode(value)
+    return {"chars": len(text), "sha256": crypto.sha256(text.encode()).hex()}
 
 
 def _snake(name: str) -> str:
@@ -241,7 +285,7 @@ class ServiceCore:
         call = _Call(caller, self._clock(), str(operation)[:64])
         if call.now >= self._next_sweep:
             # Due deletions and rotations happen before the call, in their own
-            # transactions: inside the call's savepoint a failing call would undo them.
+            # transactions: inside the call's transaction a failing call would undo them.
             self.run_due_tasks()
         try:
             op, req = validate_request(operation, params)
@@ -264,15 +308,25 @@ class ServiceCore:
             if error is not None:
                 raise error
             return result
-        audit_only = op.name in AUDIT_ONLY_OPERATIONS
-        with self.store.transaction(durable=not audit_only):
-            try:
-                # A call that changes no key needs no savepoint to undo its changes.
-                with contextlib.nullcontext() if audit_only else self.store.savepoint():
+        if op.name in AUDIT_ONLY_OPERATIONS:
+            # A call that changes no key: its record is all it writes, failed or not.
+            with self.store.transaction(durable=False):
+                try:
                     result = self._handlers[op.name](call, req)
+                except KMSError as exc:
+                    error = exc
+                self.store.append_audit(call.record(error))
+        else:
+            try:
+                with self.store.transaction():
+                    result = self._handlers[op.name](call, req)
+                    self.store.append_audit(call.record(None))
             except KMSError as exc:
+                # Rolled back, nothing synced: the failed call changed nothing, so its
+                # record needs no sync either (a denied PutKeyPolicy costs no fsync).
                 error = exc
-            self.store.append_audit(call.record(error))
+                with self.store.transaction(durable=False):
+                    self.store.append_audit(call.record(error))
         if error is not None:
             raise error
         return result
@@ -283,6 +337,26 @@ class ServiceCore:
         call.action = OPERATIONS[operation].action if operation in OPERATIONS else None
         with self.store.transaction():
             self.store.append_audit(call.record(error))
+
+    def record_throttled(
+        self, caller: Caller, calls: int, connections: int, first: float, last: float
+    ) -> None:
+        """Audit, in one record, what the daemon refused ``caller``'s uid for its limits
+        (``docs/kms.md`` §9): refused calls cost no record of their own."""
+        call = _Call(caller, self._clock(), "ThrottleSummary")
+        refusal = ThrottlingException(
+            f"{calls} calls and {connections} connections of uid {caller.uid} were refused"
+            " for exceeding its limits"
+        )
+        record = call.record(refusal)
+        record["throttled"] = {
+            "calls": calls,
+            "connections": connections,
+            "first": first,
+            "last": last,
+        }
+        with self.store.transaction(durable=False):
+            self.store.append_audit(record)
 
     def run_due_tasks(self) -> None:
         """Carry out due automatic rotations and deletions (at start and on a timer)."""

@@ -3,21 +3,30 @@
 The protocol is specified in :mod:`envfs.kms.protocol`. This module adds the transport: a
 Unix stream socket anyone may connect to, the caller's identity taken from the kernel
 (``SO_PEERCRED``, ``SO_PEERGROUPS``), and the rules that keep one client from stalling or
-crashing the service:
+crashing the service, or from starving the others:
 
 - every connection is served by its own task; the handler (synchronous, may block on
-  SQLite for seconds) runs in a worker thread, one call at a time for the whole service;
+  SQLite for seconds) runs in a worker thread, one call at a time for the whole service,
+  taken in turns by uid (round-robin), so that a uid with many calls waiting delays
+  another uid's call by at most one of its own;
 - a connection idle between requests is closed, and a frame must arrive (and an answer
   be taken) within a time limit once it started;
 - at most ``max_connections`` connections are served at once; further ones wait in the
-  kernel's listen backlog until one closes (the client's connect and call timeouts bound
-  that wait). One uid may hold at most ``max_connections_per_uid`` of them; a connection
-  over that limit is answered ``LimitExceededException`` and closed;
+  kernel's listen backlog (``SOMAXCONN`` long) until one closes (the client's connect and
+  call timeouts bound that wait);
+- per-uid limits (:mod:`envfs.kms.limits`) are checked before any costly work: a
+  connection over its uid's limits is answered (``LimitExceededException`` or
+  ``ThrottlingException``) and closed by the accepting task, without a task, a thread or
+  a lookup of the user; a call over them is answered ``ThrottlingException`` without
+  reaching the worker thread or the store. Refusals are counted per uid and reported
+  every ``summary_interval`` seconds (logged, and to ``on_throttled`` for the audit log);
 - an exception from the handler becomes an error answer and never ends the service.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ctypes
 import errno
 import logging
@@ -25,14 +34,21 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
-from envfs.errors import AccessDeniedException, EnvfsError, InvalidRequestException, KMSError
+from envfs.errors import (
+    AccessDeniedException,
+    EnvfsError,
+    InvalidRequestException,
+    KMSError,
+    KMSInternalException,
+)
 from envfs.kms import protocol
+from envfs.kms.limits import Limits, ThrottleSummary, UidLimiter
 from envfs.kms.model import Caller
 
 logger = logging.getLogger(__name__)
@@ -47,15 +63,23 @@ _PYTHON_BUFLEN_MAX = 1024  # socket.getsockopt refuses larger buffers
 _RECEIVE_SIZE = 65536
 _ACCEPT_RETRY_DELAY = 0.1
 _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_BATCH = 64  # connections accepted between two yields to the other tasks
+_SEND_NOW = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_FINAL_SUMMARY_TIMEOUT = 5.0
+_T = TypeVar("_T")
 _SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the terminating NUL
 
 
 # --- the listening socket ----------------------------------------------------------------
 
 
-def bind_unix_socket(path: str | os.PathLike[str], *, backlog: int = 128) -> socket.socket:
+def bind_unix_socket(
+    path: str | os.PathLike[str], *, backlog: int = socket.SOMAXCONN
+) -> socket.socket:
     """Create, bind and listen on the daemon's Unix socket; return the (blocking) socket.
 
+    The backlog defaults to ``SOMAXCONN`` (the kernel caps it at
+    ``net.core.somaxconn``), so that a burst of connections waits instead of failing.
     The parent directory is created (mode 0755) if missing. A socket file left by a
     daemon that is gone is replaced; one with a live listener is not. The socket is made
     mode 0666: anyone may connect, the kernel tells the service who they are.
@@ -148,12 +172,6 @@ def _peer_groups_large(fd: int) -> frozenset[int]:
     return frozenset(buffer[: length.value // 4])
 
 
-def identify_peer(sock: trio.socket.SocketType | socket.socket) -> Caller:
-    """The caller on the other end of a connected Unix socket (blocking: reads NSS)."""
-    _pid, uid, gid = peer_credentials(sock)
-    return Caller.from_ids(uid, gid, peer_groups(sock))
-
-
 # --- serving -----------------------------------------------------------------------------
 
 
@@ -164,11 +182,13 @@ async def serve(
     idle_timeout: float = 60.0,
     frame_timeout: float = 10.0,
     max_connections: int = 256,
-    max_connections_per_uid: int = 128,
+    limits: Limits | None = None,
     periodic: Callable[[], object] | None = None,
     periodic_interval: float = 60.0,
     trusted_services: Mapping[int, str] | None = None,
     on_refused: Callable[[Caller, str, KMSError], object] | None = None,
+    on_throttled: Callable[[Caller, int, int, float, float], object] | None = None,
+    summary_interval: float = 10.0,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve key-service requests on ``listener`` until cancelled.
@@ -183,8 +203,11 @@ async def serve(
         frame_timeout: seconds a request frame may take from its first byte to its last,
             and an answer may take to be sent.
         max_connections: connections served at once; more wait in the listen backlog.
-        max_connections_per_uid: connections one uid may hold at once; more are answered
-            ``LimitExceededException`` and closed.
+        limits: the per-uid limits (connections at once, rates of new connections, of
+            calls and of failed calls); ``Limits()`` if not given. A refused connection is
+            answered and closed by the accepting task itself; a refused call is answered
+            without being decoded (from a peer not trusted for on-behalf-of calls) and
+            never reaches the worker thread.
         periodic: maintenance (due rotations and deletions) run in the worker thread,
             between handler calls, at start and then every ``periodic_interval`` seconds;
             its exceptions are logged.
@@ -193,40 +216,98 @@ async def serve(
             service name that policies see as ``kms:ViaService`` and audit records as
             ``via``. A request on behalf of another user from any other peer is refused
             with AccessDeniedException. A request on behalf of the peer itself is a plain
-            call.
+            call. Limits apply to the user a call is made for.
         on_refused: told (in the worker thread) of each request refused for lack of
             trust, e.g. ``KeyService.record_refusal`` so that it is audited too.
+        on_throttled: told (in the worker thread), every ``summary_interval`` seconds and
+            when the service stops, of what was refused per uid for its limits:
+            ``(caller, calls, connections, first, last)``, e.g.
+            ``KeyService.record_throttled``.
         task_status: ``started`` is given the socket's address (for ``nursery.start``).
     """
-    if isinstance(listener, socket.socket):
-        listener = trio.socket.from_stdlib_socket(listener)
-    if not isinstance(listener, trio.SocketListener):
-        listener = trio.SocketListener(listener)
+    if isinstance(listener, trio.SocketListener):
+        listener = listener.socket
+    sock = (
+        listener if isinstance(listener, socket.socket) else socket.socket(fileno=listener.detach())
+    )
+    sock.setblocking(False)
     server = _Server(
         handler,
         idle_timeout=idle_timeout,
         frame_timeout=frame_timeout,
         max_connections=max_connections,
-        max_connections_per_uid=max_connections_per_uid,
+        limiter=UidLimiter(limits if limits is not None else Limits()),
         trusted_services=dict(trusted_services or {}),
         on_refused=on_refused,
+        on_throttled=on_throttled,
     )
-    address = str(listener.socket.getsockname())
+    address = str(sock.getsockname())
     try:
         async with trio.open_nursery() as nursery:
             if periodic is not None:
                 nursery.start_soon(server.run_periodic, periodic, periodic_interval)
+            nursery.start_soon(server.run_summaries, summary_interval)
             logger.info("key service listening on %s", address)
             task_status.started(address)
-            await server.accept_forever(listener, nursery)
+            await server.accept_forever(sock, nursery)
     finally:
         with trio.CancelScope(shield=True):
-            await listener.aclose()
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            with trio.move_on_after(_FINAL_SUMMARY_TIMEOUT):
+                await server.report_throttled()
         logger.info("key service on %s stopped", address)
 
 
 class _ConnectionClosed(Exception):
     """The peer closed the connection in the middle of a frame."""
+
+
+class _Turns:
+    """The worker, taken in turns: round-robin over keys (uids), in order within a key.
+
+    One uid with many connections (or a trusted service calling for one user again and
+    again) thus waits behind every other uid that has a call waiting, and delays each of
+    them by at most one of its own calls.
+    """
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: dict[int | None, collections.deque[trio.Event]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: int | None) -> AsyncIterator[None]:
+        if self._busy:
+            event = trio.Event()
+            queue = self._waiting.setdefault(key, collections.deque())
+            queue.append(event)
+            try:
+                await event.wait()
+            except BaseException:
+                if event.is_set():
+                    self._hand_over()  # the turn came with the cancellation: pass it on
+                else:
+                    queue.remove(event)
+                    if not queue:
+                        del self._waiting[key]
+                raise
+        else:
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if not self._waiting:
+            self._busy = False
+            return
+        key = next(iter(self._waiting))
+        queue = self._waiting.pop(key)
+        event = queue.popleft()
+        if queue:
+            self._waiting[key] = queue  # to the back of the round
+        event.set()
 
 
 class _Server:
@@ -237,88 +318,105 @@ class _Server:
         idle_timeout: float,
         frame_timeout: float,
         max_connections: int,
-        max_connections_per_uid: int,
+        limiter: UidLimiter,
         trusted_services: dict[int, str],
-        on_refused: Callable[[Caller, str, KMSError], object] | None = None,
+        on_refused: Callable[[Caller, str, KMSError], object] | None,
+        on_throttled: Callable[[Caller, int, int, float, float], object] | None,
     ) -> None:
         self._handler = handler
         self._trusted = trusted_services
         self._on_refused = on_refused
+        self._on_throttled = on_throttled
         self._idle_timeout = idle_timeout
         self._frame_timeout = frame_timeout
-        self._max_per_uid = max_connections_per_uid
+        self._limiter = limiter
         self._slots = trio.Semaphore(max_connections)
-        self._per_uid: dict[int, int] = {}
+        self._turns = _Turns()
         # One worker thread at a time: the handler is not re-entrant and SQLite serializes.
         self._worker = trio.CapacityLimiter(1)
 
-    async def accept_forever(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _in_worker(self, key: int | None, fn: Callable[..., _T], *args: object) -> _T:
+        async with self._turns.turn(key):
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._worker)
+
+    # --- connections -----------------------------------------------------------------
+
+    async def accept_forever(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         while True:
             await self._slots.acquire()
             try:
-                stream = await listener.accept()
-            except OSError as exc:
+                conn, uid, gid = await self._accept_admitted(sock)
+            except BaseException:
                 self._slots.release()
+                raise
+            nursery.start_soon(self._run_connection, conn, uid, gid)
+
+    async def _accept_admitted(self, sock: socket.socket) -> tuple[socket.socket, int, int]:
+        """The next connection within its uid's limits. Connections over them are answered
+        and closed here, a few system calls each: a flood of connections from one uid
+        drains from the listen backlog about as fast as it fills it."""
+        accepted = 0
+        while True:
+            if accepted >= _ACCEPT_BATCH:
+                accepted = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                conn, _address = sock.accept()
+            except BlockingIOError:
+                accepted = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
                 if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
                     raise
                 logger.error("cannot accept a connection: %s; retrying", exc.strerror)
                 await trio.sleep(_ACCEPT_RETRY_DELAY)
                 continue
-            except BaseException:
-                self._slots.release()
-                raise
-            nursery.start_soon(self._run_connection, stream)
-
-    async def run_periodic(self, periodic: Callable[[], object], interval: float) -> None:
-        while True:
+            accepted += 1
             try:
-                await trio.to_thread.run_sync(periodic, limiter=self._worker)
-            except Exception:
-                logger.exception("periodic key maintenance failed")
-            await trio.sleep(interval)
+                _pid, uid, gid = peer_credentials(conn)
+            except OSError as exc:
+                logger.error("cannot identify the caller of a connection: %s", exc)
+                conn.close()
+                continue
+            refusal, first = self._limiter.admit_connection(uid, gid)
+            if refusal is None:
+                return conn, uid, gid
+            if first:
+                logger.warning("refusing connections of uid %d: %s", uid, refusal.message)
+            _refuse_connection(conn, refusal)
 
-    async def _run_connection(self, stream: trio.SocketStream) -> None:
+    async def _run_connection(self, conn: socket.socket, uid: int, gid: int) -> None:
         try:
-            async with stream:
-                await self._converse(stream)
+            async with trio.SocketStream(trio.socket.from_stdlib_socket(conn)) as stream:
+                await self._converse(stream, uid, gid)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ConnectionClosed):
             logger.debug("connection lost")
         except Exception:
             logger.exception("connection handling failed")
         finally:
+            self._limiter.connection_closed(uid)
             self._slots.release()
 
-    async def _converse(self, stream: trio.SocketStream) -> None:
+    async def _converse(self, stream: trio.SocketStream, uid: int, gid: int) -> None:
         try:
-            caller = await trio.to_thread.run_sync(identify_peer, stream.socket)
+            caller = await trio.to_thread.run_sync(_identify, stream.socket, uid, gid)
         except OSError as exc:
             logger.error("cannot identify the caller of a connection: %s", exc)
             return
-        uid = caller.uid
-        if self._per_uid.get(uid, 0) >= self._max_per_uid:
-            logger.warning("refusing a connection of %s: too many connections", caller.describe())
-            message = f"too many connections from uid {uid} (at most {self._max_per_uid})"
-            await self._send(stream, _error_frame("LimitExceededException", message))
-            return
-        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
-        try:
-            reader = _FrameReader(stream)
-            while True:
-                try:
-                    payload = await reader.read(self._idle_timeout, self._frame_timeout)
-                except InvalidRequestException as exc:
-                    # The framing is lost: answer once, then hang up.
-                    await self._send(stream, _error_frame(exc.aws_name, exc.message))
-                    return
-                if payload is None:
-                    return
-                answer = await self._answer(caller, payload)
-                if not await self._send(stream, answer):
-                    return
-        finally:
-            self._per_uid[uid] -= 1
-            if not self._per_uid[uid]:
-                del self._per_uid[uid]
+        reader = _FrameReader(stream)
+        while True:
+            try:
+                payload = await reader.read(self._idle_timeout, self._frame_timeout)
+            except InvalidRequestException as exc:
+                # The framing is lost: answer once, then hang up.
+                await self._send(stream, _error_frame(exc.aws_name, exc.message))
+                return
+            if payload is None:
+                return
+            answer = await self._answer(caller, payload)
+            if not await self._send(stream, answer):
+                return
 
     async def _send(self, stream: trio.SocketStream, frame: bytes) -> bool:
         with trio.move_on_after(self._frame_timeout):
@@ -327,47 +425,52 @@ class _Server:
         logger.debug("closing a connection that does not take its answer")
         return False
 
+    # --- calls -----------------------------------------------------------------------
+
+    def _throttled(self, uid: int, gid: int) -> bytes | None:
+        """The answer to a call of ``uid`` over its limits, or None to go on."""
+        refusal, first = self._limiter.admit_call(uid, gid)
+        if refusal is None:
+            return None
+        if first:
+            logger.warning("throttling calls of uid %d: %s", uid, refusal.message)
+        return _error_frame(refusal.aws_name, refusal.message)
+
     async def _answer(self, caller: Caller, payload: bytes) -> bytes:
+        trusted_peer = caller.uid in self._trusted
+        if not trusted_peer:
+            # Any call of this peer is made for the peer itself (or refused): the limits
+            # can be checked before the payload is even decoded.
+            throttled = self._throttled(caller.uid, caller.gid)
+            if throttled is not None:
+                return throttled
         try:
             message = protocol.decode_payload(payload)
             operation, params = protocol.parse_request(message)
             on_behalf_of = protocol.parse_on_behalf_of(message)
         except InvalidRequestException as exc:
             return _error_frame(exc.aws_name, exc.message)
+        uid, gid, via = caller.uid, caller.gid, None
         if on_behalf_of is not None and on_behalf_of[0] != caller.uid:
-            service = self._trusted.get(caller.uid)
-            if service is None:
-                logger.warning(
-                    "%s asked to call %s on behalf of uid %d but is not trusted for that",
-                    caller.describe(),
-                    operation,
-                    on_behalf_of[0],
-                )
-                refusal = AccessDeniedException(
-                    f"user {caller.describe()} is not trusted to call on behalf of other users"
-                    f" (asked for uid {on_behalf_of[0]})"
-                )
-                if self._on_refused is not None:
-                    try:
-                        await trio.to_thread.run_sync(
-                            self._on_refused, caller, operation, refusal, limiter=self._worker
-                        )
-                    except Exception:
-                        logger.exception("recording a refused call failed")
-                return _error_frame(refusal.aws_name, refusal.message)
-        else:
-            service = None
+            if not trusted_peer:
+                return await self._refuse_untrusted(caller, operation, on_behalf_of[0])
+            (uid, gid), via = on_behalf_of, self._trusted[caller.uid]
+        if trusted_peer:
+            throttled = self._throttled(uid, gid)
+            if throttled is not None:
+                return throttled
 
         def call() -> Mapping[str, Any]:
-            effective = caller
-            if service is not None and on_behalf_of is not None:
-                uid, gid = on_behalf_of
-                effective = Caller.from_ids(uid, gid, via=service, via_uid=caller.uid)
-            return self._handler(effective, operation, params)
+            called = caller
+            if via is not None:  # on behalf of a user: their groups from the databases
+                called = Caller.from_ids(uid, gid, via=via, via_uid=caller.uid)
+            return self._handler(called, operation, params)
 
         try:
-            result = await trio.to_thread.run_sync(call, limiter=self._worker)
+            result = await self._in_worker(uid, call)
         except KMSError as exc:
+            if not isinstance(exc, KMSInternalException):
+                self._limiter.call_failed(uid, gid)
             return _error_frame(exc.aws_name, exc.message)
         except EnvfsError as exc:
             logger.error("%s for %s failed: %s", operation, caller.describe(), exc.message)
@@ -381,6 +484,76 @@ class _Server:
         except InvalidRequestException as exc:
             logger.error("%s for %s: cannot send the result: %s", operation, caller.uid, exc)
             return _error_frame("KMSInternalException", "internal error")
+
+    async def _refuse_untrusted(self, caller: Caller, operation: str, asked_uid: int) -> bytes:
+        logger.warning(
+            "%s asked to call %s on behalf of uid %d but is not trusted for that",
+            caller.describe(),
+            operation,
+            asked_uid,
+        )
+        refusal = AccessDeniedException(
+            f"user {caller.describe()} is not trusted to call on behalf of other users"
+            f" (asked for uid {asked_uid})"
+        )
+        self._limiter.call_failed(caller.uid, caller.gid)
+        if self._on_refused is not None:
+            try:
+                await self._in_worker(caller.uid, self._on_refused, caller, operation, refusal)
+            except Exception:
+                logger.exception("recording a refused call failed")
+        return _error_frame(refusal.aws_name, refusal.message)
+
+    # --- maintenance -----------------------------------------------------------------
+
+    async def run_periodic(self, periodic: Callable[[], object], interval: float) -> None:
+        while True:
+            try:
+                await self._in_worker(None, periodic)
+            except Exception:
+                logger.exception("periodic key maintenance failed")
+            await trio.sleep(interval)
+
+    async def run_summaries(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            await self.report_throttled()
+
+    async def report_throttled(self) -> None:
+        """Log, and tell ``on_throttled``, what was refused per uid since the last report."""
+        summaries = self._limiter.take_summaries()
+        for summary in summaries:
+            logger.info(
+                "uid %d: %d calls and %d connections refused for its limits in the last %.0f s",
+                summary.uid,
+                summary.calls,
+                summary.connections,
+                summary.last - summary.first,
+            )
+        if not summaries or self._on_throttled is None:
+            return
+        try:
+            await self._in_worker(None, self._record_throttled, summaries)
+        except Exception:
+            logger.exception("recording throttled calls failed")
+
+    def _record_throttled(self, summaries: list[ThrottleSummary]) -> None:
+        assert self._on_throttled is not None
+        for s in summaries:
+            caller = Caller.from_ids(s.uid, s.gid)
+            self._on_throttled(caller, s.calls, s.connections, s.first, s.last)
+
+
+def _identify(sock: trio.socket.SocketType, uid: int, gid: int) -> Caller:
+    """The caller of an accepted connection (blocking: reads the user and group databases)."""
+    return Caller.from_ids(uid, gid, peer_groups(sock))
+
+
+def _refuse_connection(conn: socket.socket, error: KMSError) -> None:
+    """Answer a connection over its uid's limits (if its buffer takes it) and close it."""
+    with contextlib.suppress(OSError):
+        conn.send(_error_frame(error.aws_name, error.message), _SEND_NOW)
+    conn.close()
 
 
 def _error_frame(error_type: str, message: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 from envfs.errors import AccessDeniedException
 from envfs.kms.client import KMSClient
 from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live, make_env
+from tests.integration.flood import connection_flood
 
 KEY_USER = 4242
 STRANGER = 4343
@@ -86,12 +88,14 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def daemon_mount(short_dir: Path) -> Iterator[tuple[Daemon, Mount]]:
+@contextlib.contextmanager
+def mount_on_daemon(short_dir: Path, *daemon_args: str) -> Iterator[tuple[Daemon, Mount]]:
+    """A daemon (``envfs kms serve`` with ``daemon_args``) and a volume mounted over it
+    (``--allow-other``), whose key root and KEY_USER may use."""
     env = make_env(short_dir)
     sock = short_dir / "kms.sock"
     env.env["ENVFS_KMS_SOCKET"] = str(sock)
-    daemon = Daemon(env, sock)
+    daemon = Daemon(env, sock, *daemon_args)
     daemon.start()
     try:
         key = env.kms("create-key", "--key-users", f"uid:0,uid:{KEY_USER}")
@@ -108,6 +112,12 @@ def daemon_mount(short_dir: Path) -> Iterator[tuple[Daemon, Mount]]:
             yield daemon, m
     finally:
         daemon.stop()
+
+
+@pytest.fixture
+def daemon_mount(short_dir: Path) -> Iterator[tuple[Daemon, Mount]]:
+    with mount_on_daemon(short_dir) as (daemon, m):
+        yield daemon, m
 
 
 def test_per_user_decisions_through_the_daemon(daemon_mount: tuple[Daemon, Mount]) -> None:
@@ -225,3 +235,44 @@ def test_creates_use_data_keys_made_in_advance(daemon_mount: tuple[Daemon, Mount
     with pytest.raises(OSError) as exc:
         (m.mnt / "third.txt").write_text("no key service\n")
     assert exc.value.errno == errno.EHOSTDOWN
+
+
+def test_opens_keep_working_while_another_user_floods_the_daemon(short_dir: Path) -> None:
+    # The daemon closes the mount's idle connection after 0.3 s, so each open below
+    # reconnects in the middle of STRANGER's connection flood: it waits for room in the
+    # daemon's backlog (it used to fail at once, and the open with EHOSTDOWN).
+    with mount_on_daemon(short_dir, "--idle-timeout", "0.3") as (daemon, m):
+        for n in range(5):
+            (m.mnt / f"f{n}.txt").write_text(f"file {n}\n")
+            (m.mnt / f"f{n}.txt").chmod(0o644)
+        with connection_flood(daemon.sock, STRANGER, processes=2):
+            for n in range(5):
+                time.sleep(0.4)  # idle longer than the daemon keeps the connection
+                read = as_user(KEY_USER, f"cat {m.mnt}/f{n}.txt")
+                assert read.returncode == 0, read.stderr
+                assert read.stdout == f"file {n}\n"
+        assert "key service unavailable" not in m.log_text()
+    # The flooder's connections beyond its rate were refused, and that is in the audit log.
+    records = json.loads(m.env.run("kms", "audit", "--embedded").stdout)["Records"]
+    refused = [
+        r["throttled"]["connections"]
+        for r in records
+        if r["operation"] == "ThrottleSummary" and r["caller"]["uid"] == STRANGER
+    ]
+    assert sum(refused) > 0
+
+
+def test_a_user_over_the_failure_rate_gets_eagain_and_the_others_do_not(short_dir: Path) -> None:
+    with mount_on_daemon(short_dir, "--uid-failure-rate", "0.001:2") as (_, m):
+        (m.mnt / "doc.txt").write_text("for the key user\n")
+        (m.mnt / "doc.txt").chmod(0o644)
+        for _ in range(2):
+            denied = as_user(STRANGER, f"cat {m.mnt}/doc.txt")
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        throttled = as_user(STRANGER, f"cat {m.mnt}/doc.txt")
+        assert throttled.returncode != 0
+        assert "Resource temporarily unavailable" in throttled.stderr  # EAGAIN
+        allowed = as_user(KEY_USER, f"cat {m.mnt}/doc.txt")
+        assert allowed.returncode == 0, allowed.stderr
+        assert allowed.stdout == "for the key user\n"
+        assert "key service unavailable" not in m.log_text()  # no backoff for everyone

@@ -7,7 +7,9 @@ import functools
 import json
 import logging
 import os
+import pwd
 import shutil
+import socket
 import stat
 import struct
 import subprocess
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from envfs.errors import (
     DependencyTimeoutException,
@@ -32,15 +35,19 @@ from envfs.errors import (
     LimitExceededException,
     NotFoundException,
     StoreCorruptError,
+    ThrottlingException,
 )
 from envfs.kms import protocol
 from envfs.kms.client import KMSClient
+from envfs.kms.limits import Limits, Rate
 from envfs.kms.model import Caller
 from envfs.kms.server import bind_unix_socket, serve
+from tests.integration.flood import connection_flood
 
 pytestmark = pytest.mark.integration
 
 FAST = {"idle_timeout": 5.0, "frame_timeout": 2.0}
+NOBODY = 65534
 
 
 class FakeService:
@@ -51,6 +58,8 @@ class FakeService:
         self.active = 0
         self.most_active = 0
         self.periodic_calls = 0
+        self.handled: list[tuple[int, str]] = []  # (uid, operation) of each handler call
+        self.throttled: list[tuple[int, str | None, int, int]] = []  # (uid, user, calls, conns)
 
     @contextlib.contextmanager
     def counted(self) -> Iterator[None]:
@@ -68,6 +77,7 @@ class FakeService:
             return self._handle(caller, operation, params)
 
     def _handle(self, caller: Caller, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.handled.append((caller.uid, operation))
         if operation == "Decrypt":
             raise NotFoundException("key 'alias/missing' does not exist")
         if operation == "Encrypt":
@@ -85,6 +95,12 @@ class FakeService:
             "Operation": operation,
             "Params": params,
         }
+
+    def record_throttled(
+        self, caller: Caller, calls: int, connections: int, first: float, last: float
+    ) -> None:
+        assert first <= last
+        self.throttled.append((caller.uid, caller.user_name, calls, connections))
 
     def periodic(self) -> None:
         with self.counted():
@@ -328,7 +344,7 @@ async def test_idle_connection_is_closed_and_the_client_reconnects(
 async def test_connections_over_the_uid_limit_are_refused(
     nursery: trio.Nursery, socket_dir: Path, service: FakeService
 ) -> None:
-    path = await start(nursery, socket_dir, service, max_connections_per_uid=2)
+    path = await start(nursery, socket_dir, service, limits=Limits(max_connections_per_uid=2))
     async with (
         await trio.open_unix_socket(path) as first,
         await trio.open_unix_socket(path) as second,
@@ -388,13 +404,19 @@ async def test_missing_socket_is_unavailable(socket_dir: Path) -> None:
         await call(client, "DescribeKey", {})
 
 
-async def test_socket_without_listener_is_unavailable(socket_dir: Path) -> None:
+async def test_socket_without_listener_is_unavailable_after_the_connect_timeout(
+    socket_dir: Path,
+) -> None:
     bind_unix_socket(socket_dir / "dead.sock").close()
     with (
-        KMSClient(socket_dir / "dead.sock") as client,
+        KMSClient(socket_dir / "dead.sock", connect_timeout=0.3) as client,
         pytest.raises(KMSUnavailableException, match=r"Connection refused$"),
     ):
-        await call(client, "DescribeKey", {})
+        begun = trio.current_time()
+        try:
+            await call(client, "DescribeKey", {})
+        finally:
+            assert trio.current_time() - begun >= 0.3  # it kept trying
 
 
 async def test_slow_answer_times_out_and_the_next_call_reconnects(server: Path) -> None:
@@ -432,6 +454,249 @@ def test_unsendable_params_are_refused_before_connecting(socket_dir: Path) -> No
         pytest.raises(InvalidRequestException, match=r"^a value of type set cannot be"),
     ):
         client.call("TagResource", {"Tags": {1}})
+
+
+# --- a busy, restarting or abused service ------------------------------------------------
+
+
+def fill_backlog(path: Path) -> list[socket.socket]:
+    """Connect without blocking until the listen backlog is full; the connections."""
+    held = []
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(os.fspath(path))
+        except BlockingIOError:
+            sock.close()
+            return held
+        held.append(sock)
+
+
+async def test_a_full_backlog_is_waited_for_not_refused(
+    nursery: trio.Nursery, socket_dir: Path, service: FakeService
+) -> None:
+    path = socket_dir / "kms.sock"
+    sock = bind_unix_socket(path, backlog=2)
+    await nursery.start(functools.partial(serve, service.handle, sock, max_connections=1, **FAST))
+    async with await trio.open_unix_socket(path) as holder:
+        await holder.send_all(request_frame())  # served: it holds the only slot
+        assert not isinstance(await read_answer(holder), KMSError)
+        waiting = fill_backlog(path)  # nothing more is accepted while holder is open
+        assert waiting
+        answers: list[dict[str, Any]] = []
+
+        async def patient_call() -> None:
+            with KMSClient(path) as client:
+                answers.append(await call(client, "DescribeKey", {"KeyId": "patient"}))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(patient_call)
+            await trio.sleep(0.2)
+            assert answers == []  # connect() finds no room: it waits (it used to fail)...
+            await holder.aclose()  # ...until the daemon accepts again
+            for conn in waiting:
+                conn.close()
+    assert [a["Params"] for a in answers] == [{"KeyId": "patient"}]
+
+
+async def test_a_daemon_starting_within_the_connect_timeout_is_reached(
+    nursery: trio.Nursery, socket_dir: Path, service: FakeService
+) -> None:
+    path = socket_dir / "kms.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(os.fspath(path))  # the file exists; nobody listens yet: ECONNREFUSED
+
+    async def start_late() -> None:
+        await trio.sleep(0.3)
+        sock.listen(16)
+        await serve(service.handle, sock, **FAST)
+
+    nursery.start_soon(start_late)
+    with KMSClient(path, connect_timeout=10) as client:
+        assert (await call(client, "DescribeKey", {}))["Uid"] == os.geteuid()
+
+
+async def test_a_connection_flood_from_one_uid_does_not_stop_the_others(
+    socket_dir: Path, service: FakeService
+) -> None:
+    path = socket_dir / "kms.sock"
+    sock = bind_unix_socket(path, backlog=16)  # small: the flood fills it for sure
+    options = {"on_throttled": service.record_throttled, **FAST}
+
+    def calls() -> list[str]:
+        answers = []
+        for n in range(10):  # a new connection each time, as the command line makes
+            with KMSClient(path, connect_timeout=30, timeout=60) as client:
+                answers.append(client.call("DescribeKey", {"KeyId": f"k{n}"})["Params"]["KeyId"])
+        return answers
+
+    async with trio.open_nursery() as inner:
+        await inner.start(functools.partial(serve, service.handle, sock, **options))
+        with connection_flood(path, NOBODY, processes=2) as flood:
+            answers = await trio.to_thread.run_sync(calls)
+        inner.cancel_scope.cancel()  # stopping reports what was refused
+    assert answers == [f"k{n}" for n in range(10)]
+    assert flood.full > 0, "the flood never filled the backlog"
+    # Beyond its burst, the flooder's connections were refused as they were accepted.
+    [(uid, user, calls_refused, connections_refused)] = service.throttled
+    assert (uid, user, calls_refused) == (NOBODY, pwd.getpwuid(NOBODY).pw_name, 0)
+    assert connections_refused > 0
+    assert service.handled == [(os.geteuid(), "DescribeKey")] * 10
+
+
+async def test_connections_over_the_uid_rate_are_throttled(
+    nursery: trio.Nursery, socket_dir: Path, service: FakeService
+) -> None:
+    limits = Limits(connection_rate=Rate(0.001, 2))  # two, then (practically) no more
+    path = await start(nursery, socket_dir, service, limits=limits)
+    for n in range(2):
+        with KMSClient(path) as client:
+            assert (await call(client, "DescribeKey", {"KeyId": n}))["Params"]["KeyId"] == n
+    handled = len(service.handled)
+    async with await trio.open_unix_socket(path) as stream:  # answered before any request
+        error = await read_answer(stream)
+        await assert_closed(stream)
+    assert isinstance(error, ThrottlingException)
+    assert error.message == (
+        f"too many new connections from uid {os.geteuid()} (at most 0.001 a second, 2 at"
+        " once); reduce the frequency of your calls"
+    )
+    with KMSClient(path) as client, pytest.raises(ThrottlingException):
+        await call(client, "DescribeKey", {})
+    assert len(service.handled) == handled
+
+
+async def test_a_refusal_sent_before_the_request_is_read_by_the_client(
+    socket_dir: Path,
+) -> None:
+    path = socket_dir / "refuses.sock"
+    listener = bind_unix_socket(path)
+    refused = threading.Event()
+
+    def refuse_one() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(protocol.encode_frame(protocol.error_response("ThrottlingException", "no")))
+        conn.close()
+        refused.set()
+
+    class LateSender(KMSClient):
+        def _check_server(self, sock: socket.socket) -> None:
+            super()._check_server(sock)
+            assert refused.wait(5)  # the daemon hung up before the request is sent
+
+    with listener, LateSender(path) as client:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(trio.to_thread.run_sync, refuse_one)
+            with pytest.raises(ThrottlingException, match=r"^no$"):
+                await call(client, "DescribeKey", {})
+
+
+async def start_trusting_me(
+    nursery: trio.Nursery, socket_dir: Path, service: FakeService, limits: Limits
+) -> Path:
+    """A server that trusts this process to call on behalf of other users."""
+    trusted = {os.geteuid(): "envfs-test"}
+    return await start(nursery, socket_dir, service, limits=limits, trusted_services=trusted)
+
+
+async def call_for(client: KMSClient, uid: int) -> dict[str, Any]:
+    """DescribeKey on behalf of ``uid``."""
+    request = functools.partial(client.call, "DescribeKey", {}, on_behalf_of=(uid, uid))
+    return await trio.to_thread.run_sync(request)
+
+
+async def test_calls_over_the_rate_are_throttled_per_user(
+    nursery: trio.Nursery, socket_dir: Path, service: FakeService
+) -> None:
+    path = await start_trusting_me(nursery, socket_dir, service, Limits(call_rate=Rate(0.001, 3)))
+    with KMSClient(path) as client:
+        for _ in range(3):
+            await call(client, "DescribeKey", {})
+        with pytest.raises(
+            ThrottlingException, match=rf"^too many calls from uid {os.geteuid()} \(at most"
+        ):
+            await call(client, "DescribeKey", {})
+        # Calls a trusted service makes on behalf of a user count for that user.
+        for _ in range(3):
+            assert (await call_for(client, 4242))["Uid"] == 4242
+        with pytest.raises(ThrottlingException, match=r"^too many calls from uid 4242 "):
+            await call_for(client, 4242)
+    assert service.handled == [(os.geteuid(), "DescribeKey")] * 3 + [(4242, "DescribeKey")] * 3
+
+
+async def test_a_uid_that_keeps_failing_is_throttled_and_others_are_not(
+    nursery: trio.Nursery, socket_dir: Path, service: FakeService
+) -> None:
+    limits = Limits(failure_rate=Rate(0.001, 2))
+    path = await start_trusting_me(nursery, socket_dir, service, limits)
+    me = os.geteuid()
+    with KMSClient(path) as client:
+        for _ in range(2):
+            with pytest.raises(NotFoundException):
+                await call(client, "Decrypt", {})
+        # Once over the rate of failed calls, every call is refused, without the handler.
+        with pytest.raises(ThrottlingException, match=rf"^too many failed calls from uid {me} "):
+            await call(client, "DescribeKey", {})
+        assert (await call_for(client, 4242))["Uid"] == 4242  # another user is not concerned
+    assert service.handled == [(me, "Decrypt"), (me, "Decrypt"), (4242, "DescribeKey")]
+
+
+async def test_internal_errors_do_not_count_as_failed_calls(
+    nursery: trio.Nursery, socket_dir: Path, service: FakeService
+) -> None:
+    path = await start(nursery, socket_dir, service, limits=Limits(failure_rate=Rate(0.001, 1)))
+    with KMSClient(path) as client:
+        for _ in range(3):
+            with pytest.raises(KMSInternalException):
+                await call(client, "DisableKey", {})
+        with pytest.raises(NotFoundException):
+            await call(client, "Decrypt", {})
+        with pytest.raises(ThrottlingException):
+            await call(client, "Decrypt", {})
+
+
+async def test_a_throttled_call_is_answered_without_being_decoded(
+    nursery: trio.Nursery, socket_dir: Path, service: FakeService
+) -> None:
+    path = await start(nursery, socket_dir, service, limits=Limits(call_rate=Rate(0.001, 1)))
+    async with await trio.open_unix_socket(path) as stream:
+        await stream.send_all(request_frame())
+        assert not isinstance(await read_answer(stream), KMSError)
+        await stream.send_all(struct.pack(">I", 9) + b"{not json")
+        answer = await read_answer(stream)
+        assert isinstance(answer, ThrottlingException)  # not InvalidRequestException
+        await stream.send_all(request_frame())
+        assert isinstance(await read_answer(stream), ThrottlingException)  # still usable
+
+
+async def test_refusals_are_reported_per_uid_and_logged_once(
+    socket_dir: Path, service: FakeService, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = Limits(call_rate=Rate(0.001, 1), connection_rate=Rate(0.001, 2))
+    sock = bind_unix_socket(socket_dir / "kms.sock")
+    options = {"limits": limits, "on_throttled": service.record_throttled, **FAST}
+    async with trio.open_nursery() as inner:
+        path = Path(await inner.start(functools.partial(serve, service.handle, sock, **options)))
+        with KMSClient(path) as client:
+            await call(client, "DescribeKey", {})
+            for _ in range(4):
+                with pytest.raises(ThrottlingException):
+                    await call(client, "DescribeKey", {})
+        for _ in range(3):  # the 3rd and 4th connections of this uid are refused
+            with KMSClient(path) as client, pytest.raises(ThrottlingException):
+                await call(client, "DescribeKey", {})
+        assert service.throttled == []  # reported every 10 s, and when the service stops
+        inner.cancel_scope.cancel()
+    me = os.geteuid()
+    assert service.throttled == [(me, pwd.getpwuid(me).pw_name, 5, 2)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"throttling calls of uid {me}: too many calls from uid {me} (at most 0.001 a second,"
+        " 1 at once); reduce the frequency of your calls",
+        f"refusing connections of uid {me}: too many new connections from uid {me} (at most"
+        " 0.001 a second, 2 at once); reduce the frequency of your calls",
+    ]
 
 
 # --- the socket file ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 from typing import Any
@@ -12,6 +13,7 @@ from envfs.errors import (
     InvalidRequestException,
     KMSInternalException,
     NotFoundException,
+    ThrottlingException,
 )
 from envfs.kms import protocol
 
@@ -230,6 +232,24 @@ def test_error_answer_rebuilds_the_error_class() -> None:
     error = protocol.parse_response(round_trip(wire))
     assert type(error) is NotFoundException
     assert error.message == "key 'x' does not exist"
+
+
+def test_throttling_answer_on_the_wire() -> None:
+    message = "too many calls from uid 1000 (at most 2000 a second, 4000 at once)"
+    frame = protocol.encode_frame(protocol.error_response("ThrottlingException", message))
+    assert split_frame(frame) == (
+        b'{"v":1,"error":{"type":"ThrottlingException","message":"too many calls from uid'
+        b' 1000 (at most 2000 a second, 4000 at once)"}}'
+    )
+    error = protocol.parse_response(protocol.decode_payload(split_frame(frame)))
+    assert type(error) is ThrottlingException
+    assert error.message == message
+    # Retry later: the filesystem answers EAGAIN, the command line exits 29.
+    assert (error.errno, error.exit_code, error.aws_name) == (
+        errno.EAGAIN,
+        29,
+        "ThrottlingException",
+    )
 
 
 def test_unknown_error_type_becomes_internal() -> None:
