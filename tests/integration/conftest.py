@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -149,3 +150,27 @@ def vol(kms_env: Env) -> Iterator[Mount]:
     kms_env.create_key("vol")
     with mounted(kms_env) as m:
         yield m
+
+
+def golden_copy(golden: Path, tmp_path: Path) -> tuple[Path, Env]:
+    """A copy of a golden volume folder (``kms/`` and ``backing/``) and an ``Env`` for its
+    key store; version control keeps no modes, and the key store refuses to open if others
+    may read it."""
+    expected = json.loads((golden / "expected.json").read_text())
+    copy = tmp_path / golden.name
+    shutil.copytree(golden, copy, symlinks=True)
+    for path in [copy, *copy.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o700)
+        elif path.parent.name == expected["region"]:
+            path.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVFS_")}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    env.update(
+        ENVFS_KMS_DIR=str(copy / "kms"),
+        ENVFS_KMS_SOCKET=str(tmp_path / "no-daemon.sock"),
+        ENVFS_REGION=expected["region"],
+    )
+    return copy, Env(tmp_path, env)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from envfs import format
-from tests.integration.conftest import Env, Mount, is_mounted, live
+from tests.integration.conftest import Env, Mount, golden_copy, is_mounted, live
 from tests.integration.test_mount_security import (
     User,
     audit_records,
@@ -698,3 +699,27 @@ def test_changes_the_disk_cannot_hold_fail_fast_and_change_nothing(
         assert (mnt / "other").read_text() == "another file\n"
         unchanged()
     assert not re.search(r"ERROR|Traceback", m.log_text()), m.log_text()
+
+
+# --- the golden broken volume -----------------------------------------------------------------
+
+BROKEN = REPO / "tests" / "golden" / "broken-v1"
+
+
+def test_the_golden_broken_volume_gives_what_it_says(tmp_path: Path) -> None:
+    expected = json.loads((BROKEN / "expected.json").read_text())
+    copy, env = golden_copy(BROKEN, tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = Mount(env, copy / "backing", mnt, tmp_path / "broken.log")
+    with live(m):
+        for rel, want in expected["broken"].items():
+            where, err = read_errno(mnt / rel)
+            assert (where, errno.errorcode.get(err)) == (want["fails_at"], want["errno"]), rel
+            lines = warnings_naming(m, copy / "backing" / rel)
+            assert any(want["warning"] in line for line in lines), (rel, lines)
+            for good, facts in expected["good"].items():  # served after every failure
+                data = (mnt / good).read_bytes()
+                assert hashlib.sha256(data).hexdigest() == facts["sha256"], good
+        names = {str(p.relative_to(mnt)) for p in mnt.rglob("*") if not p.is_dir()}
+        assert names == {*expected["good"], *expected["broken"]}

@@ -45,7 +45,7 @@ from envfs.kms.policy import default_policy
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore, region_store_dir
 from envfs.mount import pid_file_for
-from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live
+from tests.integration.conftest import ENVFS, Env, Mount, golden_copy, is_mounted, live
 
 pytestmark = [
     pytest.mark.integration,
@@ -784,24 +784,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "volume-v1"
 
 def test_golden_volume_v1_mounts_and_reads(tmp_path: Path) -> None:
     expected = json.loads((GOLDEN / "expected.json").read_text())
-    copy = tmp_path / "volume-v1"
-    shutil.copytree(GOLDEN, copy, symlinks=True)
-    # Version control keeps no modes; the key store refuses to open if others may read it.
-    for path in [copy, *copy.rglob("*")]:
-        if path.is_symlink():
-            continue
-        if path.is_dir():
-            path.chmod(0o700)
-        elif path.parent.name == expected["region"]:
-            path.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVFS_")}
-    env.pop("CREDENTIALS_DIRECTORY", None)
-    env.update(
-        ENVFS_KMS_DIR=str(copy / "kms"),
-        ENVFS_KMS_SOCKET=str(tmp_path / "no-daemon.sock"),
-        ENVFS_REGION=expected["region"],
-    )
-    golden_env = Env(tmp_path, env)
+    copy, golden_env = golden_copy(GOLDEN, tmp_path)
     for rel in expected["files"]:
         code, out, err = envfs(golden_env, "inspect", str(copy / "backing" / rel), check=False)
         assert code == 0, err
