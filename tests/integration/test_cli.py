@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 
 from envfs.cli import build_parser, main
-from envfs.cli.output import QueryError, parse_query, printable, render
 from envfs.cli.params import (
     ArgumentError,
     build_request,
@@ -251,7 +250,8 @@ ERROR_CASES = [
     (["kms", "create-key", "--tags", "Key=a,Value=b"], 2, r"argument --tags: expected Tag"),
     (["kms", "create-key", "--tags", "[1]"], 2, r"argument --tags: expected"),
     (["kms", "list-keys", "--limit", "ten"], 2, r"argument --limit: expected an integer"),
-    (["kms", "list-keys", "--query", "Keys[?x]"], 2, r"argument --query: "),
+    (["kms", "list-keys", "--query", "Keys[?x"], 2, r"argument --query: the expression 'K"),
+    (["kms", "list-keys", "--output", "text", "--query", "length(`1`)"], 2, r"--query: func"),
     (["kms", "list-keys", "--output", "yaml"], 2, r"argument --output: invalid choice"),
     (["kms", "list-keys", "--region", "Bad_Region"], 2, r"argument --region: region 'Bad_R"),
     (["kms", "list-keys", "--frobnicate"], 2, r"unrecognized arguments: --frobnicate"),
@@ -561,67 +561,6 @@ def test_blob_forms(tmp_path: Path) -> None:
     assert e.value.hint == "use fileb://PATH to pass a file's raw bytes"
     with pytest.raises(ArgumentError, match=r"^argument --b: cannot read '/nonexistent/x': "):
         parse_blob("--b", "fileb:///nonexistent/x")
-
-
-QUERY_DATA: dict[str, Any] = {
-    "Keys": [{"KeyId": "k1", "Tags": ["a", "b"]}, {"KeyId": "k2", "Tags": ["c"]}, {"Other": 1}],
-    "Meta": {"Name": "m", "Deep": {"X": 1}},
-    "Truncated": False,
-}
-
-
-@pytest.mark.parametrize(
-    ("expression", "expected"),
-    [
-        ("Truncated", False),
-        ("Meta.Deep.X", 1),
-        ("Meta.Missing.X", None),
-        ("Keys[0].KeyId", "k1"),
-        ("Keys[-1].Other", 1),
-        ("Keys[9]", None),
-        ("Keys[*].KeyId", ["k1", "k2"]),
-        ("Keys[*].Tags", [["a", "b"], ["c"]]),
-        ("Keys[*].Tags[]", [["a", "b"], ["c"]]),
-        ("Keys[].Tags[]", [["a", "b"], ["c"]]),
-        ("Keys[*].Tags[0]", ["a", "c"]),
-        ("[Meta.Name, Truncated]", ["m", False]),
-        ("Keys[*].[KeyId, Other]", [["k1", None], ["k2", None], [None, 1]]),
-        ("Meta.[Name, Deep.X]", ["m", 1]),
-        ("Meta.Name[0]", None),
-    ],
-)
-def test_query_subset(expression: str, expected: Any) -> None:
-    assert parse_query(expression).search(QUERY_DATA) == expected
-
-
-@pytest.mark.parametrize("expression", ["", "A.", "A[", "A[x]", "A[?b]", "A | B", "1A", "A,B"])
-def test_query_outside_the_subset(expression: str) -> None:
-    with pytest.raises(QueryError):
-        parse_query(expression)
-
-
-def test_printable_and_text_layout() -> None:
-    response = {
-        "CiphertextBlob": b"\x00\x01",
-        "CreationDate": 0.0,
-        "Keys": [{"KeyId": "k1", "Enabled": True}, {"KeyId": "k2"}],
-        "Ids": ["a", "b"],
-        "Truncated": False,
-    }
-    shown = printable(response)
-    assert shown["CiphertextBlob"] == "AAE="
-    assert shown["CreationDate"] == "1970-01-01T00:00:00+00:00"
-    out = StringIO()
-    render(response, output="text", query=None, stream=out)
-    assert out.getvalue() == (
-        "AAE=\t1970-01-01T00:00:00+00:00\tFalse\nIDS\ta\nIDS\tb\nKEYS\tTrue\tk1\nKEYS\t\tk2\n"
-    )
-    out = StringIO()
-    render(response, output="text", query=parse_query("Ids"), stream=out)
-    assert out.getvalue() == "a\tb\n"
-    out = StringIO()
-    render({}, output="json", query=None, stream=out)
-    assert out.getvalue() == ""
 
 
 # --- the demo -----------------------------------------------------------------------------
