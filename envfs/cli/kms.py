@@ -66,7 +66,8 @@ _EXAMPLES: dict[str, str] = {
 }
 
 _TYPE_NOTES: dict[ParamType, str] = {
-    ParamType.BLOB: "fileb://PATH: a file's bytes; else base64 text, or file://PATH holding it",
+    ParamType.BLOB: "fileb://PATH: a file's raw bytes; else standard base64 text (padded;"
+    " line breaks allowed), or file://PATH holding it",
     ParamType.CONTEXT: "k=v,k2=v2 or a JSON object",
     ParamType.TAGS: "one TagKey=k,TagValue=v per word, or a JSON list",
     ParamType.STRING_LIST: "separated by spaces or commas",
