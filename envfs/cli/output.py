@@ -128,8 +128,9 @@ class Query:
             return self._parsed.search(value)
         except jmespath_errors.JMESPathTypeError as e:
             expected = ", ".join(e.expected_types)
+            article = "an" if e.actual_type[:1] in "aeiou" else "a"
             raise QueryError(
-                f"function {e.function_name}() was given a {e.actual_type}, expected"
+                f"function {e.function_name}() was given {article} {e.actual_type}, expected"
                 f" {expected} (in {self.text!r})"
             ) from None
         except jmespath_errors.JMESPathError:

@@ -66,7 +66,7 @@ def test_query_failing_on_the_answer_never_shows_it() -> None:
     query = compile_query("max_by(@, &KeyId)")
     with pytest.raises(
         QueryError,
-        match=r"^argument --query: function max_by\(\) was given a object, expected array"
+        match=r"^argument --query: function max_by\(\) was given an object, expected array"
         r" \(in 'max_by\(@, &KeyId\)'\)$",
     ) as caught:
         query.search(secret)
