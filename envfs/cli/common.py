@@ -44,7 +44,8 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
         metavar="EXPR",
         type=query_type,
         help="a JMESPath expression, as aws-cli's --query: print only what it selects from"
-        " the answer (e.g. 'Keys[*].KeyId', 'Aliases[?starts_with(AliasName, `alias/a`)]')",
+        " the answer (e.g. Keys[*].KeyId, length(Aliases),"
+        " \"Aliases[?starts_with(AliasName, 'alias/app')].TargetKeyId\")",
     )
 
 

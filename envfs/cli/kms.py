@@ -547,7 +547,9 @@ def add_parser(commands: Any) -> None:
     audit.add_argument(
         "--verify",
         action="store_true",
-        help="check that no record was altered or removed (exit 40 if one was)",
+        help="check that no record was altered or removed (exit 40 if one was); prints"
+        " 'audit log verified: N records', or with --output or --query the VerifyAudit"
+        " answer (Valid, Records, Problem)",
     )
     _add_client_options(audit)
     audit.set_defaults(handler=_audit)

@@ -489,14 +489,21 @@ def test_audit_lists_and_verifies(tmp_path: Path) -> None:
     ).split()
     assert operations[:2] == ["CreateKey", "Encrypt"]
     assert re.match(r"^audit log verified: \d+ records\n$", ok(st.env, "kms", "audit", "--verify"))
+    # Given an output format, --verify prints the VerifyAudit answer.
+    verified = json.loads(ok(st.env, "kms", "audit", "--verify", "--output", "json"))
+    assert verified["Valid"] is True and verified["Records"] >= 3
+    assert (
+        ok(st.env, "kms", "audit", "--verify", "--output", "text", "--query", "Valid") == "True\n"
+    )
 
     db = sqlite3.connect(tmp_path / "local-1" / "keys.db")
     with db:
         db.execute("UPDATE audit SET record = replace(record, 'Encrypt', 'Decrypt')")
     db.close()
-    proc = cli(st.env, "kms", "audit", "--verify")
-    assert proc.returncode == 40
-    assert proc.stderr.startswith("envfs: error: audit log verification failed: ")
+    for output in ([], ["--output", "json"]):
+        proc = cli(st.env, "kms", "audit", "--verify", *output)
+        assert (proc.returncode, proc.stdout) == (40, "")
+        assert proc.stderr.startswith("envfs: error: audit log verification failed: ")
 
 
 # --- the daemon ---------------------------------------------------------------------------
@@ -553,8 +560,33 @@ def test_help_for_every_verb(verb: str, capsys: pytest.CaptureFixture[str]) -> N
         assert op.help.lower() in out.lower()
         for param in op.params:
             assert param.flag in out
+        assert "--output {json,text,table}" in out
         for flag in ("--output", "--query", "--socket", "--embedded"):
             assert flag in out
+
+
+def test_inspect_output_options() -> None:
+    """``envfs inspect`` takes the same --output and --query as the kms verbs."""
+    golden = str(REPO / "tests" / "golden" / "volume-v1" / "backing" / "one-block.bin")
+    env = cli_env(Path("/nonexistent"))  # inspect needs no key store
+    query = "[BlockSize, PlaintextSize]"
+    assert ok(env, "inspect", golden, "--output", "text", "--query", query) == "16384\t16384\n"
+    query = "{BlockSize: BlockSize, PlaintextSize: PlaintextSize}"
+    assert ok(env, "inspect", golden, "--output", "table", "--query", query) == (
+        "--------------------------------\n"
+        "|            Inspect           |\n"
+        "+------------+-----------------+\n"
+        "|  BlockSize |  PlaintextSize  |\n"
+        "+------------+-----------------+\n"
+        "|  16384     |  16384          |\n"
+        "+------------+-----------------+\n"
+    )
+    result = cli(env, "inspect", golden, "--query", "KeyArn[")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "envfs: error: argument --query: the expression 'KeyArn[' is incomplete\n"
+        "envfs: hint: see 'envfs inspect --help'\n"
+    )
 
 
 def test_help_of_the_commands() -> None:
