@@ -28,7 +28,6 @@ import base64
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -73,41 +72,64 @@ class QueryError(UsageError):
         self.reason = reason
 
 
+# jmespath's own words for a token that does not fit; anything else it says is an
+# explanation worth passing on.
+_GENERIC_PARSE_ERRORS = ("invalid token", "syntax error", "Unexpected token", "Expecting")
+
+
 def _parse_error_reason(error: jmespath_errors.ParseError, text: str) -> str:
     if isinstance(error, jmespath_errors.IncompleteExpressionError):
         return f"the expression {text!r} is incomplete"
+    where = f"at character {error.lex_position + 1} of {text!r}"
     if isinstance(error, jmespath_errors.LexerError):
-        what = error.message[:1].lower() + error.message[1:]
-        return f"{what} at character {error.lexer_position + 1} of {text!r}"
-    return f"unexpected {error.token_value!r} at character {error.lex_position + 1} of {text!r}"
+        what = error.message
+    elif error.msg.startswith(_GENERIC_PARSE_ERRORS):
+        what = f"unexpected {error.token_value!r}"
+    else:
+        what = error.msg.rstrip(".")
+    return f"{what[:1].lower()}{what[1:]} {where}"
 
 
-def _function_calls(node: Any) -> Iterator[tuple[str, int]]:
-    """Every ``name(args)`` in a parsed expression, as (name, number of arguments)."""
-    if node.get("type") == "function_expression":
-        yield node["value"], len(node["children"])
-    for child in node.get("children", ()):
-        if isinstance(child, dict):
-            yield from _function_calls(child)
+def _check_tree(node: Any, text: str, expref_allowed: bool = False) -> None:
+    """Refuse what jmespath would only find while evaluating, or not at all.
 
-
-def _check_function_calls(tree: Any) -> None:
-    # jmespath looks functions up only while it evaluates; checking them here refuses a
-    # misspelt one before the call is made (a create-key must not run, then fail to print).
+    An unknown function or a wrong number of arguments is found only when evaluation
+    reaches the call: refusing them here means a misspelt query never lets a create-key
+    run and then fail to print. An expression reference (``&KeyId``) anywhere but as the
+    argument of a function that takes one evaluates to an object no output can print.
+    """
     table: dict[str, Any] = Functions.FUNCTION_TABLE
-    for name, given in _function_calls(tree):
-        if name not in table:
-            known = ", ".join(sorted(table))
-            raise QueryError(f"unknown function {name}() (JMESPath has {known})")
-        signature = table[name]["signature"]
-        wanted = len(signature)
-        variadic = bool(signature) and signature[-1].get("variadic", False)
-        if given < wanted or (given > wanted and not variadic):
-            at_least = "at least " if variadic else ""
-            plural = "" if wanted == 1 else "s"
-            raise QueryError(
-                f"function {name}() takes {at_least}{wanted} argument{plural}, got {given}"
-            )
+    kind = node.get("type")
+    children = [child for child in node.get("children", ()) if isinstance(child, dict)]
+    if kind == "expref" and not expref_allowed:
+        takers = [f"{name}()" for name, spec in sorted(table.items()) if _takes_expref(spec)]
+        listed = ", ".join(takers[:-1]) + f" or {takers[-1]}"
+        raise QueryError(
+            f"an expression reference (&...) is only an argument of {listed}, in {text!r}"
+        )
+    if kind != "function_expression":
+        for child in children:
+            _check_tree(child, text)
+        return
+    name = node["value"]
+    if name not in table:
+        raise QueryError(f"unknown function {name}() (JMESPath has {', '.join(sorted(table))})")
+    signature = table[name]["signature"]
+    wanted, given = len(signature), len(children)
+    variadic = bool(signature) and signature[-1].get("variadic", False)
+    if given < wanted or (given > wanted and not variadic):
+        at_least = "at least " if variadic else ""
+        plural = "" if wanted == 1 else "s"
+        raise QueryError(
+            f"function {name}() takes {at_least}{wanted} argument{plural}, got {given}"
+        )
+    for position, child in enumerate(children):
+        spec = signature[min(position, wanted - 1)]
+        _check_tree(child, text, "expref" in spec.get("types", ()))
+
+
+def _takes_expref(spec: dict[str, Any]) -> bool:
+    return any("expref" in argument.get("types", ()) for argument in spec["signature"])
 
 
 class Query:
@@ -141,8 +163,9 @@ def compile_query(text: str) -> Query:
     """Compile a ``--query`` expression.
 
     Raises:
-        QueryError: the expression is empty, does not parse, or calls an unknown function or
-            one with the wrong number of arguments.
+        QueryError: the expression is empty, does not parse, calls an unknown function or
+            one with the wrong number of arguments, or has an expression reference (``&x``)
+            outside the arguments of the functions that take one.
     """
     if not text.strip():
         raise QueryError("the expression is empty")
@@ -157,7 +180,7 @@ def compile_query(text: str) -> Query:
         raise QueryError(_parse_error_reason(e, text)) from None
     except jmespath_errors.JMESPathError:
         raise QueryError(f"the expression {text!r} does not parse") from None
-    _check_function_calls(parsed.parsed)
+    _check_tree(parsed.parsed, text)
     return Query(text, parsed)
 
 

@@ -48,6 +48,20 @@ def rendered(value: Any, output: str, query: str | None = None, width: int = 80)
         ("Keys[?contains(KeyId)]", "function contains() takes 2 arguments, got 1"),
         ("merge()", "function merge() takes at least 1 argument, got 0"),
         (
+            '"foo"(@)',
+            "quoted identifier not allowed for function names at character 1 of '\"foo\"(@)'",
+        ),
+        (
+            "&KeyId",
+            "an expression reference (&...) is only an argument of map(), max_by(),"
+            " min_by() or sort_by(), in '&KeyId'",
+        ),
+        (
+            "to_array(&KeyId)",
+            "an expression reference (&...) is only an argument of map(),"
+            " max_by(), min_by() or sort_by(), in 'to_array(&KeyId)'",
+        ),
+        (
             "sort_by(Keys[*].Tags[?length(@) > `0`] | [0], &not_null())",
             "function not_null() takes at least 1 argument, got 0",
         ),
