@@ -1,4 +1,4 @@
-"""Pieces the command-line modules share: argument types and daemon logging."""
+"""Pieces the command-line modules share: argument types, output options, daemon logging."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import logging
 import logging.handlers
 import os
 import sys
+from typing import Any
 
+from envfs.cli.output import OUTPUT_FORMATS, Query, QueryError, compile_query, render
 from envfs.errors import ValidationException
 from envfs.kms.model import validate_region
 
@@ -18,6 +20,42 @@ def region_type(text: str) -> str:
         return validate_region(text)
     except ValidationException as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def query_type(text: str) -> Query:
+    """argparse type of ``--query``: a JMESPath expression, compiled."""
+    try:
+        return compile_query(text)
+    except QueryError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--output`` and ``--query``, as aws-cli has them; :func:`print_answer` uses them."""
+    group = parser.add_argument_group("output options")
+    group.add_argument(
+        "--output",
+        choices=OUTPUT_FORMATS,
+        help="json (the default; bytes as base64, dates as ISO 8601 UTC), text (tab-separated"
+        " rows) or table (boxes), laid out as aws-cli lays them out",
+    )
+    group.add_argument(
+        "--query",
+        metavar="EXPR",
+        type=query_type,
+        help="a JMESPath expression, as aws-cli's --query: print only what it selects from"
+        " the answer (e.g. Keys[*].KeyId, length(Aliases),"
+        " \"Aliases[?starts_with(AliasName, 'alias/app')].TargetKeyId\")",
+    )
+
+
+def print_answer(args: argparse.Namespace, answer: Any, title: str) -> None:
+    """Print ``answer`` as ``--output`` and ``--query`` ask; ``title`` heads a table.
+
+    Raises:
+        QueryError: the query fails on this answer.
+    """
+    render(answer, output=args.output or "json", query=args.query, stream=sys.stdout, title=title)
 
 
 def configure_logging(*, log_file: str | None = None, to_stderr: bool = True) -> None:

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from envfs import notify
-from envfs.cli.common import configure_logging, region_type
-from envfs.cli.output import QueryError, parse_query, render
+from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.params import ArgumentError, build_request, read_file_bytes
 from envfs.errors import AuditVerificationError, UsageError
 from envfs.kms.limits import Limits, Rate
@@ -68,7 +67,8 @@ _EXAMPLES: dict[str, str] = {
 }
 
 _TYPE_NOTES: dict[ParamType, str] = {
-    ParamType.BLOB: "fileb://PATH: a file's bytes; else base64 text, or file://PATH holding it",
+    ParamType.BLOB: "fileb://PATH: a file's raw bytes; else standard base64 text (padded;"
+    " line breaks allowed), or file://PATH holding it",
     ParamType.CONTEXT: "k=v,k2=v2 or a JSON object",
     ParamType.TAGS: "one TagKey=k,TagValue=v per word, or a JSON list",
     ParamType.STRING_LIST: "separated by spaces or commas",
@@ -81,13 +81,6 @@ _LIST_METAVARS: dict[ParamType, str] = {
 
 
 # --- common options ----------------------------------------------------------------------
-
-
-def _query(text: str) -> Any:
-    try:
-        return parse_query(text)
-    except QueryError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _env_path(name: str) -> str | None:
@@ -139,20 +132,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="never use the daemon: open the region's store in this process",
     )
-    group = parser.add_argument_group("output options")
-    group.add_argument(
-        "--output",
-        choices=("json", "text"),
-        default="json",
-        help="json (default; bytes as base64, dates as ISO 8601) or text (tab-separated)",
-    )
-    group.add_argument(
-        "--query",
-        metavar="EXPR",
-        type=_query,
-        help="print only part of the answer, with a JMESPath subset: A, A.B, A[0], A[*].B,"
-        " A[].B, [A, B]",
-    )
+    add_output_options(parser)
 
 
 # --- the backend: daemon or embedded store -------------------------------------------------
@@ -290,7 +270,7 @@ def _run_operation(operation: Operation, args: argparse.Namespace) -> int:
     request = build_request(operation, vars(args))
     with open_backend(args) as backend:
         response = backend.call(operation.name, request)
-    render(response, output=args.output, query=args.query, stream=sys.stdout)
+    print_answer(args, response, operation.name)
     return 0
 
 
@@ -529,9 +509,13 @@ def _audit(args: argparse.Namespace) -> int:
             raise AuditVerificationError(
                 f"audit log verification failed: {result.get('Problem') or 'unknown problem'}"
             )
-        sys.stdout.write(f"audit log verified: {result.get('Records', 0)} records\n")
+        if args.output is None and args.query is None:
+            sys.stdout.write(f"audit log verified: {result.get('Records', 0)} records\n")
+        else:
+            # An output format asked for: the VerifyAudit answer itself, for scripts.
+            print_answer(args, result, "VerifyAudit")
         return 0
-    render({"Records": records}, output=args.output, query=args.query, stream=sys.stdout)
+    print_answer(args, {"Records": records}, "ListAuditRecords")
     return 0
 
 
@@ -662,7 +646,9 @@ def add_parser(commands: Any) -> None:
     audit.add_argument(
         "--verify",
         action="store_true",
-        help="check that no record was altered or removed (exit 40 if one was)",
+        help="check that no record was altered or removed (exit 40 if one was); prints"
+        " 'audit log verified: N records', or with --output or --query the VerifyAudit"
+        " answer (Valid, Records, Problem)",
     )
     _add_client_options(audit)
     audit.set_defaults(handler=_audit)

@@ -1,37 +1,44 @@
-"""Printing responses as aws-cli does: JSON or text, after an optional ``--query``.
+"""Printing answers as aws-cli v2 does: an optional ``--query``, then JSON, text or a table.
 
 A response is first made printable: ``bytes`` become base64 text and the values of keys
 ending in ``Date`` and of audit records' ``time`` (float seconds since the epoch) become
-ISO 8601 UTC strings. The query,
-if any, then selects from that printable form, so ``--query CiphertextBlob`` yields the
-base64 text that ``base64 -d`` turns back into the blob.
+ISO 8601 UTC strings. The query, if any, then selects from that printable form, so
+``--query CiphertextBlob`` yields the base64 text that ``base64 -d`` turns back into the
+blob.
 
-Query language: a subset of JMESPath.
+The query language is JMESPath, evaluated by the ``jmespath`` library as aws-cli does
+(this module is the only importer of it). An expression that does not parse, or calls a
+function that does not exist or with the wrong number of arguments, is refused before the
+call is made; one that fails on the answer (a function given the wrong type) is refused
+after it, without printing any part of the answer.
 
-=================  ===================================================================
-``A``              the value of key ``A`` (``null`` if missing)
-``A.B``            key ``B`` of the value of ``A``
-``A[0]``           an element of a list (negative indexes count from the end)
-``A[*].B``         projection: ``B`` of every element of list ``A`` (missing ones dropped)
-``A[].B``          flatten ``A`` one level, then project like ``[*]``
-``[A, B]``         multiselect list: ``[value of A, value of B]``; also after a dot or a
-                   projection: ``Keys[*].[KeyId, KeyArn]``
-=================  ===================================================================
+Output formats, as aws-cli v2 prints them:
 
-Text output follows aws-cli's layout: a scalar prints as it is; a list of scalars prints
-tab-separated on one line; a map prints its scalar values (sorted by key) tab-separated on
-one line, prefixed by the upper-cased name of the key that held it, then each nested map or
-list the same way under its own key's name.
+- ``json``: indented by 4, non-ASCII kept; an empty object prints nothing.
+- ``text``: a scalar prints as it is; a list of scalars prints tab-separated on one line; a
+  map prints its scalar values (sorted by key) tab-separated on one line, prefixed by the
+  upper-cased name of the key that held it, then each nested map or list the same way
+  under its own key's name; the maps of one list share their columns.
+- ``table``: boxes drawn with ``-``, ``|`` and ``+`` (see :mod:`envfs.cli.table`).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import shutil
+import warnings
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+import jmespath
+from jmespath import exceptions as jmespath_errors
+from jmespath.functions import Functions
+
+from envfs.cli.table import draw_table
+from envfs.errors import UsageError
+
+OUTPUT_FORMATS = ("json", "text", "table")
 
 # --- printable form ------------------------------------------------------------------------
 
@@ -57,250 +64,216 @@ def printable(value: Any, key: str | None = None) -> Any:
 # --- query ---------------------------------------------------------------------------------
 
 
-class QueryError(ValueError):
-    """A ``--query`` expression outside the supported subset."""
+class QueryError(UsageError):
+    """A ``--query`` expression that does not parse, or that fails on the answer."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"argument --query: {reason}")
+        self.reason = reason
 
 
-@dataclass(frozen=True)
-class _Field:
-    name: str
+# jmespath's own words for a token that does not fit; anything else it says is an
+# explanation worth passing on.
+_GENERIC_PARSE_ERRORS = ("invalid token", "syntax error", "Unexpected token", "Expecting")
 
 
-@dataclass(frozen=True)
-class _Index:
-    index: int
+def _parse_error_reason(error: jmespath_errors.ParseError, text: str) -> str:
+    if isinstance(error, jmespath_errors.IncompleteExpressionError):
+        return f"the expression {text!r} is incomplete"
+    where = f"at character {error.lex_position + 1} of {text!r}"
+    if isinstance(error, jmespath_errors.LexerError):
+        what = error.message
+    elif error.msg.startswith(_GENERIC_PARSE_ERRORS):
+        what = f"unexpected {error.token_value!r}"
+    else:
+        what = error.msg.rstrip(".")
+    return f"{what[:1].lower()}{what[1:]} {where}"
 
 
-@dataclass(frozen=True)
-class _Project:
-    flatten: bool
+def _check_tree(node: Any, text: str, expref_allowed: bool = False) -> None:
+    """Refuse what jmespath would only find while evaluating, or not at all.
+
+    An unknown function or a wrong number of arguments is found only when evaluation
+    reaches the call: refusing them here means a misspelt query never lets a create-key
+    run and then fail to print. An expression reference (``&KeyId``) anywhere but as the
+    argument of a function that takes one evaluates to an object no output can print.
+    """
+    table: dict[str, Any] = Functions.FUNCTION_TABLE
+    kind = node.get("type")
+    children = [child for child in node.get("children", ()) if isinstance(child, dict)]
+    if kind == "expref" and not expref_allowed:
+        takers = [f"{name}()" for name, spec in sorted(table.items()) if _takes_expref(spec)]
+        listed = ", ".join(takers[:-1]) + f" or {takers[-1]}"
+        raise QueryError(
+            f"an expression reference (&...) is only an argument of {listed}, in {text!r}"
+        )
+    if kind != "function_expression":
+        for child in children:
+            _check_tree(child, text)
+        return
+    name = node["value"]
+    if name not in table:
+        raise QueryError(f"unknown function {name}() (JMESPath has {', '.join(sorted(table))})")
+    signature = table[name]["signature"]
+    wanted, given = len(signature), len(children)
+    variadic = bool(signature) and signature[-1].get("variadic", False)
+    if given < wanted or (given > wanted and not variadic):
+        at_least = "at least " if variadic else ""
+        plural = "" if wanted == 1 else "s"
+        raise QueryError(
+            f"function {name}() takes {at_least}{wanted} argument{plural}, got {given}"
+        )
+    for position, child in enumerate(children):
+        spec = signature[min(position, wanted - 1)]
+        _check_tree(child, text, "expref" in spec.get("types", ()))
 
 
-@dataclass(frozen=True)
-class _MultiSelect:
-    choices: tuple[Query, ...]
+def _takes_expref(spec: dict[str, Any]) -> bool:
+    return any("expref" in argument.get("types", ()) for argument in spec["signature"])
 
 
-_Step = _Field | _Index | _Project | _MultiSelect
-
-
-@dataclass(frozen=True)
 class Query:
-    """A parsed ``--query`` expression; :func:`parse_query` makes one."""
+    """A compiled ``--query`` expression; :func:`compile_query` makes one."""
 
-    steps: tuple[_Step, ...]
+    def __init__(self, text: str, parsed: jmespath.parser.ParsedResult) -> None:
+        self.text = text
+        self._parsed = parsed
 
     def search(self, value: Any) -> Any:
-        return _evaluate(self.steps, value)
+        """The expression's result on ``value`` (a printable answer).
 
-
-def _evaluate(steps: Sequence[_Step], value: Any) -> Any:
-    for position, step in enumerate(steps):
-        if value is None:
-            return None
-        if isinstance(step, _Field):
-            value = value.get(step.name) if isinstance(value, dict) else None
-        elif isinstance(step, _Index):
-            if not isinstance(value, list) or not -len(value) <= step.index < len(value):
-                return None
-            value = value[step.index]
-        elif isinstance(step, _MultiSelect):
-            value = [choice.search(value) for choice in step.choices]
-        else:
-            if not isinstance(value, list):
-                return None
-            elements: list[Any] = value
-            if step.flatten:
-                elements = []
-                for element in value:
-                    if isinstance(element, list):
-                        elements.extend(element)
-                    else:
-                        elements.append(element)
-            rest = steps[position + 1 :]
-            results = (_evaluate(rest, element) for element in elements)
-            return [result for result in results if result is not None]
-    return value
-
-
-class _QueryParser:
-    """Recursive descent over the expression text; positions are reported 1-based."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-
-    def fail(self, what: str) -> QueryError:
-        return QueryError(f"{what} at position {self.pos + 1} of query {self.text!r}")
-
-    def skip_spaces(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos] == " ":
-            self.pos += 1
-
-    def peek(self) -> str:
-        self.skip_spaces()
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    def expect(self, char: str) -> None:
-        if self.peek() != char:
-            found = repr(self.peek()) if self.peek() else "the end"
-            raise self.fail(f"expected {char!r}, found {found}")
-        self.pos += 1
-
-    def identifier(self) -> str:
-        self.skip_spaces()
-        start = self.pos
-        while self.pos < len(self.text) and (
-            self.text[self.pos].isalnum() or self.text[self.pos] == "_"
-        ):
-            self.pos += 1
-        if start == self.pos or self.text[start].isdigit():
-            raise self.fail("expected a key name")
-        return self.text[start : self.pos]
-
-    def bracket(self, multiselect: bool) -> _Step:
-        """After ``[``: an index, ``*``, ``]`` (flatten) or, if allowed, a multiselect list.
-
-        As in JMESPath, a multiselect list starts an expression or follows a dot:
-        ``[A, B]`` and ``A.[B, C]``, never ``A[B]``.
+        Raises:
+            QueryError: the expression fails on this value. The message never shows the
+                value: it may hold plaintext or a data key.
         """
-        self.expect("[")
-        char = self.peek()
-        if char == "*":
-            self.pos += 1
-            self.expect("]")
-            return _Project(flatten=False)
-        if char == "]":
-            self.pos += 1
-            return _Project(flatten=True)
-        if char == "-" or char.isdigit():
-            start = self.pos
-            self.pos += 1
-            while self.pos < len(self.text) and self.text[self.pos].isdigit():
-                self.pos += 1
-            try:
-                index = int(self.text[start : self.pos])
-            except ValueError:
-                raise self.fail("expected an index") from None
-            self.expect("]")
-            return _Index(index)
-        if not multiselect:
-            raise self.fail("expected an index, '*' or ']'")
-        choices = [self.expression()]
-        while self.peek() == ",":
-            self.pos += 1
-            choices.append(self.expression())
-        self.expect("]")
-        return _MultiSelect(tuple(choices))
-
-    def expression(self) -> Query:
-        steps: list[_Step] = []
-        steps.append(self.bracket(True) if self.peek() == "[" else _Field(self.identifier()))
-        while True:
-            char = self.peek()
-            if char == ".":
-                self.pos += 1
-                steps.append(
-                    self.bracket(True) if self.peek() == "[" else _Field(self.identifier())
-                )
-            elif char == "[":
-                steps.append(self.bracket(False))
-            else:
-                return Query(tuple(steps))
+        try:
+            return self._parsed.search(value)
+        except jmespath_errors.JMESPathTypeError as e:
+            expected = ", ".join(e.expected_types)
+            article = "an" if e.actual_type[:1] in "aeiou" else "a"
+            raise QueryError(
+                f"function {e.function_name}() was given {article} {e.actual_type}, expected"
+                f" {expected} (in {self.text!r})"
+            ) from None
+        except jmespath_errors.JMESPathError:
+            raise QueryError(f"the expression {self.text!r} fails on this answer") from None
 
 
-def parse_query(text: str) -> Query:
-    """Parse a ``--query`` expression.
+def compile_query(text: str) -> Query:
+    """Compile a ``--query`` expression.
 
     Raises:
-        QueryError: the expression is empty or uses syntax outside the subset.
+        QueryError: the expression is empty, does not parse, calls an unknown function or
+            one with the wrong number of arguments, or has an expression reference (``&x``)
+            outside the arguments of the functions that take one.
     """
-    parser = _QueryParser(text)
-    if not parser.peek():
-        raise QueryError("the query is empty")
-    query = parser.expression()
-    if parser.peek():
-        raise parser.fail(
-            f"unexpected {parser.peek()!r} (supported: A, A.B, A[0], A[*].B, A[].B, [A, B])"
-        )
-    return query
+    if not text.strip():
+        raise QueryError("the expression is empty")
+    try:
+        with warnings.catch_warnings():
+            # A backtick literal that is not JSON (`foo`) is read as a string, as aws-cli
+            # reads it; jmespath warns that this form is deprecated, which is not the
+            # user's concern here.
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            parsed = jmespath.compile(text)
+    except jmespath_errors.ParseError as e:
+        raise QueryError(_parse_error_reason(e, text)) from None
+    except jmespath_errors.JMESPathError:
+        raise QueryError(f"the expression {text!r} does not parse") from None
+    _check_tree(parsed.parsed, text)
+    return Query(text, parsed)
 
 
 # --- rendering -----------------------------------------------------------------------------
 
 
-def render(response: Any, *, output: str, query: Query | None, stream: TextIO) -> None:
-    """Print a response in the chosen ``output`` format (``json`` or ``text``)."""
+def terminal_width() -> int:
+    """Columns of the terminal on stdout (``$COLUMNS`` first), 80 when it is not one."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def render(
+    response: Any,
+    *,
+    output: str,
+    query: Query | None,
+    stream: TextIO,
+    title: str,
+    width: int | None = None,
+) -> None:
+    """Print a response in the chosen ``output`` format (one of :data:`OUTPUT_FORMATS`).
+
+    ``title`` heads a table (aws-cli uses the operation's name); ``width`` is the width a
+    table should fit in (default: the terminal's).
+
+    Raises:
+        QueryError: the query fails on this response (nothing is printed).
+    """
     value = printable(response)
     if query is not None:
         value = query.search(value)
-    elif value == {}:
-        return  # operations with an empty answer print nothing, as in aws-cli
     if output == "json":
-        stream.write(json.dumps(value, indent=4, ensure_ascii=False) + "\n")
+        if value != {}:  # operations with an empty answer print nothing, as in aws-cli
+            stream.write(json.dumps(value, indent=4, ensure_ascii=False) + "\n")
+    elif output == "table":
+        stream.write(draw_table(title, value, terminal_width() if width is None else width))
     else:
-        _write_text(value, None, stream)
-
-
-def _scalar_text(value: Any) -> str:
-    return str(value)  # aws-cli prints None and booleans the Python way in text output
+        lines: list[str] = []
+        _text(value, None, None, lines)
+        stream.write("".join(line + "\n" for line in lines))
 
 
 def _is_scalar(value: Any) -> bool:
     return not isinstance(value, dict | list)
 
 
-def _write_text(value: Any, name: str | None, stream: TextIO) -> None:
+def _text(value: Any, name: str | None, columns: list[str] | None, lines: list[str]) -> None:
     if isinstance(value, dict):
-        _write_map(value, name, None, stream)
+        _text_map(value, name, columns, lines)
     elif isinstance(value, list):
-        _write_list(value, name, stream)
+        _text_list(value, name, lines)
     else:
-        stream.write(_scalar_text(value) + "\n")
+        lines.append(str(value))  # None and booleans the Python way, as aws-cli prints them
 
 
-def _write_row(cells: list[str], name: str | None, stream: TextIO) -> None:
-    if name is not None:
-        cells = [name.upper(), *cells]
-    stream.write("\t".join(cells) + "\n")
+def _text_row(cells: list[str], name: str | None, lines: list[str]) -> None:
+    lines.append("\t".join([name.upper(), *cells] if name is not None else cells))
 
 
-def _write_map(
-    value: dict[str, Any], name: str | None, columns: list[str] | None, stream: TextIO
+def _text_map(
+    value: dict[str, Any], name: str | None, columns: list[str] | None, lines: list[str]
 ) -> None:
-    """One row of scalars (``columns`` fixes them for rows of a list), then the rest."""
+    """One row of scalars, then the nested values under their keys' names.
+
+    ``columns`` (the scalar keys of all maps of one list) fixes the row's cells; as in
+    aws-cli, a cell holds whatever that key holds in this map (absent: empty), and only
+    the keys outside ``columns`` are printed as nested values.
+    """
     if columns is None:
-        columns = sorted(k for k, v in value.items() if _is_scalar(v))
-    if columns:
-        cells = [
-            _scalar_text(value[k]) if k in value and _is_scalar(value[k]) else "" for k in columns
-        ]
-        _write_row(cells, name, stream)
-    for key in sorted(k for k, v in value.items() if not _is_scalar(v)):
-        _write_text(value[key], key, stream)
+        cells = [str(v) for k, v in sorted(value.items()) if _is_scalar(v)]
+        nested = sorted(k for k, v in value.items() if not _is_scalar(v))
+    else:
+        cells = [str(value.get(k, "")) for k in columns]
+        nested = sorted(set(value) - set(columns))
+    if cells:
+        _text_row(cells, name, lines)
+    for key in nested:
+        _text(value[key], key, None, lines)
 
 
-def _write_list(value: list[Any], name: str | None, stream: TextIO) -> None:
-    if not value:
-        return
+def _text_list(value: list[Any], name: str | None, lines: list[str]) -> None:
     if any(isinstance(v, dict) for v in value):
-        # Rows of one table: every map gets the same columns, in the same order.
-        columns = sorted(
-            {k for v in value if isinstance(v, dict) for k, x in v.items() if _is_scalar(x)}
-        )
+        maps = [v for v in value if isinstance(v, dict)]
+        columns = sorted({k for m in maps for k, v in m.items() if _is_scalar(v)})
         for element in value:
-            if isinstance(element, dict):
-                _write_map(element, name, columns, stream)
-            else:
-                _write_text(element, name, stream)
+            _text(element, name, columns, lines)
         return
-    scalars = [v for v in value if _is_scalar(v)]
-    if scalars:
-        if name is None:
-            _write_row([_scalar_text(v) for v in scalars], None, stream)
-        else:
-            for element in scalars:
-                _write_row([_scalar_text(element)], name, stream)
+    scalars = [str(v) for v in value if _is_scalar(v)]
+    if scalars and name is None:
+        _text_row(scalars, None, lines)
+    else:
+        for cell in scalars:
+            _text_row([cell], name, lines)
     for element in value:
         if not _is_scalar(element):
-            _write_text(element, name, stream)
+            _text(element, name, None, lines)

@@ -5,7 +5,7 @@ type           accepted forms
 =============  ==========================================================================
 string         ``VALUE``; ``file://PATH`` for a file's text (``--policy file://p.json``)
 blob           ``fileb://PATH`` for a file's raw bytes; ``file://PATH`` or a plain value
-               for base64 text (whitespace ignored)
+               for base64 text (see :func:`decode_base64`)
 integer        a decimal integer
 boolean        ``--flag`` or ``--no-flag``
 context        ``k=v,k2=v2`` or a JSON object; may be repeated
@@ -21,7 +21,6 @@ file. A value that does not parse is a usage error naming the flag (exit code 2)
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 import re
@@ -69,17 +68,64 @@ def _text(flag: str, raw: str) -> str:
     return raw
 
 
+_BASE64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
+def decode_base64(text: str) -> bytes:
+    """The bytes of ``text``, which must be standard base64 exactly as an encoder writes it.
+
+    Accepted: the standard alphabet (``A-Z a-z 0-9 + /``), padded with ``=`` to a multiple
+    of 4 characters, with no stray bits in the last character; line breaks (LF or CRLF)
+    anywhere, as ``base64`` and MIME wrap long text. Refused: spaces and tabs (``Some
+    text`` is text, not base64 with a space to drop), the URL-safe ``-`` and ``_``, missing
+    or extra padding.
+
+    Raises:
+        ValueError: why ``text`` is refused; positions count from 1 in ``text`` as given.
+            The message never quotes ``text``.
+    """
+    for position, char in enumerate(text, 1):
+        if char == " " or char == "\t":
+            kind = "a space" if char == " " else "a tab"
+            raise ValueError(f"character {position} is {kind}, which base64 does not use")
+        if char not in _BASE64_ALPHABET and char not in "\r\n":
+            raise ValueError(
+                f"character {position} is outside the standard base64 alphabet"
+                " (A-Z, a-z, 0-9, +, /, and = to pad)"
+            )
+    compact = text.replace("\r", "").replace("\n", "")
+    if len(compact) % 4:
+        raise ValueError(
+            f"it has {len(compact)} characters (line breaks aside), not a multiple of 4"
+        )
+    body = compact.rstrip("=")
+    if "=" in body or len(compact) - len(body) > 2:
+        raise ValueError("'=' pads only the end, once or twice")
+    data = base64.b64decode(compact)
+    if base64.b64encode(data).decode("ascii") != compact:
+        raise ValueError("its last character has bits set that an encoder leaves zero")
+    return data
+
+
 def parse_blob(flag: str, raw: str) -> bytes:
+    """A blob flag's bytes: a file's with ``fileb://``, else decoded base64 text.
+
+    Raises:
+        ArgumentError: the file cannot be read, or the text is not base64. The message
+            never quotes the value: a ``--plaintext`` value is the secret itself.
+    """
     if raw.startswith("fileb://"):
         return read_file_bytes(flag, raw[len("fileb://") :])
-    text = read_file_text(flag, raw[len("file://") :]) if raw.startswith("file://") else raw
-    compact = "".join(text.split())
+    if raw.startswith("file://"):
+        path = raw[len("file://") :]
+        text, what, reads = read_file_text(flag, path), repr(path), "file:// reads base64 text"
+    else:
+        text, what, reads = raw, "the value", "a plain value is read as base64"
     try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        # Never quote the value: it may be a secret typed in the clear.
+        return decode_base64(text)
+    except ValueError as e:
         raise ArgumentError(
-            flag, "the value is not valid base64 (a plain value is read as base64)", BLOB_HINT
+            flag, f"{what} is not valid base64: {e}", f"{reads}; {BLOB_HINT}"
         ) from None
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from envfs import config, format, notify
-from envfs.cli.common import configure_logging, region_type
+from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.kms import open_store
-from envfs.cli.output import render
 from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
 from envfs.kms.client import KMSClient
 from envfs.kms.model import Caller
@@ -382,7 +381,7 @@ def _inspect(args: argparse.Namespace) -> int:
     except IntegrityError as exc:
         info["PlaintextSize"] = None
         info["Problem"] = exc.message
-    render(info, output=args.output, query=None, stream=sys.stdout)
+    print_answer(args, info, "Inspect")
     return 0
 
 
@@ -452,5 +451,5 @@ def add_parsers(commands: Any) -> None:
         " key and version, block size, plaintext size) without decrypting anything.",
     )
     inspect.add_argument("file", metavar="BACKING_FILE")
-    inspect.add_argument("--output", choices=("json", "text"), default="json")
+    add_output_options(inspect)
     inspect.set_defaults(handler=_inspect)

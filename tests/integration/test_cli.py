@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 
 from envfs.cli import build_parser, main
-from envfs.cli.output import QueryError, parse_query, printable, render
 from envfs.cli.params import (
     ArgumentError,
     build_request,
+    decode_base64,
     parse_blob,
     parse_context,
     parse_string_list,
@@ -251,7 +251,8 @@ ERROR_CASES = [
     (["kms", "create-key", "--tags", "Key=a,Value=b"], 2, r"argument --tags: expected Tag"),
     (["kms", "create-key", "--tags", "[1]"], 2, r"argument --tags: expected"),
     (["kms", "list-keys", "--limit", "ten"], 2, r"argument --limit: expected an integer"),
-    (["kms", "list-keys", "--query", "Keys[?x]"], 2, r"argument --query: "),
+    (["kms", "list-keys", "--query", "Keys[?x"], 2, r"argument --query: the expression 'K"),
+    (["kms", "list-keys", "--output", "text", "--query", "length(`1`)"], 2, r"--query: func"),
     (["kms", "list-keys", "--output", "yaml"], 2, r"argument --output: invalid choice"),
     (["kms", "list-keys", "--region", "Bad_Region"], 2, r"argument --region: region 'Bad_R"),
     (["kms", "list-keys", "--frobnicate"], 2, r"unrecognized arguments: --frobnicate"),
@@ -294,15 +295,109 @@ def test_error_paths_of_the_executable(
     check_error(code, pattern, proc.returncode, proc.stdout, proc.stderr)
 
 
-def test_bad_base64_gives_the_fileb_hint(tmp_path: Path) -> None:
-    proc = cli(cli_env(tmp_path), "kms", "encrypt", "--key-id", "k", "--plaintext", "secret!")
-    assert proc.returncode == 2
+PLAIN_HINT = (
+    "envfs: hint: a plain value is read as base64; use fileb://PATH to pass a file's raw bytes\n"
+)
+ALPHABET = "outside the standard base64 alphabet (A-Z, a-z, 0-9, +, /, and = to pad)"
+BAD_BLOBS = [
+    # (verb, flag, value, what the error says after "is not valid base64: ")
+    ("encrypt", "--plaintext", "Some text", "character 5 is a space, which base64 does not use"),
+    ("encrypt", "--plaintext", "secret!", f"character 7 is {ALPHABET}"),
+    ("encrypt", "--plaintext", "two\tparts=", "character 4 is a tab, which base64 does not use"),
+    ("encrypt", "--plaintext", "ab-_", f"character 3 is {ALPHABET}"),
+    (
+        "encrypt",
+        "--plaintext",
+        "aGl=",
+        "its last character has bits set that an encoder leaves zero",
+    ),
+    (
+        "decrypt",
+        "--ciphertext-blob",
+        "aGk",
+        "it has 3 characters (line breaks aside), not a multiple of 4",
+    ),
+    ("decrypt", "--ciphertext-blob", "aGk=aGk=", "'=' pads only the end, once or twice"),
+    (
+        "re-encrypt",
+        "--ciphertext-blob",
+        "aG===",
+        "it has 5 characters (line breaks aside), not a multiple of 4",
+    ),
+    ("re-encrypt", "--ciphertext-blob", "a===", "'=' pads only the end, once or twice"),
+]
+
+
+@pytest.mark.parametrize(("verb", "flag", "value", "problem"), BAD_BLOBS)
+def test_a_blob_value_that_is_not_base64_is_refused(
+    tmp_path: Path, verb: str, flag: str, value: str, problem: str
+) -> None:
+    """Issue 9: ``--plaintext 'Some text'`` encrypted 6 bytes of garbage and exited 0.
+
+    Refused before any store is opened (there is none here: opening one would exit 32),
+    with the flag named and the value never echoed.
+    """
+    extra = ["--destination-key-id", "k"] if verb == "re-encrypt" else ["--key-id", "k"]
+    proc = cli(cli_env(tmp_path), "kms", verb, *extra, flag, value)
+    assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == (
-        "envfs: error: argument --plaintext: the value is not valid base64"
-        " (a plain value is read as base64)\n"
-        "envfs: hint: use fileb://PATH to pass a file's raw bytes\n"
+        f"envfs: error: argument {flag}: the value is not valid base64: {problem}\n{PLAIN_HINT}"
     )
-    assert "secret" not in proc.stderr
+    assert value not in proc.stderr
+
+
+def test_a_blob_file_that_is_not_base64_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "text.txt").write_text("Some text\n")
+    (tmp_path / "binary.enc").write_bytes(b"\x01\xff\xfe")
+    env = cli_env(tmp_path)
+    proc = cli(env, "kms", "decrypt", "--ciphertext-blob", f"file://{tmp_path}/text.txt")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (
+        f"envfs: error: argument --ciphertext-blob: '{tmp_path}/text.txt' is not valid base64:"
+        " character 5 is a space, which base64 does not use\n"
+        "envfs: hint: file:// reads base64 text; use fileb://PATH to pass a file's raw bytes\n"
+    )
+    assert "Some text" not in proc.stderr
+    proc = cli(env, "kms", "decrypt", "--ciphertext-blob", f"file://{tmp_path}/binary.enc")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (
+        f"envfs: error: argument --ciphertext-blob: '{tmp_path}/binary.enc' is not UTF-8 text\n"
+        "envfs: hint: use fileb://PATH for binary data\n"
+    )
+
+
+@needs_root
+def test_refused_plaintext_reaches_no_key(store: Store) -> None:
+    """The issue's own command: refused on a real key, and nothing is encrypted or audited."""
+    before = json.loads(ok(store.env, "kms", "audit", "--query", "length(Records)"))
+    proc = envfs(store.env, "kms", "encrypt", "--key-id", "alias/test", "--plaintext", "Some text")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith("envfs: error: argument --plaintext: the value is not valid")
+    since = json.loads(ok(store.env, "kms", "audit", "--query", f"Records[{before}:].operation"))
+    assert since and set(since) == {"ListAuditRecords"}  # the audit listings, no Encrypt
+
+
+@needs_root
+def test_wrapped_base64_from_the_shell_round_trips(store: Store, tmp_path: Path) -> None:
+    """``$(base64 FILE)`` wraps at 76 columns: line breaks are part of valid base64 input."""
+    data = bytes(range(256)) * 2
+    (tmp_path / "data").write_bytes(data)
+    proc = shell(
+        store.env,
+        'envfs kms encrypt --key-id alias/test --plaintext "$(base64 data)"'
+        " --output text --query CiphertextBlob > blob.b64\n"
+        "envfs kms decrypt --ciphertext-blob file://blob.b64 --output text --query Plaintext"
+        " | base64 -d > back",
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "\n"
+        in subprocess.run(
+            ["base64", "data"], cwd=tmp_path, capture_output=True, text=True
+        ).stdout.strip()
+    )
+    assert (tmp_path / "back").read_bytes() == data
 
 
 @needs_root
@@ -394,14 +489,21 @@ def test_audit_lists_and_verifies(tmp_path: Path) -> None:
     ).split()
     assert operations[:2] == ["CreateKey", "Encrypt"]
     assert re.match(r"^audit log verified: \d+ records\n$", ok(st.env, "kms", "audit", "--verify"))
+    # Given an output format, --verify prints the VerifyAudit answer.
+    verified = json.loads(ok(st.env, "kms", "audit", "--verify", "--output", "json"))
+    assert verified["Valid"] is True and verified["Records"] >= 3
+    assert (
+        ok(st.env, "kms", "audit", "--verify", "--output", "text", "--query", "Valid") == "True\n"
+    )
 
     db = sqlite3.connect(tmp_path / "local-1" / "keys.db")
     with db:
         db.execute("UPDATE audit SET record = replace(record, 'Encrypt', 'Decrypt')")
     db.close()
-    proc = cli(st.env, "kms", "audit", "--verify")
-    assert proc.returncode == 40
-    assert proc.stderr.startswith("envfs: error: audit log verification failed: ")
+    for output in ([], ["--output", "json"]):
+        proc = cli(st.env, "kms", "audit", "--verify", *output)
+        assert (proc.returncode, proc.stdout) == (40, "")
+        assert proc.stderr.startswith("envfs: error: audit log verification failed: ")
 
 
 # --- the daemon ---------------------------------------------------------------------------
@@ -458,8 +560,33 @@ def test_help_for_every_verb(verb: str, capsys: pytest.CaptureFixture[str]) -> N
         assert op.help.lower() in out.lower()
         for param in op.params:
             assert param.flag in out
+        assert "--output {json,text,table}" in out
         for flag in ("--output", "--query", "--socket", "--embedded"):
             assert flag in out
+
+
+def test_inspect_output_options() -> None:
+    """``envfs inspect`` takes the same --output and --query as the kms verbs."""
+    golden = str(REPO / "tests" / "golden" / "volume-v1" / "backing" / "one-block.bin")
+    env = cli_env(Path("/nonexistent"))  # inspect needs no key store
+    query = "[BlockSize, PlaintextSize]"
+    assert ok(env, "inspect", golden, "--output", "text", "--query", query) == "16384\t16384\n"
+    query = "{BlockSize: BlockSize, PlaintextSize: PlaintextSize}"
+    assert ok(env, "inspect", golden, "--output", "table", "--query", query) == (
+        "--------------------------------\n"
+        "|            Inspect           |\n"
+        "+------------+-----------------+\n"
+        "|  BlockSize |  PlaintextSize  |\n"
+        "+------------+-----------------+\n"
+        "|  16384     |  16384          |\n"
+        "+------------+-----------------+\n"
+    )
+    result = cli(env, "inspect", golden, "--query", "KeyArn[")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "envfs: error: argument --query: the expression 'KeyArn[' is incomplete\n"
+        "envfs: hint: see 'envfs inspect --help'\n"
+    )
 
 
 def test_help_of_the_commands() -> None:
@@ -553,75 +680,42 @@ def test_request_from_flags(tmp_path: Path) -> None:
 def test_blob_forms(tmp_path: Path) -> None:
     (tmp_path / "raw").write_bytes(b"\x00raw\n")
     (tmp_path / "b64").write_text("AHJh\ndwo=\n")
+    (tmp_path / "crlf").write_bytes(b"AHJh\r\ndwo=\r\n")
     assert parse_blob("--b", f"fileb://{tmp_path}/raw") == b"\x00raw\n"
     assert parse_blob("--b", f"file://{tmp_path}/b64") == b"\x00raw\n"
+    assert parse_blob("--b", f"file://{tmp_path}/crlf") == b"\x00raw\n"
     assert parse_blob("--b", "AHJhdwo=") == b"\x00raw\n"
-    with pytest.raises(ArgumentError, match=r"^argument --b: the value is not valid base64") as e:
+    assert parse_blob("--b", "AHJh\ndwo=\n") == b"\x00raw\n"
+    assert parse_blob("--b", "") == b""  # the service then says how long a plaintext must be
+    with pytest.raises(
+        ArgumentError,
+        match=r"^argument --b: the value is not valid base64: character 4 is a space, which"
+        r" base64 does not use$",
+    ) as e:
         parse_blob("--b", "raw text")
-    assert e.value.hint == "use fileb://PATH to pass a file's raw bytes"
+    assert (
+        e.value.hint
+        == "a plain value is read as base64; use fileb://PATH to pass a file's raw bytes"
+    )
     with pytest.raises(ArgumentError, match=r"^argument --b: cannot read '/nonexistent/x': "):
         parse_blob("--b", "fileb:///nonexistent/x")
 
 
-QUERY_DATA: dict[str, Any] = {
-    "Keys": [{"KeyId": "k1", "Tags": ["a", "b"]}, {"KeyId": "k2", "Tags": ["c"]}, {"Other": 1}],
-    "Meta": {"Name": "m", "Deep": {"X": 1}},
-    "Truncated": False,
-}
-
-
-@pytest.mark.parametrize(
-    ("expression", "expected"),
-    [
-        ("Truncated", False),
-        ("Meta.Deep.X", 1),
-        ("Meta.Missing.X", None),
-        ("Keys[0].KeyId", "k1"),
-        ("Keys[-1].Other", 1),
-        ("Keys[9]", None),
-        ("Keys[*].KeyId", ["k1", "k2"]),
-        ("Keys[*].Tags", [["a", "b"], ["c"]]),
-        ("Keys[*].Tags[]", [["a", "b"], ["c"]]),
-        ("Keys[].Tags[]", [["a", "b"], ["c"]]),
-        ("Keys[*].Tags[0]", ["a", "c"]),
-        ("[Meta.Name, Truncated]", ["m", False]),
-        ("Keys[*].[KeyId, Other]", [["k1", None], ["k2", None], [None, 1]]),
-        ("Meta.[Name, Deep.X]", ["m", 1]),
-        ("Meta.Name[0]", None),
-    ],
-)
-def test_query_subset(expression: str, expected: Any) -> None:
-    assert parse_query(expression).search(QUERY_DATA) == expected
-
-
-@pytest.mark.parametrize("expression", ["", "A.", "A[", "A[x]", "A[?b]", "A | B", "1A", "A,B"])
-def test_query_outside_the_subset(expression: str) -> None:
-    with pytest.raises(QueryError):
-        parse_query(expression)
-
-
-def test_printable_and_text_layout() -> None:
-    response = {
-        "CiphertextBlob": b"\x00\x01",
-        "CreationDate": 0.0,
-        "Keys": [{"KeyId": "k1", "Enabled": True}, {"KeyId": "k2"}],
-        "Ids": ["a", "b"],
-        "Truncated": False,
-    }
-    shown = printable(response)
-    assert shown["CiphertextBlob"] == "AAE="
-    assert shown["CreationDate"] == "1970-01-01T00:00:00+00:00"
-    out = StringIO()
-    render(response, output="text", query=None, stream=out)
-    assert out.getvalue() == (
-        "AAE=\t1970-01-01T00:00:00+00:00\tFalse\nIDS\ta\nIDS\tb\nKEYS\tTrue\tk1\nKEYS\t\tk2\n"
-    )
-    out = StringIO()
-    render(response, output="text", query=parse_query("Ids"), stream=out)
-    assert out.getvalue() == "a\tb\n"
-    out = StringIO()
-    render({}, output="json", query=None, stream=out)
-    assert out.getvalue() == ""
+@pytest.mark.parametrize("length", range(0, 40))
+def test_base64_accepts_exactly_what_an_encoder_writes(length: int) -> None:
+    data = bytes((7 * i + length) % 256 for i in range(length))
+    encoded = base64.b64encode(data).decode()
+    assert decode_base64(encoded) == data
+    wrapped = "\n".join(encoded[i : i + 8] for i in range(0, len(encoded), 8)) + "\n"
+    assert decode_base64(wrapped) == data
+    if encoded:
+        for bad in (
+            encoded + "=",
+            encoded.rstrip("=") + ("" if encoded.endswith("=") else "A"),
+            " " + encoded,
+        ):
+            with pytest.raises(ValueError):
+                decode_base64(bad)
 
 
 # --- the demo -----------------------------------------------------------------------------

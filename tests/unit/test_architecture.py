@@ -80,6 +80,13 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         why="pyfuse3 is imported only by fs.py and mount.py; the core is testable unmounted",
     ),
     ForbiddenImport(
+        "jmespath-in-cli-output-only",
+        modules=("envfs",),
+        except_for=("envfs.cli.output",),
+        forbidden=("jmespath",),
+        why="cli/output.py is the only importer of jmespath: --query is evaluated in one place",
+    ),
+    ForbiddenImport(
         "cryptography-in-crypto-only",
         modules=("envfs",),
         except_for=("envfs.crypto",),
@@ -187,7 +194,7 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     OnlyImports(
         "declared-dependencies-only",
         modules=("envfs",),
-        allowed=("envfs", "cryptography", "pyfuse3", "trio"),
+        allowed=("envfs", "cryptography", "jmespath", "pyfuse3", "trio"),
         stdlib=True,
         why="third-party imports are the dependencies pyproject.toml declares",
     ),
