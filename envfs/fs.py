@@ -127,7 +127,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         st = self.vfs.setattr(
             inode,
-            self._caller(ctx),
+            self._caller(ctx) if fields.update_size else None,  # only a size is decided
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,

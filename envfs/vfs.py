@@ -143,16 +143,36 @@ class Vfs:
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of creates a crash interrupted hold no data: remove them.
 
-        ``os.fwalk`` works on directory descriptors and follows no symlink, so a folder
-        swapped for a symlink meanwhile leads nowhere outside the backing folder.
+        The walk opens each folder by name from its parent's descriptor with
+        ``O_DIRECTORY | O_NOFOLLOW`` (``os.fwalk`` would open a symlink swapped in between
+        its check and its open, a device perhaps), so nothing outside the backing folder is
+        opened or removed, whatever is done to the folder meanwhile.
         """
-        for dirpath, _dirs, files, dir_fd in os.fwalk(b".", dir_fd=self.tree.root_fd):
-            for name in files:
-                if name.startswith(TEMP_PREFIX):
-                    where = os.path.join(self.root_path, dirpath, name)
-                    log.info("removing the leftover of an interrupted create: %r", where)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=dir_fd)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        stack = [(b"", os.open(".", flags, dir_fd=self.tree.root_fd))]
+        while stack:
+            where, fd = stack.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    listed = [
+                        (os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in entries
+                    ]
+                for name, is_dir in listed:
+                    if name.startswith(TEMP_PREFIX) and not is_dir:
+                        log.info(
+                            "removing the leftover of an interrupted create: %r",
+                            os.path.join(self.root_path, where, name),
+                        )
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=fd)
+                    elif is_dir:
+                        try:
+                            child = os.open(name, flags, dir_fd=fd)
+                        except OSError:
+                            continue  # gone, or no longer a folder
+                        stack.append((os.path.join(where, name), child))
+            finally:
+                os.close(fd)
 
     def caller(self, uid: int, gid: int) -> Caller:
         """The identity of a FUSE request's user, with its groups (see :mod:`envfs.callers`)."""
@@ -418,7 +438,7 @@ class Vfs:
     def setattr(
         self,
         ino: int,
-        caller: Caller,
+        caller: Caller | None,
         *,
         mode: int | None = None,
         uid: int | None = None,
@@ -427,9 +447,12 @@ class Vfs:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Stat:
-        """Change a node's attributes; a new size is a key decision for ``caller``."""
+        """Change a node's attributes; a new size is a key decision for ``caller`` (who must
+        then be given)."""
         node = self.inodes.node(ino)
         if size is not None:
+            if caller is None:
+                raise ValueError("a change of size needs the caller")
             self._truncate(node, size, caller)
         if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
             return self.getattr(ino)
@@ -639,9 +662,10 @@ class Vfs:
             fd = open_regular(dir_fd, name, os.O_RDONLY, node.key)
         path = self._safe_path(node)
         try:
-            stride = format.block_stride(self.volume.block_shift)
+            # One whole block and an empty final one: a one-block file whole.
+            extra = format.block_stride(self.volume.block_shift) + format.BLOCK_OVERHEAD
             try:
-                header, raw = read_header(fd, read_ahead=read_ahead, extra=stride)
+                header, raw = read_header(fd, read_ahead=read_ahead, extra=extra)
             except IntegrityError as exc:
                 log.warning("backing file %r: %s", path, exc.message)
                 raise

@@ -217,3 +217,19 @@ def test_the_accepted_keys_are_authenticated_by_the_volume_file(setup: Setup) ->
     path.write_text(json.dumps(doc))
     with pytest.raises(VolumeError, match=r"accepts keys of regions \['eu-west-1'\]"):
         Volume.load(setup.backing)
+
+
+def test_leftovers_of_creates_are_removed_inside_only(setup: Setup, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".envfs-tmp-00000000000000aa").write_bytes(b"not ours")
+    (setup.backing / "a" / "b").mkdir(parents=True)
+    (setup.backing / "a" / "b" / ".envfs-tmp-00000000000000bb").write_bytes(b"half a header")
+    (setup.backing / ".envfs-tmp-00000000000000cc").write_bytes(b"")
+    (setup.backing / "a" / "link").symlink_to(outside)
+    os.mkfifo(setup.backing / "a" / ".envfs-tmp-fifo")  # removed, never opened
+    vfs = Vfs(setup.volume, setup.provider, chown_new=False)
+    vfs.close()
+    left = sorted(str(p.relative_to(setup.backing)) for p in setup.backing.rglob("*"))
+    assert left == [".envfs-volume.json", "a", "a/b", "a/link"]
+    assert (outside / ".envfs-tmp-00000000000000aa").read_bytes() == b"not ours"
