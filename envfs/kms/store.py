@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import logging
 import os
 import sqlite3
 import stat
@@ -34,18 +35,35 @@ from typing import Any
 
 from envfs import crypto
 from envfs.errors import (
+    AuditLogDamagedError,
+    AuditVerificationError,
     IntegrityError,
     RootKeyError,
     StoreCorruptError,
     StoreError,
     StoreNotFoundError,
     StorePermissionError,
+    UsageError,
 )
-from envfs.kms import journal
-from envfs.kms.audit import AuditLog, EncodedRecord
+from envfs.kms import archive, journal
+from envfs.kms.audit import (
+    CHECKPOINT_LABEL,
+    HEAD_LABEL,
+    ZERO_MAC,
+    Anchor,
+    AuditLog,
+    DamagedChain,
+    EncodedRecord,
+    Problem,
+    Verification,
+)
 from envfs.kms.model import KeyState, validate_region
 
-SCHEMA_VERSION = 1
+logger = logging.getLogger(__name__)
+
+# 2: the audit checkpoint (meta "audit_checkpoint"), so that archived records can leave
+# the log. Stores of version 1 are upgraded when opened (KeyStore._upgrade).
+SCHEMA_VERSION = 2
 DB_NAME = "keys.db"
 ROOT_KEY_NAME = "root.key"
 CREDENTIAL_NAME = "root-key"
@@ -196,11 +214,13 @@ class KeyStore:
         self._conn = conn
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         try:
-            if int(meta["schema"]) != SCHEMA_VERSION:
+            schema = meta["schema"]
+            if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
                 raise StoreError(
-                    f"key store {str(directory)!r} has schema version {meta['schema']},"
-                    f" this envfs reads version {SCHEMA_VERSION}"
+                    f"key store {str(directory)!r} has schema version {schema!r},"
+                    f" this envfs reads versions 1 to {SCHEMA_VERSION}"
                 )
+            self.schema: int = schema
             self.region: str = str(meta["region"])
             self.account: str = str(meta["account"])
             self.key_creators_group: str = str(meta["key_creators_group"])
@@ -218,8 +238,12 @@ class KeyStore:
         self._pending: list[EncodedRecord] = []
         self._pending_since = 0.0
         self._stale_journal_rows: list[str] = []
+        # Set by audit_verification() in a transaction that found the log damaged: that
+        # call (VerifyAudit) told its caller, so its own record may be left out.
+        self._damage_reported = False
         self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
-        self.audit = AuditLog(conn, crypto.hkdf(root_key, b"envfs-kms v1 audit chain"))
+        self._audit_key = crypto.hkdf(root_key, b"envfs-kms v1 audit chain")
+        self.audit = AuditLog(conn, self._audit_key)
         self._journal_key = crypto.hkdf(root_key, b"envfs-kms v1 audit journal")
         check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
         try:
@@ -302,7 +326,8 @@ class KeyStore:
         conn.close()
         store = cls(directory, _connect(tmp_db), root_key)
         with store.transaction():
-            store.audit.write_head(0, bytes(32))  # an empty log has a head too
+            store.audit.write_head(0, ZERO_MAC)  # an empty log has a head too
+            store.audit.write_checkpoint(0, ZERO_MAC)  # and a checkpoint: nothing archived
         store.close()
         for suffix in ("-wal", "-shm"):
             Path(str(tmp_db) + suffix).unlink(missing_ok=True)
@@ -364,11 +389,34 @@ class KeyStore:
             conn.close()
             raise
         try:
-            store.recover_journals()
+            if store.schema < SCHEMA_VERSION:
+                store._upgrade()
+            store._recover_journals_if_possible()
         except BaseException:
             store.close()
             raise
         return store
+
+    def _upgrade(self) -> None:
+        """Bring a store of an older schema to :data:`SCHEMA_VERSION`, in one transaction.
+
+        1 -> 2: the audit checkpoint, at record 0 (nothing archived yet).
+        """
+        with self.transaction():
+            row = self._conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+            if row[0] == 1:  # (another opener may have upgraded it meanwhile)
+                self.audit.write_checkpoint(0, ZERO_MAC)
+                self._conn.execute("UPDATE meta SET value=? WHERE name='schema'", (2,))
+        logger.info("upgraded the key store %s to schema version %d", self.directory, 2)
+        self.schema = SCHEMA_VERSION
+
+    def _recover_journals_if_possible(self) -> None:
+        """Recover the journals of processes that are gone, unless the audit log is
+        damaged: they then stay on disk until it is repaired (nothing is lost)."""
+        try:
+            self.recover_journals()
+        except AuditLogDamagedError as exc:
+            logger.warning("audit journals are kept until the audit log is repaired: %s", exc)
 
     @staticmethod
     def _load_root_key(
@@ -432,6 +480,7 @@ class KeyStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 # With the write lock held, nobody else can commit until we are done.
+                self._damage_reported = False
                 self._check_data_version()
                 added = self._add_batch()
                 yield
@@ -480,7 +529,7 @@ class KeyStore:
                 self._journal = journal.Journal(self.directory, self._journal_key)
             except OSError:
                 with self.transaction(durable=False):
-                    self.audit.extend([encoded])
+                    self._chain([encoded])
                 return
         try:
             self._journal.append(encoded.text)
@@ -522,7 +571,7 @@ class KeyStore:
         if not self._pending:
             return bool(self._stale_journal_rows)
         assert self._journal is not None
-        self.audit.extend(self._pending)
+        self._chain(self._pending)
         self._set_journal_row(journal.meta_name(self._journal.path), self._journal.size)
         return True
 
@@ -551,18 +600,31 @@ class KeyStore:
 
     def recover_journals(self) -> None:
         """Add the records of journals left by processes that are gone to the chain, and
-        delete those journals and the rows of journals that no longer exist."""
+        delete those journals and the rows of journals that no longer exist.
+
+        A journal with a whole record that does not verify (altered, or not written with
+        this store's key) gives its records up to that one and is kept aside as
+        ``<name>.damaged``, with a warning; a record cut short at the end (lost power) is
+        ignored, as documented.
+
+        Raises:
+            AuditLogDamagedError: the log cannot take the records (they stay on disk).
+        """
         with journal.orphaned(self.directory) as found:
             for path, data in found:
                 row = journal.meta_name(path)
                 value = self._conn.execute("SELECT value FROM meta WHERE name=?", (row,))
                 stored = value.fetchone()
-                done = int(stored[0]) if stored is not None else 0
+                done = _covered(row, stored[0]) if stored is not None else 0
                 records, end = journal.read_records(self._journal_key, path.name, data, done)
                 with self.transaction():
-                    self.audit.extend([EncodedRecord(record) for record in records])
+                    self._chain([EncodedRecord(record) for record in records])
                     self._set_journal_row(row, max(end, done))
-                path.unlink(missing_ok=True)  # still locked: nobody else adds it again
+                # Still locked: nobody else adds it again.
+                if journal.damaged_at(data, end):
+                    _keep_aside(path, end, len(data))
+                else:
+                    path.unlink(missing_ok=True)
         rows = self._conn.execute(
             "SELECT name FROM meta WHERE name LIKE 'audit_journal:%'"
         ).fetchall()
@@ -775,16 +837,232 @@ class KeyStore:
 
     # --- audit log (envfs.kms.audit) ----------------------------------------------------
 
+    def _chain(self, records: list[EncodedRecord]) -> int:
+        """Append records to the chain (inside a transaction); the last one's seq.
+
+        Raises:
+            AuditLogDamagedError: the log cannot take a record (nothing was written).
+        """
+        try:
+            return self.audit.extend(records)
+        except DamagedChain as exc:
+            raise AuditLogDamagedError(damaged_log_message(exc.problem)) from None
+
     def append_audit(self, record: dict[str, Any]) -> int:
-        """Append one record to the audit chain (inside the caller's transaction)."""
-        return self.audit.append(record)
+        """Append one record to the audit chain (inside the caller's transaction).
+
+        Raises:
+            AuditLogDamagedError: the log cannot take it: the call must fail, unless it
+                is the one that reported the damage (see :meth:`audit_verification`);
+                its record is then left out, with a warning, and 0 returned.
+        """
+        try:
+            return self._chain([EncodedRecord(record)])
+        except AuditLogDamagedError:
+            if not self._damage_reported:
+                raise
+            logger.warning("the call that reported the damaged audit log is not audited")
+            return 0
 
     def audit_records(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
         return self.audit.records(after_seq, limit)
 
     def verify_audit(self) -> tuple[int, str | None]:
         """``(records, None)`` if the chain is intact, else ``(checked, problem)``."""
-        return self.audit.verify()
+        verification = self.audit.verify()
+        problem = verification.problem
+        return verification.records, problem.text if problem is not None else None
+
+    def audit_verification(self) -> Verification:
+        """Walk the chain (:meth:`AuditLog.verify`). If the log is damaged so that it
+        cannot take a record, the record of the call in this transaction (VerifyAudit,
+        which tells its caller) may be left out; every other call still fails."""
+        verification = self.audit.verify()
+        if verification.problem is not None and verification.problem.blocking:
+            self._damage_reported = self._conn.in_transaction
+        return verification
+
+    def archive_audit(
+        self,
+        path: Path,
+        record: dict[str, Any],
+        *,
+        keep: int | None = None,
+        before: float | None = None,
+    ) -> dict[str, Any]:
+        """Move the oldest records to the archive ``path`` and delete them from the log:
+        those before the newest ``keep``, or the run of records older than ``before``
+        (``docs/kms.md`` §8.2). One durable transaction: the archive is written, fsynced
+        and renamed into place, the records deleted, the checkpoint moved to the last of
+        them and ``record`` (the call's, with an ``archive`` member added) appended. A
+        crash before the commit leaves the records in the log and in the archive; run
+        again, the same ``path`` is replaced.
+
+        Raises:
+            AuditVerificationError: the log does not verify (nothing is archived).
+            UsageError: ``path`` cannot be written, or holds something other than an
+                unfinished archive of this log.
+        """
+        path = Path(path).absolute()
+        answer: dict[str, Any] = {"Archive": None, "FirstRecord": None, "LastRecord": None}
+        with self.transaction():
+            problem = self.audit.verify().problem
+            if problem is not None:
+                raise AuditVerificationError(
+                    f"audit log verification failed: {problem.text}; nothing was archived"
+                )
+            start, head = self.audit.checkpoint(), self.audit.head()
+            if keep is not None:
+                last = max(start.seq, head.seq - keep)
+            else:
+                assert before is not None
+                last = self.audit.last_before(start, head.seq, before)
+            record["archive"] = None
+            if last > start.seq:
+                end = Anchor(last, self.audit.mac_of(last))
+                self._may_write_archive(path, archive.PRUNED, start)
+                written = archive.write(
+                    path,
+                    self._archive_header(archive.PRUNED, CHECKPOINT_LABEL, start, record),
+                    self.audit.rows(start.seq + 1, last),
+                    archive.anchor_json(self._audit_key, CHECKPOINT_LABEL, end),
+                )
+                self.audit.cut(end)
+                answer = {"Archive": str(path), "FirstRecord": start.seq + 1, "LastRecord": last}
+                record["archive"] = _archive_member(written, start.seq + 1, last)
+                answer["Sha256"] = written.sha256
+            answer["Records"] = last - start.seq
+            answer["Checkpoint"] = last
+            answer["Seq"] = self._chain([EncodedRecord(record)])
+        if last > start.seq:
+            self.checkpoint()  # the archived records leave the WAL too
+        return answer
+
+    def repair_audit(self, path: Path, record: dict[str, Any]) -> dict[str, Any]:
+        """Mend a log that cannot take records (``docs/kms.md`` §8.3): rows after the
+        audit head that do not continue the chain, and rows the checkpoint says were
+        archived, move to the quarantine archive ``path``; records that continue the chain
+        are kept and the head moved to the last of them (a missing or altered head is
+        rebuilt at the end of the records that verify). One durable transaction, which
+        also appends ``record`` (the call's, with a ``repair`` member). Damage before
+        the head (an altered or missing record) is evidence and stays.
+
+        Raises:
+            AuditVerificationError: the checkpoint is missing or altered.
+            UsageError: ``path`` cannot be written, or holds something other than an
+                unfinished quarantine archive of this log.
+        """
+        path = Path(path).absolute()
+        with self.transaction():
+            try:
+                head, stray, problem = self.audit.repair_plan()
+            except DamagedChain as exc:
+                raise AuditVerificationError(
+                    f"audit log verification failed: {exc.problem.text}; --repair cannot mend this"
+                ) from None
+            answer: dict[str, Any] = {"Problem": None, "Head": head.seq, "Archive": None}
+            record["repair"] = None
+            if problem is not None:
+                moved = None
+                if stray:
+                    self._may_write_archive(path, archive.QUARANTINED, head)
+                    rows = (row for row in map(self.audit.row, stray) if row is not None)
+                    header = self._archive_header(archive.QUARANTINED, HEAD_LABEL, head, record)
+                    written = archive.write(path, header, rows, None)
+                    moved = _archive_member(written, stray[0], stray[-1])
+                    answer.update(Archive=str(path), Moved=len(stray), Sha256=written.sha256)
+                self.audit.apply_repair(head, stray)
+                record["repair"] = {"problem": problem.text, "head": head.seq, "moved": moved}
+                answer["Problem"] = problem.text
+            answer["Seq"] = self._chain([EncodedRecord(record)])
+        self._recover_journals_if_possible()
+        return answer
+
+    def verify_audit_archives(
+        self, paths: list[Path], record: dict[str, Any]
+    ) -> tuple[list[archive.Report], Anchor | None]:
+        """Check archives against this store's audit key, and the log's checkpoint they
+        lead to (None if it is damaged); ``record`` (the call's) is appended."""
+        reports = [archive.verify(Path(path), self._audit_key) for path in paths]
+        with self.transaction(durable=False):
+            try:
+                checkpoint: Anchor | None = self.audit.checkpoint()
+            except DamagedChain:
+                checkpoint = None
+            self._chain([EncodedRecord(record)])
+        return reports, checkpoint
+
+    def _archive_header(
+        self, kind: str, label: bytes, start: Anchor, record: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "region": self.region,
+            "account": self.account,
+            "created": record.get("time"),
+            "start": archive.anchor_json(self._audit_key, label, start),
+        }
+
+    def _may_write_archive(self, path: Path, kind: str, start: Anchor) -> None:
+        """Refuse to replace anything but an archive of the same kind that starts where
+        this one will: one whose archiving never committed (a crash, then a rerun)."""
+        if not os.path.lexists(path):
+            return
+        try:
+            report: archive.Report | None = archive.verify(path, self._audit_key)
+        except UsageError:
+            report = None
+        if report is None or report.problem or report.kind != kind or report.start != start:
+            raise UsageError(
+                f"{str(path)!r} exists and is not an unfinished archive of this audit log;"
+                " choose another file (it may be the only copy of archived records)"
+            )
+
+
+def damaged_log_message(problem: Problem) -> str:
+    """What an audited call says when the log cannot take its record."""
+    return (
+        f"the audit log is damaged: {problem.text}; no call can be audited, so none is"
+        " served until it is repaired: see 'envfs kms audit --verify', then run 'envfs kms"
+        " audit --repair --archive FILE' as the store's owner to move the damage aside"
+    )
+
+
+def _archive_member(written: archive.Written, first: int, last: int) -> dict[str, Any]:
+    """The ``archive`` (or ``repair.moved``) member of the record of an archiving."""
+    return {
+        "file": str(written.path),
+        "first": first,
+        "last": last,
+        "records": written.records,
+        "sha256": written.sha256,
+    }
+
+
+def _covered(row: str, value: object) -> int:
+    """The byte count of a journal's meta row; a row that holds none is read as 0 (the
+    whole journal is added: a record twice rather than none)."""
+    if isinstance(value, int) and value >= 0:
+        return value
+    logger.warning("meta row %r holds %r, not a byte count: reading its journal whole", row, value)
+    return 0
+
+
+def _keep_aside(path: Path, end: int, size: int) -> None:
+    damaged = path.with_name(path.name + ".damaged")
+    logger.warning(
+        "audit journal %s: bytes %d to %d hold a record that does not verify (altered, or not"
+        " written with this store's root key); the records before it are in the chain, and"
+        " the journal is kept as %s",
+        path,
+        end,
+        size,
+        damaged,
+    )
+    try:
+        os.rename(path, damaged)
+    except OSError:
+        path.unlink(missing_ok=True)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -151,10 +151,11 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
             "envfs.errors",
             "envfs.kms.model",
             "envfs.kms.audit",
+            "envfs.kms.archive",
             "envfs.kms.journal",
         ),
         stdlib=True,
-        why="kms/store.py imports only model, audit, journal, crypto and errors",
+        why="kms/store.py imports only model, audit, archive, journal, crypto and errors",
     ),
     OnlyImports(
         "kms-journal-imports",
@@ -169,6 +170,13 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         allowed=("envfs.crypto",),
         stdlib=True,
         why="kms/audit.py (the store's audit chain) imports only crypto",
+    ),
+    OnlyImports(
+        "kms-archive-imports",
+        modules=("envfs.kms.archive",),
+        allowed=("envfs.crypto", "envfs.errors", "envfs.kms.audit"),
+        stdlib=True,
+        why="kms/archive.py (audit archive files) imports only audit, crypto and errors",
     ),
     OnlyImports(
         "config-imports",
