@@ -220,6 +220,11 @@ class AuditLog:
         if head is None:
             assert problem is not None
             raise DamagedChain(problem)
+        after = self._conn.execute("SELECT seq FROM audit WHERE seq > ? LIMIT 1", (head.seq,))
+        if after.fetchone() is not None:
+            raise DamagedChain(
+                self._head_problem(head) or Problem("rows follow the head", None, True)
+            )
         return head.seq, head.mac
 
     def write_head(self, seq: int, mac: bytes) -> None:
