@@ -861,7 +861,7 @@ class KeyStore:
         except AuditLogDamagedError:
             if not self._damage_reported:
                 raise
-            logger.warning("the call that reported the damaged audit log is not audited")
+            logger.info("the call that reported the damaged audit log is not audited")
             return 0
 
     def audit_records(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
