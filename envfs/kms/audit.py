@@ -19,9 +19,9 @@ audit key is derived from the root key: whoever holds the root key can rewrite t
 
 A log that cannot take a record (the head is missing or altered, or rows sit after it) is
 *damaged*: :meth:`AuditLog.extend` raises :class:`DamagedChain` with the problem, and
-:meth:`AuditLog.repair_plan` and :meth:`AuditLog.apply_repair` move
-the damage aside. Nothing here raises for a damaged row:
-rows are read as bytes (``CAST(... AS BLOB)``), whatever SQLite type was planted there.
+:meth:`AuditLog.repair_plan` and :meth:`AuditLog.apply_repair` move the damage aside.
+Nothing here fails on a damaged row: rows are read as bytes (``CAST(... AS BLOB)``),
+whatever SQLite type was planted there, and judged by their MACs.
 """
 
 from __future__ import annotations

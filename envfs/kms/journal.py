@@ -19,7 +19,9 @@ A record is ``u32 length || JSON || tag`` (big-endian), where the tag is
 offset || JSON)``, the offset being where the record starts in the file. The journal key
 is derived from the root key, so a record cannot be made, changed, moved or copied
 without it; the first record that does not verify ends what is read. A record torn at
-the end (a crash in the middle of a write, or lost power) is ignored the same way.
+the end (a crash in the middle of a write, or lost power) is ignored the same way;
+:func:`damaged_at` tells the two apart, so that the store can keep a damaged journal as
+evidence. Anything under a journal's name that is not a regular file is left alone.
 """
 
 from __future__ import annotations

@@ -151,11 +151,11 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
             "envfs.errors",
             "envfs.kms.model",
             "envfs.kms.audit",
-            "envfs.kms.archive",
             "envfs.kms.journal",
+            "envfs.kms.retention",
         ),
         stdlib=True,
-        why="kms/store.py imports only model, audit, archive, journal, crypto and errors",
+        why="kms/store.py imports only model, audit, journal, retention, crypto and errors",
     ),
     OnlyImports(
         "kms-journal-imports",
@@ -177,6 +177,14 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         allowed=("envfs.crypto", "envfs.errors", "envfs.kms.audit"),
         stdlib=True,
         why="kms/archive.py (audit archive files) imports only audit, crypto and errors",
+    ),
+    OnlyImports(
+        "kms-retention-imports",
+        modules=("envfs.kms.retention",),
+        allowed=("envfs.errors", "envfs.kms.audit", "envfs.kms.archive"),
+        stdlib=True,
+        why="kms/retention.py (archiving and repairing the audit log) imports only audit,"
+        " archive and errors",
     ),
     OnlyImports(
         "config-imports",
