@@ -115,7 +115,7 @@ def write(path: Path, header: dict[str, Any], rows: Iterable[Row], end: Any) -> 
             f.flush()
             os.fsync(f.fileno())
         os.rename(temp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -127,7 +127,8 @@ def write(path: Path, header: dict[str, Any], rows: Iterable[Row], end: Any) -> 
     return Written(path, count, digest.hexdigest())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation in the directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -49,6 +49,7 @@ from envfs.errors import (
     StorePermissionError,
 )
 from envfs.kms import journal
+from envfs.kms.archive import fsync_dir
 from envfs.kms.audit import (
     ZERO_MAC,
     AuditLog,
@@ -165,14 +166,6 @@ def _decode_root_key(raw: bytes, source: str) -> bytes:
     if len(raw) == crypto.KEY_SIZE:
         return raw
     raise RootKeyError(f"root key {source!r} is malformed: expected 32 bytes, raw or base64")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -339,7 +332,7 @@ class KeyStore(AuditRetention):
         else:
             tmp_key.unlink()
         tmp_db.rename(db_path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return cls.open(directory, region, passphrase=passphrase)
 
     @staticmethod

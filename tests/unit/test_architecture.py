@@ -151,11 +151,13 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
             "envfs.errors",
             "envfs.kms.model",
             "envfs.kms.audit",
+            "envfs.kms.archive",
             "envfs.kms.journal",
             "envfs.kms.retention",
         ),
         stdlib=True,
-        why="kms/store.py imports only model, audit, journal, retention, crypto and errors",
+        why="kms/store.py imports only model, audit, archive, journal, retention, crypto and"
+        " errors",
     ),
     OnlyImports(
         "kms-journal-imports",

@@ -11,7 +11,6 @@ can be run again; stores of schema 1 are upgraded when opened.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ from envfs.kms import archive, audit, journal
 from envfs.kms.model import Caller
 from envfs.kms.service import KeyService
 from envfs.kms.store import DB_NAME, SCHEMA_VERSION, KeyStore
+from tests.unit.test_store import raw_db
 
 REGION = "local-1"
 ROOT = Caller.from_ids(0, 0)
@@ -48,6 +48,7 @@ START = 1_700_000_000.0
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty store, copied for each test."""
     directory = tmp_path_factory.mktemp("template") / REGION
     KeyStore.init(directory, REGION).close()
     return directory
@@ -75,15 +76,6 @@ def service(store_dir: Path, clock: list[float]) -> Iterator[KeyService]:
         svc.handle(ROOT, "Encrypt", {"KeyId": key_id, "Plaintext": b"x", "AuditNote": f"n{n}"})
     yield svc
     svc.close()
-
-
-@contextlib.contextmanager
-def raw_db(directory: Path) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def key_id_of(service: KeyService) -> str:
