@@ -346,7 +346,17 @@ class AuditLog:
         return self._head_problem(head)
 
     def verify(self) -> Verification:
-        """Walk the chain from the checkpoint and check both anchors."""
+        """Walk the chain from the checkpoint and check both anchors. The problem named
+        is the first found, except that one keeping the log from taking records comes
+        before damage inside the chain (it is what stops the service)."""
+        found = self._verify()
+        if found.problem is not None and not found.problem.blocking:
+            blocking = self.blocking_problem()
+            if blocking is not None:
+                return Verification(found.records, found.checkpoint, blocking)
+        return found
+
+    def _verify(self) -> Verification:
         head, head_problem, checkpoint, checkpoint_problem = self._anchors()
         if checkpoint is None:
             return Verification(0, 0, checkpoint_problem)

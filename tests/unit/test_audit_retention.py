@@ -235,6 +235,20 @@ def test_damage_before_the_head_is_named_and_calls_go_on(
     assert not (store_dir.parent / "q.jsonl").exists()
 
 
+def test_damage_that_stops_the_service_is_named_before_damage_inside_the_chain(
+    service: KeyService, store_dir: Path
+) -> None:
+    with raw_db(store_dir) as conn:
+        conn.execute("UPDATE audit SET mac=? WHERE seq=2", (os.urandom(32),))
+        plant_forged_row(conn, 6)
+    answer = verify(service)  # answered, not refused: the log cannot take its record
+    assert answer["Problem"].startswith("record 6 follows the audit head (record 5)")
+    assert answer["Repairable"] is True
+    repaired = service.repair_audit(ROOT, store_dir.parent / "q.jsonl")
+    assert (repaired["Moved"], repaired["Remaining"]) == (1, "record 2 was altered")
+    encrypt(service)
+
+
 def test_a_checkpoint_that_is_missing_altered_or_a_head_is_named(
     service: KeyService, store_dir: Path
 ) -> None:
