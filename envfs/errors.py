@@ -216,6 +216,13 @@ class StoreCorruptError(StoreError):
     exit_code = 34
 
 
+class AuditLogDamagedError(StoreCorruptError):
+    """The audit log cannot take a record (its head is missing or altered, or rows sit
+    after it): no call can be audited, so none is served until it is repaired."""
+
+    exit_code = 35
+
+
 class AuditVerificationError(EnvfsError):
     """The audit log's hash chain does not verify: a record was altered or removed."""
 

@@ -63,7 +63,11 @@ _EXAMPLES: dict[str, str] = {
   envfs kms put-key-policy --key-id alias/demo --policy file://policy.json""",
     "audit": """examples:
   envfs kms audit --key-id alias/demo --since 2025-01-01T00:00:00Z
-  envfs kms audit --verify""",
+  envfs kms audit --verify
+  envfs kms audit --archive audit-2024.jsonl --before 2025-01-01T00:00:00Z
+  envfs kms audit --archive audit-old.jsonl --keep 100000
+  envfs kms audit --verify-archive audit-2023.jsonl audit-2024.jsonl
+  envfs kms audit --repair --archive audit-quarantine.jsonl""",
 }
 
 _TYPE_NOTES: dict[ParamType, str] = {
@@ -147,7 +151,7 @@ class Backend(Protocol):
 class _Embedded:
     """The key service in this process, over the region's store, as the current user."""
 
-    def __init__(self, store: KeyStore) -> None:
+    def __init__(self, store: KeyStore, *, due_tasks: bool = True) -> None:
         from envfs.kms.model import Caller
         from envfs.kms.service import KeyService
 
@@ -155,7 +159,8 @@ class _Embedded:
         try:
             self._service = KeyService(store)
             self._caller = Caller.current()
-            self._service.run_due_tasks()
+            if due_tasks:
+                self._service.run_due_tasks()
         except BaseException:
             store.close()
             raise
@@ -207,8 +212,9 @@ def open_store(args: argparse.Namespace) -> KeyStore:
 
 
 @contextlib.contextmanager
-def open_backend(args: argparse.Namespace) -> Iterator[Backend]:
-    """The daemon if its socket exists and ``--embedded`` was not given, else the store."""
+def open_backend(args: argparse.Namespace, *, due_tasks: bool = True) -> Iterator[Backend]:
+    """The daemon if its socket exists and ``--embedded`` was not given, else the store
+    (carrying out due rotations and deletions first, unless ``due_tasks`` is False)."""
     from envfs.kms.client import KMSClient
     from envfs.kms.store import default_socket_path
 
@@ -217,7 +223,7 @@ def open_backend(args: argparse.Namespace) -> Iterator[Backend]:
     if not args.embedded and socket_path.exists():
         backend = KMSClient(socket_path)
     else:
-        backend = _Embedded(open_store(args))
+        backend = _Embedded(open_store(args), due_tasks=due_tasks)
     try:
         yield backend
     finally:
@@ -484,39 +490,215 @@ def _serve(args: argparse.Namespace) -> int:
 # --- audit ---------------------------------------------------------------------------------
 
 
-def _audit(args: argparse.Namespace) -> int:
-    if args.verify and (args.key_id or args.since):
-        raise UsageError("argument --verify: not allowed with --key-id or --since")
-    with open_backend(args) as backend:
-        if args.verify:
-            result = backend.call("VerifyAudit", {})
-        else:
-            records: list[Any] = []
-            params: dict[str, Any] = {}
-            if args.key_id:
-                params["KeyId"] = args.key_id
-            if args.since:
-                params["Since"] = args.since
-            while True:
-                page = backend.call("ListAuditRecords", params)
-                records.extend(page.get("Records", []))
-                marker = page.get("NextMarker")
-                if not page.get("Truncated") or not marker:
-                    break
-                params["Marker"] = marker
-    if args.verify:
-        if not result.get("Valid"):
-            raise AuditVerificationError(
-                f"audit log verification failed: {result.get('Problem') or 'unknown problem'}"
-            )
-        if args.output is None and args.query is None:
-            sys.stdout.write(f"audit log verified: {result.get('Records', 0)} records\n")
-        else:
-            # An output format asked for: the VerifyAudit answer itself, for scripts.
-            print_answer(args, result, "VerifyAudit")
+def _not_with(flag: str, given: dict[str, bool], *others: str) -> None:
+    clash = [other for other in others if given[other]]
+    if clash:
+        raise UsageError(f"argument {flag}: not allowed with {' or '.join(clash)}")
+
+
+def _audit_mode(args: argparse.Namespace) -> str:
+    """Which of the audit command's jobs its flags ask for; refuses mixtures."""
+    given = {
+        "--key-id": args.key_id is not None,
+        "--since": args.since is not None,
+        "--verify": args.verify,
+        "--archive": args.archive is not None,
+        "--before": args.before is not None,
+        "--keep": args.keep is not None,
+        "--repair": args.repair,
+        "--verify-archive": args.verify_archive is not None,
+    }
+    listing = ("--key-id", "--since")
+    if given["--verify"]:
+        _not_with("--verify", given, *listing, "--archive", "--before", "--keep", "--repair")
+        _not_with("--verify", given, "--verify-archive")
+        return "verify"
+    if given["--verify-archive"]:
+        _not_with("--verify-archive", given, *listing, "--archive", "--before", "--keep")
+        _not_with("--verify-archive", given, "--repair")
+        return "verify-archive"
+    if given["--repair"]:
+        _not_with("--repair", given, *listing, "--before", "--keep")
+        if not given["--archive"]:
+            raise UsageError("argument --repair: needs --archive FILE (where moved rows go)")
+        return "repair"
+    if given["--archive"]:
+        _not_with("--archive", given, *listing)
+        if given["--before"] == given["--keep"]:
+            raise UsageError("argument --archive: needs one of --before TIME and --keep N")
+        return "archive"
+    for flag in ("--before", "--keep"):
+        if given[flag]:
+            raise UsageError(f"argument {flag}: needs --archive FILE")
+    return "list"
+
+
+def _owner_call(args: argparse.Namespace, run: Callable[[Any, Any], dict[str, Any]]) -> Any:
+    """Archive, repair, verify archives: always on the store itself (never the daemon),
+    as the current user, without due tasks (they could not be audited on a damaged log)."""
+    from envfs.kms.model import Caller
+    from envfs.kms.service import KeyService
+
+    service = KeyService(open_store(args))
+    try:
+        return run(service, Caller.current())
+    finally:
+        service.close()
+
+
+def _verified_line(result: Mapping[str, Any]) -> str:
+    count = result.get("Records", 0)
+    checkpoint = result.get("Checkpoint") or 0
+    if not checkpoint:
+        return f"audit log verified: {count} records"
+    return (
+        f"audit log verified: {count} records ({checkpoint + 1} to {checkpoint + count};"
+        f" records up to {checkpoint} are archived)"
+    )
+
+
+def _verification_failed(problem: str, repairable: bool) -> AuditVerificationError:
+    text = f"audit log verification failed: {problem}"
+    if repairable:
+        text += (
+            "; 'envfs kms audit --repair --archive FILE', run as the store's owner, moves it"
+            " aside (until then no call can be audited)"
+        )
+    return AuditVerificationError(text)
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    with open_backend(args, due_tasks=False) as backend:
+        result = backend.call("VerifyAudit", {})
+    if not result.get("Valid"):
+        raise _verification_failed(
+            result.get("Problem") or "unknown problem", bool(result.get("Repairable"))
+        )
+    if args.output is None and args.query is None:
+        sys.stdout.write(_verified_line(result) + "\n")
+    else:
+        # An output format asked for: the VerifyAudit answer itself, for scripts.
+        print_answer(args, result, "VerifyAudit")
+    return 0
+
+
+def _audit_archive(args: argparse.Namespace) -> int:
+    result = _owner_call(
+        args,
+        lambda service, caller: service.archive_audit_records(
+            caller, args.archive, before=args.before, keep=args.keep
+        ),
+    )
+    out = sys.stdout
+    checkpoint = result["Checkpoint"]
+    if result["Archive"] is None:
+        out.write(
+            f"nothing to archive: the log holds records {checkpoint + 1} to {result['Seq']}\n"
+        )
         return 0
+    out.write(
+        f"archived records {result['FirstRecord']} to {result['LastRecord']}"
+        f" ({result['Records']} records) to {result['Archive']}\n"
+        f"sha256 {result['Sha256']}\n"
+        f"the log now holds records {checkpoint + 1} to {result['Seq']}, from the checkpoint"
+        f" at record {checkpoint}\n"
+    )
+    return 0
+
+
+def _audit_repair(args: argparse.Namespace) -> int:
+    result = _owner_call(args, lambda service, caller: service.repair_audit(caller, args.archive))
+    out = sys.stdout
+    if result["Problem"] is None:
+        out.write("nothing to repair: the audit log can take records\n")
+    else:
+        out.write(f"repaired: {result['Problem']}\n")
+        if result["Archive"] is not None:
+            out.write(
+                f"moved {_rows(result['Moved'])} to {result['Archive']}"
+                f" (sha256 {result['Sha256']})\n"
+            )
+        out.write(
+            f"the audit head is record {result['Head']}; record {result['Seq']} tells of"
+            " this repair\n"
+        )
+    if not result["Valid"]:
+        raise _verification_failed(result["Remaining"], False)
+    out.write(_verified_line(result) + "\n")
+    return 0
+
+
+def _audit_verify_archives(args: argparse.Namespace) -> int:
+    result = _owner_call(
+        args, lambda service, caller: service.verify_audit_archives(caller, args.verify_archive)
+    )
+    out = sys.stdout
+    for entry in result["Archives"]:
+        name = entry["File"]
+        if entry["Problem"] is not None:
+            out.write(f"{name}: {entry['Problem']}\n")
+        elif entry["Kind"] == "quarantined":
+            out.write(
+                f"{name}: {_rows(entry['Records'])} moved aside by a repair of the log at"
+                f" record {entry['Start']}: {len(entry['Linked'])} continue the chain,"
+                f" {len(entry['Unlinked'])} were not written by this key service or are out"
+                " of place\n"
+            )
+        else:
+            out.write(
+                f"{name}: records {entry['FirstRecord']} to {entry['LastRecord']}"
+                f" ({entry['Records']} records) verify\n"
+            )
+    for note in result["Notes"]:
+        out.write(f"{note}\n")
+    if not result["Valid"]:
+        problem = result["Problem"] or next(
+            f"{e['File']}: {e['Problem']}" for e in result["Archives"] if e["Problem"]
+        )
+        raise AuditVerificationError(f"audit archive verification failed: {problem}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    mode = _audit_mode(args)
+    if mode == "verify":
+        return _audit_verify(args)
+    if mode == "archive":
+        return _audit_archive(args)
+    if mode == "repair":
+        return _audit_repair(args)
+    if mode == "verify-archive":
+        return _audit_verify_archives(args)
+    with open_backend(args) as backend:
+        records: list[Any] = []
+        params: dict[str, Any] = {}
+        if args.key_id:
+            params["KeyId"] = args.key_id
+        if args.since:
+            params["Since"] = args.since
+        while True:
+            page = backend.call("ListAuditRecords", params)
+            records.extend(page.get("Records", []))
+            marker = page.get("NextMarker")
+            if not page.get("Truncated") or not marker:
+                break
+            params["Marker"] = marker
     print_answer(args, {"Records": records}, "ListAuditRecords")
     return 0
+
+
+def _rows(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
+    return value
 
 
 # --- the parser ----------------------------------------------------------------------------
@@ -633,22 +815,63 @@ def add_parser(commands: Any) -> None:
 
     audit = verbs.add_parser(
         "audit",
-        help="list or verify the audit log",
+        help="list, verify, archive or repair the audit log",
         description="List the audit records (every call, allowed or denied), or verify the"
-        " log's hash chain.",
+        " log's MAC chain. As the store's owner (these open the store directly, never"
+        " through the daemon): archive old records to a file and delete them from the log"
+        " (the log then verifies from a signed checkpoint, and archives verify and chain to"
+        " each other and to it), verify archives, or repair a log that cannot take records"
+        " by moving the damage to a file. Root and the key creators group only.",
         epilog=_EXAMPLES["audit"],
         formatter_class=formatter,
     )
-    audit.add_argument("--key-id", metavar="KEY_ID", help="only records about this key")
-    audit.add_argument(
+    group = audit.add_argument_group("listing")
+    group.add_argument("--key-id", metavar="KEY_ID", help="only records about this key")
+    group.add_argument(
         "--since", metavar="TIME", help="only records from TIME on (ISO 8601 or epoch seconds)"
     )
-    audit.add_argument(
+    group = audit.add_argument_group("verifying")
+    group.add_argument(
         "--verify",
         action="store_true",
-        help="check that no record was altered or removed (exit 40 if one was); prints"
-        " 'audit log verified: N records', or with --output or --query the VerifyAudit"
-        " answer (Valid, Records, Problem)",
+        help="check that no record was altered, added or removed: 'audit log verified: N"
+        " records' (with --output or --query the VerifyAudit answer: Valid, Records,"
+        " Problem...), else exit 40 naming the damaged record and what is wrong",
+    )
+    group.add_argument(
+        "--verify-archive",
+        metavar="FILE",
+        nargs="+",
+        type=Path,
+        help="check archives made by --archive or --repair with this store's key, and that"
+        " they chain to each other and to the log (exit 40 if one does not verify)",
+    )
+    group = audit.add_argument_group("retention and repair (the store's owner)")
+    group.add_argument(
+        "--archive",
+        metavar="FILE",
+        type=Path,
+        help="write the records to remove to FILE (new, or left by an interrupted run),"
+        " fsynced before they leave the log; with --before or --keep, or --repair",
+    )
+    group.add_argument(
+        "--before",
+        metavar="TIME",
+        help="archive the oldest records up to the first one at or after TIME (ISO 8601,"
+        " UTC if no zone, or epoch seconds)",
+    )
+    group.add_argument(
+        "--keep",
+        metavar="N",
+        type=_non_negative,
+        help="archive every record but the newest N",
+    )
+    group.add_argument(
+        "--repair",
+        action="store_true",
+        help="when the log cannot take records (rows after its head, a missing or altered"
+        " head), move those rows to --archive FILE and fix the head; damage before the head"
+        " stays as evidence",
     )
     _add_client_options(audit)
     audit.set_defaults(handler=_audit)

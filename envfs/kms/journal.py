@@ -19,7 +19,9 @@ A record is ``u32 length || JSON || tag`` (big-endian), where the tag is
 offset || JSON)``, the offset being where the record starts in the file. The journal key
 is derived from the root key, so a record cannot be made, changed, moved or copied
 without it; the first record that does not verify ends what is read. A record torn at
-the end (a crash in the middle of a write, or lost power) is ignored the same way.
+the end (a crash in the middle of a write, or lost power) is ignored the same way;
+:func:`damaged_at` tells the two apart, so that the store can keep a damaged journal as
+evidence. Anything under a journal's name that is not a regular file is left alone.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from envfs import crypto
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "audit-journal-"
 SUFFIX = ".log"
@@ -141,6 +147,16 @@ def read_records(
     return records, offset
 
 
+def damaged_at(data: bytes, end: int) -> bool:
+    """Whether reading ``data`` stopped at ``end`` on a whole record that does not verify
+    (an altered or planted record), rather than at the end or on a record cut short
+    (lost power), which is expected."""
+    if end + 4 + TAG_SIZE > len(data):
+        return False
+    length: int = _U32.unpack_from(data, end)[0]
+    return end + 4 + length + TAG_SIZE <= len(data)
+
+
 @contextlib.contextmanager
 def orphaned(directory: Path) -> Iterator[list[tuple[Path, bytes]]]:
     """The journals in ``directory`` whose process is gone, with their contents, locked
@@ -163,8 +179,11 @@ def orphaned(directory: Path) -> Iterator[list[tuple[Path, bytes]]]:
                 os.close(fd)  # added and deleted by another opener meanwhile
                 continue
             fds.append(fd)
-            with open(fd, "rb", closefd=False) as f:
-                found.append((path, f.read()))
+            try:
+                with open(fd, "rb", closefd=False) as f:
+                    found.append((path, f.read()))
+            except OSError as exc:
+                logger.warning("cannot read the audit journal %s: %s", path, exc.strerror)
         yield found
     finally:
         for fd in fds:
@@ -173,12 +192,16 @@ def orphaned(directory: Path) -> Iterator[list[tuple[Path, bytes]]]:
 
 def _lock(path: Path) -> int | None:
     """An fd of ``path`` with its lock taken, or None if its process holds it (or it is
-    gone)."""
+    gone, or it is not a regular file: never a journal, and left alone with a warning)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted under a journal's name must not hang the opener.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            logger.warning("%s is not a regular file, so not an audit journal: left alone", path)
+            raise OSError
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)

@@ -1,14 +1,20 @@
-"""Listing operations (keys, aliases, tags, rotations) and the audit log's read side."""
+"""Listing operations (keys, aliases, tags, rotations) and the audit log: reading and
+verifying it (operations), archiving and repairing it (calls of the store's owner, not
+daemon operations: they write and read files in the caller's process)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from envfs.errors import (
     InvalidMarkerException,
+    KMSError,
     NotFoundException,
+    ValidationException,
 )
+from envfs.kms import archive
 from envfs.kms.core import (
     ServiceCore,
     _Call,
@@ -18,6 +24,7 @@ from envfs.kms.core import (
     _parse_since,
 )
 from envfs.kms.model import (
+    Caller,
     alias_arn,
     parse_key_ref,
 )
@@ -151,7 +158,8 @@ class ListingOps(ServiceCore):
                 wanted = self._arn(ref.key_id)  # a deleted key's records stay readable
 
         def render(rec: dict[str, Any]) -> dict[str, Any] | None:
-            if since is not None and float(rec.get("time", 0)) < since:
+            when = rec.get("time")
+            if since is not None and (not isinstance(when, int | float) or when < since):
                 return None
             if wanted is not None and wanted not in (
                 rec.get("key_arn"),
@@ -171,5 +179,105 @@ class ListingOps(ServiceCore):
 
     def _op_verify_audit(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
         self._require_account_right(call, "envfs:VerifyAudit")
-        count, problem = self.store.verify_audit()
-        return {"Valid": problem is None, "Records": count, "Problem": problem}
+        verification = self.store.audit_verification()
+        problem = verification.problem
+        return {
+            "Valid": problem is None,
+            "Records": verification.records,
+            "Checkpoint": verification.checkpoint,
+            "Problem": problem.text if problem is not None else None,
+            "DamagedRecord": problem.seq if problem is not None else None,
+            "Repairable": problem is not None and problem.repairable,
+        }
+
+    # --- the store owner's calls: archive, repair, verify archives ----------------------
+
+    def _owner_call(
+        self, caller: Caller, operation: str, request: dict[str, Any], check: Callable[[], None]
+    ) -> _Call:
+        """A call of the audit log's owner, audited like an operation: ``check`` (the
+        request's values), then the account-level right; a refusal is audited and raised."""
+        call = _Call(caller, self._clock(), operation, f"envfs:{operation}", request=request)
+        try:
+            check()
+            self._require_account_right(call, call.action or operation)
+        except KMSError as exc:
+            with self.store.transaction():
+                self.store.append_audit(call.record(exc))
+            raise
+        return call
+
+    def archive_audit_records(
+        self, caller: Caller, path: Path, *, before: str | None = None, keep: int | None = None
+    ) -> dict[str, Any]:
+        """Archive the oldest audit records to ``path`` and delete them from the log
+        (``KeyStore.archive_audit``): those before the newest ``keep``, or those older
+        than ``before`` (ISO 8601 or seconds since the epoch). Root or the key creators
+        group only; audited as ``ArchiveAuditRecords``.
+
+        Raises:
+            ValidationException, AccessDeniedException: audited and raised.
+            AuditVerificationError: the log does not verify; UsageError: see the store.
+        """
+        request: dict[str, Any] = {"Archive": str(Path(path).absolute())}
+        request.update({"Before": before} if before is not None else {"Keep": keep})
+        when: list[float] = []
+
+        def check() -> None:
+            if (before is None) == (keep is None):
+                raise ValidationException("give exactly one of Before and Keep")
+            if keep is not None and keep < 0:
+                raise ValidationException(f"Keep must be 0 or more, got {keep}")
+            if before is not None:
+                when.append(_parse_since(before))
+
+        call = self._owner_call(caller, "ArchiveAuditRecords", request, check)
+        return self.store.archive_audit(
+            Path(path), call.record(None), keep=keep, before=when[0] if when else None
+        )
+
+    def repair_audit(self, caller: Caller, path: Path) -> dict[str, Any]:
+        """Move the damage that keeps the log from taking records into the quarantine
+        archive ``path`` (``KeyStore.repair_audit``), and verify the log again. Root or
+        the key creators group only; audited as ``RepairAudit``."""
+        request = {"Archive": str(Path(path).absolute())}
+        call = self._owner_call(caller, "RepairAudit", request, lambda: None)
+        answer = self.store.repair_audit(Path(path), call.record(None))
+        verification = self.store.audit.verify()
+        problem = verification.problem
+        answer.update(
+            Valid=problem is None,
+            Remaining=problem.text if problem is not None else None,
+            Records=verification.records,
+            Checkpoint=verification.checkpoint,
+        )
+        return answer
+
+    def verify_audit_archives(self, caller: Caller, paths: Sequence[Path]) -> dict[str, Any]:
+        """Check archives with this store's audit key, and how they chain to each other and
+        to the log's checkpoint. Root or the key creators group only; audited as
+        ``VerifyAuditArchives``."""
+        request = {"Archives": [str(Path(path).absolute()) for path in paths]}
+        call = self._owner_call(caller, "VerifyAuditArchives", request, lambda: None)
+        reports, checkpoint = self.store.verify_audit_archives(list(paths), call.record(None))
+        problem, notes = archive.continuity(reports, checkpoint)
+        return {
+            "Valid": problem is None and all(r.problem is None for r in reports),
+            "Archives": [
+                {
+                    "File": str(r.path),
+                    "Kind": r.kind,
+                    "Start": r.start.seq if r.start is not None else None,
+                    "FirstRecord": r.first,
+                    "LastRecord": r.last,
+                    "Records": r.records,
+                    "Problem": r.problem,
+                    "Linked": r.linked,
+                    "Unlinked": r.unlinked,
+                }
+                for r in reports
+            ],
+            "Checkpoint": checkpoint.seq if checkpoint is not None else None,
+            "Problem": problem,
+            "Notes": notes,
+        }

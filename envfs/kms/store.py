@@ -15,6 +15,11 @@ the right root key was given.
 
 Every change is one ``BEGIN IMMEDIATE`` transaction committed with ``synchronous=FULL``:
 once a call returns, its change survives a crash, and a crash never leaves half a key.
+The audit log's archiving and repair are such transactions too, with the archive file
+written and fsynced inside them, before the commit (``docs/kms.md`` §8.2, §8.3).
+
+Schema versions: 1 (the first), 2 (the audit checkpoint). A store of version 1 is
+upgraded to 2 when opened (:meth:`KeyStore._upgrade`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import logging
 import os
 import sqlite3
 import stat
@@ -34,6 +40,7 @@ from typing import Any
 
 from envfs import crypto
 from envfs.errors import (
+    AuditLogDamagedError,
     IntegrityError,
     RootKeyError,
     StoreCorruptError,
@@ -42,10 +49,23 @@ from envfs.errors import (
     StorePermissionError,
 )
 from envfs.kms import journal
-from envfs.kms.audit import AuditLog, EncodedRecord
+from envfs.kms.archive import fsync_dir
+from envfs.kms.audit import (
+    ZERO_MAC,
+    AuditLog,
+    DamagedChain,
+    EncodedRecord,
+    Problem,
+    Verification,
+)
 from envfs.kms.model import KeyState, validate_region
+from envfs.kms.retention import AuditRetention
 
-SCHEMA_VERSION = 1
+logger = logging.getLogger(__name__)
+
+# 2: the audit checkpoint (meta "audit_checkpoint"), so that archived records can leave
+# the log. Stores of version 1 are upgraded when opened (KeyStore._upgrade).
+SCHEMA_VERSION = 2
 DB_NAME = "keys.db"
 ROOT_KEY_NAME = "root.key"
 CREDENTIAL_NAME = "root-key"
@@ -148,14 +168,6 @@ def _decode_root_key(raw: bytes, source: str) -> bytes:
     raise RootKeyError(f"root key {source!r} is malformed: expected 32 bytes, raw or base64")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class KeyRecord:
     """A master key's row (its versions live in ``key_versions``)."""
@@ -188,19 +200,23 @@ BATCH_SECONDS = 0.1
 JOURNAL_BYTES = 1 << 20
 
 
-class KeyStore:
-    """One region's key store. Use :meth:`init` or :meth:`open`; not thread-safe."""
+class KeyStore(AuditRetention):
+    """One region's key store. Use :meth:`init` or :meth:`open`; not thread-safe.
+
+    The audit log's archiving and repair come from :class:`AuditRetention`."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection, root_key: bytes) -> None:
         self.directory = directory
         self._conn = conn
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         try:
-            if int(meta["schema"]) != SCHEMA_VERSION:
+            schema = meta["schema"]
+            if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
                 raise StoreError(
-                    f"key store {str(directory)!r} has schema version {meta['schema']},"
-                    f" this envfs reads version {SCHEMA_VERSION}"
+                    f"key store {str(directory)!r} has schema version {schema!r},"
+                    f" this envfs reads versions 1 to {SCHEMA_VERSION}"
                 )
+            self.schema: int = schema
             self.region: str = str(meta["region"])
             self.account: str = str(meta["account"])
             self.key_creators_group: str = str(meta["key_creators_group"])
@@ -218,8 +234,12 @@ class KeyStore:
         self._pending: list[EncodedRecord] = []
         self._pending_since = 0.0
         self._stale_journal_rows: list[str] = []
+        # Set by audit_verification() in a transaction that found the log damaged: that
+        # call (VerifyAudit) told its caller, so its own record may be left out.
+        self._damage_reported = False
         self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
-        self.audit = AuditLog(conn, crypto.hkdf(root_key, b"envfs-kms v1 audit chain"))
+        self._audit_key = crypto.hkdf(root_key, b"envfs-kms v1 audit chain")
+        self.audit = AuditLog(conn, self._audit_key)
         self._journal_key = crypto.hkdf(root_key, b"envfs-kms v1 audit journal")
         check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
         try:
@@ -302,7 +322,8 @@ class KeyStore:
         conn.close()
         store = cls(directory, _connect(tmp_db), root_key)
         with store.transaction():
-            store.audit.write_head(0, bytes(32))  # an empty log has a head too
+            store.audit.write_head(0, ZERO_MAC)  # an empty log has a head too
+            store.audit.write_checkpoint(0, ZERO_MAC)  # and a checkpoint: nothing archived
         store.close()
         for suffix in ("-wal", "-shm"):
             Path(str(tmp_db) + suffix).unlink(missing_ok=True)
@@ -311,7 +332,7 @@ class KeyStore:
         else:
             tmp_key.unlink()
         tmp_db.rename(db_path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return cls.open(directory, region, passphrase=passphrase)
 
     @staticmethod
@@ -364,11 +385,34 @@ class KeyStore:
             conn.close()
             raise
         try:
-            store.recover_journals()
+            if store.schema < SCHEMA_VERSION:
+                store._upgrade()
+            store._recover_journals_if_possible()
         except BaseException:
             store.close()
             raise
         return store
+
+    def _upgrade(self) -> None:
+        """Bring a store of an older schema to :data:`SCHEMA_VERSION`, in one transaction.
+
+        1 -> 2: the audit checkpoint, at record 0 (nothing archived yet).
+        """
+        with self.transaction():
+            row = self._conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+            if row[0] == 1:  # (another opener may have upgraded it meanwhile)
+                self.audit.write_checkpoint(0, ZERO_MAC)
+                self._conn.execute("UPDATE meta SET value=? WHERE name='schema'", (2,))
+        logger.info("upgraded the key store %s to schema version %d", self.directory, 2)
+        self.schema = SCHEMA_VERSION
+
+    def _recover_journals_if_possible(self) -> None:
+        """Recover the journals of processes that are gone, unless the audit log is
+        damaged: they then stay on disk until it is repaired (nothing is lost)."""
+        try:
+            self.recover_journals()
+        except AuditLogDamagedError as exc:
+            logger.warning("audit journals are kept until the audit log is repaired: %s", exc)
 
     @staticmethod
     def _load_root_key(
@@ -432,6 +476,7 @@ class KeyStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 # With the write lock held, nobody else can commit until we are done.
+                self._damage_reported = False
                 self._check_data_version()
                 added = self._add_batch()
                 yield
@@ -480,7 +525,7 @@ class KeyStore:
                 self._journal = journal.Journal(self.directory, self._journal_key)
             except OSError:
                 with self.transaction(durable=False):
-                    self.audit.extend([encoded])
+                    self._chain([encoded])
                 return
         try:
             self._journal.append(encoded.text)
@@ -522,7 +567,7 @@ class KeyStore:
         if not self._pending:
             return bool(self._stale_journal_rows)
         assert self._journal is not None
-        self.audit.extend(self._pending)
+        self._chain(self._pending)
         self._set_journal_row(journal.meta_name(self._journal.path), self._journal.size)
         return True
 
@@ -551,18 +596,31 @@ class KeyStore:
 
     def recover_journals(self) -> None:
         """Add the records of journals left by processes that are gone to the chain, and
-        delete those journals and the rows of journals that no longer exist."""
+        delete those journals and the rows of journals that no longer exist.
+
+        A journal with a whole record that does not verify (altered, or not written with
+        this store's key) gives its records up to that one and is kept aside as
+        ``<name>.damaged``, with a warning; a record cut short at the end (lost power) is
+        ignored, as documented.
+
+        Raises:
+            AuditLogDamagedError: the log cannot take the records (they stay on disk).
+        """
         with journal.orphaned(self.directory) as found:
             for path, data in found:
                 row = journal.meta_name(path)
                 value = self._conn.execute("SELECT value FROM meta WHERE name=?", (row,))
                 stored = value.fetchone()
-                done = int(stored[0]) if stored is not None else 0
+                done = _covered(row, stored[0]) if stored is not None else 0
                 records, end = journal.read_records(self._journal_key, path.name, data, done)
                 with self.transaction():
-                    self.audit.extend([EncodedRecord(record) for record in records])
+                    self._chain([EncodedRecord(record) for record in records])
                     self._set_journal_row(row, max(end, done))
-                path.unlink(missing_ok=True)  # still locked: nobody else adds it again
+                # Still locked: nobody else adds it again.
+                if journal.damaged_at(data, end):
+                    _keep_aside(path, end, len(data))
+                else:
+                    path.unlink(missing_ok=True)
         rows = self._conn.execute(
             "SELECT name FROM meta WHERE name LIKE 'audit_journal:%'"
         ).fetchall()
@@ -775,16 +833,85 @@ class KeyStore:
 
     # --- audit log (envfs.kms.audit) ----------------------------------------------------
 
+    def _chain(self, records: list[EncodedRecord]) -> int:
+        """Append records to the chain (inside a transaction); the last one's seq.
+
+        Raises:
+            AuditLogDamagedError: the log cannot take a record (nothing was written).
+        """
+        try:
+            return self.audit.extend(records)
+        except DamagedChain as exc:
+            raise AuditLogDamagedError(damaged_log_message(exc.problem)) from None
+
     def append_audit(self, record: dict[str, Any]) -> int:
-        """Append one record to the audit chain (inside the caller's transaction)."""
-        return self.audit.append(record)
+        """Append one record to the audit chain (inside the caller's transaction).
+
+        Raises:
+            AuditLogDamagedError: the log cannot take it: the call must fail, unless it
+                is the one that reported the damage (see :meth:`audit_verification`);
+                its record is then left out, with a warning, and 0 returned.
+        """
+        try:
+            return self._chain([EncodedRecord(record)])
+        except AuditLogDamagedError:
+            if not self._damage_reported:
+                raise
+            logger.info("the call that reported the damaged audit log is not audited")
+            return 0
 
     def audit_records(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
         return self.audit.records(after_seq, limit)
 
     def verify_audit(self) -> tuple[int, str | None]:
         """``(records, None)`` if the chain is intact, else ``(checked, problem)``."""
-        return self.audit.verify()
+        verification = self.audit.verify()
+        problem = verification.problem
+        return verification.records, problem.text if problem is not None else None
+
+    def audit_verification(self) -> Verification:
+        """Walk the chain (:meth:`AuditLog.verify`). If the log is damaged so that it
+        cannot take a record, the record of the call in this transaction (VerifyAudit,
+        which tells its caller) may be left out; every other call still fails."""
+        verification = self.audit.verify()
+        if verification.problem is not None and verification.problem.blocking:
+            self._damage_reported = self._conn.in_transaction
+        return verification
+
+
+def damaged_log_message(problem: Problem) -> str:
+    """What an audited call says when the log cannot take its record."""
+    return (
+        f"the audit log is damaged: {problem.text}; no call can be audited, so none is"
+        " served until it is repaired: see 'envfs kms audit --verify', then run 'envfs kms"
+        " audit --repair --archive FILE' as the store's owner to move the damage aside"
+    )
+
+
+def _covered(row: str, value: object) -> int:
+    """The byte count of a journal's meta row; a row that holds none is read as 0 (the
+    whole journal is added: a record twice rather than none)."""
+    if isinstance(value, int) and value >= 0:
+        return value
+    logger.warning("meta row %r holds %r, not a byte count: reading its journal whole", row, value)
+    return 0
+
+
+def _keep_aside(path: Path, end: int, size: int) -> None:
+    damaged = path.with_name(path.name + ".damaged")
+    logger.warning(
+        "audit journal %s: bytes %d to %d hold a record that does not verify (altered, or not"
+        " written with this store's root key); the records before it are in the chain, and"
+        " the journal is kept as %s",
+        path,
+        end,
+        size,
+        damaged,
+    )
+    try:
+        os.rename(path, damaged)
+    except OSError:
+        path.unlink(missing_ok=True)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

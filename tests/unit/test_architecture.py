@@ -165,10 +165,13 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
             "envfs.errors",
             "envfs.kms.model",
             "envfs.kms.audit",
+            "envfs.kms.archive",
             "envfs.kms.journal",
+            "envfs.kms.retention",
         ),
         stdlib=True,
-        why="kms/store.py imports only model, audit, journal, crypto and errors",
+        why="kms/store.py imports only model, audit, archive, journal, retention, crypto and"
+        " errors",
     ),
     OnlyImports(
         "kms-journal-imports",
@@ -183,6 +186,21 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         allowed=("envfs.crypto",),
         stdlib=True,
         why="kms/audit.py (the store's audit chain) imports only crypto",
+    ),
+    OnlyImports(
+        "kms-archive-imports",
+        modules=("envfs.kms.archive",),
+        allowed=("envfs.crypto", "envfs.errors", "envfs.kms.audit"),
+        stdlib=True,
+        why="kms/archive.py (audit archive files) imports only audit, crypto and errors",
+    ),
+    OnlyImports(
+        "kms-retention-imports",
+        modules=("envfs.kms.retention",),
+        allowed=("envfs.errors", "envfs.kms.audit", "envfs.kms.archive"),
+        stdlib=True,
+        why="kms/retention.py (archiving and repairing the audit log) imports only audit,"
+        " archive and errors",
     ),
     OnlyImports(
         "config-imports",

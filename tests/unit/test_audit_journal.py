@@ -332,12 +332,18 @@ def test_records_without_the_key_or_out_of_place_are_refused(tmp_path: Path) -> 
     assert [r["n"] for r in journal.read_records(KEY, j.path.name, data, half)[0]] == [1]
 
 
-def test_a_forged_journal_adds_nothing_to_the_chain(store_dir: Path) -> None:
+def test_a_forged_journal_adds_nothing_to_the_chain(
+    store_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fake = journal.Journal(store_dir, bytes(32))  # not the store's key
     fake.append(json.dumps({"operation": "Decrypt", "time": 1.0}))
     fake.close()
     assert [r["operation"] for r in records(store_dir)] == ["CreateKey"]  # the template's
-    assert journal_files(store_dir) == []
+    # Kept aside as evidence, under a name no opener reads again, with a warning.
+    assert journal_files(store_dir) == [fake.path.with_name(fake.path.name + ".damaged")]
+    assert "does not verify" in caplog.text and fake.path.name in caplog.text
+    assert journal_rows(store_dir) == []
+    assert [r["operation"] for r in records(store_dir)] == ["CreateKey"]
 
 
 def test_a_crash_after_adding_and_before_deleting_adds_nothing_twice(

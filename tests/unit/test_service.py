@@ -658,7 +658,14 @@ def test_every_call_is_audited(service: KeyService) -> None:
     text = json.dumps(records)
     assert "Some text" not in text and "U29tZSB0ZXh0" not in text
     verified = service.handle(ROOT, "VerifyAudit", {})
-    assert verified == {"Valid": True, "Records": 5, "Problem": None}
+    assert verified == {
+        "Valid": True,
+        "Records": 5,
+        "Checkpoint": 0,
+        "Problem": None,
+        "DamagedRecord": None,
+        "Repairable": False,
+    }
     with pytest.raises(AccessDeniedException):
         service.handle(USER, "ListAuditRecords", {})
 
