@@ -79,8 +79,14 @@ def openat2(dir_fd: int, path: bytes, flags: int) -> int:
 
 def proc_path(fd: int) -> str:
     """The ``/proc/self/fd`` name of ``fd``: for the calls that take no descriptor of an
-    ``O_PATH`` file (xattrs, chmod, reopening), which then reach exactly that file."""
+    ``O_PATH`` file (xattrs, chmod), which then reach exactly that file."""
     return f"/proc/self/fd/{fd}"
+
+
+def reopen(fd: int, flags: int) -> int:
+    """A new open file description of what ``fd`` (an ``O_PATH`` one) refers to, opened
+    with ``flags``, through ``/proc/self/fd`` (one name looked up, not a path)."""
+    return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=_proc_fds())
 
 
 # --- creating ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import os
 import stat
 
 from envfs import backing
-from envfs.backing import O_PATH, proc_path
+from envfs.backing import O_PATH
 from envfs.inodes import ROOT_INODE, InodeTable
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def open_regular(dir_fd: int, name: bytes, flags: int, key: tuple[int, int] | No
         check_regular(st)
         if key is not None and (st.st_dev, st.st_ino) != key:
             raise OSError(errno.ESTALE, "the backing folder changed: another file")
-        return os.open(proc_path(pfd), flags | os.O_CLOEXEC)
+        return backing.reopen(pfd, flags)
     finally:
         os.close(pfd)
 
