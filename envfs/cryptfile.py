@@ -5,9 +5,11 @@ and the plaintext size, which it keeps exact while the file is open. Every reque
 one backing ``pread`` and, for writes, one ``pwrite`` covering all the blocks it touches
 (the edge blocks are read, merged and re-sealed with fresh nonces).
 
-The final block is authenticated when the file is opened, before anything of it is served:
-a file cut or extended at a block boundary, or whose empty final block was replaced, is
-refused at open.
+The final block, which says where the file ends, is authenticated before anything of the
+file is served or changed: at the first read, write or truncation after the open (for a
+read that covers it, by that read itself), and at the open for an empty file (which no
+read would reach). A file cut or extended at a block boundary, or whose empty final block
+was replaced, gives an integrity error there, and nothing of it is served.
 
 Gaps (a write past the end, truncation upwards, ``fallocate``) up to ``SPARSE_GAP`` bytes
 are sealed as zero blocks. Larger ones become holes in the backing file, which cost neither
@@ -127,9 +129,21 @@ def read_header(fd: int, *, read_ahead: bool = True, extra: int = 0) -> tuple[Fi
 class CryptFile:
     """An encrypted file open on ``fd``; not thread-safe (the filesystem is one trio loop)."""
 
-    __slots__ = ("_ahead_to", "_block", "_read_end", "_shift", "fd", "header", "keys", "size")
+    __slots__ = (
+        "_ahead_to",
+        "_block",
+        "_end_checked",
+        "_read_end",
+        "_shift",
+        "fd",
+        "header",
+        "keys",
+        "size",
+    )
 
-    def __init__(self, fd: int, header: FileHeader, keys: FileKeys, size: int) -> None:
+    def __init__(
+        self, fd: int, header: FileHeader, keys: FileKeys, size: int, *, end_checked: bool = True
+    ) -> None:
         self.fd = fd
         self.header = header
         self.keys = keys
@@ -138,6 +152,7 @@ class CryptFile:
         self._block = 1 << header.block_shift
         self._read_end = -1  # where the last read ended in the backing file
         self._ahead_to = 0  # how far the kernel was last asked to read ahead
+        self._end_checked = end_checked  # the final block was authenticated
 
     @classmethod
     def create(cls, fd: int, header: FileHeader, keys: FileKeys) -> CryptFile:
@@ -148,27 +163,43 @@ class CryptFile:
 
     @classmethod
     def open(cls, fd: int, header: FileHeader, raw: bytes, keys: FileKeys) -> CryptFile:
-        """Authenticate the header and the final block, and size up the file.
+        """Authenticate the header and size up the file; an empty file's final block too.
 
         ``raw`` is what :func:`read_header` read: the header, and perhaps more of the file.
+        The final block of a file that is not empty is authenticated later, before the
+        first byte is served or changed (:meth:`check_end`): at open it would cost a wait for
+        the disk that the first read then pays anyway.
 
         Raises:
-            IntegrityError: the header or the final block does not verify, or the backing
-                size is impossible.
+            IntegrityError: the header does not verify, the backing size is impossible, or
+                an empty file's final block does not verify.
         """
         header.verify(raw, keys)
         backing = os.fstat(fd).st_size
-        shift = header.block_shift
-        size = format.plaintext_size(backing, shift)
-        # The final block says where the file ends: a cut at a block boundary, a replaced
-        # empty final block or appended bytes all fail here, before any content is served.
-        final = size >> shift
-        start = format.block_offset(final, shift)
-        sealed = raw[start:backing] if len(raw) >= backing else _pread(fd, backing - start, start)
-        if len(sealed) != backing - start:
+        size = format.plaintext_size(backing, header.block_shift)
+        cfile = cls(fd, header, keys, size, end_checked=False)
+        if size == 0:  # no read reaches an empty file: the kernel answers EOF by itself
+            cfile.check_end(raw[format.HEADER_SIZE : backing] if len(raw) >= backing else None)
+        return cfile
+
+    def check_end(self, sealed: bytes | None = None) -> None:
+        """Authenticate the final block once: it says where the file ends, so a cut at a
+        block boundary, a replaced empty final block or appended bytes are caught here.
+
+        Raises:
+            IntegrityError: the final block does not verify.
+        """
+        if self._end_checked:
+            return
+        final = self.size >> self._shift
+        start = format.block_offset(final, self._shift)
+        length = format.backing_size(self.size, self._shift) - start
+        if sealed is None:
+            sealed = bytes(_pread(self.fd, length, start))
+        if len(sealed) != length:
             raise IntegrityError("the backing file is shorter than expected")
-        format.decrypt_block(keys, header.file_id, final, sealed, shift)
-        return cls(fd, header, keys, size)
+        format.decrypt_block(self.keys, self.header.file_id, final, sealed, self._shift)
+        self._end_checked = True
 
     # --- reading -----------------------------------------------------------------------
 
@@ -187,9 +218,14 @@ class CryptFile:
             IntegrityError: a block fails authentication.
         """
         if offset >= self.size or length <= 0:
+            self.check_end()
             return b""
         length = min(length, self.size - offset)
         span = format.block_span(offset, length, self._shift)
+        # A read that covers the final block authenticates it itself.
+        covers_end = span.first_block + span.block_count > self.size >> self._shift
+        if not covers_end:
+            self.check_end()
         data = _pread(self.fd, span.backing_length, span.backing_offset)
         end = span.backing_offset + span.backing_length
         if span.backing_offset == self._read_end and not (
@@ -213,6 +249,8 @@ class CryptFile:
         if len(plain) < span.skip + length:
             # The backing file is shorter than its size said: cut behind our back.
             raise IntegrityError("the backing file is shorter than expected")
+        if covers_end:
+            self._end_checked = True
         return plain[span.skip : span.skip + length]
 
     # --- writing -----------------------------------------------------------------------
@@ -229,6 +267,7 @@ class CryptFile:
             return 0
         end = offset + len(data)
         self._check_size(end)
+        self.check_end()
         if offset <= self.size:
             self._write_run(offset, data)
             return len(data)
@@ -313,6 +352,7 @@ class CryptFile:
             return
         self._check_size(new_size)
         if new_size > self.size:
+            self.check_end()  # growing keeps the end: it must be the writer's, not a cut
             with self._rollback():
                 self._grow(new_size)
             return
@@ -326,6 +366,7 @@ class CryptFile:
             _pwrite_all(self.fd, sealed, format.block_offset(index, self._shift))
             os.ftruncate(self.fd, format.backing_size(new_size, self._shift))
         self.size = new_size
+        self._end_checked = True  # the final block is the one just written
 
     def reserve(self, until: int) -> None:
         """Make sure the file can grow to ``until`` bytes and be written up to there without
@@ -338,6 +379,7 @@ class CryptFile:
         self._check_size(until)
         if until <= self.size:
             return
+        self.check_end()
         current = format.backing_size(self.size, self._shift)
         wanted = format.backing_size(until, self._shift) - current
         free = os.fstatvfs(self.fd)

@@ -14,8 +14,11 @@ opened out of order costs nothing more than a dictionary lookup. Reading ahead i
 every failure is ignored.
 
 Folders are identified by their inode number and read through a directory descriptor, and
-files are opened by a function of the caller's (which opens regular files only), so a
-backing folder changed meanwhile leads nowhere.
+files are opened by a function of the caller's (which opens regular files only, safely: it
+costs more than a plain ``open``), so a backing folder changed meanwhile leads nowhere. The
+descriptors opened to ask ahead are kept (at most ``FILES_AHEAD + 1``, for the folder being
+read only) and handed to the caller when it opens that file (:meth:`take`): a file read in
+order is opened once, not twice.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class FolderReadAhead:
         files_ahead: int = FILES_AHEAD,
         bytes_ahead: int = BYTES_AHEAD,
     ) -> None:
-        """``open_file(dir_fd, name)`` opens a regular file for reading (OSError if not)."""
+        """``open_file(dir_fd, name)`` opens a regular file as the caller opens it (OSError
+        if not a regular file)."""
         self.open_file = open_file
         self.files_ahead = files_ahead
         self.bytes_ahead = bytes_ahead
@@ -47,12 +51,14 @@ class FolderReadAhead:
         self._listing: list[bytes] | None = None  # sorted names, once opens look sequential
         self._index: dict[bytes, int] = {}
         self._asked_up_to = -1  # index of the last file asked for
+        self._held: dict[bytes, int] = {}  # name -> descriptor opened to ask ahead
 
     def opened(self, folder: int, name: bytes, dir_fd: int) -> bool:
         """``name`` in the folder ``folder`` (an inode number; ``dir_fd`` a descriptor of
         it) was just opened. True if its start was asked for already (the caller need not
         ask again)."""
         if folder != self._folder:
+            self.close()
             self._folder, self._last_name = folder, name
             self._listing, self._index, self._asked_up_to = None, {}, -1
             return False
@@ -90,6 +96,24 @@ class FolderReadAhead:
         try:
             os.posix_fadvise(fd, 0, self.bytes_ahead, os.POSIX_FADV_WILLNEED)
         except OSError:
-            pass
-        finally:
             os.close(fd)
+            return
+        old = self._held.pop(name, None)
+        if old is not None:
+            os.close(old)
+        self._held[name] = fd
+        while len(self._held) > self.files_ahead + 1:
+            os.close(self._held.pop(next(iter(self._held))))
+
+    def take(self, folder: int, name: bytes) -> int | None:
+        """The descriptor opened when ``name`` in ``folder`` was asked ahead, if any: the
+        caller owns it now (and checks it is still the file it wants)."""
+        if folder != self._folder:
+            return None
+        return self._held.pop(name, None)
+
+    def close(self) -> None:
+        """Close the descriptors still held."""
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()

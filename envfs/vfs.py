@@ -121,7 +121,7 @@ class Vfs:
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_fh = 1
-        self.read_ahead = FolderReadAhead(self._open_for_read_ahead)
+        self.read_ahead = FolderReadAhead(self._open_file)
         self.volume_verified = False
         self._euid = os.geteuid()
         self._remove_stale_temporaries()
@@ -604,10 +604,9 @@ class Vfs:
         else:
             parent, name = self.inodes.entry(ino)
             with self.tree.dir(parent) as dir_fd:
-                asked = self.read_ahead.opened(parent, name, dir_fd)
-                node.file = self._open_backing(
-                    dir_fd, name, node, caller, purpose, read_ahead=not asked
-                )
+                self.read_ahead.opened(parent, name, dir_fd)
+                held = self.read_ahead.take(parent, name)  # opened and asked for already
+                node.file = self._open_backing(dir_fd, name, node, caller, purpose, held=held)
         node.opens += 1
         fh = self._new_fh()
         self._handles[fh] = Handle(node, writable)
@@ -654,18 +653,26 @@ class Vfs:
         caller: Caller,
         purpose: str,
         *,
-        read_ahead: bool = True,
+        held: int | None = None,
     ) -> CryptFile:
-        try:
-            fd = open_regular(dir_fd, name, os.O_RDWR, node.key)
-        except PermissionError:
-            fd = open_regular(dir_fd, name, os.O_RDONLY, node.key)
+        """Open a node's backing file and its data key for ``caller``.
+
+        ``held``: a descriptor the read-ahead opened for this name (and asked the kernel
+        for its start): used if it is still the node's file, else closed.
+        """
+        fd = None
+        if held is not None:
+            st = os.fstat(held)
+            if (st.st_dev, st.st_ino) == node.key:
+                fd = held
+            else:
+                os.close(held)
+        if fd is None:
+            fd = self._open_file(dir_fd, name, node.key)
         path = self._safe_path(node)
         try:
-            # One whole block and an empty final one: a one-block file whole.
-            extra = format.block_stride(self.volume.block_shift) + format.BLOCK_OVERHEAD
-            try:
-                header, raw = read_header(fd, read_ahead=read_ahead, extra=extra)
+            try:  # with an empty file's final block (28 bytes, in the same page)
+                header, raw = read_header(fd, read_ahead=held is None, extra=format.BLOCK_OVERHEAD)
             except IntegrityError as exc:
                 log.warning("backing file %r: %s", path, exc.message)
                 raise
@@ -676,8 +683,12 @@ class Vfs:
             os.close(fd)
             raise
 
-    def _open_for_read_ahead(self, dir_fd: int, name: bytes) -> int:
-        return open_regular(dir_fd, name, os.O_RDONLY | os.O_NONBLOCK)
+    def _open_file(self, dir_fd: int, name: bytes, key: tuple[int, int] | None = None) -> int:
+        """A regular backing file, read-write where the daemon may write it."""
+        try:
+            return open_regular(dir_fd, name, os.O_RDWR, key)
+        except PermissionError:
+            return open_regular(dir_fd, name, os.O_RDONLY, key)
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
@@ -784,6 +795,8 @@ class Vfs:
         self.key_cache.clear()
         if self.key_pool is not None:
             self.key_pool.clear()
+        self.callers.close()
+        self.read_ahead.close()
         self.tree.close()
 
 

@@ -56,7 +56,8 @@ def flip(raw: bytes, offset: int) -> bytes:
 
 
 # name -> (plaintext written through the mount, how the backing file is broken, expected).
-# Expected: (errno name, "open" or "read", a fragment of the WARNING line).
+# Expected: (errno name, "open" or "read", a fragment of the WARNING line). A forged end of
+# a file that is not empty fails at the first read (docs/format.md), before any byte.
 Breakage = Callable[[bytes, dict[str, bytes]], bytes]
 BROKEN: dict[str, tuple[bytes, Breakage, tuple[str, str, str]]] = {
     "truncated-at-boundary.bin": (
@@ -67,22 +68,22 @@ BROKEN: dict[str, tuple[bytes, Breakage, tuple[str, str, str]]] = {
     "truncated-inside-a-block.bin": (
         stream("cut inside", HALF),
         lambda raw, o: raw[:-5],
-        ("EIO", "open", "block 3 failed authentication"),
+        ("EIO", "read", "block 3 failed authentication"),
     ),
     "cut-to-look-whole.bin": (
         stream("cut to look whole", HALF),
         lambda raw, o: raw[: at(2) + 28],
-        ("EIO", "open", "block 2 failed authentication"),
+        ("EIO", "read", "block 2 failed authentication"),
     ),
     "empty-final-block-replaced.bin": (
         stream("three whole blocks", 3 * BLOCK),
         lambda raw, o: raw[:-28] + stream("forged final block", 28),
-        ("EIO", "open", "block 3 failed authentication"),
+        ("EIO", "read", "block 3 failed authentication"),
     ),
     "appended.bin": (
         b"a short file\n",
         lambda raw, o: raw + b"appended",
-        ("EIO", "open", "block 0 failed authentication"),
+        ("EIO", "read", "block 0 failed authentication"),
     ),
     "tampered-header.bin": (
         b"a short file\n",
@@ -122,7 +123,7 @@ BROKEN: dict[str, tuple[bytes, Breakage, tuple[str, str, str]]] = {
     "sub/tampered-nested.bin": (
         b"nested and tampered\n",
         lambda raw, o: flip(raw, at(0) + 20),
-        ("EIO", "open", "block 0 failed authentication"),
+        ("EIO", "read", "block 0 failed authentication"),
     ),
 }
 GOOD: dict[str, bytes] = {

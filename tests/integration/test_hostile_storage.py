@@ -265,11 +265,23 @@ def test_every_attack_gives_eio_and_a_warning_and_the_rest_is_served(kms_env: En
         assert not silent, f"no WARNING naming the backing path of {silent}:\n{m.log_text()}"
         for name in ("foreign-key", "planted"):
             assert "which the volume does not accept" in warnings_naming(m, b / name)[0]
-        for name in ("empty-block-replaced", "cut-to-look-whole", "cut-to-540"):
-            fd = -1
-            with pytest.raises(OSError) as info:
-                fd = os.open(m.mnt / name, os.O_RDONLY)  # refused at open: nothing served
-            assert info.value.errno == errno.EIO and fd == -1
+        # A forged end: nothing is served, not even a first byte (an empty file: at open).
+        for name in ("empty-block-replaced", "cut-to-look-whole", "appended"):
+            fd = os.open(m.mnt / name, os.O_RDONLY)
+            try:
+                with pytest.raises(OSError) as info:
+                    os.read(fd, 1)
+                assert info.value.errno == errno.EIO
+            finally:
+                os.close(fd)
+        with pytest.raises(OSError) as info:
+            os.open(m.mnt / "cut-to-540", os.O_RDONLY)
+        assert info.value.errno == errno.EIO
+        # Nor does a write make a forged end the writer's.
+        with pytest.raises(OSError) as info, (m.mnt / "cut-to-look-whole").open("ab") as f:
+            f.write(b"appended by the victim")
+            f.flush()
+        assert info.value.errno == errno.EIO
         # The sparse file: its holes read as zeros, the damaged one fails, the rest is there.
         with (m.mnt / "sparse").open("rb") as f:
             assert f.read(5) == b"start"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from envfs import callers
 from envfs.callers import CallerCache, GroupDatabase
 from envfs.kms.model import Caller
 
@@ -46,17 +49,42 @@ def test_without_a_key_cache_and_other_sources_every_call_reads_the_database() -
     assert builds.count == 2
 
 
-def test_group_database_state_follows_files_and_nsswitch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inotify", [True, False])
+def test_group_database_state_follows_files_and_nsswitch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inotify: bool
+) -> None:
+    if not inotify:
+        monkeypatch.setattr(callers, "_Watch", refused)
     nsswitch = tmp_path / "nsswitch.conf"
     group = tmp_path / "group"
+    userdb = tmp_path / "userdb"
     group.write_text("users:x:100:alice\n")
     nsswitch.write_text("passwd: files systemd\ngroup: files [SUCCESS=merge] systemd\n")
-    db = GroupDatabase(str(nsswitch), (str(group), str(tmp_path / "missing")))
+    db = GroupDatabase(str(nsswitch), (str(group),), (str(userdb),))
     before = db.state()
     assert before is not None and db.state() == before
-    group.write_text("users:x:100:\n")  # alice removed
-    assert db.state() != before
+    group.write_text("users:x:100:\n")  # alice removed, in place
+    after = db.state()
+    assert after != before and db.state() == after
+    replacement = tmp_path / "group.new"
+    replacement.write_text("users:x:100:bob\n")
+    replacement.rename(group)  # as gpasswd and usermod do
+    assert db.state() != after
+    after = db.state()
+    (tmp_path / "unrelated").write_text("x")
+    if inotify:
+        assert db.state() == after  # other files in the folder do not count
+    userdb.mkdir()  # a userdb folder appears: it counts, and so does what is put in it
+    assert db.state() != after
+    after = db.state()
+    (userdb / "alice.group").write_text("{}")
+    assert db.state() != after
     nsswitch.write_text("passwd: files\ngroup: files sss\n")
     assert db.state() is None  # SSSD: no file tells when it changes
     nsswitch.unlink()
     assert db.state() is not None  # glibc's default: files
+    db.close()
+
+
+def refused(*args: object) -> None:
+    raise OSError(24, "Too many open files")

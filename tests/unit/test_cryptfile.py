@@ -240,7 +240,7 @@ def test_read_header_asks_for_the_file_s_start_unless_told_not_to(
 
 def whole_blocks(cfile: CryptFile, count: int) -> bytes:
     """Fill ``cfile`` with ``count`` whole blocks: it ends in an empty final block."""
-    data = random.Random(count).randbytes(count << SHIFT)
+    data = whole_blocks_data(count)
     cfile.write(0, data)
     assert os.fstat(cfile.fd).st_size == format.block_offset(count, SHIFT) + 28
     return data
@@ -250,7 +250,7 @@ def whole_blocks(cfile: CryptFile, count: int) -> bytes:
     "attack",
     ["flip the empty block's tag", "replace the empty block", "cut into the last whole block"],
 )
-def test_a_forged_end_is_refused_at_open(cfile: CryptFile, attack: str) -> None:
+def test_a_forged_end_is_refused_before_anything_is_served(cfile: CryptFile, attack: str) -> None:
     whole_blocks(cfile, 3)
     end = format.block_offset(3, SHIFT)
     if attack == "flip the empty block's tag":
@@ -260,8 +260,29 @@ def test_a_forged_end_is_refused_at_open(cfile: CryptFile, attack: str) -> None:
         os.pwrite(cfile.fd, random.Random(1).randbytes(28), end)
     else:  # 512 + 2 * (B + 28) + 28: looks like two whole blocks and an empty one
         os.ftruncate(cfile.fd, format.block_offset(2, SHIFT) + 28)
-    with pytest.raises(IntegrityError, match=r"^block \d failed authentication$"):
-        reopen(cfile)
+    size = reopen(cfile).size
+    block = 1 << SHIFT
+    uses: list[Callable[[CryptFile], object]] = [
+        lambda f: f.read(0, 10),  # the first block only: the end is checked first
+        lambda f: f.read(0, size),  # up to the end: this read checks it
+        lambda f: f.read(size, 10),  # past the end: "nothing there" is not served either
+        lambda f: f.write(0, b"x"),
+        lambda f: f.write(size, b"appended"),  # would make the cut the writer's
+        lambda f: f.truncate(size + block),
+        lambda f: f.reserve(size + 3 * block),
+    ]
+    for use in uses:
+        with pytest.raises(IntegrityError, match=r"^block \d failed authentication$"):
+            use(reopen(cfile))
+    before = os.pread(cfile.fd, 1 << 20, 0)
+    shorter = reopen(cfile)
+    shorter.truncate(5)  # cutting keeps nothing of the forged end: allowed
+    assert shorter.read(0, 10) == whole_blocks_data(3)[:5]
+    os.pwrite(cfile.fd, before, 0)
+
+
+def whole_blocks_data(count: int) -> bytes:
+    return random.Random(count).randbytes(count << SHIFT)
 
 
 def test_an_empty_file_whose_only_block_is_forged_is_refused(cfile: CryptFile) -> None:
@@ -271,14 +292,21 @@ def test_an_empty_file_whose_only_block_is_forged_is_refused(cfile: CryptFile) -
         reopen(cfile)
 
 
-def test_open_finds_a_small_file_s_final_block_in_what_read_header_read(
+def test_the_end_costs_no_extra_read_when_the_read_covers_it(
     cfile: CryptFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfile.write(0, b"x" * 1000)
-    header, raw = read_header(cfile.fd, extra=format.block_stride(SHIFT))
-    monkeypatch.setattr("envfs.cryptfile._pread", lambda *a: pytest.fail("read again"))
+    header, raw = read_header(cfile.fd, extra=28)
     keys = FileKeys.derive(DATA_KEY, header.file_id)
-    assert CryptFile.open(cfile.fd, header, raw, keys).size == 1000
+    opened = CryptFile.open(cfile.fd, header, raw, keys)
+    reads: list[int] = []
+    real = cryptfile._pread
+    monkeypatch.setattr(
+        "envfs.cryptfile._pread", lambda fd, n, at: reads.append(at) or real(fd, n, at)
+    )
+    assert opened.read(0, 4096) == b"x" * 1000
+    assert opened.read(10, 10) == b"x" * 10
+    assert reads == [format.HEADER_SIZE, format.HEADER_SIZE]  # no separate read of the end
 
 
 # --- holes ----------------------------------------------------------------------------------
@@ -324,12 +352,12 @@ def test_in_a_sparse_file_only_whole_zero_blocks_are_holes(cfile: CryptFile) -> 
     with pytest.raises(IntegrityError, match=r"^block 3 failed authentication$"):
         reopen(cfile).read(3 << SHIFT, 1)
     os.pwrite(cfile.fd, b"\0", at + 100)
-    # The final block is never a hole: zeroing it fails at open.
+    # The final block is never a hole: zeroing it fails before anything is served.
     end = os.fstat(cfile.fd).st_size
     final = format.block_offset(size >> SHIFT, SHIFT)
     os.pwrite(cfile.fd, bytes(end - final), final)
     with pytest.raises(IntegrityError, match=r"failed authentication$"):
-        reopen(cfile)
+        reopen(cfile).read(0, 5)
 
 
 def test_random_operations_with_holes_match_a_model(

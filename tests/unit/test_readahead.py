@@ -117,3 +117,32 @@ def test_a_vanished_folder_is_no_error(tmp_path: Path, asked: list[str]) -> None
     os.rmdir(gone)
     ahead.opened(gone, b"b")
     assert asked == []
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_descriptors_opened_ahead_are_handed_over_once_and_never_leak(
+    folder: bytes, asked: list[str]
+) -> None:
+    before = open_fds()
+    ahead = Ahead(files_ahead=3)
+    ahead.opened(folder, b"f00")
+    ahead.opened(folder, b"f01")  # asks for f02..f04 and keeps their descriptors
+    fd = ahead.ahead.take(0, b"f02")
+    assert fd is not None and os.readlink(f"/proc/self/fd/{fd}").endswith("/f02")
+    os.close(fd)
+    assert ahead.ahead.take(0, b"f02") is None  # handed over once
+    assert ahead.ahead.take(1, b"f03") is None  # another folder: nothing
+    for n in range(2, 15):
+        ahead.opened(folder, b"f%02d" % n)
+    assert open_fds() - len(ahead.fds) - before <= 4  # files_ahead + 1 at most
+    other = os.path.join(folder, b"sub")
+    os.mkdir(other)
+    ahead.opened(other, b"x")  # another folder: the held ones are closed
+    assert open_fds() - len(ahead.fds) == before
+    ahead.ahead.close()
+    for fd in ahead.fds.values():
+        os.close(fd)
+    assert open_fds() == before

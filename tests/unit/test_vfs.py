@@ -233,3 +233,20 @@ def test_leftovers_of_creates_are_removed_inside_only(setup: Setup, tmp_path: Pa
     left = sorted(str(p.relative_to(setup.backing)) for p in setup.backing.rglob("*"))
     assert left == [".envfs-volume.json", "a", "a/b", "a/link"]
     assert (outside / ".envfs-tmp-00000000000000aa").read_bytes() == b"not ours"
+
+
+def test_a_file_replaced_after_it_was_read_ahead_is_opened_anew(setup: Setup) -> None:
+    vfs = setup.vfs
+    for n in range(6):
+        setup.write_file(b"f%d" % n, b"content %d" % n)
+    ino = {n: vfs.lookup(ROOT_INODE, b"f%d" % n).ino for n in range(6)}
+    for n in (0, 1):  # in name order: f2... are opened and asked for ahead
+        vfs.release(vfs.open(ino[n], os.O_RDONLY, USER))
+    os.replace(setup.backing / "f5", setup.backing / "f2")  # behind the mount's back
+    replaced = vfs.lookup(ROOT_INODE, b"f2").ino
+    fh = vfs.open(replaced, os.O_RDONLY, USER)
+    assert vfs.read(fh, 0, 100) == b"content 5"  # not the descriptor held for the old f2
+    vfs.release(fh)
+    fh = vfs.open(ino[3], os.O_RDONLY, USER)  # the held descriptor is used for f3
+    assert vfs.read(fh, 0, 100) == b"content 3"
+    vfs.release(fh)
