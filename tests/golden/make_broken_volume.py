@@ -14,24 +14,17 @@ tools (fsck) read it; regenerating it would defeat that, so the script refuses w
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from envfs import format
-from tests.golden.make_golden_volume import stream
+from tests.golden.make_golden_volume import generate, run, save, store_env, stream
 
 HERE = Path(__file__).resolve().parent
-ENVFS = str(Path(sys.executable).with_name("envfs"))
-REGION = "local-1"
 BLOCK = 16384
 STRIDE = BLOCK + 28
 HEADER = format.HEADER_SIZE
@@ -40,15 +33,6 @@ HALF = 3 * BLOCK + BLOCK // 2
 
 def at(i: int) -> int:
     return HEADER + i * STRIDE
-
-
-def run(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run(
-        [ENVFS, *args], env=env, capture_output=True, text=True, check=False, timeout=60
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"envfs {' '.join(args)} failed:\n{result.stderr}")
-    return result.stdout
 
 
 def flip(raw: bytes, offset: int) -> bytes:
@@ -156,14 +140,7 @@ def plant(env: dict[str, str], volume_id: str, block_shift: int) -> bytes:
 
 
 def make(work: Path, output: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVFS_")}
-    env.pop("CREDENTIALS_DIRECTORY", None)
-    env.update(
-        ENVFS_KMS_DIR=str(work / "kms"),
-        ENVFS_KMS_SOCKET=str(work / "no-daemon.sock"),
-        ENVFS_REGION=REGION,
-    )
-    run(env, "kms", "init")
+    env = store_env(work)
     arns = {}
     for alias in ("broken", "planter"):
         meta = json.loads(run(env, "kms", "create-key", "--description", f"golden {alias}"))
@@ -194,11 +171,7 @@ def make(work: Path, output: Path) -> None:
         path.write_bytes(breakage(path.read_bytes(), others))
 
     output.mkdir(parents=True)
-    store = output / "kms" / REGION
-    store.mkdir(parents=True)
-    for name in ("keys.db", "root.key"):
-        shutil.copy2(work / "kms" / REGION / name, store / name)
-    shutil.copytree(backing, output / "backing", symlinks=True)
+    save(work, backing, output)
     expected = {
         "comment": "made by tests/golden/make_broken_volume.py; never regenerate",
         "region": REGION,
@@ -217,19 +190,5 @@ def make(work: Path, output: Path) -> None:
     (output / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=HERE / "broken-v1")
-    parser.add_argument("--force", action="store_true", help="replace an existing volume")
-    args = parser.parse_args()
-    if args.output.exists():
-        if not args.force:
-            raise SystemExit(f"{args.output} exists: golden volumes are never regenerated")
-        shutil.rmtree(args.output)
-    with tempfile.TemporaryDirectory(prefix="envfs-golden-") as work:
-        make(Path(work), args.output)
-    print(f"wrote {args.output}")
-
-
 if __name__ == "__main__":
-    main()
+    generate(__doc__, HERE / "broken-v1", make)

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,7 +67,8 @@ def run(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def make(work: Path, output: Path) -> None:
+def store_env(work: Path) -> dict[str, str]:
+    """The environment of ``envfs`` commands on a new embedded key store under ``work``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENVFS_")}
     env.pop("CREDENTIALS_DIRECTORY", None)
     env.update(
@@ -75,6 +77,11 @@ def make(work: Path, output: Path) -> None:
         ENVFS_REGION=REGION,
     )
     run(env, "kms", "init")
+    return env
+
+
+def make(work: Path, output: Path) -> None:
+    env = store_env(work)
     meta = json.loads(run(env, "kms", "create-key", "--description", "envfs golden volume v1"))
     key_arn = meta["KeyMetadata"]["Arn"]
     run(env, "kms", "create-alias", "--alias-name", "alias/golden", "--target-key-id", key_arn)
@@ -92,11 +99,7 @@ def make(work: Path, output: Path) -> None:
         run(env, "umount", str(mnt))
 
     output.mkdir(parents=True)
-    store = output / "kms" / REGION
-    store.mkdir(parents=True)
-    for name in ("keys.db", "root.key"):
-        shutil.copy2(work / "kms" / REGION / name, store / name)
-    shutil.copytree(backing, output / "backing", symlinks=True)
+    save(work, backing, output)
     volume = json.loads((backing / ".envfs-volume.json").read_text())
     expected = {
         "comment": "made by tests/golden/make_golden_volume.py; never regenerate",
@@ -113,9 +116,19 @@ def make(work: Path, output: Path) -> None:
     (output / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=HERE / "volume-v1")
+def save(work: Path, backing: Path, output: Path) -> None:
+    """Copy the key store made under ``work`` and the backing folder into ``output``."""
+    store = output / "kms" / REGION
+    store.mkdir(parents=True)
+    for name in ("keys.db", "root.key"):
+        shutil.copy2(work / "kms" / REGION / name, store / name)
+    shutil.copytree(backing, output / "backing", symlinks=True)
+
+
+def generate(doc: str, default: Path, make_one: Callable[[Path, Path], None]) -> None:
+    """The command line of a golden volume's generator: ``--output``, ``--force``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=default)
     parser.add_argument("--force", action="store_true", help="replace an existing volume")
     args = parser.parse_args()
     if args.output.exists():
@@ -123,9 +136,9 @@ def main() -> None:
             raise SystemExit(f"{args.output} exists: golden volumes are never regenerated")
         shutil.rmtree(args.output)
     with tempfile.TemporaryDirectory(prefix="envfs-golden-") as work:
-        make(Path(work), args.output)
+        make_one(Path(work), args.output)
     print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    generate(__doc__, HERE / "volume-v1", make)

@@ -22,14 +22,22 @@ from tests.golden.make_format_vectors import HERE, KEY_ARN, broken, label_bytes,
 SHIFT = 12
 BLOCK = 1 << SHIFT
 STRIDE = BLOCK + fmt.BLOCK_OVERHEAD
+SPARSE = fmt.FLAG_SPARSE
 
 
-def sparse_vector(name: str, blocks: list[bytes | None], final: bytes) -> dict[str, Any]:
-    """A sparse file: whole blocks (None for a hole), then a short final block."""
-    data_key = label_bytes(f"{name} data key", 32)
-    file_id = label_bytes(f"{name} file id", 16)
-    wrapped_key = b"\x01" + label_bytes(f"{name} wrapped key", 119)
-    header = fmt.FileHeader(file_id, SHIFT, KEY_ARN, wrapped_key, flags=fmt.FLAG_SPARSE)
+def identities(name: str) -> tuple[bytes, bytes, bytes]:
+    """Reproducible data key, file id and (opaque) wrapped key of vector ``name``."""
+    return (
+        label_bytes(f"{name} data key", 32),
+        label_bytes(f"{name} file id", 16),
+        b"\x01" + label_bytes(f"{name} wrapped key", 119),
+    )
+
+
+def vector(name: str, blocks: list[bytes | None], final: bytes, flags: int) -> dict[str, Any]:
+    """A file of whole blocks (None: a hole, only with FLAG_SPARSE) and a short final block."""
+    data_key, file_id, wrapped_key = identities(name)
+    header = fmt.FileHeader(file_id, SHIFT, KEY_ARN, wrapped_key, flags=flags)
     keys = fmt.FileKeys.derive(data_key, file_id)
     parts, plaintext = [header.encode(keys)], b""
     for index, block in enumerate(blocks):
@@ -46,29 +54,7 @@ def sparse_vector(name: str, blocks: list[bytes | None], final: bytes) -> dict[s
     return {
         "name": name,
         "block_shift": SHIFT,
-        "flags": fmt.FLAG_SPARSE,
-        "key_arn": KEY_ARN,
-        "wrapped_key": wrapped_key.hex(),
-        "file_id": file_id.hex(),
-        "data_key": data_key.hex(),
-        "plaintext": plaintext.hex(),
-        "plaintext_size": len(plaintext),
-        "backing_size": len(backing),
-        "backing": backing.hex(),
-    }
-
-
-def plain_vector(name: str, plaintext: bytes) -> dict[str, Any]:
-    data_key = label_bytes(f"{name} data key", 32)
-    file_id = label_bytes(f"{name} file id", 16)
-    wrapped_key = b"\x01" + label_bytes(f"{name} wrapped key", 119)
-    header = fmt.FileHeader(file_id, SHIFT, KEY_ARN, wrapped_key)
-    keys = fmt.FileKeys.derive(data_key, file_id)
-    backing = fmt.encrypt_file(header, keys, plaintext)
-    return {
-        "name": name,
-        "block_shift": SHIFT,
-        "flags": 0,
+        "flags": flags,
         "key_arn": KEY_ARN,
         "wrapped_key": wrapped_key.hex(),
         "file_id": file_id.hex(),
@@ -89,10 +75,13 @@ def main() -> int:
         print(f"make_sparse_vectors: error: {args.output} exists; golden vectors are made once")
         return 1
     h = fmt.HEADER_SIZE
+    three = pattern(3 * BLOCK)
     vectors = [
-        sparse_vector("sparse-hole-in-the-middle", [pattern(BLOCK), None], b"tail"),
-        sparse_vector("sparse-holes-then-empty-final", [None, None, pattern(BLOCK)], b""),
-        plain_vector("three-whole-blocks", pattern(3 * BLOCK)),
+        vector("sparse-hole-in-the-middle", [pattern(BLOCK), None], b"tail", SPARSE),
+        vector("sparse-holes-then-empty-final", [None, None, pattern(BLOCK)], b"", SPARSE),
+        vector(
+            "three-whole-blocks", [three[i * BLOCK : (i + 1) * BLOCK] for i in range(3)], b"", 0
+        ),
     ]
     by_name = {v["name"]: bytes.fromhex(v["backing"]) for v in vectors}
     holey = by_name["sparse-hole-in-the-middle"]

@@ -36,6 +36,7 @@ from tests.integration.conftest import Env, Mount, golden_copy, is_mounted, live
 from tests.integration.test_mount_security import (
     User,
     audit_records,
+    awaited_records,
     create_key,
     envfs,
     flip,
@@ -406,18 +407,16 @@ def test_truncate_and_fallocate_are_decided_for_the_caller_while_the_file_is_ope
         assert doc.read_text() == "the key user's text\n"
         assert usr.sh(f"truncate -s 8 {doc} && cat {doc}").stdout == "the key "
         note = f"{m.backing / 'doc'} (truncate)"
-        deadline = time.monotonic() + 5
-        while True:
-            denied = [
-                r
-                for r in audit_records(kms_env, arn)
-                if r["caller"]["uid"] == stranger.uid
+        denied = awaited_records(
+            kms_env,
+            arn,
+            lambda r: (
+                r["caller"]["uid"] == stranger.uid
                 and r["outcome"] == "AccessDeniedException"
                 and r.get("request", {}).get("AuditNote", "").startswith(str(m.backing / "doc"))
-            ]
-            if len(denied) >= 6 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+            ),
+            lambda rs: len(rs) >= 6,
+        )
         assert len(denied) == 6, denied
         notes = [r["request"]["AuditNote"] for r in denied]
         assert notes.count(note) == 4  # two truncate(2), two ftruncate(2)

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -522,6 +522,19 @@ def audit_records(env: Env, arn: str) -> list[dict[str, Any]]:
     return records
 
 
+def awaited_records(
+    env: Env, arn: str, wanted: Callable[[dict[str, Any]], bool], enough: Callable[[Any], bool]
+) -> list[dict[str, Any]]:
+    """The records of ``arn`` that are ``wanted``, once they are ``enough`` (or after 5 s):
+    a mount adds its records to the chain in batches, the last within about 0.15 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [r for r in audit_records(env, arn) if wanted(r)]
+        if enough(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def as_key_admin(env: Env, admin: User, operation: str, arn: str) -> None:
     """Perform a key-management operation as the key administrator.
 
@@ -604,18 +617,17 @@ def test_per_user_access_is_decided_by_the_key_policy(
                 (stranger.uid, "AccessDeniedException"),
                 (0, "AccessDeniedException"),
             }
-            deadline = time.monotonic() + 5
-            while True:
-                decisions = {
-                    (r["caller"]["uid"], r["outcome"])
-                    for r in audit_records(kms_env, arn)
-                    if r["operation"] == "Decrypt"
+            found = awaited_records(
+                kms_env,
+                arn,
+                lambda r: (
+                    r["operation"] == "Decrypt"
                     and r.get("encryption_context", {}).get("envfs:file") == file_id
                     and r.get("request", {}).get("AuditNote") == note
-                }
-                if decisions >= expected or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
+                ),
+                lambda rs: {(r["caller"]["uid"], r["outcome"]) for r in rs} >= expected,
+            )
+            decisions = {(r["caller"]["uid"], r["outcome"]) for r in found}
             assert decisions >= expected, decisions
 
             # A disabled key: new opens fail, a file already open keeps working until closed.
