@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from envfs import format
-from tests.golden.make_golden_volume import generate, run, save, store_env, stream
+from tests.golden.make_golden_volume import REGION, generate, run, save, store_env, stream
 
 HERE = Path(__file__).resolve().parent
 BLOCK = 16384
