@@ -173,7 +173,16 @@ def download(dest: Path) -> Path:
 
 def extract(archive: Path, dest: Path) -> Path:
     with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later
+            tar.extractall(dest, filter="data")
+        else:  # Debian 12's 3.11.2: the same refusals, made by hand
+            for member in tar.getmembers():
+                target = (dest / member.name).resolve()
+                if not (member.isfile() or member.isdir()) or not target.is_relative_to(
+                    dest.resolve()
+                ):
+                    raise BuildError(f"{SDIST}: unexpected member {member.name!r}")
+            tar.extractall(dest)  # noqa: S202 - every member checked above
     tree = dest / f"pyfuse3-{VERSION}"
     if not (tree / "src/pyfuse3/handlers.pxi").is_file():
         raise BuildError(f"{SDIST}: no src/pyfuse3/handlers.pxi")
