@@ -46,14 +46,6 @@ STRANGER = Caller(61003, 61003, frozenset({61003}))
 START = 1_700_000_000.0
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty store, copied for each test."""
-    directory = tmp_path_factory.mktemp("template") / REGION
-    KeyStore.init(directory, REGION).close()
-    return directory
-
-
 @pytest.fixture
 def store_dir(template: Path, tmp_path: Path) -> Path:
     directory = tmp_path / "kms" / REGION

@@ -101,14 +101,6 @@ def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "kms" / REGION
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One freshly initialised store, copied for each test (init costs several fsyncs)."""
-    directory = tmp_path_factory.mktemp("template") / REGION
-    KeyStore.init(directory, REGION).close()
-    return directory
-
-
 @pytest.fixture
 def store(template: Path, store_dir: Path) -> Iterator[KeyStore]:
     shutil.copytree(template, store_dir)
