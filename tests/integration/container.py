@@ -36,7 +36,7 @@ import pytest
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CGROUP_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup"))
+CGROUP_ROOTS = tuple(Path("/sys/fs/cgroup", sub) for sub in ("unified", "systemd", ""))
 BOOT_TIMEOUT = 60.0
 
 
@@ -97,7 +97,6 @@ class Container:
             "--console=passive",
             "--link-journal=no",
             "--bind=/dev/fuse",
-            f"--bind-ro={CHECKOUT}",
         ]
         env = {"PATH": PATH, "SYSTEMD_LOG_COLOR": "0"}
         if _host_has_systemd():
@@ -132,7 +131,7 @@ class Container:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=preexec,  # noqa: PLW1509 - only writes our pid to a cgroup
+            preexec_fn=preexec,  # only writes our pid to a cgroup
             start_new_session=True,
         )
         log.close()
@@ -229,7 +228,7 @@ class Container:
                 stdin=subprocess.DEVNULL if input is None else None,
             )
         except subprocess.TimeoutExpired as exc:
-            raise ContainerError(f"timed out after {timeout:g} s in the container:\n{script}") from exc
+            raise ContainerError(f"timed out after {timeout:g} s inside:\n{script}") from exc
         if check and result.returncode != 0:
             raise ContainerError(
                 f"exit {result.returncode} in the container"
@@ -241,14 +240,18 @@ class Container:
     def out(self, script: str, **kw: object) -> str:
         return self.run(script, **kw).stdout.strip()  # type: ignore[arg-type]
 
-    def popen(self, script: str, *, user: str | None = None) -> subprocess.Popen[str]:
-        """``script`` started inside and left running (stdin, stdout piped)."""
+    def popen(self, script: str, *, user: str = "root") -> subprocess.Popen[str]:
+        """``script`` started inside and left running, stdin and stdout piped to it.
+
+        It runs as a transient service of the container's systemd (``systemd-run
+        --pipe``), as a user's program would run in a session: at shutdown systemd stops
+        it as it stops everything else. (A process entered with nsenter is no unit's.)
+        """
         assert self.leader is not None
-        shell = ["bash", "-euo", "pipefail", "-c", script]
-        if user is not None:
-            shell = ["runuser", "-u", user, "--", *shell]
+        run = ["systemd-run", "--pipe", "--quiet", "--collect", f"--uid={user}"]
+        run += ["--setenv=LANG=C.UTF-8", "--", "bash", "-euo", "pipefail", "-c", script]
         args = ["nsenter", f"--target={self.leader}", "--all", "--"]
-        args += ["env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", *shell]
+        args += ["env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", *run]
         return subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -314,7 +317,7 @@ def container(prefix: str = "envfs") -> Iterator[Container]:
     mounts: list[Path] = []
     box = Container(name, folder)
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", str(folder)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", folder], check=True)
         mounts.append(folder)
         for sub in ("upper", "work", "merged"):
             (folder / sub).mkdir()

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ pytestmark = pytest.mark.integration
 
 DOC = CHECKOUT / "docs/systemd.md"
 SOURCE = "/usr/src/envfs"  # the checkout's copy inside, for /path/to/envfs-checkout
-SITE = "lib/python{0}.{1}/site-packages".format(*sys.version_info[:2])
+SITE = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
 VOLUME = "envfs@data.service"
 SOCKET = "envfs-kms@eu-west-1.socket"
 SERVICE = "envfs-kms@eu-west-1.service"
@@ -161,7 +163,8 @@ def show(box: Container, unit: str, prop: str) -> str:
 
 
 def mounted(box: Container) -> bool:
-    return box.run("grep -q ' /srv/data fuse.envfs ' /proc/self/mounts", check=False).returncode == 0
+    found = box.run("grep -q ' /srv/data fuse.envfs ' /proc/self/mounts", check=False)
+    return found.returncode == 0
 
 
 def as_alice(box: Container, script: str, **kw: object) -> str:
@@ -178,6 +181,31 @@ SHA = "import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read())
 
 def sha_of(box: Container, path: str) -> str:
     return as_alice(box, f'python3 -c "{SHA}" {path}')
+
+
+HOLD = """import hashlib, os, sys
+f = open(sys.argv[1], "wb")
+data = os.urandom(200000)
+f.write(data)
+f.flush()
+print(hashlib.sha256(data).hexdigest(), flush=True)
+sys.stdin.read()
+"""
+
+
+def hold_open(box: Container, path: str) -> subprocess.Popen[str]:
+    """Alice writes 200 kB to ``path`` (into the mount, not closed) and keeps the file open
+    until her stdin is closed. Read the data's digest with ``read_digest``."""
+    return box.popen(f"exec python3 -c {shlex.quote(HOLD)} {path}", user=ALICE)
+
+
+def read_digest(holder: subprocess.Popen[str]) -> str:
+    assert holder.stdout is not None and holder.stderr is not None
+    written = holder.stdout.readline().strip()
+    if len(written) != 64:
+        holder.kill()
+        pytest.fail(f"writing the open file failed: {holder.communicate(timeout=10)[1]}")
+    return written
 
 
 # --- the tests, in order -------------------------------------------------------------------
@@ -236,21 +264,9 @@ def test_stop_with_a_file_open_flushes_it_and_ends_inactive_not_failed(
     installed: Container,
 ) -> None:
     box = installed
-    holder = box.popen(
-        "exec python3 -c 'import os, sys\n"
-        "f = open(\"/srv/data/open.bin\", \"wb\")\n"
-        "data = os.urandom(200000)\n"
-        "f.write(data)\n"
-        "f.flush()\n"
-        "import hashlib\n"
-        "print(hashlib.sha256(data).hexdigest(), flush=True)\n"
-        "sys.stdin.read()'",
-        user=ALICE,
-    )
+    holder = hold_open(box, "/srv/data/open.bin")
     try:
-        assert holder.stdout is not None
-        written = holder.stdout.readline().strip()
-        assert len(written) == 64, holder.stderr.read() if holder.stderr else ""
+        written = read_digest(holder)
         stop = box.run(f"systemctl stop {VOLUME}", check=False)
         assert stop.returncode == 0, stop.stderr
         assert state(box, VOLUME) == "inactive"
@@ -269,7 +285,7 @@ def test_a_killed_mount_comes_back_by_itself(installed: Container) -> None:
     box.run(f"kill -9 {pid}")
     try:
         box.wait_for(
-            f"test \"$(systemctl show --value -p MainPID {VOLUME})\" != {pid}"
+            f'test "$(systemctl show --value -p MainPID {VOLUME})" != {pid}'
             f" && systemctl is-active {VOLUME}"
             " && grep -q ' /srv/data fuse.envfs ' /proc/self/mounts",
             timeout=20,
@@ -317,17 +333,31 @@ def test_a_key_service_with_a_wrong_credential_is_retried_slowly(
     assert "start-limit" not in box.out(f"journalctl -u {unit}.socket --no-pager -o cat")
 
 
-def test_after_a_reboot_the_volume_is_mounted_again_with_its_data(installed: Container) -> None:
+def test_after_a_reboot_with_a_file_open_the_volume_is_mounted_again_with_its_data(
+    installed: Container,
+) -> None:
     box = installed
     before = {path: sha_of(box, path) for path in ("/srv/data/big.bin", "/srv/data/open.bin")}
     box.run(f"systemctl enable {SERVICE}")  # docs §5: the key service at boot too
-    assert box.reboot() == 133  # the container asked for a reboot
+    holder = hold_open(box, "/srv/data/at-shutdown.bin")  # the shutdown stops a busy volume
+    try:
+        written = read_digest(holder)
+        assert box.reboot() == 133  # the container asked for a reboot
+    finally:
+        holder.communicate(timeout=15)
     assert state(box, VOLUME) == "active"
     assert mounted(box)
+    before["/srv/data/at-shutdown.bin"] = written
     assert {path: sha_of(box, path) for path in before} == before
     assert as_alice(box, "cat /srv/data/hello.txt") == "hello"
-    # Ordered after its key service (the drop-in's After=).
+    # The stop at shutdown was clean (the journal is kept across boots).
+    last_boot = box.out(f"journalctl -b -1 -u {VOLUME} --no-pager -o cat")
+    shutdown = last_boot[last_boot.rindex("Stopping envfs@data.service") :]
+    assert "received SIGTERM: unmounting" in shutdown
+    assert "Deactivated successfully" in shutdown
+    assert "Failed" not in shutdown
+    # Ordered after its key service at boot (the drop-in's After=).
     started = int(show(box, VOLUME, "InactiveExitTimestampMonotonic"))
     assert 0 < int(show(box, SOCKET, "ActiveEnterTimestampMonotonic")) < started
     assert 0 < int(show(box, SERVICE, "ActiveEnterTimestampMonotonic")) < started
-    assert box.out("systemctl --failed --no-legend --plain 'envfs*'") == ""
+    assert box.out("systemctl list-units --failed --no-legend --plain 'envfs*'") == ""
