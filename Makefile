@@ -10,8 +10,9 @@ SHELL := /bin/bash
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
+# systemd-container: systemd-nspawn, for tests/integration/test_systemd_container.py
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc rsync sqlite3 git \
-                util-linux passwd gocryptfs
+                util-linux passwd gocryptfs systemd-container
 
 
 .PHONY: FORCE setup system-deps venv demo test lint typecheck pytest bench bench-fs clean
