@@ -318,6 +318,11 @@ def test_restarting_the_key_service_leaves_the_volume_mounted(
     )
 
 
+def test_socket_activation_can_be_tried_without_units(installed: Container) -> None:
+    out = run_block(installed, doc_blocks()["socket-activate"])
+    assert '"Plaintext": ' in out
+
+
 def test_a_key_service_with_a_wrong_credential_is_retried_slowly(
     installed: Container, broken_region: float
 ) -> None:
@@ -338,7 +343,7 @@ def test_after_a_reboot_with_a_file_open_the_volume_is_mounted_again_with_its_da
 ) -> None:
     box = installed
     before = {path: sha_of(box, path) for path in ("/srv/data/big.bin", "/srv/data/open.bin")}
-    box.run(f"systemctl enable {SERVICE}")  # docs §5: the key service at boot too
+    run_block(box, doc_blocks()["rotation"])  # docs §5: the key service at boot too
     holder = hold_open(box, "/srv/data/at-shutdown.bin")  # the shutdown stops a busy volume
     try:
         written = read_digest(holder)
@@ -361,3 +366,20 @@ def test_after_a_reboot_with_a_file_open_the_volume_is_mounted_again_with_its_da
     assert 0 < int(show(box, SOCKET, "ActiveEnterTimestampMonotonic")) < started
     assert 0 < int(show(box, SERVICE, "ActiveEnterTimestampMonotonic")) < started
     assert box.out("systemctl list-units --failed --no-legend --plain 'envfs*'") == ""
+
+
+def test_every_marked_block_of_the_docs_is_run() -> None:
+    """No container needed: the blocks the tests above run are all the marked ones."""
+    run = {
+        "install",
+        "region",
+        "credential",
+        "key-service",
+        "volume",
+        "file /etc/envfs/volumes/data.toml",
+        "file /etc/systemd/system/envfs@data.service.d/kms.conf",
+        "start",
+        "rotation",
+        "socket-activate",
+    }
+    assert set(doc_blocks()) == run
