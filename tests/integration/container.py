@@ -181,10 +181,13 @@ class Container:
 
     def stop(self) -> None:
         """End the container now, whatever its state (clean-up: no clean shutdown)."""
-        if self.leader is not None:
+        leaders = [self.leader] if self.leader is not None else []
+        if self.proc is not None and not leaders:  # the boot did not get that far
+            leaders = [pid for pid in _children(self.proc.pid) if _ns_pid(pid) == 1]
+        for pid in leaders:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.leader, signal.SIGKILL)  # PID 1: the whole namespace goes
-            self.leader = None
+                os.kill(pid, signal.SIGKILL)  # PID 1: the whole namespace goes with it
+        self.leader = None
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=15)

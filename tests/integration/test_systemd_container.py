@@ -49,6 +49,16 @@ SERVICE = "envfs-kms@eu-west-1.service"
 BROKEN = "eu-west-2"  # a region whose credential holds the wrong root key
 BROKEN_WAIT = 15.0
 ALICE = "alice"
+HOST_ENVFS = (
+    "/etc/envfs",
+    "/var/lib/envfs",
+    "/opt/envfs",
+    "/usr/local/bin/envfs",
+    "/srv/data",
+    "/srv/data.envfs",
+    "/etc/systemd/system/envfs*",
+    "/etc/systemd/system/*.wants/envfs*",
+)
 MARKER = re.compile(r"^<!-- container-test: (.+?) -->\n```(\w+)\n(.*?)^```$", re.M | re.S)
 
 
@@ -119,7 +129,11 @@ def machine() -> Iterator[Container]:
                 ".git", ".venv", "*.egg-info", "__pycache__", ".*_cache", "build"
             ),
         )
-        box.run(f"useradd --create-home --groups staff {ALICE}")
+        # The machine as a fresh one: whatever envfs the host has is not seen inside
+        # (removing it inside only hides it in the upper layer).
+        box.run(f"rm -rf {' '.join(HOST_ENVFS)}")
+        box.run(f"id -u {ALICE} >/dev/null 2>&1 || useradd --create-home {ALICE}")
+        box.run(f"usermod --append --groups staff {ALICE}")
         seed_pyfuse3(box)
         yield box
     assert leftovers(box) == []
