@@ -3,8 +3,8 @@
 The container's root is an overlay: the host's root file system (read through, never
 written) under an upper layer in a tmpfs of the test's own. The upper layer outlives the
 container, so booting again on it is a reboot: what the container wrote (/etc, /var/lib,
-/srv, /opt) is still there. ``/dev/fuse`` is bound in, this checkout is bound read-only at
-its own path (it may live on a mount the overlay does not see).
+/srv, /opt) is still there. ``/dev/fuse`` is bound in. Only the root file system shows
+through (not the host's other mounts): a test copies in what else it needs.
 
 Commands run inside with ``nsenter`` on the container's PID 1 (no systemd-machined is
 needed: PID 1 of the host need not be systemd), in a clean environment (PATH as a root
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -155,6 +154,8 @@ class Container:
         raise ContainerError(f"no systemd started in the container:\n{self.log()}")
 
     def wait_running(self) -> None:
+        """Until the system has booted: ``running``, or ``degraded`` (a unit of the host's
+        own set-up that fails in a container is no concern of the tests)."""
         deadline = time.monotonic() + BOOT_TIMEOUT
         while True:
             # Before PID 1 has set up its private bus, systemctl fails: try again.
@@ -173,7 +174,10 @@ class Container:
         status systemd-nspawn exited with (133: the container asked for a reboot)."""
         assert self.proc is not None
         self.run("systemctl reboot", check=False)
-        status = self.proc.wait(timeout=BOOT_TIMEOUT)
+        try:
+            status = self.proc.wait(timeout=BOOT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise ContainerError(f"no reboot within {BOOT_TIMEOUT:g} s") from None
         self.proc = None
         self.leader = None
         self.boot()
@@ -299,9 +303,10 @@ def _ns_pid(pid: int) -> int:
 
 def require_tools() -> None:
     """Fail (never skip) when the machine cannot run the containers: CI installs
-    systemd-container itself (the Makefile's APT_PACKAGES)."""
+    systemd-container itself (the Makefile's APT_PACKAGES). Only a run without root is
+    skipped, as every test that mounts is."""
     if os.geteuid() != 0:
-        pytest.fail("the container tests need root")
+        pytest.skip("booting a container needs root")
     missing = [tool for tool in ("systemd-nspawn", "nsenter", "runuser") if not shutil.which(tool)]
     if missing:
         pytest.fail(f"missing {', '.join(missing)} (apt-get install systemd-container util-linux)")
@@ -389,7 +394,3 @@ def leftovers(box: Container) -> list[str]:
         ).stdout
         found += units.split()
     return found
-
-
-def quote(*words: str) -> str:
-    return " ".join(shlex.quote(w) for w in words)
