@@ -32,9 +32,10 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from envfs import crypto, format
+from envfs import acl, crypto, format
+from envfs.acl import Acl, AclStore, MalformedAcl
 from envfs.backing import TEMP_PREFIX, chown_fd, link_fd, open_unnamed, proc_path, renameat2
 from envfs.callers import CallerCache
 from envfs.cryptfile import CryptFile, read_header
@@ -87,6 +88,26 @@ class Handle:
     writable: bool
 
 
+class NewMode(NamedTuple):
+    """What a new node gets from its parent: its mode (with the file type bits it was asked
+    for), and the access and default ACLs to store (None: none)."""
+
+    mode: int
+    access: Acl | None = None
+    default: Acl | None = None
+
+    @property
+    def has_acls(self) -> bool:
+        return self.access is not None or self.default is not None
+
+    @property
+    def first_mode(self) -> int:
+        """The mode to make the node with: only its owner may use it until its ACLs are
+        stored (a crash in between leaves it closed, never open to its group)."""
+        perm = self.mode & 0o7777
+        return perm & ~0o077 if self.has_acls else perm
+
+
 class Vfs:
     """The plaintext view of one volume.
 
@@ -124,6 +145,7 @@ class Vfs:
         self.read_ahead = FolderReadAhead(self._open_file)
         self.volume_verified = False
         self._euid = os.geteuid()
+        self.acls: AclStore | None = None  # POSIX ACLs: off until the kernel enforces them
         self._remove_stale_temporaries()
 
     # --- volume ------------------------------------------------------------------------
@@ -322,9 +344,18 @@ class Vfs:
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
-    def _new_entry(self, parent: int, dir_fd: int, name: bytes, kind: int, caller: Caller) -> Stat:
-        """Register an entry just made in ``dir_fd``; on a multi-user mount, give it to its
-        creator (setgid folders keep their group).
+    def _new_entry(
+        self,
+        parent: int,
+        dir_fd: int,
+        name: bytes,
+        kind: int,
+        caller: Caller,
+        new: NewMode | None = None,
+    ) -> Stat:
+        """Register an entry just made in ``dir_fd`` (with ``new.first_mode``): store its
+        inherited ACLs and give it its mode; on a multi-user mount, give it to its creator
+        (setgid folders keep their group).
 
         The entry is checked before it is given away: still of the kind made, and still
         the daemon's. Someone who swapped another entry in meanwhile gets nothing chowned.
@@ -338,6 +369,9 @@ class Vfs:
                     self.path(parent) + b"/" + name,
                 )
                 raise OSError(errno.EIO, "the backing folder changed under the mount")
+            if new is not None and new.has_acls:
+                self._store_inherited(dir_fd, name, fd, st, new)
+                st = os.fstat(fd)
             if self.chown_new:
                 chown_fd(fd, caller.uid, _new_gid(dir_fd, caller))
                 st = os.fstat(fd)
@@ -345,11 +379,43 @@ class Vfs:
             os.close(fd)
         return self._stat(self._remember(parent, name, st, 1), st)
 
-    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Stat:
+    def _store_inherited(
+        self, dir_fd: int, name: bytes, fd: int, st: os.stat_result, new: NewMode
+    ) -> None:
+        """Store a new entry's ACLs, then give it its mode; if that fails, remove it."""
+        assert self.acls is not None
+        target = proc_path(fd)
+        try:
+            if new.access is not None:
+                self.acls.write(target, acl.ACCESS, new.access)
+            if new.default is not None:
+                self.acls.write(target, acl.DEFAULT, new.default)
+            os.chmod(target, (stat.S_IMODE(st.st_mode) & ~0o777) | (new.mode & 0o777))
+        except OSError:
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(name, dir_fd=dir_fd)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+            raise
+
+    def _inherited(self, parent: int, dir_fd: int, mode: int, umask: int) -> NewMode:
+        """A new node's mode and ACLs, by ext4's rules: with a default ACL on the parent,
+        its access ACL (and for a directory its default ACL) come from it and the umask
+        plays no part; otherwise the mode is masked by the umask."""
+        if self.acls is not None and not stat.S_ISLNK(mode):
+            default = self._read_acl(proc_path(dir_fd), acl.DEFAULT, os.fstat(dir_fd), parent)
+            if default is not None:
+                access, new_mode = acl.inherit(default, mode)
+                return NewMode(new_mode, access, default if stat.S_ISDIR(mode) else None)
+        return NewMode(mode & ~(umask & 0o777))
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller, *, umask: int = 0) -> Stat:
         self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
-            os.mkdir(name, mode & 0o7777, dir_fd=dir_fd)
-            return self._new_entry(parent, dir_fd, name, stat.S_IFDIR, caller)
+            new = self._inherited(parent, dir_fd, stat.S_IFDIR | (mode & 0o7777), umask)
+            os.mkdir(name, new.first_mode, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, name, stat.S_IFDIR, caller, new)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         self._check_name(parent, name)
@@ -368,7 +434,9 @@ class Vfs:
         with self.tree.dir(parent) as dir_fd:
             return os.readlink(name, dir_fd=dir_fd)
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Stat:
+    def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller, *, umask: int = 0
+    ) -> Stat:
         """Make a regular file (encrypted, as ``create``), a FIFO, a socket or a device node.
 
         Device nodes are root's, as on any filesystem (the kernel checks ``CAP_MKNOD``
@@ -377,7 +445,7 @@ class Vfs:
         """
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFREG:
-            fh, attr = self.create(parent, name, mode, os.O_WRONLY, caller)
+            fh, attr = self.create(parent, name, mode, os.O_WRONLY, caller, umask=umask)
             self.release(fh)
             return attr
         if kind not in _NODE_KINDS:
@@ -386,8 +454,9 @@ class Vfs:
             raise OSError(errno.EPERM, "only root makes device nodes")
         self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
-            os.mknod(name, kind | (mode & 0o7777), rdev, dir_fd=dir_fd)
-            return self._new_entry(parent, dir_fd, name, kind, caller)
+            new = self._inherited(parent, dir_fd, kind | (mode & 0o7777), umask)
+            os.mknod(name, kind | new.first_mode, rdev, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, name, kind, caller, new)
 
     def unlink(self, parent: int, name: bytes) -> None:
         self._check_name(parent, name)
@@ -494,30 +563,115 @@ class Vfs:
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.tree.root_fd)
 
-    # --- extended attributes (user namespace only) -------------------------------------
+    # --- extended attributes: the user namespace, and POSIX ACLs -------------------------
+
+    def enable_acls(self, prefix: bytes | None = None) -> None:
+        """Serve POSIX ACLs: call once the kernel enforces them (and leaves create modes
+        unmasked). They are kept as ``prefix`` xattrs in the backing folder (default: by
+        who runs the mount, see :func:`envfs.acl.namespace_prefix`)."""
+        self.acls = AclStore(acl.namespace_prefix(self._euid) if prefix is None else prefix)
+
+    def _acl_store(self) -> AclStore:
+        if self.acls is None:
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are off")
+        return self.acls
+
+    def _read_acl(self, target: str, kind: bytes, st: os.stat_result, ino: int) -> Acl | None:
+        """An ACL from the backing folder, checked: a malformed one is an integrity failure
+        (EIO, logged with the backing path), never handed to the kernel."""
+        store = self._acl_store()
+        try:
+            return store.read(target, kind, st.st_mode)
+        except MalformedAcl as exc:
+            log.warning(
+                "backing entry %r: its %s is not a valid ACL: %s",
+                self._safe_path(self.inodes.node(ino)),
+                os.fsdecode(store.names[kind]),
+                exc,
+            )
+            raise OSError(errno.EIO, "malformed ACL in the backing folder") from None
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        if name in acl.NAMES:
+            self._acl_store()
+            with self._entry_fd(self.inodes.node(ino)) as fd:
+                found = self._read_acl(proc_path(fd), name, os.fstat(fd), ino)
+            if found is None:
+                raise OSError(errno.ENODATA, "no ACL")
+            return found.to_bytes()
         if not name.startswith(b"user."):
-            # EOPNOTSUPP, not ENODATA: `ls -l` then stops asking for security.selinux and
-            # system.posix_acl_access on every entry (two round trips per file).
+            # EOPNOTSUPP, not ENODATA: `ls -l` then stops asking for security.selinux on
+            # every entry (a round trip per file).
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
+        if acl.is_private(name):
+            raise OSError(errno.ENODATA, "no such attribute")
         with self._entry_fd(self.inodes.node(ino)) as fd:
             return os.getxattr(proc_path(fd), name)
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
+        """Set an xattr; an ACL as ext4 sets it (the mode follows an access ACL).
+
+        ``caller`` (who sets it) keeps a set-group-ID bit only if they are in the file's
+        group or are root, as with ``chmod``.
+        """
+        if name in acl.NAMES:
+            self._set_acl(self.inodes.node(ino), name, value, caller)
+            return
         if not name.startswith(b"user."):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
+        if acl.is_private(name):
+            raise OSError(errno.EPERM, "reserved attribute name")
         with self._entry_fd(self.inodes.node(ino)) as fd:
             os.setxattr(proc_path(fd), name, value)
+
+    def _set_acl(self, node: Node, kind: bytes, value: bytes, caller: Caller) -> None:
+        store = self._acl_store()
+        try:
+            new = Acl.parse(value)
+        except MalformedAcl:
+            raise OSError(errno.EINVAL, "not a valid ACL") from None
+        with self._entry_fd(node) as fd:
+            st = os.fstat(fd)
+            target = proc_path(fd)
+            if stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no ACLs")
+            if kind == acl.DEFAULT:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise OSError(errno.EACCES, "only directories have a default ACL")
+                store.write(target, kind, new)
+                return
+            mode = (stat.S_IMODE(st.st_mode) & ~0o777) | new.mode_bits()
+            if caller.uid != 0 and st.st_gid != caller.gid and st.st_gid not in caller.groups:
+                mode &= ~stat.S_ISGID
+            # In this order a crash in between leaves no one more access than either.
+            if new.is_minimal:
+                os.chmod(target, mode)
+                store.remove(target, kind)
+            else:
+                store.write(target, kind, new)
+                os.chmod(target, mode)
 
     def listxattr(self, ino: int) -> list[bytes]:
         with self._entry_fd(self.inodes.node(ino)) as fd:
             names = os.listxattr(proc_path(fd))
-        return [os.fsencode(n) for n in names if n.startswith("user.")]
+            mode = os.fstat(fd).st_mode
+        listed = [
+            os.fsencode(n)
+            for n in names
+            if n.startswith("user.") and not acl.is_private(os.fsencode(n))
+        ]
+        return listed if self.acls is None else self.acls.listed(names, mode) + listed
 
     def removexattr(self, ino: int, name: bytes) -> None:
+        if name in acl.NAMES:
+            store = self._acl_store()
+            with self._entry_fd(self.inodes.node(ino)) as fd:
+                store.remove(proc_path(fd), name)
+            return
         if not name.startswith(b"user."):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
+        if acl.is_private(name):
+            raise OSError(errno.EPERM, "reserved attribute name")
         with self._entry_fd(self.inodes.node(ino)) as fd:
             os.removexattr(proc_path(fd), name)
 
@@ -537,7 +691,7 @@ class Vfs:
             raise
 
     def create(
-        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller, *, umask: int = 0
     ) -> tuple[int, Stat]:
         """Create and open a new encrypted file; the data key is made for ``caller``.
 
@@ -562,9 +716,13 @@ class Vfs:
         self.key_cache.put(caller.uid, caller.gid, file_id, data_key.wrapped, data_key.plaintext)
         keys = FileKeys.derive(data_key.plaintext, file_id)
         with self.tree.dir(parent) as dir_fd:
-            fd, temp = open_unnamed(dir_fd, mode & 0o7777)
+            new = self._inherited(parent, dir_fd, stat.S_IFREG | (mode & 0o7777), umask)
+            fd, temp = open_unnamed(dir_fd, new.mode & 0o7777)
             try:
                 cfile = CryptFile.create(fd, header, keys)
+                if new.access is not None:  # before it has a name
+                    assert self.acls is not None
+                    self.acls.write(fd, acl.ACCESS, new.access)
                 if self.chown_new:
                     os.fchown(fd, caller.uid, _new_gid(dir_fd, caller))
                 if temp is None:
