@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc rsync sqlite3 git \
-                util-linux passwd gocryptfs
+                util-linux passwd gocryptfs acl
 
 .PHONY: setup system-deps venv demo test lint typecheck pytest bench bench-fs clean
 

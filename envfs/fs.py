@@ -83,17 +83,20 @@ class Operations(pyfuse3.Operations):
     # untar: about 10 %, not worth that.
     enable_writeback_cache = False
 
-    def __init__(self, vfs: Vfs) -> None:
+    def __init__(self, vfs: Vfs, *, acl: bool = True) -> None:
+        """``acl``: serve POSIX ACLs (``-o noacl``: not; the kernel then asks for no ACL
+        before a permission check or an ``ls -l``, a round trip per file seen first)."""
         super().__init__()
         self.vfs = vfs
+        self.want_acl = acl
         # POSIX ACLs only with a pyfuse3 that also asks for create modes unmasked
         # (scripts/build_pyfuse3.py): stock pyfuse3 would have the kernel mask them with
         # the umask before a default ACL could decide.
-        self.enable_acl = bool(getattr(pyfuse3, "_envfs_acl", 0))
+        self.enable_acl = acl and bool(getattr(pyfuse3, "_envfs_acl", 0))
 
     def init(self) -> None:
         # Called by pyfuse3 once the kernel's capabilities are negotiated, before any request.
-        if getattr(pyfuse3, "_envfs_acl_granted", False):
+        if self.enable_acl and getattr(pyfuse3, "_envfs_acl_granted", False):
             self.vfs.enable_acls()
             assert self.vfs.acls is not None
             log.info(
@@ -102,11 +105,13 @@ class Operations(pyfuse3.Operations):
             )
         elif self.enable_acl:
             log.warning("the kernel does not offer POSIX ACLs: setfacl gives EOPNOTSUPP")
-        else:
+        elif self.want_acl:
             log.warning(
                 "this pyfuse3 cannot leave create modes unmasked: POSIX ACLs are off "
                 "(install pyfuse3 with scripts/build_pyfuse3.py)"
             )
+        else:
+            log.info("POSIX ACLs off (-o noacl)")
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         return self.vfs.caller(ctx.uid, ctx.gid)

@@ -146,6 +146,7 @@ def fuse_options(volume: Volume, options: MountOptions) -> set[str]:
     if options.allow_other:
         opts.add("allow_other")
     extra = {opt for group in options.extra for opt in group.split(",") if opt}
+    extra -= {"acl", "noacl"}  # envfs's own: POSIX ACLs (see fs.Operations)
     if "dev" not in extra:
         opts.add("nodev")
     if "suid" not in extra:
@@ -171,9 +172,10 @@ def run_foreground(
     # Resolve paths before mounting: once mounted, a stat of the mount point would wait
     # for this very process to answer.
     pid_file = pid_file_for(mountpoint)
-    old_umask = os.umask(0)  # modes of new files are the caller's, already masked
+    old_umask = os.umask(0)  # modes of new files are decided already (umask or default ACL)
     try:
-        pyfuse3.init(Operations(vfs), str(mountpoint), fuse_options(vfs.volume, options))
+        ops = Operations(vfs, acl="noacl" not in ",".join(options.extra).split(","))
+        pyfuse3.init(ops, str(mountpoint), fuse_options(vfs.volume, options))
     except RuntimeError as exc:
         os.umask(old_umask)
         raise MountError(f"cannot mount on {str(mountpoint)!r}: {exc}") from None

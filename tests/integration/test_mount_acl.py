@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from envfs.kms.policy import default_policy
-from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live
+from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live, mounted
 from tests.integration.test_mount_security import (
     User,
     awaited_records,
@@ -120,6 +120,17 @@ def test_setfacl_getfacl_and_modes_are_as_on_ext4(vol: Mount, tmp_path: Path) ->
     assert set(os.listxattr(backing)) == {"trusted.envfs.acl_access"}
     assert set(os.listxattr(vol.mnt / "d" / "inherited")) == {ACCESS}
     assert os.listxattr(vol.mnt / "f2") == []
+
+
+def test_noacl_turns_them_off(kms_env: Env) -> None:
+    kms_env.create_key("vol")
+    with mounted(kms_env, extra=("-o", "noacl")) as m:
+        refused = sh("touch f && setfacl -m u:nobody:r f", m.mnt)
+        assert "Operation not supported" in refused.stderr
+        assert sh("umask 027 && mkdir d && touch d/f", m.mnt).returncode == 0
+        assert stat.S_IMODE((m.mnt / "d").stat().st_mode) == 0o750
+        assert stat.S_IMODE((m.mnt / "d" / "f").stat().st_mode) == 0o640
+        assert "POSIX ACLs off (-o noacl)" in m.log_text()
 
 
 # --- 2. the kernel enforces them for real users; the key service decides on top --------------
