@@ -335,6 +335,10 @@ def test_an_access_acl_sets_the_mode_and_a_chmod_its_mask(setup: Setup, acls: by
         vfs.getxattr(ino, ACCESS)
     assert gone.value.errno == errno.ENODATA
     vfs.removexattr(ino, ACCESS)  # none there: no error, as on ext4
+    with pytest.raises(OSError) as invalid:  # the kernel sends none such; never stored
+        vfs.setxattr(ino, ACCESS, NAMED_RW[:-1], ROOT)
+    assert invalid.value.errno == errno.EINVAL
+    assert os.listxattr(setup.backing / "f") == []
 
 
 def test_setting_an_acl_clears_setgid_for_callers_outside_the_group(
