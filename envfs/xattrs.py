@@ -14,6 +14,15 @@ always come from the mode), and a new node gets its ACLs and mode from its paren
 default ACL, or its mode masked by the umask where the parent has none
 (:meth:`ExtendedAttributes._inherited`).
 
+What the kernel leaves to a FUSE file system with POSIX ACLs (``fs/fuse/acl.c`` and
+``dir.c``, and seen on Linux 6.18): it enforces and caches ACLs, asks for them with
+getxattr and hands over ``setfacl``'s value with setxattr; but it sends no setattr for the
+mode an access ACL implies, leaves the stored ACL alone on ``chmod`` (it only forgets its
+cached copy), computes no ACL for a new node, and, with ``FUSE_CAP_DONT_MASK`` (which
+the pyfuse3 build asks for with ACLs), leaves the umask to the file system too (passed as
+the request's ``umask``). Nor does pyfuse3 pass ``FUSE_SETXATTR_ACL_KILL_SGID``: the
+set-group-ID rule is applied here from the caller.
+
 Mixed into :class:`envfs.vfs.Vfs`, whose inodes and backing descriptors it uses.
 """
 
