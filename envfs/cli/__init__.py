@@ -3,7 +3,11 @@
 Every failure ends the same way: one ``envfs: error: ...`` line on stderr (``<AwsName>: ``
 first for key-service errors), sometimes an ``envfs: hint: ...`` line, and the error's
 documented exit code (``docs/kms.md``): 2 for usage errors, 1 for internal errors, 130
-after Ctrl-C. A traceback is printed only for internal errors and only with
+after Ctrl-C.
+
+``envfs BACKING MOUNTPOINT -o OPTIONS`` (no command: what ``mount -t fuse.envfs`` and
+``/etc/fstab`` run, see :mod:`envfs.cli.fstab`) is ``envfs mount`` with the options
+translated. A traceback is printed only for internal errors and only with
 ``ENVFS_DEBUG=1``.
 """
 
@@ -16,7 +20,7 @@ import traceback
 from typing import NoReturn
 
 from envfs import __version__
-from envfs.cli import kms, volume
+from envfs.cli import fstab, kms, volume
 from envfs.cli.params import ArgumentError
 from envfs.errors import EnvfsError, KMSError, KMSUnavailableException, UsageError
 
@@ -53,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The command parsers by name (``init``, ``mount``, ..., ``kms``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("the parser has no commands")
+
+
 def _say(kind: str, message: str) -> None:
     sys.stderr.write(f"{PROG}: {kind}: {message}\n")
 
@@ -73,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (the console script exits with it)."""
     try:
         parser = build_parser()
+        if argv is None:
+            argv = sys.argv[1:]
+        commands = _commands(parser)
+        if fstab.is_helper_form(argv, list(commands)):
+            argv = fstab.translate(argv, commands["mount"])
         try:
             args, extras = parser.parse_known_args(argv)
         except SystemExit as done:  # --help and --version
