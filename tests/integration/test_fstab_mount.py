@@ -58,7 +58,7 @@ def in_namespace(tmp_path: Path, env: Env, script: str) -> subprocess.CompletedP
     wrapper = (
         "set -e\n"
         f"mount --bind {bin_dir} /usr/local/sbin\n"
-        "trap 'grep -q \" $MNT \" /proc/self/mounts && umount -l \"$MNT\"' EXIT\n"
+        'trap \'grep -q " $MNT " /proc/self/mounts && umount -l "$MNT"\' EXIT\n'
         f"{script}\n"
     )
     return subprocess.run(
@@ -161,9 +161,7 @@ def test_fstab_line_with_a_bad_option(
     fstab.write_text(f"{backing} {mnt} fuse.envfs allow_other,bogus_option 0 0\n")
     result = in_namespace(tmp_path, kms_env, f"MNT={mnt}\nmount -T {fstab} {mnt}\n")
     assert result.returncode != 0
-    assert "envfs: error: mount option 'bogus_option' is neither an envfs option" in (
-        result.stderr
-    )
+    assert "envfs: error: mount option 'bogus_option' is neither an envfs option" in (result.stderr)
     assert "Traceback" not in result.stderr
 
 
