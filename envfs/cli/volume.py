@@ -1,4 +1,4 @@
-"""``envfs init``, ``envfs mount``, ``envfs umount`` and ``envfs inspect``.
+"""``envfs init``, ``envfs mount``, ``envfs umount``, ``envfs inspect`` and ``envfs info``.
 
 ``envfs mount`` without ``--foreground`` starts the mount daemon in the background and
 returns only once the mount is live (or with the daemon's error): the daemon reports
@@ -352,6 +352,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from envfs.kms.blob import parse_blob
 
     path = Path(args.file)
+    if path.is_dir():  # a volume's backing folder: the whole volume
+        args.backing = args.file
+        return _info(args)
     try:
         with path.open("rb") as f:
             raw = f.read(format.HEADER_SIZE)
@@ -382,6 +385,47 @@ def _inspect(args: argparse.Namespace) -> int:
         info["PlaintextSize"] = None
         info["Problem"] = exc.message
     print_answer(args, info, "Inspect")
+    return 0
+
+
+# --- info ----------------------------------------------------------------------------------
+
+
+def _info(args: argparse.Namespace) -> int:
+    from envfs import info
+
+    summary = info.summarize(Path(args.backing))
+    volume = summary.volume
+    answer: dict[str, Any] = {
+        "Backing": str(volume.backing),
+        "VolumeId": volume.volume_id,
+        "Region": volume.region,
+        "KeyArn": volume.key_arn,
+        "PreviousKeyArns": list(volume.previous_key_arns),
+        "FormatVersion": volume.format_version,
+        "BlockSize": volume.block_size,
+        "Features": list(volume.features),
+        "FileNames": "plaintext",  # names are not encrypted (yet): no feature says otherwise
+        "CreationDate": volume.created,
+        "Files": summary.files,
+        "Directories": summary.directories,
+        "Symlinks": summary.symlinks,
+        "SpecialFiles": summary.special_files,
+        "PlaintextSize": summary.plaintext_size,
+        "BackingSize": summary.backing_size,
+        "SparseFiles": summary.sparse_files,
+        "KeyVersions": [
+            {"KeyArn": arn, "KeyVersion": version, "Files": count}
+            for (arn, version), count in sorted(
+                summary.key_versions.items(), key=lambda item: (item[0][0], item[0][1] or 0)
+            )
+        ],
+        "UnreadableFiles": summary.unreadable_files,
+        "UnreadableDirectories": summary.unreadable_directories,
+        "Leftovers": summary.leftovers,
+        "Problems": [{"Path": p.path, "Problem": p.problem} for p in summary.problems],
+    }
+    print_answer(args, answer, "Info")
     return 0
 
 
@@ -448,8 +492,22 @@ def add_parsers(commands: Any) -> None:
         "inspect",
         help="show a backing file's header",
         description="Show the header of an encrypted backing file (format, file id, master"
-        " key and version, block size, plaintext size) without decrypting anything.",
+        " key and version, block size, plaintext size) without decrypting anything. Given a"
+        " volume's backing folder, the same as 'envfs info'.",
     )
     inspect.add_argument("file", metavar="BACKING_FILE")
     add_output_options(inspect)
     inspect.set_defaults(handler=_inspect)
+
+    info = commands.add_parser(
+        "info",
+        help="describe a whole volume",
+        description="Describe the volume BACKING without decrypting anything and without the"
+        " key service: its volume file (id, region, master key, format version, block size,"
+        " features; read, not authenticated) and what its folder holds (files, folders and"
+        " symlinks, total plaintext size, master key versions in use, files that cannot be"
+        " used). The folder is walked without following any symlink.",
+    )
+    info.add_argument("backing", metavar="BACKING", help="the volume's backing folder")
+    add_output_options(info)
+    info.set_defaults(handler=_info)
