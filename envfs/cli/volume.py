@@ -240,7 +240,9 @@ def _mount(args: argparse.Namespace) -> int:
     backing, mountpoint = Path(args.backing), Path(args.mountpoint)
     if not args.foreground:
         return _daemonize(args)
-    configure_logging(log_file=args.log_file, to_stderr=args.foreground)
+    # The background daemon (started with --ready-fd) has /dev/null for stderr: it logs to
+    # --log-file, else to syslog, as documented.
+    configure_logging(log_file=args.log_file, to_stderr=args.ready_fd is None)
     ready_fd: int | None = args.ready_fd
 
     def report(message: str) -> None:
