@@ -3,12 +3,13 @@
 Every failure ends the same way: one ``envfs: error: ...`` line on stderr (``<AwsName>: ``
 first for key-service errors), sometimes an ``envfs: hint: ...`` line, and the error's
 documented exit code (``docs/kms.md``): 2 for usage errors, 1 for internal errors, 130
-after Ctrl-C.
+after Ctrl-C. A traceback is printed only for internal errors and only with
+``ENVFS_DEBUG=1``. When stderr is the journal, both lines start with their syslog
+priority (``<3>`` error, ``<5>`` hint), as the daemons' log lines do.
 
 ``envfs BACKING MOUNTPOINT -o OPTIONS`` (no command: what ``mount -t fuse.envfs`` and
 ``/etc/fstab`` run, see :mod:`envfs.cli.fstab`) is ``envfs mount`` with the options
-translated. A traceback is printed only for internal errors and only with
-``ENVFS_DEBUG=1``.
+translated.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import NoReturn
 
 from envfs import __version__
 from envfs.cli import fstab, kms, volume
+from envfs.cli.common import stderr_is_journal
 from envfs.cli.params import ArgumentError
 from envfs.errors import EnvfsError, KMSError, KMSUnavailableException, UsageError
 
@@ -66,7 +68,10 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 
 def _say(kind: str, message: str) -> None:
-    sys.stderr.write(f"{PROG}: {kind}: {message}\n")
+    # Under systemd, with the syslog priority first (as the daemons' log lines have it), so
+    # that ``journalctl -p err`` shows why a unit failed: error 3, hint 5 (notice).
+    prefix = ("<3>" if kind == "error" else "<5>") if stderr_is_journal() else ""
+    sys.stderr.write(f"{prefix}{PROG}: {kind}: {message}\n")
 
 
 def _hint(error: EnvfsError) -> str | None:

@@ -253,8 +253,9 @@ def _mount(args: argparse.Namespace) -> int:
                 os.close(ready_fd)
             ready_fd = None
 
+    options = mount.MountOptions(allow_other=args.allow_other, extra=args.o or [])
     try:
-        mount.check_mountpoint(mountpoint)
+        mount.check_mountpoint(mountpoint, nonempty=options.nonempty)
         volume = Volume.load(backing)
         region = args.region or volume.region
         with _Service(args, region, batch_audit=True) as kms:
@@ -266,7 +267,6 @@ def _mount(args: argparse.Namespace) -> int:
                 key_cache_seconds=_key_cache_seconds(args),
                 key_pool_size=_key_pool_size(args),
             )
-            options = mount.MountOptions(allow_other=args.allow_other, extra=args.o or [])
 
             def ready() -> None:
                 report("ready")
@@ -343,7 +343,16 @@ def _umount(args: argparse.Namespace) -> int:
     from envfs import mount
 
     _apply_config(args, positionals=("mountpoint",))
-    mount.unmount(Path(args.mountpoint))
+    outcome = mount.unmount(Path(args.mountpoint), lazy=args.lazy)
+    if outcome == "cleared":
+        sys.stderr.write(
+            f"envfs: cleared a dead mount on {args.mountpoint} (its daemon had stopped)\n"
+        )
+    elif outcome == "detached":
+        sys.stderr.write(
+            f"envfs: detached {args.mountpoint}; files still open there keep working, and its"
+            " daemon ends when the last one is closed\n"
+        )
     return 0
 
 
@@ -473,7 +482,11 @@ def add_parsers(commands: Any) -> None:
         " each open is decided by the key policy for the opening user)",
     )
     mount.add_argument(
-        "-o", action="append", metavar="OPT[,OPT...]", help="extra FUSE mount options"
+        "-o",
+        action="append",
+        metavar="OPT[,OPT...]",
+        help="extra FUSE mount options; 'nonempty' (envfs's own) mounts over a folder that"
+        " holds files, which is refused otherwise",
     )
     mount.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the"
                        " foreground, else syslog)")  # fmt: skip
@@ -484,9 +497,17 @@ def add_parsers(commands: Any) -> None:
     umount = commands.add_parser(
         "umount",
         help="unmount a volume",
-        description="Unmount an envfs mount and wait until its daemon has finished.",
+        description="Unmount an envfs mount and wait until its daemon has finished. A dead"
+        " envfs mount (its daemon was killed: 'Transport endpoint is not connected') is"
+        " cleared.",
     )
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    umount.add_argument(
+        "--lazy",
+        action="store_true",
+        help="if files are open there, detach the mount now (new opens no longer reach it;"
+        " the daemon serves the open files and ends when the last is closed)",
+    )
     _add_config_options(umount)
     umount.set_defaults(handler=_umount)
 
