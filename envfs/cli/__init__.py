@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="envfs: an encrypted folder with per-file data keys, and the regional key"
         " service that holds its master keys.",
+        epilog="'envfs BACKING MOUNTPOINT -o OPTION,...' (no command) is 'envfs mount' in the"
+        " form mount(8) and /etc/fstab use: 'mount -t fuse.envfs' (docs/mount.md).",
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
