@@ -162,8 +162,10 @@ def _listing(dir_fd: int) -> list[os.DirEntry[str]]:
 
 def _open_dir(dir_fd: int, entry: os.DirEntry[str]) -> int:
     """The folder ``entry`` names, if it is still the one listed (no symlink followed)."""
+    listed = entry.stat(follow_symlinks=False)  # not d_ino: overlayfs may differ there
     fd = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
-    if os.fstat(fd).st_ino != entry.inode():
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (listed.st_dev, listed.st_ino):
         os.close(fd)
         raise OSError(errno.ESTALE, "it changed while it was read")
     return fd
