@@ -66,6 +66,7 @@ FILESYSTEM_SIDE = (
     "envfs.vfs",
     "envfs.fs",
     "envfs.mount",
+    "envfs.info",
 )
 # The key service's public API for the filesystem (model: callers, contexts, ARNs;
 # provider: the KeyProvider protocol the filesystem calls).
