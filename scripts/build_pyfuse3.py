@@ -30,7 +30,7 @@ this script builds pyfuse3 from its source release with them added:
    ``pyfuse3._envfs_acl_granted`` before ``Operations.init()`` is called.
 
 Steps: download the pinned source release with pip and check its SHA-256; insert the
-code below at two anchors, failing if the anchors are not as expected; build and install
+code below at three anchors, failing if the anchors are not as expected; build and install
 the tree as version ``3.5.0+envfs4``, which satisfies envfs's requirement on pyfuse3, so
 installing envfs afterwards keeps it. The module gains ``_envfs_fallocate = 2``,
 ``_envfs_fast_path = 1`` and ``_envfs_acl = 1`` so that envfs can tell the build apart.
