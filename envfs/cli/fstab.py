@@ -31,23 +31,13 @@ import os
 import re
 from collections.abc import Sequence
 
+from envfs import mountopts
 from envfs.errors import UsageError
 
 # Options of mount(8), systemd and mount.fuse3 that FUSE must not see.
 _DROPPED = frozenset({"", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users",
                       "nouser", "owner", "group", "rw"})  # fmt: skip
 _DROPPED_PREFIXES = ("x-", "comment=", "user=")
-
-# FUSE mount options that make sense for envfs (fuse(8), "general mount options" and
-# those libfuse's low-level API takes), plus nonempty, which envfs itself handles. The
-# ones libfuse sets itself (fd=, rootmode=, user_id=, group_id=) and the options of
-# libfuse's high-level API, which pyfuse3 does not use, are not among them.
-_FUSE_FLAGS = frozenset({"ro", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime",
-                         "noatime", "diratime", "nodiratime", "relatime", "norelatime",
-                         "strictatime", "nostrictatime", "lazytime", "nolazytime", "sync",
-                         "async", "dirsync", "default_permissions", "auto_unmount",
-                         "nonempty"})  # fmt: skip
-_FUSE_VALUED = frozenset({"max_read", "context", "fscontext", "defcontext", "rootcontext"})
 
 # Long options of ``envfs mount`` that an fstab line cannot use, and why.
 _REFUSED = {
@@ -115,7 +105,7 @@ def translate(argv: Sequence[str], mount_parser: argparse.ArgumentParser) -> lis
                 if not has_value or not value:
                     raise UsageError(f"mount option {name!r} needs a value: {name}=...")
                 mapped.append(f"{flag}={value}")
-        elif (item in _FUSE_FLAGS) or (name in _FUSE_VALUED and has_value and value):
+        elif mountopts.is_known(item):
             fuse.append(item)
         else:
             known = ", ".join(

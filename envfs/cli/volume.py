@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envfs import config, format, notify
+from envfs import config, format, mountopts, notify
 from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.kms import open_store
 from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
@@ -238,6 +238,10 @@ def _mount(args: argparse.Namespace) -> int:
 
     _apply_config(args, positionals=("backing", "mountpoint"))
     backing, mountpoint = Path(args.backing), Path(args.mountpoint)
+    mountopts.check(args.o or [])
+    if "allow_other" in mountopts.items(args.o or []):  # FUSE's spelling of --allow-other
+        args.allow_other = True
+        args.o = [item for item in mountopts.items(args.o) if item != "allow_other"]
     if not args.foreground:
         return _daemonize(args)
     # The background daemon (started with --ready-fd) has /dev/null for stderr: it logs to

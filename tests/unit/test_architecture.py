@@ -67,6 +67,7 @@ FILESYSTEM_SIDE = (
     "envfs.fs",
     "envfs.mount",
     "envfs.info",
+    "envfs.mountopts",
 )
 # The key service's public API for the filesystem (model: callers, contexts, ARNs;
 # provider: the KeyProvider protocol the filesystem calls).
