@@ -12,7 +12,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # systemd-container: systemd-nspawn, for tests/integration/test_systemd_container.py
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc rsync sqlite3 git \
-                util-linux passwd gocryptfs systemd-container
+                util-linux passwd gocryptfs acl systemd-container
 
 
 .PHONY: FORCE setup system-deps venv demo test lint typecheck pytest bench bench-fs clean

@@ -27,6 +27,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from envfs import mountopts
 from envfs.errors import AccessDeniedException, EnvfsError, MountError
 from envfs.fs import Operations
 from envfs.keycache import DataKeyCache
@@ -44,8 +45,6 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 AUDIT_FLUSH_INTERVAL = 0.05
 # Dead mounts stacked on one mount point that check_mountpoint clears before giving up.
 _MAX_DEAD_MOUNTS = 8
-# -o options that are envfs's own, never passed to FUSE (libfuse 3 rejects "nonempty").
-ENVFS_ONLY_OPTIONS = frozenset({"nonempty"})
 
 
 @dataclass
@@ -55,7 +54,7 @@ class MountOptions:
 
     def items(self) -> set[str]:
         """Every ``-o`` option given, comma lists split."""
-        return {opt for group in self.extra for opt in group.split(",") if opt}
+        return set(mountopts.items(self.extra))
 
     @property
     def nonempty(self) -> bool:
@@ -231,7 +230,7 @@ def fuse_options(volume: Volume, options: MountOptions) -> set[str]:
     opts.add("subtype=envfs")
     if options.allow_other:
         opts.add("allow_other")
-    extra = options.items() - ENVFS_ONLY_OPTIONS
+    extra = options.items() - mountopts.ENVFS_ONLY
     if "dev" not in extra:
         opts.add("nodev")
     if "suid" not in extra:
@@ -257,9 +256,10 @@ def run_foreground(
     # Resolve paths before mounting: once mounted, a stat of the mount point would wait
     # for this very process to answer.
     pid_file = pid_file_for(mountpoint)
-    old_umask = os.umask(0)  # modes of new files are the caller's, already masked
+    old_umask = os.umask(0)  # modes of new files are decided already (umask or default ACL)
     try:
-        pyfuse3.init(Operations(vfs), str(mountpoint), fuse_options(vfs.volume, options))
+        ops = Operations(vfs, acl="noacl" not in options.items())
+        pyfuse3.init(ops, str(mountpoint), fuse_options(vfs.volume, options))
     except RuntimeError as exc:
         os.umask(old_umask)
         raise MountError(f"cannot mount on {str(mountpoint)!r}: {exc}") from None

@@ -20,13 +20,21 @@ this script builds pyfuse3 from its source release with them added:
    VMs (a null pyfuse3 file system: about 110 µs a request before, 35 µs after). Every
    32nd request still goes through trio, so signals and other tasks are served under
    load. With several workers the loop is unchanged (another reader could block).
+3. **Create modes unmasked with POSIX ACLs.** With ``FUSE_CAP_POSIX_ACL`` the kernel
+   leaves ACL inheritance to the file system: a new file's mode is masked by the parent's
+   default ACL when there is one, by the umask otherwise. pyfuse3 asks for POSIX ACLs
+   (``Operations.enable_acl``) but not for ``FUSE_CAP_DONT_MASK``, so the kernel masks
+   the mode with the umask before the file system sees it, and a default ACL can no
+   longer give back what the umask took. The change asks for both together (ACLs not at
+   all where the kernel cannot leave the mode unmasked) and records the outcome in
+   ``pyfuse3._envfs_acl_granted`` before ``Operations.init()`` is called.
 
 Steps: download the pinned source release with pip and check its SHA-256; insert the
-code below at two anchors, failing if the anchors are not as expected; build and install
-the tree as version ``3.5.0+envfs3``, which satisfies envfs's requirement on pyfuse3, so
-installing envfs afterwards keeps it. The module gains ``_envfs_fallocate = 2`` and
-``_envfs_fast_path = 1`` so that envfs can tell the build apart. Nothing else in pyfuse3
-changes.
+code below at three anchors, failing if the anchors are not as expected; build and install
+the tree as version ``3.5.0+envfs4``, which satisfies envfs's requirement on pyfuse3, so
+installing envfs afterwards keeps it. The module gains ``_envfs_fallocate = 2``,
+``_envfs_fast_path = 1`` and ``_envfs_acl = 1`` so that envfs can tell the build apart.
+Nothing else in pyfuse3 changes.
 
 Run by ``make setup`` before envfs is installed; does nothing if the running environment
 already has this build. Needs what building stock pyfuse3 needs (gcc, python3-dev,
@@ -47,7 +55,7 @@ import tempfile
 from pathlib import Path
 
 VERSION = "3.5.0"
-LOCAL_VERSION = f"{VERSION}+envfs3"
+LOCAL_VERSION = f"{VERSION}+envfs4"
 SDIST = f"pyfuse3-{VERSION}.tar.gz"
 SDIST_SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
 
@@ -135,6 +143,30 @@ FAST_WAIT_CALL = (
 )
 
 
+# Change 3: in fuse_init (handlers.pxi), right after pyfuse3 asks for POSIX ACLs.
+ACL_AFTER = """    if (operations.enable_acl and
+        conn.capable & FUSE_CAP_POSIX_ACL):
+        conn.want |= FUSE_CAP_POSIX_ACL
+"""
+ACL_INIT = """    # envfs (scripts/build_pyfuse3.py): with POSIX ACLs the file system applies the
+    # umask or the parent's default ACL to a new file's mode itself: it needs it unmasked.
+    global _envfs_acl_granted
+    if conn.want & FUSE_CAP_POSIX_ACL:
+        if conn.capable & FUSE_CAP_DONT_MASK:
+            conn.want |= FUSE_CAP_DONT_MASK
+        else:
+            conn.want &= ~(<unsigned> FUSE_CAP_POSIX_ACL)
+    _envfs_acl_granted = bool(conn.want & FUSE_CAP_POSIX_ACL)
+"""
+ACL_MARKERS = """
+
+# --- POSIX ACLs with unmasked create modes, added by envfs (scripts/build_pyfuse3.py) ------
+
+_envfs_acl = 1
+_envfs_acl_granted = False  # set by fuse_init: the kernel enforces ACLs, modes come unmasked
+"""
+
+
 class BuildError(Exception):
     """A step failed; the message says which."""
 
@@ -142,7 +174,8 @@ class BuildError(Exception):
 def installed_has_handler() -> bool:
     probe = (
         "import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, '_envfs_fallocate', 0) >= 2"
-        " and getattr(pyfuse3, '_envfs_fast_path', 0) else 1)"
+        " and getattr(pyfuse3, '_envfs_fast_path', 0) and getattr(pyfuse3, '_envfs_acl', 0)"
+        " else 1)"
     )
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
@@ -199,10 +232,14 @@ def add_handler(tree: Path) -> None:
         raise BuildError(f"{internal}: _session_loop is not as expected for {VERSION}")
     text = text.replace(REGISTER_AFTER, REGISTER_AFTER + REGISTER)
     internal.write_text(text.replace(WAIT_CALL, FAST_WAIT_CALL))
-    if "fuse_fallocate" in handlers.read_text():
+    text = handlers.read_text()
+    if "fuse_fallocate" in text:
         raise BuildError(f"{handlers}: already has a fallocate handler")
-    with handlers.open("a") as out:
-        out.write(HANDLER + FAST_PATH)
+    if text.count(ACL_AFTER) != 1 or "FUSE_CAP_DONT_MASK" in text:
+        raise BuildError(f"{handlers}: fuse_init is not as expected for {VERSION}")
+    handlers.write_text(
+        text.replace(ACL_AFTER, ACL_AFTER + ACL_INIT) + HANDLER + FAST_PATH + ACL_MARKERS
+    )
 
 
 def build_and_install(tree: Path) -> None:

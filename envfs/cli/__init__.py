@@ -6,6 +6,10 @@ documented exit code (``docs/kms.md``): 2 for usage errors, 1 for internal error
 after Ctrl-C. A traceback is printed only for internal errors and only with
 ``ENVFS_DEBUG=1``. When stderr is the journal, both lines start with their syslog
 priority (``<3>`` error, ``<5>`` hint), as the daemons' log lines do.
+
+``envfs BACKING MOUNTPOINT -o OPTIONS`` (no command: what ``mount -t fuse.envfs`` and
+``/etc/fstab`` run, see :mod:`envfs.cli.fstab`) is ``envfs mount`` with the options
+translated.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import traceback
 from typing import NoReturn
 
 from envfs import __version__
-from envfs.cli import kms, volume
+from envfs.cli import fstab, kms, volume
 from envfs.cli.common import stderr_is_journal
 from envfs.cli.params import ArgumentError
 from envfs.errors import EnvfsError, KMSError, KMSUnavailableException, UsageError
@@ -46,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="envfs: an encrypted folder with per-file data keys, and the regional key"
         " service that holds its master keys.",
+        epilog="'envfs BACKING MOUNTPOINT -o OPTION,...' (no command) is 'envfs mount' in the"
+        " form mount(8) and /etc/fstab use: 'mount -t fuse.envfs' (docs/mount.md).",
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -53,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_parsers(commands)
     kms.add_parser(commands)
     return parser
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The command parsers by name (``init``, ``mount``, ..., ``kms``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("the parser has no commands")
 
 
 def _say(kind: str, message: str) -> None:
@@ -78,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (the console script exits with it)."""
     try:
         parser = build_parser()
+        if argv is None:
+            argv = sys.argv[1:]
+        commands = _commands(parser)
+        if fstab.is_helper_form(argv, list(commands)):
+            argv = fstab.translate(argv, commands["mount"])
         try:
             args, extras = parser.parse_known_args(argv)
         except SystemExit as done:  # --help and --version
