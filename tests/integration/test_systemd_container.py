@@ -122,6 +122,9 @@ def seed_pyfuse3(box: Container) -> None:
 @pytest.fixture(scope="module")
 def machine() -> Iterator[Container]:
     with container() as box:
+        # The machine as a fresh one: whatever envfs the host has is not seen inside
+        # (removing it inside only hides it in the upper layer).
+        box.run(f"rm -rf {' '.join(HOST_ENVFS)} {SOURCE}")
         shutil.copytree(
             CHECKOUT,
             box.path(SOURCE),
@@ -129,9 +132,6 @@ def machine() -> Iterator[Container]:
                 ".git", ".venv", "*.egg-info", "__pycache__", ".*_cache", "build"
             ),
         )
-        # The machine as a fresh one: whatever envfs the host has is not seen inside
-        # (removing it inside only hides it in the upper layer).
-        box.run(f"rm -rf {' '.join(HOST_ENVFS)}")
         box.run(f"id -u {ALICE} >/dev/null 2>&1 || useradd --create-home {ALICE}")
         box.run(f"usermod --append --groups staff {ALICE}")
         seed_pyfuse3(box)
@@ -369,10 +369,13 @@ def test_after_a_reboot_with_a_file_open_the_volume_is_mounted_again_with_its_da
     before["/srv/data/at-shutdown.bin"] = written
     assert {path: sha_of(box, path) for path in before} == before
     assert as_alice(box, "cat /srv/data/hello.txt") == "hello"
-    # The stop at shutdown was clean (the journal is kept across boots).
+    # The stop at shutdown was clean (the journal is kept across boots). The daemon was
+    # told by SIGTERM, or saw its mount go first: systemd also unmounts every mount it
+    # finds at shutdown (srv-data.mount), which succeeds once the open file's program is
+    # stopped. Either way the file was flushed (checked above).
     last_boot = box.out(f"journalctl -b -1 -u {VOLUME} --no-pager -o cat")
     shutdown = last_boot[last_boot.rindex("Stopping envfs@data.service") :]
-    assert "received SIGTERM: unmounting" in shutdown
+    assert "unmounted /srv/data" in shutdown
     assert "Deactivated successfully" in shutdown
     assert "Failed" not in shutdown
     # Ordered after its key service at boot (the drop-in's After=).
