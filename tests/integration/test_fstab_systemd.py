@@ -24,10 +24,12 @@ SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 ENVFS = Path(sys.executable).with_name("envfs")
 
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 RECOMMENDED = (
     "/srv/data.envfs /srv/data fuse.envfs"
     " allow_other,kms=unix:/run/envfs/kms-eu-west-1.sock,_netdev,"
-    "x-systemd.after=envfs-kms@eu-west-1.socket 0 0\n"
+    "x-systemd.after=envfs-kms@eu-west-1.socket,x-systemd.after=envfs-kms@eu-west-1.service"
+    " 0 0\n"
 )
 
 pytestmark = [
@@ -63,14 +65,14 @@ def test_the_recommended_line(tmp_path: Path) -> None:
         "[Unit]",
         "Documentation=man:fstab(5) man:systemd-fstab-generator(8)",
         f"SourcePath={tmp_path / 'fstab'}",
-        "After=envfs-kms@eu-west-1.socket",
+        "After=envfs-kms@eu-west-1.socket envfs-kms@eu-west-1.service",
         "Before=remote-fs.target",
         "[Mount]",
         "What=/srv/data.envfs",
         "Where=/srv/data",
         "Type=fuse.envfs",
         "Options=allow_other,kms=unix:/run/envfs/kms-eu-west-1.sock,_netdev,"
-        "x-systemd.after=envfs-kms@eu-west-1.socket",
+        "x-systemd.after=envfs-kms@eu-west-1.socket,x-systemd.after=envfs-kms@eu-west-1.service",
     ]
     # Mounted at boot as part of remote-fs.target (nofail would make it Wants=).
     wanted = out / "remote-fs.target.requires/srv-data.mount"
@@ -78,13 +80,19 @@ def test_the_recommended_line(tmp_path: Path) -> None:
     assert not (out / "local-fs.target.requires/srv-data.mount").exists()
 
 
+def test_the_docs_recommend_this_line() -> None:
+    line = RECOMMENDED.strip()
+    assert line in (DOCS / "mount.md").read_text()
+    assert f"echo '{line}' >> /etc/fstab" in (DOCS / "systemd.md").read_text()
+
+
 def test_requires_would_stop_the_volume_with_the_socket(tmp_path: Path) -> None:
     """x-systemd.requires= is Requires= and After=: a stop or restart of the socket would
     stop or restart the volume, which the recommended line avoids."""
     line = RECOMMENDED.replace("x-systemd.after=", "x-systemd.requires=")
     lines = unit_lines(generate(tmp_path, line) / "srv-data.mount")
-    assert "Requires=envfs-kms@eu-west-1.socket" in lines
-    assert "After=envfs-kms@eu-west-1.socket" in lines
+    assert "Requires=envfs-kms@eu-west-1.socket envfs-kms@eu-west-1.service" in lines
+    assert "After=envfs-kms@eu-west-1.socket envfs-kms@eu-west-1.service" in lines
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ DOC = CHECKOUT / "docs/systemd.md"
 SOURCE = "/usr/src/envfs"  # the checkout's copy inside, for /path/to/envfs-checkout
 SITE = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
 VOLUME = "envfs@data.service"
+FSTAB_UNIT = "srv-fs.mount"  # docs §3's fstab line, for a second volume on /srv/fs
 SOCKET = "envfs-kms@eu-west-1.socket"
 SERVICE = "envfs-kms@eu-west-1.service"
 BROKEN = "eu-west-2"  # a region whose credential holds the wrong root key
@@ -56,6 +57,8 @@ HOST_ENVFS = (
     "/usr/local/bin/envfs",
     "/srv/data",
     "/srv/data.envfs",
+    "/srv/fs",
+    "/srv/fs.envfs",
     "/etc/systemd/system/envfs*",
     "/etc/systemd/system/*.wants/envfs*",
 )
@@ -332,6 +335,56 @@ def test_restarting_the_key_service_leaves_the_volume_mounted(
     )
 
 
+def fstab_mounted(box: Container) -> str:
+    """The options of /srv/fs's mount-table line ("" if not mounted)."""
+    return box.out('awk \'$2 == "/srv/fs" && $3 == "fuse.envfs" {print $4}\' /proc/self/mounts')
+
+
+def test_a_volume_in_fstab_is_mounted_by_systemd_and_a_busy_stop_detaches_it(
+    installed: Container,
+) -> None:
+    """docs §3, "Or: a line in /etc/fstab", for a second volume (/srv/data is taken)."""
+    box = installed
+    box.run(
+        f"install -d -m 0700 -o {ALICE} /srv/fs.envfs\n"
+        f"runuser -u {ALICE} -- envfs init /srv/fs.envfs --key-id alias/data"
+        " --region eu-west-1 --kms unix:/run/envfs/kms-eu-west-1.sock >/dev/null\n"
+        "chown -R root:root /srv/fs.envfs && mkdir -p /srv/fs"
+    )
+    block = doc_blocks()["fstab"]
+    text = block.text.replace("/srv/data", "/srv/fs").replace("srv-data.mount", FSTAB_UNIT)
+    run_block(box, Block(block.name, block.language, text))
+    assert state(box, FSTAB_UNIT) == "active"
+    options = fstab_mounted(box).split(",")
+    assert {"nosuid", "nodev", "allow_other"} <= set(options), options
+    after = show(box, FSTAB_UNIT, "After").split()
+    assert {SOCKET, SERVICE} <= set(after), after
+    assert show(box, FSTAB_UNIT, "Requires").split().count(SOCKET) == 0
+    as_alice(box, "echo fstab > /srv/fs/hello.txt")
+    assert as_alice(box, "cat /srv/fs/hello.txt") == "fstab"
+    # A restart of the key service leaves it mounted (After=, not Requires=).
+    box.run(f"systemctl restart {SOCKET}")
+    assert state(box, FSTAB_UNIT) == "active" and fstab_mounted(box)
+    box.wait_for(
+        f"runuser -u {ALICE} -- sh -c 'echo again > /srv/fs/again.txt'",
+        timeout=15,
+        what="a new file on the fstab volume after restarting the key socket",
+    )
+    # Stopped with a file open: detached (LazyUnmount=yes), not "target is busy".
+    holder = hold_open(box, "/srv/fs/open.bin")
+    try:
+        written = read_digest(holder)
+        stop = box.run(f"systemctl stop {FSTAB_UNIT}", check=False)
+        assert stop.returncode == 0, stop.stderr
+        assert state(box, FSTAB_UNIT) == "inactive"
+        assert fstab_mounted(box) == ""
+    finally:
+        holder.communicate(timeout=15)
+    box.run(f"systemctl start {FSTAB_UNIT}")
+    assert sha_of(box, "/srv/fs/open.bin") == written
+    assert as_alice(box, "cat /srv/fs/hello.txt /srv/fs/again.txt") == "fstab\nagain"
+
+
 def test_socket_activation_can_be_tried_without_units(installed: Container) -> None:
     out = run_block(installed, doc_blocks()["socket-activate"])
     assert '"Plaintext": ' in out
@@ -383,6 +436,11 @@ def test_after_a_reboot_with_a_file_open_the_volume_is_mounted_again_with_its_da
     assert 0 < int(show(box, SOCKET, "ActiveEnterTimestampMonotonic")) < started
     assert 0 < int(show(box, SERVICE, "ActiveEnterTimestampMonotonic")) < started
     assert box.out("systemctl list-units --failed --no-legend --plain 'envfs*'") == ""
+    # The fstab volume too: mounted at boot after its key socket, its data intact.
+    assert state(box, FSTAB_UNIT) == "active" and fstab_mounted(box)
+    mounted_at = int(show(box, FSTAB_UNIT, "ActiveEnterTimestampMonotonic"))
+    assert 0 < int(show(box, SOCKET, "ActiveEnterTimestampMonotonic")) < mounted_at
+    assert as_alice(box, "cat /srv/fs/hello.txt") == "fstab"
 
 
 def test_every_marked_block_of_the_docs_is_run() -> None:
@@ -398,5 +456,6 @@ def test_every_marked_block_of_the_docs_is_run() -> None:
         "start",
         "rotation",
         "socket-activate",
+        "fstab",
     }
     assert set(doc_blocks()) == run
