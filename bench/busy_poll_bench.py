@@ -68,6 +68,7 @@ class PolledEnvfs(Envfs):
     """An envfs mount whose ``--busy-poll`` is set before each (re)mount."""
 
     busy_poll: int = 0
+    pid: int = 0
 
     def mount(self) -> None:
         self.envfs(
@@ -79,21 +80,22 @@ class PolledEnvfs(Envfs):
             "--busy-poll",
             str(self.busy_poll),
         )
+        # Read now: a daemon that outlived its unmount (see below) removes the file later.
+        self.pid = int(pid_file_for(self.mnt).read_text())
 
     def unmount(self) -> None:
         try:
             super().unmount()
         except BenchError as exc:
-            # A copy of the mount in another mount namespace (made by a process that
-            # unshared meanwhile) keeps the daemon alive after our unmount; go on.
+            # A copy of the mount in another mount namespace (made by a process that ran
+            # `unshare --mount` meanwhile) keeps the daemon alive after our unmount; go on.
             if is_mounted(self.mnt):
                 raise
             progress(f"warning: {exc}")
 
     def daemon_cpu(self) -> float:
         """CPU seconds the mount daemon has used so far."""
-        pid = int(pid_file_for(self.mnt).read_text())
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
+        raw = Path(f"/proc/{self.pid}/stat").read_bytes()
         fields = raw[raw.rfind(b")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
