@@ -4,13 +4,18 @@
 # Both install what they need themselves (apt packages, a virtualenv, the package).
 
 SHELL := /bin/bash
-PYTHON ?= python3
+# Debian's own interpreter when there is one: the one real users have, and one every Unix
+# user may run (the multi-user mount's users call the venv's envfs). An interpreter under
+# root's home (a pyenv on PATH) would shut them out. PYTHON=... overrides.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
+# systemd-container: systemd-nspawn, for tests/integration/test_systemd_container.py
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc rsync sqlite3 git \
-                util-linux passwd gocryptfs patch
+                util-linux passwd gocryptfs acl systemd-container patch
 
-.PHONY: setup system-deps venv demo test lint typecheck pytest bench bench-fs clean
+
+.PHONY: FORCE setup system-deps venv demo test lint typecheck pytest bench bench-fs clean
 
 setup: system-deps venv
 
@@ -25,8 +30,13 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+# A venv made by another interpreter than PYTHON is made again.
+$(BIN)/python: FORCE
+	@if [ -x $(BIN)/python ] && [ "$$($(BIN)/python -c 'import sys; print(sys._base_executable)')" \
+	      -ef "$$($(PYTHON) -c 'import sys; print(sys.executable)')" ]; then :; else \
+	  echo "making $(VENV) with $(PYTHON)"; rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); fi
+
+FORCE:
 
 # pyfuse3 first, built with a fallocate handler (see scripts/build_pyfuse3.py); envfs's
 # requirement on pyfuse3 is then already met and pip keeps that build.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -82,9 +83,35 @@ class Operations(pyfuse3.Operations):
     # untar: about 10 %, not worth that.
     enable_writeback_cache = False
 
-    def __init__(self, vfs: Vfs) -> None:
+    def __init__(self, vfs: Vfs, *, acl: bool = True) -> None:
+        """``acl``: serve POSIX ACLs (``-o noacl``: not; the kernel then asks for no ACL
+        before a permission check or an ``ls -l``, a round trip per file seen first)."""
         super().__init__()
         self.vfs = vfs
+        self.want_acl = acl
+        # POSIX ACLs only with a pyfuse3 that also asks for create modes unmasked
+        # (scripts/build_pyfuse3.py): stock pyfuse3 would have the kernel mask them with
+        # the umask before a default ACL could decide.
+        self.enable_acl = acl and bool(getattr(pyfuse3, "_envfs_acl", 0))
+
+    def init(self) -> None:
+        # Called by pyfuse3 once the kernel's capabilities are negotiated, before any request.
+        if self.enable_acl and getattr(pyfuse3, "_envfs_acl_granted", False):
+            self.vfs.enable_acls()
+            assert self.vfs.acls is not None
+            log.info(
+                "POSIX ACLs on, kept in the backing folder as %s*",
+                os.fsdecode(self.vfs.acls.prefix),
+            )
+        elif self.enable_acl:
+            log.warning("the kernel does not offer POSIX ACLs: setfacl gives EOPNOTSUPP")
+        elif self.want_acl:
+            log.warning(
+                "this pyfuse3 cannot leave create modes unmasked: POSIX ACLs are off "
+                "(install pyfuse3 with scripts/build_pyfuse3.py)"
+            )
+        else:
+            log.info("POSIX ACLs off (-o noacl)")
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         return self.vfs.caller(ctx.uid, ctx.gid)
@@ -181,7 +208,8 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self.vfs.mkdir(parent_inode, name, mode, self._caller(ctx)))
+        st = self.vfs.mkdir(parent_inode, name, mode, self._caller(ctx), umask=ctx.umask)
+        return entry_attributes(st)
 
     @_errno_answers
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -197,7 +225,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        st = self.vfs.mknod(parent_inode, name, mode, rdev, self._caller(ctx))
+        st = self.vfs.mknod(parent_inode, name, mode, rdev, self._caller(ctx), umask=ctx.umask)
         return entry_attributes(st)
 
     @_errno_answers
@@ -232,7 +260,7 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self.vfs.setxattr(inode, name, value)
+        self.vfs.setxattr(inode, name, value, self._caller(ctx))
 
     @_errno_answers
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -248,7 +276,9 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, st = self.vfs.create(parent_inode, name, mode, flags, self._caller(ctx))
+        fh, st = self.vfs.create(
+            parent_inode, name, mode, flags, self._caller(ctx), umask=ctx.umask
+        )
         return pyfuse3.FileInfo(fh=fh), entry_attributes(st)
 
     @_errno_answers

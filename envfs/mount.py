@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,6 +27,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from envfs import mountopts
 from envfs.config import BUSY_POLL_DEFAULT_US
 from envfs.errors import AccessDeniedException, EnvfsError, MountError
 from envfs.fs import Operations
@@ -42,12 +44,23 @@ FSTYPE = "fuse.envfs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # How often the mount offers the embedded key service's batched audit records to its chain.
 AUDIT_FLUSH_INTERVAL = 0.05
+# Dead mounts stacked on one mount point that check_mountpoint clears before giving up.
+_MAX_DEAD_MOUNTS = 8
 
 
 @dataclass
 class MountOptions:
     allow_other: bool = False
-    extra: list[str] = field(default_factory=list)  # -o options passed to FUSE
+    extra: list[str] = field(default_factory=list)  # -o options (comma lists allowed)
+
+    def items(self) -> set[str]:
+        """Every ``-o`` option given, comma lists split."""
+        return set(mountopts.items(self.extra))
+
+    @property
+    def nonempty(self) -> bool:
+        """``-o nonempty``: mount over a folder that holds files (hiding them)."""
+        return "nonempty" in self.items()
 
 
 def runtime_dir() -> Path:
@@ -79,18 +92,90 @@ def _unescape(path: bytes) -> bytes:
     return path
 
 
-def check_mountpoint(mountpoint: Path) -> None:
-    """Refuse a missing mount point, a non-directory, or one that is already mounted.
+def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> None:
+    """Refuse a missing mount point, a non-directory, one that is already mounted, or (unless
+    ``nonempty``) one that holds files the mount would hide.
+
+    A dead envfs mount there (its daemon was killed: every access gives ENOTCONN) is
+    cleared first with a lazy unmount, so that a restart brings the volume back by itself.
+    A dead FUSE mount of another file system is left alone and refused.
 
     Raises:
         MountError: with a message saying what is wrong.
     """
-    if not mountpoint.exists():
-        raise MountError(f"mount point {str(mountpoint)!r} does not exist")
-    if not mountpoint.is_dir():
-        raise MountError(f"mount point {str(mountpoint)!r} is not a directory")
+    remove_stale_pid_file(mountpoint)
+    where = repr(str(mountpoint))
+    for _ in range(_MAX_DEAD_MOUNTS):
+        if not dead_envfs_mount(mountpoint):
+            break
+        clear_dead_mount(mountpoint)
+    else:
+        raise MountError(f"mount point {where} stays a dead mount after clearing it")
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mount point {where} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"mount point {where} is a dead FUSE mount of another file system;"
+                f" clear it with 'fusermount3 -uz {mountpoint}'"
+            ) from None
+        raise MountError(f"cannot use mount point {where}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {where} is not a directory")
     if os.path.ismount(mountpoint):
-        raise MountError(f"mount point {str(mountpoint)!r} is busy: something is mounted there")
+        raise MountError(f"mount point {where} is busy: something is mounted there")
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as entries:
+                occupied = next(entries, None) is not None
+        except OSError as exc:
+            raise MountError(f"cannot read mount point {where}: {exc.strerror}") from None
+        if occupied:
+            raise MountError(
+                f"mount point {where} is not empty: the mount would hide its files;"
+                " use an empty folder, or pass -o nonempty"
+            )
+
+
+def dead_envfs_mount(mountpoint: Path) -> bool:
+    """Whether an envfs mount on ``mountpoint`` has lost its daemon (killed: the kernel
+    answers ENOTCONN). ``statfs`` always reaches the daemon; ``stat`` may be answered from
+    the kernel's attribute cache for a while after the daemon died."""
+    if not mounted_envfs(mountpoint):
+        return False
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        # ECONNABORTED: this very request was in flight as the connection was aborted.
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def clear_dead_mount(mountpoint: Path) -> None:
+    """Detach the dead envfs mount on ``mountpoint`` (lazily: programs still in it keep
+    their ENOTCONN) and remove its daemon's stale pid file.
+
+    Raises:
+        MountError: fusermount3 refused (e.g. another user's mount).
+    """
+    result = subprocess.run(
+        ["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise MountError(f"cannot clear the dead mount on {str(mountpoint)!r}: {reason}")
+    log.warning("cleared a dead envfs mount on %s (its daemon had stopped)", mountpoint)
+    pid_file_for(mountpoint).unlink(missing_ok=True)
+
+
+def remove_stale_pid_file(mountpoint: Path) -> None:
+    """Remove the pid file of ``mountpoint`` if it names no running envfs mount daemon
+    (left behind by a daemon killed with SIGKILL)."""
+    path = pid_file_for(mountpoint)
+    if path.exists() and _read_pid(path) is None:
+        path.unlink(missing_ok=True)
 
 
 def prepare(
@@ -146,7 +231,7 @@ def fuse_options(volume: Volume, options: MountOptions) -> set[str]:
     opts.add("subtype=envfs")
     if options.allow_other:
         opts.add("allow_other")
-    extra = {opt for group in options.extra for opt in group.split(",") if opt}
+    extra = options.items() - mountopts.ENVFS_ONLY
     if "dev" not in extra:
         opts.add("nodev")
     if "suid" not in extra:
@@ -175,9 +260,10 @@ def run_foreground(
     # Resolve paths before mounting: once mounted, a stat of the mount point would wait
     # for this very process to answer.
     pid_file = pid_file_for(mountpoint)
-    old_umask = os.umask(0)  # modes of new files are the caller's, already masked
+    old_umask = os.umask(0)  # modes of new files are decided already (umask or default ACL)
     try:
-        pyfuse3.init(Operations(vfs), str(mountpoint), fuse_options(vfs.volume, options))
+        ops = Operations(vfs, acl="noacl" not in options.items())
+        pyfuse3.init(ops, str(mountpoint), fuse_options(vfs.volume, options))
     except RuntimeError as exc:
         os.umask(old_umask)
         raise MountError(f"cannot mount on {str(mountpoint)!r}: {exc}") from None
@@ -278,32 +364,61 @@ def _write_pid_file(path: Path) -> None:
         os.close(fd)
 
 
-def unmount(mountpoint: Path, *, timeout: float = 30.0) -> None:
-    """Unmount an envfs mount and wait for its daemon to finish.
+def unmount(mountpoint: Path, *, timeout: float = 30.0, lazy: bool = False) -> str:
+    """Unmount an envfs mount and wait for its daemon to finish; say how it went.
+
+    A dead envfs mount (its daemon was killed) is cleared. With ``lazy``, a busy mount is
+    detached at once: new opens no longer reach it, files still open keep working, and
+    its daemon ends when the last of them is closed (not waited for).
+
+    Returns:
+        ``"unmounted"``, ``"cleared"`` (a dead mount) or ``"detached"`` (lazy, busy).
 
     Raises:
-        MountError: not an envfs mount, busy, or the daemon did not stop in time.
+        MountError: not an envfs mount, busy (without ``lazy``), or the daemon did not
+            stop in time.
     """
     mountpoint = Path(mountpoint)
-    if not mountpoint.exists():
-        raise MountError(f"mount point {str(mountpoint)!r} does not exist")
+    if dead_envfs_mount(mountpoint):
+        clear_dead_mount(mountpoint)
+        return "cleared"
+    try:
+        os.lstat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mount point {str(mountpoint)!r} does not exist") from None
+    except OSError as exc:
+        raise MountError(f"cannot unmount {str(mountpoint)!r}: {exc.strerror}") from None
     if not mounted_envfs(mountpoint):
+        remove_stale_pid_file(mountpoint)
         raise MountError(f"{str(mountpoint)!r} is not an envfs mount")
     pid = _read_pid(pid_file_for(mountpoint))
     with contextlib.suppress(OSError):
         os.sync()
-    result = subprocess.run(
-        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        if "busy" in reason.lower():
+    reason = _fusermount_u(mountpoint)
+    if reason is not None and "busy" in reason.lower():
+        if not lazy:
             raise MountError(
                 f"{str(mountpoint)!r} is busy: close the files and shells that use it first"
+                " (or detach it now with --lazy)"
             )
+        reason = _fusermount_u(mountpoint, "-z")
+        if reason is None:
+            return "detached"
+    if reason is not None:
         raise MountError(f"cannot unmount {str(mountpoint)!r}: {reason}")
     if pid is not None:
         _wait_for_exit(pid, timeout, mountpoint)
+    return "unmounted"
+
+
+def _fusermount_u(mountpoint: Path, *flags: str) -> str | None:
+    """``fusermount3 -u``: None if it worked, else its reason."""
+    result = subprocess.run(
+        ["fusermount3", "-u", *flags, str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if result.returncode == 0:
+        return None
+    return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
 
 
 def _read_pid(path: Path) -> int | None:

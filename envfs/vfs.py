@@ -18,6 +18,8 @@ the key service.
 
 Inodes and the names they are known by are kept by :mod:`envfs.inodes`; the backing folder
 is reached only through directory descriptors (:mod:`envfs.tree`), never by path.
+Extended attributes and POSIX ACLs (which the kernel enforces; a new node's mode and ACLs
+come from its parent's default ACL or the umask) are :mod:`envfs.xattrs`'s.
 
 All methods are synchronous and raise ``OSError`` (with an errno) or an ``EnvfsError``;
 the FUSE adapter turns both into errno answers.
@@ -34,7 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from envfs import crypto, format
+from envfs import acl, crypto, format
+from envfs.acl import AclStore
 from envfs.backing import TEMP_PREFIX, chown_fd, link_fd, open_unnamed, proc_path, renameat2
 from envfs.callers import CallerCache
 from envfs.cryptfile import CryptFile, read_header
@@ -53,6 +56,7 @@ from envfs.kms.provider import KeyProvider
 from envfs.readahead import FolderReadAhead
 from envfs.tree import BackingTree, DirFd, check_regular, open_path, open_regular
 from envfs.volume import VOLUME_FILE, Volume
+from envfs.xattrs import ExtendedAttributes, NewMode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,7 +91,7 @@ class Handle:
     writable: bool
 
 
-class Vfs:
+class Vfs(ExtendedAttributes):
     """The plaintext view of one volume.
 
     Args:
@@ -124,6 +128,7 @@ class Vfs:
         self.read_ahead = FolderReadAhead(self._open_file)
         self.volume_verified = False
         self._euid = os.geteuid()
+        self.acls: AclStore | None = None  # POSIX ACLs: off until the kernel enforces them
         self._remove_stale_temporaries()
 
     # --- volume ------------------------------------------------------------------------
@@ -322,9 +327,18 @@ class Vfs:
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
-    def _new_entry(self, parent: int, dir_fd: int, name: bytes, kind: int, caller: Caller) -> Stat:
-        """Register an entry just made in ``dir_fd``; on a multi-user mount, give it to its
-        creator (setgid folders keep their group).
+    def _new_entry(
+        self,
+        parent: int,
+        dir_fd: int,
+        name: bytes,
+        kind: int,
+        caller: Caller,
+        new: NewMode | None = None,
+    ) -> Stat:
+        """Register an entry just made in ``dir_fd`` (with ``new.first_mode``): store its
+        inherited ACLs and give it its mode; on a multi-user mount, give it to its creator
+        (setgid folders keep their group).
 
         The entry is checked before it is given away: still of the kind made, and still
         the daemon's. Someone who swapped another entry in meanwhile gets nothing chowned.
@@ -338,6 +352,9 @@ class Vfs:
                     self.path(parent) + b"/" + name,
                 )
                 raise OSError(errno.EIO, "the backing folder changed under the mount")
+            if new is not None and new.has_acls:
+                self._store_inherited(dir_fd, name, fd, st, new)
+                st = os.fstat(fd)
             if self.chown_new:
                 chown_fd(fd, caller.uid, _new_gid(dir_fd, caller))
                 st = os.fstat(fd)
@@ -345,11 +362,12 @@ class Vfs:
             os.close(fd)
         return self._stat(self._remember(parent, name, st, 1), st)
 
-    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Stat:
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller, *, umask: int = 0) -> Stat:
         self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
-            os.mkdir(name, mode & 0o7777, dir_fd=dir_fd)
-            return self._new_entry(parent, dir_fd, name, stat.S_IFDIR, caller)
+            new = self._inherited(parent, dir_fd, stat.S_IFDIR | (mode & 0o7777), umask)
+            os.mkdir(name, new.first_mode, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, name, stat.S_IFDIR, caller, new)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         self._check_name(parent, name)
@@ -368,7 +386,9 @@ class Vfs:
         with self.tree.dir(parent) as dir_fd:
             return os.readlink(name, dir_fd=dir_fd)
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Stat:
+    def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller, *, umask: int = 0
+    ) -> Stat:
         """Make a regular file (encrypted, as ``create``), a FIFO, a socket or a device node.
 
         Device nodes are root's, as on any filesystem (the kernel checks ``CAP_MKNOD``
@@ -377,7 +397,7 @@ class Vfs:
         """
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFREG:
-            fh, attr = self.create(parent, name, mode, os.O_WRONLY, caller)
+            fh, attr = self.create(parent, name, mode, os.O_WRONLY, caller, umask=umask)
             self.release(fh)
             return attr
         if kind not in _NODE_KINDS:
@@ -386,8 +406,9 @@ class Vfs:
             raise OSError(errno.EPERM, "only root makes device nodes")
         self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
-            os.mknod(name, kind | (mode & 0o7777), rdev, dir_fd=dir_fd)
-            return self._new_entry(parent, dir_fd, name, kind, caller)
+            new = self._inherited(parent, dir_fd, kind | (mode & 0o7777), umask)
+            os.mknod(name, kind | new.first_mode, rdev, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, name, kind, caller, new)
 
     def unlink(self, parent: int, name: bytes) -> None:
         self._check_name(parent, name)
@@ -494,33 +515,6 @@ class Vfs:
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.tree.root_fd)
 
-    # --- extended attributes (user namespace only) -------------------------------------
-
-    def getxattr(self, ino: int, name: bytes) -> bytes:
-        if not name.startswith(b"user."):
-            # EOPNOTSUPP, not ENODATA: `ls -l` then stops asking for security.selinux and
-            # system.posix_acl_access on every entry (two round trips per file).
-            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        with self._entry_fd(self.inodes.node(ino)) as fd:
-            return os.getxattr(proc_path(fd), name)
-
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        if not name.startswith(b"user."):
-            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        with self._entry_fd(self.inodes.node(ino)) as fd:
-            os.setxattr(proc_path(fd), name, value)
-
-    def listxattr(self, ino: int) -> list[bytes]:
-        with self._entry_fd(self.inodes.node(ino)) as fd:
-            names = os.listxattr(proc_path(fd))
-        return [os.fsencode(n) for n in names if n.startswith("user.")]
-
-    def removexattr(self, ino: int, name: bytes) -> None:
-        if not name.startswith(b"user."):
-            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        with self._entry_fd(self.inodes.node(ino)) as fd:
-            os.removexattr(proc_path(fd), name)
-
     # --- files -------------------------------------------------------------------------
 
     def _new_fh(self) -> int:
@@ -537,7 +531,7 @@ class Vfs:
             raise
 
     def create(
-        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller, *, umask: int = 0
     ) -> tuple[int, Stat]:
         """Create and open a new encrypted file; the data key is made for ``caller``.
 
@@ -562,9 +556,13 @@ class Vfs:
         self.key_cache.put(caller.uid, caller.gid, file_id, data_key.wrapped, data_key.plaintext)
         keys = FileKeys.derive(data_key.plaintext, file_id)
         with self.tree.dir(parent) as dir_fd:
-            fd, temp = open_unnamed(dir_fd, mode & 0o7777)
+            new = self._inherited(parent, dir_fd, stat.S_IFREG | (mode & 0o7777), umask)
+            fd, temp = open_unnamed(dir_fd, new.mode & 0o7777)
             try:
                 cfile = CryptFile.create(fd, header, keys)
+                if new.access is not None:  # before it has a name
+                    assert self.acls is not None
+                    self.acls.write(fd, acl.ACCESS, new.access)
                 if self.chown_new:
                     os.fchown(fd, caller.uid, _new_gid(dir_fd, caller))
                 if temp is None:

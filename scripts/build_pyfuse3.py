@@ -1,12 +1,13 @@
-"""Install pyfuse3 with envfs's two patches into the running Python environment.
+"""Install pyfuse3 with envfs's patches into the running Python environment.
 
-pyfuse3 3.5.0 lacks two things envfs needs, which cannot be added from Python: a fallocate
-handler, and a faster request loop for a single worker. The patches that add them, each
-with its reasons, are in ``scripts/pyfuse3/`` (see the README there).
+pyfuse3 3.5.0 lacks three things envfs needs, which cannot be added from Python: a
+fallocate handler, a faster request loop for a single worker, and create modes left
+unmasked with POSIX ACLs. The patches that add them, each with its reasons, are in
+``scripts/pyfuse3/`` (see the README there).
 
 Steps: download the pinned source release with pip and check its SHA-256; extract it; for
 each patch in name order, check that it applies exactly (``patch --dry-run``, no fuzz),
-then apply it; build and install the tree as version ``3.5.0+envfs4``, which satisfies
+then apply it; build and install the tree as version ``3.5.0+envfs5``, which satisfies
 envfs's requirement on pyfuse3, so installing envfs afterwards keeps it. Inside a
 virtualenv the checked release is kept as ``share/envfs/pyfuse3-3.5.0.tar.gz`` for the
 tests.
@@ -31,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 VERSION = "3.5.0"
-LOCAL_VERSION = f"{VERSION}+envfs4"
+LOCAL_VERSION = f"{VERSION}+envfs5"
 SDIST = f"pyfuse3-{VERSION}.tar.gz"
 SDIST_SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
 PATCH_DIR = Path(__file__).resolve().parent / "pyfuse3"
@@ -48,7 +49,8 @@ def installed_has_handler() -> bool:
         f"ok = m.version('pyfuse3') == {LOCAL_VERSION!r}"
         " and getattr(pyfuse3, '_envfs_fallocate', 0) >= 2"
         " and getattr(pyfuse3, '_envfs_fast_path', 0) >= 2"
-        " and callable(getattr(pyfuse3, '_envfs_set_busy_poll', None))\n"
+        " and callable(getattr(pyfuse3, '_envfs_set_busy_poll', None))"
+        " and getattr(pyfuse3, '_envfs_acl', 0) >= 1\n"
         "sys.exit(0 if ok else 1)"
     )
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0

@@ -4,7 +4,12 @@ Every failure ends the same way: one ``envfs: error: ...`` line on stderr (``<Aw
 first for key-service errors), sometimes an ``envfs: hint: ...`` line, and the error's
 documented exit code (``docs/kms.md``): 2 for usage errors, 1 for internal errors, 130
 after Ctrl-C. A traceback is printed only for internal errors and only with
-``ENVFS_DEBUG=1``.
+``ENVFS_DEBUG=1``. When stderr is the journal, both lines start with their syslog
+priority (``<3>`` error, ``<5>`` hint), as the daemons' log lines do.
+
+``envfs BACKING MOUNTPOINT -o OPTIONS`` (no command: what ``mount -t fuse.envfs`` and
+``/etc/fstab`` run, see :mod:`envfs.cli.fstab`) is ``envfs mount`` with the options
+translated.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import traceback
 from typing import NoReturn
 
 from envfs import __version__
-from envfs.cli import kms, volume
+from envfs.cli import fstab, kms, volume
+from envfs.cli.common import stderr_is_journal
 from envfs.cli.params import ArgumentError
 from envfs.errors import EnvfsError, KMSError, KMSUnavailableException, UsageError
 
@@ -44,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="envfs: an encrypted folder with per-file data keys, and the regional key"
         " service that holds its master keys.",
+        epilog="'envfs BACKING MOUNTPOINT -o OPTION,...' (no command) is 'envfs mount' in the"
+        " form mount(8) and /etc/fstab use: 'mount -t fuse.envfs' (docs/mount.md).",
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -53,8 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The command parsers by name (``init``, ``mount``, ..., ``kms``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("the parser has no commands")
+
+
 def _say(kind: str, message: str) -> None:
-    sys.stderr.write(f"{PROG}: {kind}: {message}\n")
+    # Under systemd, with the syslog priority first (as the daemons' log lines have it), so
+    # that ``journalctl -p err`` shows why a unit failed: error 3, hint 5 (notice).
+    prefix = ("<3>" if kind == "error" else "<5>") if stderr_is_journal() else ""
+    sys.stderr.write(f"{prefix}{PROG}: {kind}: {message}\n")
 
 
 def _hint(error: EnvfsError) -> str | None:
@@ -73,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (the console script exits with it)."""
     try:
         parser = build_parser()
+        if argv is None:
+            argv = sys.argv[1:]
+        commands = _commands(parser)
+        if fstab.is_helper_form(argv, list(commands)):
+            argv = fstab.translate(argv, commands["mount"])
         try:
             args, extras = parser.parse_known_args(argv)
         except SystemExit as done:  # --help and --version

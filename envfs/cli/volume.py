@@ -1,4 +1,4 @@
-"""``envfs init``, ``envfs mount``, ``envfs umount`` and ``envfs inspect``.
+"""``envfs init``, ``envfs mount``, ``envfs umount``, ``envfs inspect`` and ``envfs info``.
 
 ``envfs mount`` without ``--foreground`` starts the mount daemon in the background and
 returns only once the mount is live (or with the daemon's error): the daemon reports
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envfs import config, format, notify
+from envfs import config, format, mountopts, notify
 from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.kms import open_store
 from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
@@ -261,9 +261,15 @@ def _mount(args: argparse.Namespace) -> int:
 
     _apply_config(args, positionals=("backing", "mountpoint"))
     backing, mountpoint = Path(args.backing), Path(args.mountpoint)
+    mountopts.check(args.o or [])
+    if "allow_other" in mountopts.items(args.o or []):  # FUSE's spelling of --allow-other
+        args.allow_other = True
+        args.o = [item for item in mountopts.items(args.o) if item != "allow_other"]
     if not args.foreground:
         return _daemonize(args)
-    configure_logging(log_file=args.log_file, to_stderr=args.foreground)
+    # The background daemon (started with --ready-fd) has /dev/null for stderr: it logs to
+    # --log-file, else to syslog, as documented.
+    configure_logging(log_file=args.log_file, to_stderr=args.ready_fd is None)
     ready_fd: int | None = args.ready_fd
 
     def report(message: str) -> None:
@@ -274,8 +280,9 @@ def _mount(args: argparse.Namespace) -> int:
                 os.close(ready_fd)
             ready_fd = None
 
+    options = mount.MountOptions(allow_other=args.allow_other, extra=args.o or [])
     try:
-        mount.check_mountpoint(mountpoint)
+        mount.check_mountpoint(mountpoint, nonempty=options.nonempty)
         volume = Volume.load(backing)
         region = args.region or volume.region
         with _Service(args, region, batch_audit=True) as kms:
@@ -287,7 +294,6 @@ def _mount(args: argparse.Namespace) -> int:
                 key_cache_seconds=_key_cache_seconds(args),
                 key_pool_size=_key_pool_size(args),
             )
-            options = mount.MountOptions(allow_other=args.allow_other, extra=args.o or [])
 
             def ready() -> None:
                 report("ready")
@@ -375,7 +381,16 @@ def _umount(args: argparse.Namespace) -> int:
     from envfs import mount
 
     _apply_config(args, positionals=("mountpoint",))
-    mount.unmount(Path(args.mountpoint))
+    outcome = mount.unmount(Path(args.mountpoint), lazy=args.lazy)
+    if outcome == "cleared":
+        sys.stderr.write(
+            f"envfs: cleared a dead mount on {args.mountpoint} (its daemon had stopped)\n"
+        )
+    elif outcome == "detached":
+        sys.stderr.write(
+            f"envfs: detached {args.mountpoint}; files still open there keep working, and its"
+            " daemon ends when the last one is closed\n"
+        )
     return 0
 
 
@@ -386,6 +401,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from envfs.kms.blob import parse_blob
 
     path = Path(args.file)
+    if path.is_dir():  # a volume's backing folder: the whole volume
+        args.backing = args.file
+        return _info(args)
     try:
         with path.open("rb") as f:
             raw = f.read(format.HEADER_SIZE)
@@ -416,6 +434,47 @@ def _inspect(args: argparse.Namespace) -> int:
         info["PlaintextSize"] = None
         info["Problem"] = exc.message
     print_answer(args, info, "Inspect")
+    return 0
+
+
+# --- info ----------------------------------------------------------------------------------
+
+
+def _info(args: argparse.Namespace) -> int:
+    from envfs import info
+
+    summary = info.summarize(Path(args.backing))
+    volume = summary.volume
+    answer: dict[str, Any] = {
+        "Backing": str(volume.backing),
+        "VolumeId": volume.volume_id,
+        "Region": volume.region,
+        "KeyArn": volume.key_arn,
+        "PreviousKeyArns": list(volume.previous_key_arns),
+        "FormatVersion": volume.format_version,
+        "BlockSize": volume.block_size,
+        "Features": list(volume.features),
+        "FileNames": "plaintext",  # names are not encrypted (yet): no feature says otherwise
+        "CreationDate": volume.created,
+        "Files": summary.files,
+        "Directories": summary.directories,
+        "Symlinks": summary.symlinks,
+        "SpecialFiles": summary.special_files,
+        "PlaintextSize": summary.plaintext_size,
+        "BackingSize": summary.backing_size,
+        "SparseFiles": summary.sparse_files,
+        "KeyVersions": [
+            {"KeyArn": arn, "KeyVersion": version, "Files": count}
+            for (arn, version), count in sorted(
+                summary.key_versions.items(), key=lambda item: (item[0][0], item[0][1] or 0)
+            )
+        ],
+        "UnreadableFiles": summary.unreadable_files,
+        "UnreadableDirectories": summary.unreadable_directories,
+        "Leftovers": summary.leftovers,
+        "Problems": [{"Path": p.path, "Problem": p.problem} for p in summary.problems],
+    }
+    print_answer(args, answer, "Info")
     return 0
 
 
@@ -461,7 +520,11 @@ def add_parsers(commands: Any) -> None:
         " each open is decided by the key policy for the opening user)",
     )
     mount.add_argument(
-        "-o", action="append", metavar="OPT[,OPT...]", help="extra FUSE mount options"
+        "-o",
+        action="append",
+        metavar="OPT[,OPT...]",
+        help="extra FUSE mount options; 'nonempty' (envfs's own) mounts over a folder that"
+        " holds files, which is refused otherwise",
     )
     mount.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the"
                        " foreground, else syslog)")  # fmt: skip
@@ -473,9 +536,17 @@ def add_parsers(commands: Any) -> None:
     umount = commands.add_parser(
         "umount",
         help="unmount a volume",
-        description="Unmount an envfs mount and wait until its daemon has finished.",
+        description="Unmount an envfs mount and wait until its daemon has finished. A dead"
+        " envfs mount (its daemon was killed: 'Transport endpoint is not connected') is"
+        " cleared.",
     )
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    umount.add_argument(
+        "--lazy",
+        action="store_true",
+        help="if files are open there, detach the mount now (new opens no longer reach it;"
+        " the daemon serves the open files and ends when the last is closed)",
+    )
     _add_config_options(umount)
     umount.set_defaults(handler=_umount)
 
@@ -483,8 +554,22 @@ def add_parsers(commands: Any) -> None:
         "inspect",
         help="show a backing file's header",
         description="Show the header of an encrypted backing file (format, file id, master"
-        " key and version, block size, plaintext size) without decrypting anything.",
+        " key and version, block size, plaintext size) without decrypting anything. Given a"
+        " volume's backing folder, the same as 'envfs info'.",
     )
     inspect.add_argument("file", metavar="BACKING_FILE")
     add_output_options(inspect)
     inspect.set_defaults(handler=_inspect)
+
+    info = commands.add_parser(
+        "info",
+        help="describe a whole volume",
+        description="Describe the volume BACKING without decrypting anything and without the"
+        " key service: its volume file (id, region, master key, format version, block size,"
+        " features; read, not authenticated) and what its folder holds (files, folders and"
+        " symlinks, total plaintext size, master key versions in use, files that cannot be"
+        " used). The folder is walked without following any symlink.",
+    )
+    info.add_argument("backing", metavar="BACKING", help="the volume's backing folder")
+    add_output_options(info)
+    info.set_defaults(handler=_info)

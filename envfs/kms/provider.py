@@ -53,6 +53,15 @@ def wrapped_key_id(wrapped: bytes) -> str | None:
         return None
 
 
+def wrapped_key_version(wrapped: bytes) -> int | None:
+    """The version of the master key a wrapped key (ciphertext blob) was made with, without
+    decrypting; None if it is not a blob this envfs reads."""
+    try:
+        return parse_blob(wrapped).key_version
+    except InvalidCiphertextException:
+        return None
+
+
 class KeyProvider(Protocol):
     """The key-service calls the filesystem makes."""
 

@@ -295,6 +295,35 @@ def test_error_paths_of_the_executable(
     check_error(code, pattern, proc.returncode, proc.stdout, proc.stderr)
 
 
+def test_errors_reach_the_journal_as_errors(tmp_path: Path) -> None:
+    """Issue 10: under systemd the error line went to the journal at priority 6 (info), so
+    ``journalctl -p warning`` hid why a unit failed. With stderr the journal (as
+    ``$JOURNAL_STREAM`` names it) error lines start ``<3>`` and hints ``<5>``; elsewhere
+    they carry no prefix."""
+    env = cli_env(tmp_path / "kms")
+    command = [str(ENVFS), "kms", "encrypt", "--key-id", "alias/x", "--plaintext", "a b"]
+    read_end, write_end = os.pipe()
+    st = os.fstat(write_end)
+    try:
+        journal_env = dict(env, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        proc = subprocess.run(command, env=journal_env, stderr=write_end, check=False)
+        os.close(write_end)
+        with os.fdopen(read_end) as journal:
+            lines = journal.read().splitlines()
+    finally:
+        for fd in (read_end, write_end):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert proc.returncode == 2
+    assert lines[0].startswith("<3>envfs: error: "), lines
+    assert lines[1:] and all(line.startswith("<5>envfs: hint: ") for line in lines[1:]), lines
+    # Not the journal: a pipe that $JOURNAL_STREAM does not name.
+    elsewhere = subprocess.run(
+        command, env=dict(env, JOURNAL_STREAM="1:2"), capture_output=True, text=True, check=False
+    )
+    assert elsewhere.stderr.startswith("envfs: error: "), elsewhere.stderr
+
+
 PLAIN_HINT = (
     "envfs: hint: a plain value is read as base64; use fileb://PATH to pass a file's raw bytes\n"
 )

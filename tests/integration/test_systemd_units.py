@@ -7,7 +7,7 @@ against a throw-away root directory (``--root``):
   ``sysinit.target``... that ours depend on; a symlink would not do: ``--root`` resolves
   the units' own absolute symlinks inside the root);
 - ``ROOT/etc/systemd/system`` holds our units, and the drop-in the docs tell every volume
-  to have (``envfs@data.service.d/kms.conf``);
+  to have (``envfs@data.service.d/kms.conf``, taken from ``docs/systemd.md``);
 - ``ROOT/usr/local/bin/envfs`` is a small script that runs this checkout's ``envfs``:
   verify checks that ``ExecStart=``'s executable exists, and it looks for it inside the
   root, so the test never touches the machine's ``/usr/local/bin``.
@@ -37,7 +37,8 @@ INSTANCES = [
     "envfs-kms@eu-west-1.service",
     "envfs@data.service",
 ]
-DROP_IN = "[Unit]\nRequires=envfs-kms@eu-west-1.socket\nAfter=envfs-kms@eu-west-1.socket\n"
+DOCS = UNITS.parent / "docs/systemd.md"
+DROP_IN_PATH = "/etc/systemd/system/envfs@data.service.d/kms.conf"
 MAX_EXPOSURE = 2.0
 
 pytestmark = [
@@ -57,12 +58,39 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if unit.suffix in (".service", ".socket"):
             shutil.copy(unit, etc)
     (etc / "envfs@data.service.d").mkdir()
-    (etc / "envfs@data.service.d/kms.conf").write_text(DROP_IN)
+    (etc / "envfs@data.service.d/kms.conf").write_text(drop_in())
     binary = root / "usr/local/bin/envfs"
     binary.parent.mkdir(parents=True)
     binary.write_text(f'#!/bin/sh\nexec {ENVFS} "$@"\n')
     binary.chmod(0o755)
     return root
+
+
+def drop_in() -> str:
+    """The volume's drop-in, as docs/systemd.md §3 gives it."""
+    match = re.search(
+        rf"^<!-- container-test: file {re.escape(DROP_IN_PATH)} -->\n```ini\n(.*?)^```$",
+        DOCS.read_text(),
+        re.M | re.S,
+    )
+    assert match, f"docs/systemd.md has no marked block for {DROP_IN_PATH}"
+    return match[1]
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit or drop-in: every value of each key, in order."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if re.match(r"^\w+=", line):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|min)?", value)
+    assert match, value
+    return float(match[1]) * {"ms": 0.001, "s": 1, "min": 60, None: 1}[match[2]]
 
 
 def analyze(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -142,17 +170,40 @@ def test_mount_service_keeps_the_mount_visible() -> None:
     }
     assert sorted(private.intersection(settings)) == []
     assert "ExecStart=/usr/local/bin/envfs mount --config %i --foreground" in text
-    assert "ExecStop=/usr/local/bin/envfs umount --config %i" in text
 
 
-def test_mount_service_depends_on_its_regions_socket(root: Path) -> None:
-    """The volume's drop-in makes it require the socket: without the socket unit, the
-    volume's unit cannot be loaded (``dot`` would show it, but needs a running manager)."""
-    socket = root / "etc/systemd/system/envfs-kms@.socket"
-    hidden = socket.rename(socket.with_name("hidden"))
-    try:
-        result = analyze(root, "verify", "--man=no", "envfs@data.service")
-    finally:
-        hidden.rename(socket)
-    assert result.returncode != 0
-    assert "Unit envfs-kms@eu-west-1.socket not found." in result.stderr
+def test_mount_service_is_stopped_by_sigterm_to_the_daemon() -> None:
+    """No ExecStop=: ``envfs umount`` refuses a busy mount and the unit would end failed;
+    the daemon's SIGTERM handling flushes, unmounts (lazily if busy) and exits 0."""
+    unit = unit_settings((UNITS / "envfs@.service").read_text())
+    assert "ExecStop" not in unit
+    assert unit["KillMode"] == ["mixed"]
+    assert unit["Restart"] == ["on-failure"]
+
+
+@pytest.mark.parametrize("name", ["envfs@.service", "envfs-kms@.service"])
+def test_restarts_never_reach_the_start_limit(name: str) -> None:
+    """A failing unit is started again every RestartSec=; the start limit refuses the
+    (Burst+1)th start within IntervalSec=. Burst+1 starts take Burst * RestartSec, so
+    that must be longer than the interval, or the unit (and a key service's socket) ends
+    failed for good. Pinned in the units, since system.conf may change the defaults."""
+    unit = unit_settings((UNITS / name).read_text())
+    restart = seconds(unit["RestartSec"][0])
+    interval = seconds(unit["StartLimitIntervalSec"][0])
+    burst = int(unit["StartLimitBurst"][0])
+    assert burst * restart > interval
+    if name.startswith("envfs-kms"):
+        assert restart >= 10  # time to read the journal and fix a credential
+
+
+def test_mount_service_wants_its_regions_socket_and_is_ordered_after_the_service(
+    root: Path,
+) -> None:
+    """The docs' drop-in: Wants= the socket (stopping or restarting the key service or its
+    socket must leave the volume mounted), After= both. No Requires=/BindsTo=/PartOf=."""
+    drop = unit_settings(drop_in())
+    assert drop["Wants"] == ["envfs-kms@eu-west-1.socket"]
+    assert drop["After"] == ["envfs-kms@eu-west-1.socket envfs-kms@eu-west-1.service"]
+    assert not {"Requires", "BindsTo", "PartOf", "Requisite"}.intersection(drop)
+    result = analyze(root, "verify", "--man=no", "envfs@data.service")
+    assert (result.returncode, result.stderr) == (0, "")

@@ -61,9 +61,13 @@ FILESYSTEM_SIDE = (
     "envfs.keycache",
     "envfs.keypool",
     "envfs.readahead",
+    "envfs.acl",
+    "envfs.xattrs",
     "envfs.vfs",
     "envfs.fs",
     "envfs.mount",
+    "envfs.info",
+    "envfs.mountopts",
 )
 # The key service's public API for the filesystem (model: callers, contexts, ARNs;
 # provider: the KeyProvider protocol the filesystem calls).
@@ -113,6 +117,13 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         allowed=("envfs.crypto", "envfs.errors"),
         stdlib=True,
         why="format.py is pure: crypto, errors and the standard library only",
+    ),
+    OnlyImports(
+        "acl-stdlib-only",
+        modules=("envfs.acl",),
+        allowed=(),
+        stdlib=True,
+        why="acl.py (ACL values and ext4's mode rules) is pure: the standard library only",
     ),
     ForbiddenImport(
         "kms-knows-no-files",

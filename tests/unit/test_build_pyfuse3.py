@@ -44,6 +44,10 @@ EXPECTED = {
         {"src/pyfuse3/internal.pxi"},
         ("_envfs_fast_path = 2", "def _envfs_set_busy_poll(", "def _envfs_get_busy_poll("),
     ),
+    "0003-acl-unmasked-create-modes.patch": (
+        {"src/pyfuse3/handlers.pxi"},
+        ("_envfs_acl = 1", "conn.want |= FUSE_CAP_DONT_MASK"),
+    ),
 }
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 
@@ -147,6 +151,7 @@ def test_patches_apply_exactly_to_the_pinned_release(tmp_path: Path) -> None:
     assert "fuse_ops.fallocate = fuse_fallocate" in internal
     assert "if max_tasks == 1 and _envfs_request_waiting():" in internal
     assert "cdef void fuse_fallocate" in handlers
+    assert "conn.want |= FUSE_CAP_DONT_MASK" in handlers
     assert not list(tree.rglob("*.rej")) and not list(tree.rglob("*.orig"))
     # Applied twice: refused (--forward), not reversed or doubled.
     with pytest.raises(build.BuildError, match=r"^0001-fallocate-handler\.patch does not apply"):
@@ -189,6 +194,7 @@ def test_installed_pyfuse3_is_this_build() -> None:
     assert build.installed_has_handler()
     assert pyfuse3._envfs_fallocate == 2  # type: ignore[attr-defined]
     assert pyfuse3._envfs_fast_path == 2  # type: ignore[attr-defined]
+    assert pyfuse3._envfs_acl == 1  # type: ignore[attr-defined]
 
 
 def test_busy_poll_is_set_at_run_time_and_0_is_kept() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -250,3 +252,211 @@ def test_a_file_replaced_after_it_was_read_ahead_is_opened_anew(setup: Setup) ->
     fh = vfs.open(ino[3], os.O_RDONLY, USER)  # the held descriptor is used for f3
     assert vfs.read(fh, 0, 100) == b"content 3"
     vfs.release(fh)
+
+
+# --- POSIX ACLs ---------------------------------------------------------------------------
+
+ACCESS, DEFAULT = b"system.posix_acl_access", b"system.posix_acl_default"
+NOBODY = 65534
+
+
+def acl_bytes(*entries: tuple[int, int, int]) -> bytes:
+    """An ACL in the kernel's xattr form: (tag, permissions, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+U = 0xFFFFFFFF
+# user::rw-, user:nobody:rw-, group::r--, mask::rw-, other::---
+NAMED_RW = acl_bytes((0x01, 6, U), (0x02, 6, NOBODY), (0x04, 4, U), (0x10, 6, U), (0x20, 0, U))
+# user::rwx, user:nobody:rwx, group::r-x, mask::rwx, other::r-x
+DEFAULT_ACL = acl_bytes((0x01, 7, U), (0x02, 7, NOBODY), (0x04, 5, U), (0x10, 7, U), (0x20, 5, U))
+
+PREFIXES = [
+    b"user.envfs.",
+    pytest.param(
+        b"trusted.envfs.",
+        marks=pytest.mark.skipif(os.geteuid() != 0, reason="trusted.* needs CAP_SYS_ADMIN"),
+    ),
+]
+
+
+@pytest.fixture
+def no_umask() -> Iterator[None]:
+    old = os.umask(0)  # as the mount runs: modes are decided before the backing call
+    yield
+    os.umask(old)
+
+
+@pytest.fixture(params=PREFIXES, ids=["user", "trusted"])
+def acls(setup: Setup, no_umask: None, request: pytest.FixtureRequest) -> bytes:
+    prefix: bytes = request.param
+    setup.vfs.enable_acls(prefix)
+    return prefix
+
+
+def backing_mode(setup: Setup, name: str) -> int:
+    return stat.S_IMODE(os.lstat(setup.backing / name).st_mode)
+
+
+def test_acls_are_refused_until_the_kernel_enforces_them(setup: Setup) -> None:
+    ino = setup.write_file(b"f", b"x")
+    for call in (
+        lambda: setup.vfs.getxattr(ino, ACCESS),
+        lambda: setup.vfs.setxattr(ino, ACCESS, NAMED_RW, ROOT),
+        lambda: setup.vfs.removexattr(ino, DEFAULT),
+    ):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EOPNOTSUPP
+    assert ACCESS not in setup.vfs.listxattr(ino)
+
+
+def test_an_access_acl_sets_the_mode_and_a_chmod_its_mask(setup: Setup, acls: bytes) -> None:
+    vfs = setup.vfs
+    ino = setup.write_file(b"f", b"x")
+    vfs.setattr(ino, None, mode=0o644)
+    with pytest.raises(OSError) as none:
+        vfs.getxattr(ino, ACCESS)
+    assert none.value.errno == errno.ENODATA
+    vfs.setxattr(ino, ACCESS, NAMED_RW, ROOT)
+    assert backing_mode(setup, "f") == 0o660  # group bits: the mask
+    assert os.getxattr(setup.backing / "f", acls + b"acl_access") == NAMED_RW
+    assert vfs.getxattr(ino, ACCESS) == NAMED_RW
+    assert vfs.listxattr(ino) == [ACCESS]  # the private name is not shown
+    vfs.setattr(ino, None, mode=0o705)
+    assert vfs.getxattr(ino, ACCESS) == acl_bytes(
+        (0x01, 7, U), (0x02, 6, NOBODY), (0x04, 4, U), (0x10, 0, U), (0x20, 5, U)
+    )
+    # An ACL the mode says all of: the mode only, as ext4 keeps it.
+    vfs.setxattr(ino, ACCESS, acl_bytes((0x01, 6, U), (0x04, 0, U), (0x20, 4, U)), ROOT)
+    assert backing_mode(setup, "f") == 0o604
+    assert acls + b"acl_access" not in [os.fsencode(n) for n in os.listxattr(setup.backing / "f")]
+    with pytest.raises(OSError) as gone:
+        vfs.getxattr(ino, ACCESS)
+    assert gone.value.errno == errno.ENODATA
+    vfs.removexattr(ino, ACCESS)  # none there: no error, as on ext4
+    with pytest.raises(OSError) as invalid:  # the kernel sends none such; never stored
+        vfs.setxattr(ino, ACCESS, NAMED_RW[:-1], ROOT)
+    assert invalid.value.errno == errno.EINVAL
+    assert os.listxattr(setup.backing / "f") == []
+
+
+def test_setting_an_acl_clears_setgid_for_callers_outside_the_group(
+    setup: Setup, acls: bytes
+) -> None:
+    vfs = setup.vfs
+    ino = vfs.mkdir(ROOT_INODE, b"d", 0o775, ROOT).ino
+    vfs.setattr(ino, None, mode=0o2775)
+    vfs.setxattr(ino, ACCESS, DEFAULT_ACL, ROOT)  # root keeps it
+    assert backing_mode(setup, "d") == 0o2775
+    vfs.setxattr(ino, ACCESS, DEFAULT_ACL, USER)  # not in group 0 (the kernel let them: owner)
+    assert backing_mode(setup, "d") == 0o775
+
+
+def test_a_default_acl_is_inherited_and_the_umask_ignored(setup: Setup, acls: bytes) -> None:
+    vfs = setup.vfs
+    top = vfs.mkdir(ROOT_INODE, b"d", 0o777, ROOT, umask=0o022).ino
+    assert backing_mode(setup, "d") == 0o755  # no default ACL: the umask applies
+    with pytest.raises(OSError) as on_file:
+        vfs.setxattr(setup.write_file(b"f", b"x"), DEFAULT, DEFAULT_ACL, ROOT)
+    assert on_file.value.errno == errno.EACCES
+    vfs.setxattr(top, DEFAULT, DEFAULT_ACL, ROOT)
+    assert vfs.getxattr(top, DEFAULT) == DEFAULT_ACL
+    assert vfs.listxattr(top) == [DEFAULT]
+
+    sub = vfs.mkdir(top, b"sub", 0o777, ROOT, umask=0o077).ino
+    fh, st = vfs.create(top, b"f", 0o100666, os.O_WRONLY, ROOT, umask=0o077)
+    vfs.release(fh)
+    assert (backing_mode(setup, "d/sub"), st.mode) == (0o775, stat.S_IFREG | 0o664)
+    assert vfs.getxattr(sub, ACCESS) == DEFAULT_ACL
+    assert vfs.getxattr(sub, DEFAULT) == DEFAULT_ACL  # passed on to folders
+    assert vfs.getxattr(st.ino, ACCESS) == acl_bytes(
+        (0x01, 6, U), (0x02, 7, NOBODY), (0x04, 5, U), (0x10, 6, U), (0x20, 4, U)
+    )
+    assert vfs.listxattr(st.ino) == [ACCESS]  # files get no default ACL
+    if acls == b"trusted.envfs.":
+        fifo = vfs.mknod(top, b"p", stat.S_IFIFO | 0o600, 0, ROOT, umask=0o077)
+        assert fifo.mode == stat.S_IFIFO | 0o600
+        assert vfs.getxattr(fifo.ino, ACCESS) == acl_bytes(
+            (0x01, 6, U), (0x02, 7, NOBODY), (0x04, 5, U), (0x10, 0, U), (0x20, 0, U)
+        )
+    else:  # the user namespace holds xattrs of files and folders only: refused, not made
+        with pytest.raises(PermissionError):
+            vfs.mknod(top, b"p", stat.S_IFIFO | 0o600, 0, ROOT, umask=0o077)
+        assert not (setup.backing / "d" / "p").exists()
+    link = vfs.symlink(top, b"l", b"f", ROOT)
+    assert stat.S_IMODE(link.mode) == 0o777  # symlinks inherit nothing
+    vfs.removexattr(top, DEFAULT)
+    vfs.mkdir(top, b"after", 0o777, ROOT, umask=0o027)
+    assert backing_mode(setup, "d/after") == 0o750
+
+
+def test_private_names_are_hidden_and_refused(setup: Setup, acls: bytes) -> None:
+    vfs = setup.vfs
+    ino = setup.write_file(b"f", b"x")
+    vfs.setxattr(ino, b"user.kept", b"yes", ROOT)
+    os.setxattr(setup.backing / "f", b"user.envfs.acl_access", NAMED_RW)
+    os.setxattr(setup.backing / "f", b"user.envfs.other", b"reserved")
+    for name in (b"user.envfs.acl_access", b"user.envfs.other", b"user.envfs.new"):
+        with pytest.raises(OSError) as get:
+            vfs.getxattr(ino, name)
+        assert get.value.errno == errno.ENODATA, name
+        for call in (
+            lambda: vfs.setxattr(ino, name, b"x", ROOT),  # noqa: B023
+            lambda: vfs.removexattr(ino, name),  # noqa: B023
+        ):
+            with pytest.raises(OSError) as refused:
+                call()
+            assert refused.value.errno == errno.EPERM, name
+    listed = vfs.listxattr(ino)
+    assert b"user.kept" in listed and not [n for n in listed if n.startswith(b"user.envfs.")]
+    with pytest.raises(OSError) as trusted:
+        vfs.getxattr(ino, b"trusted.envfs.acl_access")
+    assert trusted.value.errno == errno.EOPNOTSUPP
+    # The user namespace's copy is the mount's ACL only when the mount keeps them there.
+    if acls == b"user.envfs.":
+        assert ACCESS in listed
+    else:
+        assert ACCESS not in listed
+
+
+MINIMAL_ACL = acl_bytes((0x01, 6, U), (0x04, 4, U), (0x20, 0, U))
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        b"garbage",
+        acl_bytes((0x01, 6, U), (0x02, 6, NOBODY), (0x04, 4, U), (0x20, 0, U)),  # no mask
+        acl_bytes((0x01, 0xFF, U), (0x04, 4, U), (0x10, 4, U), (0x20, 0, U)),
+        MINIMAL_ACL,  # as an access ACL: says no more than the mode, never stored
+    ],
+    ids=["garbage", "no-mask", "bad-perms", "minimal"],
+)
+def test_a_malformed_acl_in_the_backing_folder_gives_eio(
+    setup: Setup, acls: bytes, planted: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    vfs = setup.vfs
+    ino = setup.write_file(b"f", b"x")
+    top = vfs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    os.setxattr(setup.backing / "f", acls + b"acl_access", planted)
+    with pytest.raises(OSError) as read:
+        vfs.getxattr(ino, ACCESS)
+    assert read.value.errno == errno.EIO
+    assert vfs.listxattr(ino) == [ACCESS]  # listed: it is there, if unreadable
+    where = os.fsencode(setup.backing / "f")
+    name = os.fsdecode(acls)
+    assert f"backing entry {where!r}: its {name}acl_access is not a valid ACL" in caplog.text
+    if planted == MINIMAL_ACL:
+        return  # a valid default ACL
+    os.setxattr(setup.backing / "d", acls + b"acl_default", planted)
+    for make in (
+        lambda: vfs.create(top, b"new", 0o644, os.O_WRONLY, ROOT),
+        lambda: vfs.mkdir(top, b"new", 0o755, ROOT),
+    ):
+        with pytest.raises(OSError) as create:
+            make()
+        assert create.value.errno == errno.EIO
+    assert os.listdir(setup.backing / "d") == []
+    where = os.fsencode(setup.backing / "d")
+    assert f"backing entry {where!r}: its {name}acl_default is not a valid ACL" in caplog.text
