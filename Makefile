@@ -12,7 +12,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # systemd-container: systemd-nspawn, for tests/integration/test_systemd_container.py
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc rsync sqlite3 git \
-                util-linux passwd gocryptfs acl systemd-container
+                util-linux passwd gocryptfs acl systemd-container patch
 
 
 .PHONY: FORCE setup system-deps venv demo test lint typecheck pytest bench bench-fs clean
@@ -40,7 +40,8 @@ FORCE:
 
 # pyfuse3 first, built with a fallocate handler (see scripts/build_pyfuse3.py); envfs's
 # requirement on pyfuse3 is then already met and pip keeps that build.
-$(VENV)/.installed: $(BIN)/python pyproject.toml scripts/build_pyfuse3.py
+$(VENV)/.installed: $(BIN)/python pyproject.toml scripts/build_pyfuse3.py \
+                     $(wildcard scripts/pyfuse3/*.patch)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python scripts/build_pyfuse3.py
 	$(BIN)/pip install -q -e '.[test]'

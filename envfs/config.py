@@ -9,6 +9,7 @@ One file per volume, named after it. The directory is ``$ENVFS_CONFIG_DIR`` when
     allow_other = true               # optional, default false
     options = ["noatime"]            # optional: extra FUSE -o options, default none
     log_file = "/var/log/envfs.log"  # optional: default stderr (the journal under systemd)
+    busy_poll = 50                   # optional: µs, 0 to 10000 (envfs mount --busy-poll)
 
     [kms]                            # optional table
     region = "eu-west-1"             # default: the volume's region
@@ -38,8 +39,13 @@ EMBEDDED = "embedded"
 UNIX_PREFIX = "unix:"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_TOP_KEYS = ("backing", "mountpoint", "allow_other", "options", "log_file", "kms")
+_TOP_KEYS = ("backing", "mountpoint", "allow_other", "options", "log_file", "busy_poll", "kms")
 _KMS_KEYS = ("region", "service", "dir", "passphrase_file")
+
+# How long the mount's request loop polls for the next request after each answer, in µs
+# (``envfs mount --busy-poll``; docs/mount.md, "Busy polling", has the measurements).
+BUSY_POLL_DEFAULT_US = 50
+BUSY_POLL_MAX_US = 10_000
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class VolumeConfig:
     allow_other: bool
     options: tuple[str, ...]  # FUSE -o options
     log_file: Path | None
+    busy_poll: int | None = None  # µs; None: the mount's default
 
     @property
     def kms_socket(self) -> Path | None:
@@ -148,6 +155,7 @@ def parse(name: str, path: Path, data: dict[str, Any]) -> VolumeConfig:
         allow_other=reader.boolean(data, "allow_other"),
         options=reader.options(data),
         log_file=reader.path(data, "log_file"),
+        busy_poll=reader.busy_poll(data),
     )
 
 
@@ -203,6 +211,20 @@ class _Reader:
                 f" got {_describe(value)}",
             )
         return tuple(value)
+
+    def busy_poll(self, table: dict[str, Any]) -> int | None:
+        value = table.get("busy_poll")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(
+                "busy_poll", f"expected a whole number of microseconds, got {_describe(value)}"
+            )
+        if not 0 <= value <= BUSY_POLL_MAX_US:
+            raise self.error(
+                "busy_poll", f"expected 0 to {BUSY_POLL_MAX_US} microseconds, got {value}"
+            )
+        return value
 
     def region(self, table: dict[str, Any]) -> str | None:
         value = self.string(table, "kms.region", "region")

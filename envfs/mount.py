@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from envfs import mountopts
+from envfs.config import BUSY_POLL_DEFAULT_US
 from envfs.errors import AccessDeniedException, EnvfsError, MountError
 from envfs.fs import Operations
 from envfs.keycache import DataKeyCache
@@ -244,11 +245,14 @@ def run_foreground(
     options: MountOptions,
     on_ready: Callable[[], None] | None = None,
     on_stopping: Callable[[], None] | None = None,
+    busy_poll_us: int = BUSY_POLL_DEFAULT_US,
 ) -> None:
     """Mount and serve until unmounted or signalled; always unmounts and closes files.
 
     ``on_ready`` is called once the mount is live, ``on_stopping`` when shutdown begins
     (before open files are flushed and closed and the filesystem unmounted).
+    ``busy_poll_us``: how long the request loop polls for the next request after each
+    answer (0: never; see :func:`_set_busy_poll`).
 
     Raises:
         MountError: FUSE could not mount.
@@ -272,11 +276,7 @@ def run_foreground(
             "this pyfuse3 has no fallocate handler: fallocate(2) gives EOPNOTSUPP "
             "(install pyfuse3 with scripts/build_pyfuse3.py)"
         )
-    if not getattr(pyfuse3, "_envfs_fast_path", 0):
-        log.info(
-            "this pyfuse3 lacks envfs's faster request loop: each request costs more "
-            "(install pyfuse3 with scripts/build_pyfuse3.py)"
-        )
+    _set_busy_poll(busy_poll_us)
     try:
         _write_pid_file(pid_file)
         trio.run(_serve, vfs, on_ready)
@@ -289,6 +289,25 @@ def run_foreground(
         pid_file.unlink(missing_ok=True)
         os.umask(old_umask)
         log.info("unmounted %s", mountpoint)
+
+
+def _set_busy_poll(microseconds: int) -> None:
+    """Tell pyfuse3 (built with scripts/pyfuse3/0002-single-worker-fast-path.patch) how long
+    to poll for the next request after each answer; say so if it cannot."""
+    setter = getattr(pyfuse3, "_envfs_set_busy_poll", None)
+    getter = getattr(pyfuse3, "_envfs_get_busy_poll", None)
+    if setter is None or getter is None:
+        if getattr(pyfuse3, "_envfs_fast_path", 0):  # an older envfs build: 100 µs, fixed
+            lacks = "this pyfuse3 polls for requests a fixed time"
+        else:
+            lacks = "this pyfuse3 lacks envfs's faster request loop: each request costs more"
+        log.info(
+            "%s, and --busy-poll has no effect (install pyfuse3 with scripts/build_pyfuse3.py)",
+            lacks,
+        )
+        return
+    setter(microseconds / 1e6)
+    log.debug("busy poll: %d µs after each answer", round(getter() * 1e6))
 
 
 async def _serve(vfs: Vfs, on_ready: Callable[[], None] | None) -> None:

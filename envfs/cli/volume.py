@@ -12,6 +12,7 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,27 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def busy_poll_type(text: str) -> int:
+    """argparse type of ``--busy-poll``: whole microseconds, 0 to the configuration's bound."""
+    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) > config.BUSY_POLL_MAX_US:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of microseconds from 0 to {config.BUSY_POLL_MAX_US}"
+        )
+    return int(text)
+
+
+def _add_busy_poll_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--busy-poll",
+        metavar="MICROSECONDS",
+        type=busy_poll_type,
+        default=None,
+        help="after each answer, watch for the next request this long before sleeping:"
+        " faster requests, paid in CPU time while they pause; 0: never"
+        f" (default {config.BUSY_POLL_DEFAULT_US}; see docs/mount.md)",
+    )
+
+
 class _Service:
     """The key service of a region, embedded or a daemon's; closed on exit."""
 
@@ -229,6 +251,7 @@ def _apply_config(args: argparse.Namespace, *, positionals: tuple[str, ...]) -> 
     args.kms_dir = cfg.kms_dir or args.kms_dir
     args.passphrase_file = str(cfg.passphrase_file or "") or args.passphrase_file
     args.log_file = str(cfg.log_file or "") or args.log_file
+    args.busy_poll = args.busy_poll if cfg.busy_poll is None else cfg.busy_poll
     args.allow_other = args.allow_other or cfg.allow_other
     args.o = [*cfg.options, *(args.o or [])]
 
@@ -279,7 +302,16 @@ def _mount(args: argparse.Namespace) -> int:
             def stopping() -> None:
                 notify.stopping(f"unmounting {mountpoint}")
 
-            mount.run_foreground(vfs, mountpoint, options, on_ready=ready, on_stopping=stopping)
+            mount.run_foreground(
+                vfs,
+                mountpoint,
+                options,
+                on_ready=ready,
+                on_stopping=stopping,
+                busy_poll_us=(
+                    config.BUSY_POLL_DEFAULT_US if args.busy_poll is None else args.busy_poll
+                ),
+            )
     except EnvfsError as exc:
         report(f"error {exc.exit_code} {type(exc).__name__} {exc.message}")
         raise
@@ -303,6 +335,8 @@ def _daemonize(args: argparse.Namespace) -> int:
     ):
         if value:
             command += [flag, str(value)]
+    if args.busy_poll is not None:  # 0 too
+        command += ["--busy-poll", str(args.busy_poll)]
     if args.allow_other:
         command.append("--allow-other")
     for opt in args.o or []:
@@ -496,6 +530,7 @@ def add_parsers(commands: Any) -> None:
                        " foreground, else syslog)")  # fmt: skip
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _add_kms_options(mount, region_help="the key service's region (default: the volume's)")
+    _add_busy_poll_option(mount)
     mount.set_defaults(handler=_mount)
 
     umount = commands.add_parser(

@@ -85,12 +85,16 @@ def test_a_new_mount_option_is_mapped_without_change(
     mount_parser: argparse.ArgumentParser,
 ) -> None:
     parser = copy.deepcopy(mount_parser)
-    parser.add_argument("--busy-poll", metavar="MICROSECONDS", type=int)
+    parser.add_argument("--read-ahead-files", metavar="N", type=int)
     parser.add_argument("--read-only-cache", action="store_true")
-    assert translate(parser, "busy_poll=50,read-only-cache")[3:] == [
-        "--busy-poll=50",
+    assert translate(parser, "read_ahead_files=50,read-only-cache")[3:] == [
+        "--read-ahead-files=50",
         "--read-only-cache",
     ]
+
+
+def test_busy_poll_on_an_fstab_line(mount_parser: argparse.ArgumentParser) -> None:
+    assert translate(mount_parser, "rw,busy_poll=0")[3:] == ["--busy-poll=0"]
 
 
 def test_fuse_options_are_passed_on_and_mount_options_dropped(
@@ -126,7 +130,7 @@ def test_mount_fuse3s_dev_and_suid_are_not_a_request(
     [
         (
             "rw,bogus",
-            r"^mount option 'bogus' is neither an envfs option \(allow_other, "
+            r"^mount option 'bogus' is neither an envfs option \(allow_other, busy_poll=, "
             r"key_cache_seconds=, .*region=\) nor a FUSE mount option \(see fuse\(8\)\)$",
         ),
         ("allow_other=yes", r"^mount option 'allow_other' takes no value, got 'allow_other=yes'$"),

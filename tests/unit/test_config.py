@@ -42,6 +42,7 @@ def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
         allow_other=False,
         options=(),
         log_file=None,
+        busy_poll=None,
     )
 
 
@@ -50,7 +51,7 @@ def test_every_key(tmp_path: Path) -> None:
         tmp_path,
         MINIMAL
         + 'allow_other = true\noptions = ["noatime", "max_read=131072"]\n'
-        + 'log_file = "/var/log/envfs-data.log"\n'
+        + 'log_file = "/var/log/envfs-data.log"\nbusy_poll = 0\n'
         + '[kms]\nregion = "eu-west-1"\nservice = "embedded"\ndir = "/var/lib/envfs/kms"\n'
         + 'passphrase_file = "/etc/envfs/data.pass"\n',
     )
@@ -58,6 +59,7 @@ def test_every_key(tmp_path: Path) -> None:
     assert cfg.allow_other is True
     assert cfg.options == ("noatime", "max_read=131072")
     assert cfg.log_file == Path("/var/log/envfs-data.log")
+    assert cfg.busy_poll == 0
     assert cfg.region == "eu-west-1"
     assert cfg.kms == "embedded" and cfg.kms_socket is None
     assert cfg.kms_dir == Path("/var/lib/envfs/kms")
@@ -124,7 +126,7 @@ REFUSALS = [
     pytest.param(
         MINIMAL + "mount_point = '/x'\n",
         "FILE: key 'mount_point': unknown key (known: backing, mountpoint, allow_other,"
-        " options, log_file, kms)",
+        " options, log_file, busy_poll, kms)",
         id="unknown-key",
     ),
     pytest.param(
@@ -164,6 +166,31 @@ REFUSALS = [
         MINIMAL + "log_file = 'envfs.log'\n",
         "FILE: key 'log_file': expected an absolute path, got 'envfs.log'",
         id="relative-log-file",
+    ),
+    pytest.param(
+        MINIMAL + "busy_poll = -1\n",
+        "FILE: key 'busy_poll': expected 0 to 10000 microseconds, got -1",
+        id="busy-poll-negative",
+    ),
+    pytest.param(
+        MINIMAL + "busy_poll = 10001\n",
+        "FILE: key 'busy_poll': expected 0 to 10000 microseconds, got 10001",
+        id="busy-poll-too-long",
+    ),
+    pytest.param(
+        MINIMAL + "busy_poll = '50'\n",
+        "FILE: key 'busy_poll': expected a whole number of microseconds, got '50'",
+        id="busy-poll-a-string",
+    ),
+    pytest.param(
+        MINIMAL + "busy_poll = 2.5\n",
+        "FILE: key 'busy_poll': expected a whole number of microseconds, got the number 2.5",
+        id="busy-poll-not-whole",
+    ),
+    pytest.param(
+        MINIMAL + "busy_poll = true\n",
+        "FILE: key 'busy_poll': expected a whole number of microseconds, got true",
+        id="busy-poll-a-boolean",
     ),
     pytest.param(
         MINIMAL + "[kms]\nregion = 'EU_West'\n",
@@ -305,4 +332,15 @@ def test_cli_reports_config_error_with_exit_62(
     assert main(["mount", "--config", "data", "--config-dir", str(tmp_path)]) == 62
     assert capsys.readouterr().err == (
         f"envfs: error: {path}: key 'mountpoint': expected an absolute path, got 'mnt'\n"
+    )
+
+
+@pytest.mark.parametrize("value", ["10001", "-1", "50us", "", "2.5", "\u00b2", "1234567"])
+def test_cli_refuses_a_bad_busy_poll_as_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["mount", "/a", "/b", "--busy-poll", value]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"envfs: error: argument --busy-poll: {value!r} is not a number of microseconds"
+        " from 0 to 10000"
     )
