@@ -38,7 +38,7 @@ $(BIN)/python: FORCE
 
 FORCE:
 
-# pyfuse3 first, built with a fallocate handler (see scripts/build_pyfuse3.py); envfs's
+# pyfuse3 first, built with envfs's patches (scripts/pyfuse3/, applied by scripts/build_pyfuse3.py); envfs's
 # requirement on pyfuse3 is then already met and pip keeps that build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml scripts/build_pyfuse3.py \
                      $(wildcard scripts/pyfuse3/*.patch)

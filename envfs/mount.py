@@ -286,7 +286,7 @@ def run_foreground(
             on_stopping()
         vfs.close()
         pyfuse3.close(unmount=True)
-        pid_file.unlink(missing_ok=True)
+        _remove_own_pid_file(pid_file)
         os.umask(old_umask)
         log.info("unmounted %s", mountpoint)
 
@@ -419,6 +419,15 @@ def _fusermount_u(mountpoint: Path, *flags: str) -> str | None:
     if result.returncode == 0:
         return None
     return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+
+
+def _remove_own_pid_file(path: Path) -> None:
+    """Remove ``path`` if it still names this process. A daemon that outlived its mount
+    (detached lazily while files were open) may end after a new daemon of the same mount
+    point wrote its own pid there: that file is not ours to remove."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
 
 
 def _read_pid(path: Path) -> int | None:

@@ -114,8 +114,13 @@ def test_lazy_umount_detaches_a_busy_mount_and_loses_nothing(kms_env: Env, vol: 
         assert "detached" in detached.stderr
         assert not is_mounted(vol.mnt)
         os.write(fd, b"after the detach\n")  # the open file keeps working
+        vol.mount()  # a new daemon on the same mount point, while the old one serves fd
+        new_pid = int(envfs_mount.pid_file_for(vol.mnt).read_text())
     finally:
         os.close(fd)
-    wait_gone(pid)  # the daemon ends with the last open file
-    vol.mount()
+    wait_gone(pid)  # the old daemon ends with the last open file
+    # ... and leaves the new daemon's pid file alone, so that umount can wait for it.
+    assert envfs_mount._read_pid(envfs_mount.pid_file_for(vol.mnt)) == new_pid != pid
     assert (vol.mnt / "open.bin").read_bytes() == b"before the stop\nafter the detach\n"
+    vol.umount()
+    wait_gone(new_pid, timeout=0.5)  # umount waited for it
