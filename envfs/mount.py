@@ -446,18 +446,26 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _wait_for_exit(pid: int, timeout: float, mountpoint: Path) -> None:
+    if not process_ended(pid, timeout):
+        raise MountError(f"the daemon of {str(mountpoint)!r} (pid {pid}) did not stop in time")
+
+
+def process_ended(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` ends within ``timeout`` seconds (a zombie has ended; a
+    process that is not ours to watch counts as ended)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         except PermissionError:
-            return  # not ours to watch
+            return True  # not ours to watch
         if _is_zombie(pid):
-            return  # finished; its parent (often init, which may be slow) has yet to reap it
+            return True  # finished; its parent (often init, which may be slow) has yet to reap it
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
-    raise MountError(f"the daemon of {str(mountpoint)!r} (pid {pid}) did not stop in time")
 
 
 def _is_zombie(pid: int) -> bool:

@@ -131,10 +131,7 @@ class ExtendedAttributes:
         if name in acl.NAMES:
             self._set_acl(self.inodes.node(ino), name, value, caller)
             return
-        if not name.startswith(b"user."):
-            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        if acl.is_private(name):
-            raise OSError(errno.EPERM, "reserved attribute name")
+        _check_user_name(name)
         with self._entry_fd(self.inodes.node(ino)) as fd:
             os.setxattr(proc_path(fd), name, value)
 
@@ -182,10 +179,7 @@ class ExtendedAttributes:
             with self._entry_fd(self.inodes.node(ino)) as fd:
                 store.remove(proc_path(fd), name)
             return
-        if not name.startswith(b"user."):
-            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        if acl.is_private(name):
-            raise OSError(errno.EPERM, "reserved attribute name")
+        _check_user_name(name)
         with self._entry_fd(self.inodes.node(ino)) as fd:
             os.removexattr(proc_path(fd), name)
 
@@ -221,3 +215,15 @@ class ExtendedAttributes:
                 access, new_mode = acl.inherit(default, mode)
                 return NewMode(new_mode, access, default if stat.S_ISDIR(mode) else None)
         return NewMode(mode & ~(umask & 0o777))
+
+
+def _check_user_name(name: bytes) -> None:
+    """Refuse to set or remove an xattr other than a ``user.`` one, or envfs's private ones.
+
+    Raises:
+        OSError: EOPNOTSUPP (not ``user.``) or EPERM (reserved for envfs).
+    """
+    if not name.startswith(b"user."):
+        raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
+    if acl.is_private(name):
+        raise OSError(errno.EPERM, "reserved attribute name")

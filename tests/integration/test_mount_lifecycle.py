@@ -32,16 +32,7 @@ def kill_daemon(m: Mount) -> int:
 
 
 def wait_gone(pid: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        if envfs_mount._is_zombie(pid):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"pid {pid} is still running")
+    assert envfs_mount.process_ended(pid, timeout), f"pid {pid} is still running"
 
 
 def test_mount_clears_a_dead_mount_and_its_stale_pid_file(kms_env: Env, vol: Mount) -> None:
