@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from envfs import mount as envfs_mount
+
 ENVFS = str(Path(sys.executable).with_name("envfs"))
 
 
@@ -94,6 +96,7 @@ class Mount:
         if is_mounted(self.mnt):
             subprocess.run(["fusermount3", "-uz", str(self.mnt)], check=False)
             time.sleep(0.2)
+        envfs_mount.remove_stale_pid_file(self.mnt)  # a daemon killed by the test leaves one
 
 
 @pytest.fixture
