@@ -1035,7 +1035,9 @@ def test_two_processes_write_one_file(d: Path) -> None:
     assert final == seen_a
     assert len(final) == size
     assert set(final) <= set(b"abXY")
-    assert b"X" in final and b"Y" in final
+    # Not both X and Y: under load one worker's storm may run wholly after the other's,
+    # and its 300 chunks then cover all but a few hundred bytes, the other's among them.
+    assert set(final) & set(b"XY")
 
 
 def test_two_processes_extend_one_file(d: Path) -> None:
