@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_systemd_units import offline_root
+
 GENERATOR = Path("/lib/systemd/system-generators/systemd-fstab-generator")
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
@@ -99,18 +101,7 @@ def test_requires_would_stop_the_volume_with_the_socket(tmp_path: Path) -> None:
 def root(tmp_path: Path) -> Path:
     if shutil.which("systemd-analyze") is None or not SYSTEM_UNITS.is_dir():
         pytest.skip("needs systemd-analyze and the machine's units")
-    root = tmp_path / "root"
-    shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
-    etc = root / "etc/systemd/system"
-    etc.mkdir(parents=True)
-    for unit in UNITS.iterdir():
-        if unit.suffix in (".service", ".socket"):
-            shutil.copy(unit, etc)
-    binary = root / "usr/local/bin/envfs"
-    binary.parent.mkdir(parents=True)
-    binary.write_text(f'#!/bin/sh\nexec {ENVFS} "$@"\n')
-    binary.chmod(0o755)
-    return root
+    return offline_root(tmp_path / "root")
 
 
 def boot(root: Path, generated: Path) -> subprocess.CompletedProcess[str]:

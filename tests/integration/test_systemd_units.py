@@ -48,21 +48,28 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("systemd-root")
+def offline_root(root: Path) -> Path:
+    """``root`` made a machine for ``systemd-analyze verify --root``: the machine's units,
+    ours in /etc/systemd/system, and /usr/local/bin/envfs running this checkout's."""
     shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
     etc = root / "etc/systemd/system"
     etc.mkdir(parents=True)
     for unit in UNITS.iterdir():
         if unit.suffix in (".service", ".socket"):
             shutil.copy(unit, etc)
-    (etc / "envfs@data.service.d").mkdir()
-    (etc / "envfs@data.service.d/kms.conf").write_text(drop_in())
     binary = root / "usr/local/bin/envfs"
     binary.parent.mkdir(parents=True)
     binary.write_text(f'#!/bin/sh\nexec {ENVFS} "$@"\n')
     binary.chmod(0o755)
+    return root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = offline_root(tmp_path_factory.mktemp("systemd-root"))
+    etc = root / "etc/systemd/system"
+    (etc / "envfs@data.service.d").mkdir()
+    (etc / "envfs@data.service.d/kms.conf").write_text(drop_in())
     return root
 
 
