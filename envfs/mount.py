@@ -20,7 +20,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -477,24 +477,3 @@ def _is_zombie(pid: int) -> bool:
     # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")".
     fields = stat_line[stat_line.rfind(b")") + 1 :].split()
     return bool(fields) and fields[0] in (b"Z", b"X")
-
-
-@contextlib.contextmanager
-def ready_pipe() -> Iterator[tuple[int, int]]:
-    """A pipe a daemonized mount reports readiness (or its error) through."""
-    read_fd, write_fd = os.pipe()
-    try:
-        yield read_fd, write_fd
-    finally:
-        for fd in (read_fd, write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def is_fuse_available() -> bool:
-    try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
-    except OSError as exc:
-        return exc.errno not in (errno.ENOENT, errno.ENODEV)
-    os.close(fd)
-    return True

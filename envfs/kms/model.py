@@ -290,8 +290,3 @@ class Caller:
     def describe(self) -> str:
         """``name(uid)`` for messages and the audit log."""
         return f"{self.user_name}({self.uid})" if self.user_name else f"uid {self.uid}"
-
-    def principal_arn(self, account: str) -> str:
-        """An ARN naming the caller, for messages in AWS style."""
-        name = self.user_name if self.user_name else f"uid-{self.uid}"
-        return f"arn:{ARN_PARTITION}:iam::{account}:user/{name}"
