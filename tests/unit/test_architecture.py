@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -585,3 +586,52 @@ def test_violation_message_names_module_and_import() -> None:
     assert import_violations(only, modules) == [
         "envfs/fake.py:2 (envfs.kms.store): imports 'trio' (import trio); rule 'only': why"
     ]
+
+
+# --- docs/architecture.md's module table, kept true -----------------------------------------
+
+ARCHITECTURE_DOC = SOURCE.parent / "docs" / "architecture.md"
+# Modules of a line or two that need no row: the package markers and ``python -m envfs``.
+UNDOCUMENTED = ("envfs/__init__.py", "envfs/__main__.py", "envfs/kms/__init__.py")
+
+
+def documented_imports() -> dict[str, set[str]]:
+    """The module table of docs/architecture.md: ``cli/volume.py`` -> what its imports
+    column names (envfs modules as ``kms.model``, third-party packages by name)."""
+    text = ARCHITECTURE_DOC.read_text()
+    section = text[text.index("\n## Modules") : text.index("\n## Import rules")]
+    rows: dict[str, set[str]] = {}
+    for row in re.finditer(r"^\| `([a-z_/]+\.py)` \| .*? \| (.*?) \|$", section, re.M):
+        cell = row[2].strip()
+        rows[row[1]] = set() if cell in ("—", "stdlib") else {n.strip() for n in cell.split(",")}
+    return rows
+
+
+def actual_imports(module: Module, known: set[str]) -> set[str]:
+    """What ``module`` imports, named as the table names it (stdlib and itself left out)."""
+    names = set()
+    for found in imports_of(module, known):
+        top = found.target.split(".")[0]
+        if found.target.startswith("envfs."):
+            names.add(found.target.removeprefix("envfs."))
+        elif top != "envfs" and not _is_stdlib(top):
+            names.add(top)
+    return names - {module.name.removeprefix("envfs.")}
+
+
+def test_the_architecture_doc_names_every_module_and_no_other() -> None:
+    modules = {m.path.removeprefix("envfs/"): m for m in _modules().values()}
+    expected = {path for path in modules if f"envfs/{path}" not in UNDOCUMENTED}
+    assert set(documented_imports()) == expected
+
+
+def test_the_architecture_doc_lists_each_modules_imports() -> None:
+    modules = {m.path.removeprefix("envfs/"): m for m in _modules().values()}
+    known = {m.name for m in modules.values()}
+    wrong = [
+        f"{path}: the table says {sorted(listed)}, the code imports"
+        f" {sorted(actual_imports(modules[path], known))}"
+        for path, listed in sorted(documented_imports().items())
+        if path in modules and listed != actual_imports(modules[path], known)
+    ]
+    assert wrong == []
