@@ -56,7 +56,7 @@ from fs_bench import (
     run,
 )
 
-from envfs.mount import pid_file_for
+from envfs.files.mount import pid_file_for
 
 TICK = os.sysconf("SC_CLK_TCK")
 BIG_MB = 64

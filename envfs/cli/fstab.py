@@ -31,8 +31,8 @@ import os
 import re
 from collections.abc import Sequence
 
-from envfs import mountopts
 from envfs.errors import UsageError
+from envfs.files import mountopts
 
 # Options of mount(8), systemd and mount.fuse3 that FUSE must not see.
 _DROPPED = frozenset({"", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users",

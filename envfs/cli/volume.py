@@ -18,15 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envfs import config, format, mountopts, notify
+from envfs import notify
 from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.kms import open_store
 from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
+from envfs.files import config, fileformat, mountopts
+from envfs.files.volume import Volume
 from envfs.kms.client import KMSClient
 from envfs.kms.model import Caller
 from envfs.kms.provider import ClientKeyProvider, KeyProvider, ServiceKeyProvider
 from envfs.kms.service import KeyService
-from envfs.volume import Volume
 
 log = logging.getLogger("envfs")
 
@@ -41,7 +42,7 @@ def parse_block_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"block size {text!r} is not a size like 16K")
     size = int(digits) * _SIZE_SUFFIXES[suffix]
     shift = size.bit_length() - 1
-    if size != 1 << shift or not format.MIN_BLOCK_SHIFT <= shift <= format.MAX_BLOCK_SHIFT:
+    if size != 1 << shift or not fileformat.MIN_BLOCK_SHIFT <= shift <= fileformat.MAX_BLOCK_SHIFT:
         raise argparse.ArgumentTypeError(
             f"block size {text!r} must be a power of two from 4K to 1M"
         )
@@ -257,7 +258,7 @@ def _apply_config(args: argparse.Namespace, *, positionals: tuple[str, ...]) -> 
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from envfs import mount
+    from envfs.files import mount
 
     _apply_config(args, positionals=("backing", "mountpoint"))
     backing, mountpoint = Path(args.backing), Path(args.mountpoint)
@@ -378,7 +379,7 @@ def _daemonize(args: argparse.Namespace) -> int:
 
 
 def _umount(args: argparse.Namespace) -> int:
-    from envfs import mount
+    from envfs.files import mount
 
     _apply_config(args, positionals=("mountpoint",))
     outcome = mount.unmount(Path(args.mountpoint), lazy=args.lazy)
@@ -406,17 +407,17 @@ def _inspect(args: argparse.Namespace) -> int:
         return _info(args)
     try:
         with path.open("rb") as f:
-            raw = f.read(format.HEADER_SIZE)
+            raw = f.read(fileformat.HEADER_SIZE)
             backing = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise UsageError(f"cannot read {str(path)!r}: {exc.strerror}") from None
     try:
-        header = format.FileHeader.parse(raw)
+        header = fileformat.FileHeader.parse(raw)
     except IntegrityError as exc:
         raise IntegrityError(f"{str(path)!r}: {exc.message}") from None
     info: dict[str, Any] = {
         "Path": str(path),
-        "FormatVersion": format.FORMAT_VERSION,
+        "FormatVersion": fileformat.FORMAT_VERSION,
         "CipherSuite": "AES-256-GCM/HKDF-SHA256/HMAC-SHA256",
         "FileId": header.file_id.hex(),
         "KeyArn": header.key_arn,
@@ -429,7 +430,7 @@ def _inspect(args: argparse.Namespace) -> int:
     except EnvfsError:
         info["KeyVersion"] = None
     try:
-        info["PlaintextSize"] = format.plaintext_size(backing, header.block_shift)
+        info["PlaintextSize"] = fileformat.plaintext_size(backing, header.block_shift)
     except IntegrityError as exc:
         info["PlaintextSize"] = None
         info["Problem"] = exc.message
@@ -441,7 +442,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from envfs import info
+    from envfs.files import info
 
     summary = info.summarize(Path(args.backing))
     volume = summary.volume
@@ -493,7 +494,7 @@ def add_parsers(commands: Any) -> None:
     init.add_argument(
         "--block-size",
         type=parse_block_size,
-        default=format.DEFAULT_BLOCK_SHIFT,
+        default=fileformat.DEFAULT_BLOCK_SHIFT,
         metavar="SIZE",
         help="plaintext block size, a power of two from 4K to 1M (default 16K)",
     )

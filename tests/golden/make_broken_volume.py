@@ -21,13 +21,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from envfs import format
+from envfs.files import fileformat
 from tests.golden.make_golden_volume import REGION, generate, run, save, store_env, stream
 
 HERE = Path(__file__).resolve().parent
 BLOCK = 16384
 STRIDE = BLOCK + 28
-HEADER = format.HEADER_SIZE
+HEADER = fileformat.HEADER_SIZE
 HALF = 3 * BLOCK + BLOCK // 2
 
 
@@ -41,7 +41,7 @@ def flip(raw: bytes, offset: int) -> bytes:
 
 # name -> (plaintext written through the mount, how the backing file is broken, expected).
 # Expected: (errno name, "open" or "read", a fragment of the WARNING line). A forged end of
-# a file that is not empty fails at the first read (docs/format.md), before any byte.
+# a file that is not empty fails at the first read (docs/fileformat.md), before any byte.
 Breakage = Callable[[bytes, dict[str, bytes]], bytes]
 BROKEN: dict[str, tuple[bytes, Breakage, tuple[str, str, str]]] = {
     "truncated-at-boundary.bin": (
@@ -71,7 +71,7 @@ BROKEN: dict[str, tuple[bytes, Breakage, tuple[str, str, str]]] = {
     ),
     "tampered-header.bin": (
         b"a short file\n",
-        lambda raw, o: flip(raw, format.MAC_OFFSET + 3),
+        lambda raw, o: flip(raw, fileformat.MAC_OFFSET + 3),
         ("EIO", "open", "header authentication failed"),
     ),
     "tampered-block.bin": (
@@ -134,9 +134,9 @@ def plant(env: dict[str, str], volume_id: str, block_shift: int) -> bytes:
         )
     )
     wrapped = base64.b64decode(out["CiphertextBlob"])
-    header = format.FileHeader(file_id, block_shift, out["KeyId"], wrapped)
-    keys = format.FileKeys.derive(base64.b64decode(out["Plaintext"]), file_id)
-    return format.encrypt_file(header, keys, b"planted: the planter keeps its data key\n")
+    header = fileformat.FileHeader(file_id, block_shift, out["KeyId"], wrapped)
+    keys = fileformat.FileKeys.derive(base64.b64decode(out["Plaintext"]), file_id)
+    return fileformat.encrypt_file(header, keys, b"planted: the planter keeps its data key\n")
 
 
 def make(work: Path, output: Path) -> None:

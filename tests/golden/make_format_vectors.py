@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envfs import format as fmt
 from envfs.crypto import hkdf, sha256
+from envfs.files import fileformat as fmt
 
 KEY_ARN = "arn:envfs:kms:local-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 HERE = Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envfs import format as fmt
+from envfs.files import fileformat as fmt
 from tests.golden.make_format_vectors import HERE, KEY_ARN, broken, label_bytes, pattern
 
 SHIFT = 12

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from envfs import mount as envfs_mount
+from envfs.files import mount as envfs_mount
 
 ENVFS = str(Path(sys.executable).with_name("envfs"))
 

@@ -1,6 +1,6 @@
 """Hostile storage: whoever may write the backing folder attacks a real mount.
 
-Every attack of ``docs/format.md``'s list of what is detected (the test checks the list and
+Every attack of ``docs/fileformat.md``'s list of what is detected (the test checks the list and
 this suite agree), the forged ends of files, headers naming keys the volume does not accept,
 content changes by users the key policy refuses, group removal, backing folders swapped for
 symlinks by another user, paths longer than PATH_MAX, and changes the disk cannot hold.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from envfs import format
+from envfs.files import fileformat
 from tests.integration.conftest import Env, Mount, golden_copy, is_mounted, live
 from tests.integration.test_mount_security import (
     User,
@@ -54,7 +54,7 @@ pytestmark = [
 ]
 __all__ = ["users"]  # a fixture, used by name
 
-HEADER = format.HEADER_SIZE
+HEADER = fileformat.HEADER_SIZE
 BLOCK = 16384
 STRIDE = BLOCK + 28
 REPO = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def _zero_block(path: Path, ctx: dict[str, Path]) -> None:
     patch(path, block_at(1), bytes(STRIDE))
 
 
-# Rows of docs/format.md's "What is detected" table, by their first words, and the attacks
+# Rows of docs/fileformat.md's "What is detected" table, by their first words, and the attacks
 # of this suite for each. A row without an attack here fails the suite.
 ATTACKS: dict[str, tuple[str, int, Attack]] = {
     "header-bit": ("any flipped bit in the header", 100, lambda p, c: flip(p, 200)),
@@ -191,7 +191,7 @@ ATTACKS: dict[str, tuple[str, int, Attack]] = {
 
 
 def detected_rows() -> list[str]:
-    """The first cells of the rows of docs/format.md's 'What is detected' table."""
+    """The first cells of the rows of docs/fileformat.md's 'What is detected' table."""
     text = (REPO / "docs" / "format.md").read_text()
     section = text.split("## What is detected", 1)[1].split("\n## ", 1)[0]
     table = section.split("Not detected", 1)[0]
@@ -204,9 +204,9 @@ def test_every_detected_attack_of_the_spec_is_in_this_suite() -> None:
     assert len(rows) >= 12
     covered = {prefix for prefix, _, _ in ATTACKS.values()}
     missing = [row for row in rows if not any(row.startswith(p) for p in covered)]
-    assert not missing, f"docs/format.md lists attacks this suite does not try: {missing}"
+    assert not missing, f"docs/fileformat.md lists attacks this suite does not try: {missing}"
     stale = [p for p in covered if not any(row.startswith(p) for row in rows)]
-    assert not stale, f"attacks named after no row of docs/format.md: {stale}"
+    assert not stale, f"attacks named after no row of docs/fileformat.md: {stale}"
 
 
 def plant_foreign_key_file(env: Env, volume_backing: Path, key_alias: str, dest: Path) -> None:
@@ -229,11 +229,11 @@ def plant_foreign_key_file(env: Env, volume_backing: Path, key_alias: str, dest:
         )[1]
     )
     data_key = base64.b64decode(out["Plaintext"])
-    header = format.FileHeader(
+    header = fileformat.FileHeader(
         file_id, volume["block_shift"], out["KeyId"], base64.b64decode(out["CiphertextBlob"])
     )
-    keys = format.FileKeys.derive(data_key, file_id)
-    dest.write_bytes(format.encrypt_file(header, keys, b"bait: whoever appends here is read\n"))
+    keys = fileformat.FileKeys.derive(data_key, file_id)
+    dest.write_bytes(fileformat.encrypt_file(header, keys, b"bait: whoever appends here is read\n"))
 
 
 def test_every_attack_gives_eio_and_a_warning_and_the_rest_is_served(kms_env: Env) -> None:

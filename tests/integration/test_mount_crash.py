@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 
-from envfs import format
-from envfs import mount as envfs_mount
+from envfs.files import fileformat
+from envfs.files import mount as envfs_mount
 from tests.integration.conftest import Env, Mount
 
 WRITER = r"""
@@ -66,8 +66,8 @@ def test_kill_9_during_writes_loses_only_unsynced_data(kms_env: Env, vol: Mount)
         if backing.name.startswith(".envfs-volume"):
             continue
         raw = backing.read_bytes()
-        header = format.FileHeader.parse(raw)  # what `envfs inspect` reads; raises if bad
-        format.plaintext_size(len(raw), header.block_shift)
+        header = fileformat.FileHeader.parse(raw)  # what `envfs inspect` reads; raises if bad
+        fileformat.plaintext_size(len(raw), header.block_shift)
     # Every file whose last write was fsynced reads back exactly; none gives EIO.
     touched_after = set()
     for name in sorted(p.name for p in vol.mnt.iterdir()):

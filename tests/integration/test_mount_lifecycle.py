@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from envfs import mount as envfs_mount
+from envfs.files import mount as envfs_mount
 from tests.integration.conftest import Env, Mount, is_mounted, live
 
 

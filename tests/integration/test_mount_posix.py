@@ -1,7 +1,7 @@
 """POSIX behaviour of the plaintext view (issue 3, section 3), through a real mount.
 
 Plain Python file calls on one module-wide mount; each test works in its own folder.
-Contents are checked against the backing file sizes of ``docs/format.md`` where that
+Contents are checked against the backing file sizes of ``docs/fileformat.md`` where that
 proves the bytes reached the backing folder, and after a remount where it matters.
 """
 
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from envfs import format
+from envfs.files import fileformat
 from tests.integration.conftest import Mount, make_env, mounted
 
 pytestmark = pytest.mark.integration
 
-SHIFT = format.DEFAULT_BLOCK_SHIFT
+SHIFT = fileformat.DEFAULT_BLOCK_SHIFT
 BLOCK = 1 << SHIFT
 MIB = 1 << 20
 RENAME_NOREPLACE = 1
@@ -98,7 +98,7 @@ def test_stat_size_is_plaintext_size(vol_m: Mount, d: Path, size: int) -> None:
     assert stat.S_ISREG(st.st_mode)
     assert st.st_size == size
     assert st.st_nlink == 1
-    assert os.lstat(backing_of(vol_m, f)).st_size == format.backing_size(size, SHIFT)
+    assert os.lstat(backing_of(vol_m, f)).st_size == fileformat.backing_size(size, SHIFT)
     fd = os.open(f, os.O_RDONLY)
     try:
         assert os.fstat(fd).st_size == size
@@ -202,7 +202,7 @@ def test_truncate_up_and_down(vol_m: Mount, d: Path) -> None:
             else:
                 model.extend(bytes(size - len(model)))
             assert os.stat(f).st_size == size
-            assert os.lstat(backing_of(vol_m, f)).st_size == format.backing_size(size, SHIFT)
+            assert os.lstat(backing_of(vol_m, f)).st_size == fileformat.backing_size(size, SHIFT)
             assert pread_all(f) == model, f"after truncate to {size}"
             # a write after the truncation lands in the right block
             os.pwrite(fd, b"W", size // 2)
@@ -300,7 +300,7 @@ def test_create_excl_and_trunc(vol_m: Mount, d: Path) -> None:
     try:
         assert os.fstat(fd).st_size == 0
         assert os.pread(fd, 100, 0) == b""
-        assert os.lstat(backing_of(vol_m, f)).st_size == format.backing_size(0, SHIFT)
+        assert os.lstat(backing_of(vol_m, f)).st_size == fileformat.backing_size(0, SHIFT)
         os.write(fd, b"second")
     finally:
         os.close(fd)
@@ -311,7 +311,7 @@ def test_create_excl_and_trunc(vol_m: Mount, d: Path) -> None:
     finally:
         os.close(fd)
     assert os.stat(f).st_size == 0
-    assert os.lstat(backing_of(vol_m, f)).st_size == format.backing_size(0, SHIFT)
+    assert os.lstat(backing_of(vol_m, f)).st_size == fileformat.backing_size(0, SHIFT)
 
     with pytest.raises(FileNotFoundError):
         os.open(d / "missing", os.O_RDONLY)
@@ -411,7 +411,7 @@ def test_writes_past_eof_leave_zeros(vol_m: Mount, d: Path) -> None:
     assert len(data) == 5 * MIB + 6
     assert data[100_004 : 5 * MIB + 3] == bytes(5 * MIB + 3 - 100_004)
     assert data[-3:] == b"far"
-    assert os.lstat(backing_of(vol_m, f)).st_size == format.backing_size(5 * MIB + 6, SHIFT)
+    assert os.lstat(backing_of(vol_m, f)).st_size == fileformat.backing_size(5 * MIB + 6, SHIFT)
 
 
 def test_flush_fsync_fdatasync_release(vol_m: Mount, d: Path) -> None:
@@ -420,7 +420,7 @@ def test_flush_fsync_fdatasync_release(vol_m: Mount, d: Path) -> None:
     try:
         os.write(fd, b"x" * 70_000)
         os.fsync(fd)
-        assert os.lstat(backing_of(vol_m, f)).st_size == format.backing_size(70_000, SHIFT)
+        assert os.lstat(backing_of(vol_m, f)).st_size == fileformat.backing_size(70_000, SHIFT)
         os.pwrite(fd, b"y" * 10, 69_995)
         os.fdatasync(fd)
         dup = os.dup(fd)
@@ -829,7 +829,7 @@ def test_fallocate_mode_0_extends_with_zeros(vol_m: Mount, d: Path) -> None:
     data = f.read_bytes()
     assert data == b"kept" + bytes(8 * BLOCK) + b"end"
     backing = backing_of(vol_m, f)
-    assert backing.stat().st_size == format.backing_size(8 * BLOCK + 7, SHIFT)
+    assert backing.stat().st_size == fileformat.backing_size(8 * BLOCK + 7, SHIFT)
     assert bytes(BLOCK) not in backing.read_bytes()  # the zeros are encrypted too
     vol_m.remount()
     assert f.read_bytes() == data
@@ -890,7 +890,7 @@ def test_fallocate_without_space_changes_nothing(tmp_path: Path) -> None:
             finally:
                 os.close(fd)
             assert f.read_bytes() == b"kept" * 1000
-            assert (small / "f").stat().st_size == format.backing_size(4000, SHIFT)
+            assert (small / "f").stat().st_size == fileformat.backing_size(4000, SHIFT)
             m.remount()
             assert f.read_bytes() == b"kept" * 1000
     finally:

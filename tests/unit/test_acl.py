@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from envfs.acl import (
+from envfs.files.acl import (
     GROUP,
     GROUP_OBJ,
     MASK,

@@ -52,23 +52,23 @@ class OnlyImports:
 
 KMS = "envfs.kms"
 FILESYSTEM_SIDE = (
-    "envfs.format",
-    "envfs.cryptfile",
-    "envfs.volume",
-    "envfs.backing",
-    "envfs.tree",
-    "envfs.inodes",
-    "envfs.callers",
-    "envfs.keycache",
-    "envfs.keypool",
-    "envfs.readahead",
-    "envfs.acl",
-    "envfs.xattrs",
-    "envfs.vfs",
-    "envfs.fs",
-    "envfs.mount",
-    "envfs.info",
-    "envfs.mountopts",
+    "envfs.files.fileformat",
+    "envfs.files.cryptfile",
+    "envfs.files.volume",
+    "envfs.files.backing",
+    "envfs.files.tree",
+    "envfs.files.inodes",
+    "envfs.files.callers",
+    "envfs.files.keycache",
+    "envfs.files.keypool",
+    "envfs.files.readahead",
+    "envfs.files.acl",
+    "envfs.files.xattrs",
+    "envfs.files.vfs",
+    "envfs.files.fuseops",
+    "envfs.files.mount",
+    "envfs.files.info",
+    "envfs.files.mountopts",
 )
 # The key service's public API for the filesystem (model: callers, contexts, ARNs;
 # provider: the KeyProvider protocol the filesystem calls).
@@ -80,7 +80,7 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ForbiddenImport(
         "pyfuse3-in-adapter-only",
         modules=("envfs",),
-        except_for=("envfs.fs", "envfs.mount"),
+        except_for=("envfs.files.fuseops", "envfs.files.mount"),
         forbidden=("pyfuse3",),
         why="pyfuse3 is imported only by fs.py and mount.py; the core is testable unmounted",
     ),
@@ -114,14 +114,14 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ),
     OnlyImports(
         "format-imports",
-        modules=("envfs.format",),
+        modules=("envfs.files.fileformat",),
         allowed=("envfs.crypto", "envfs.errors"),
         stdlib=True,
         why="format.py is pure: crypto, errors and the standard library only",
     ),
     OnlyImports(
         "acl-stdlib-only",
-        modules=("envfs.acl",),
+        modules=("envfs.files.acl",),
         allowed=(),
         stdlib=True,
         why="acl.py (ACL values and ext4's mode rules) is pure: the standard library only",
@@ -135,7 +135,7 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ),
     ForbiddenImport(
         "sync-core-no-trio",
-        modules=("envfs.format", "envfs.crypto", KMS),
+        modules=("envfs.files.fileformat", "envfs.crypto", KMS),
         except_for=("envfs.kms.server", "envfs.kms.client"),
         forbidden=("trio",),
         why="format, crypto and kms (except server/client) are synchronous",
@@ -216,7 +216,7 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ),
     OnlyImports(
         "config-imports",
-        modules=("envfs.config",),
+        modules=("envfs.files.config",),
         allowed=("envfs.errors", "envfs.kms.model"),
         stdlib=True,
         why="config.py reads TOML into a typed config: errors, kms.model and the stdlib only",
@@ -235,7 +235,7 @@ OUTPUT_AND_EXIT_ALLOWED = CLI_SIDE
 OUTPUT_AND_EXIT_WHY = "only envfs/cli/* prints, writes to stdout/stderr or exits the process"
 
 # Synchronous modules: no ``async def``, ``await``, ``async for`` or ``async with``.
-SYNC_MODULES = ("envfs.format", "envfs.crypto", KMS)
+SYNC_MODULES = ("envfs.files.fileformat", "envfs.crypto", KMS)
 SYNC_EXCEPT = ("envfs.kms.server",)
 SYNC_WHY = "format, crypto and kms (except the daemon's server) are synchronous"
 
@@ -592,7 +592,12 @@ def test_violation_message_names_module_and_import() -> None:
 
 ARCHITECTURE_DOC = SOURCE.parent / "docs" / "architecture.md"
 # Modules of a line or two that need no row: the package markers and ``python -m envfs``.
-UNDOCUMENTED = ("envfs/__init__.py", "envfs/__main__.py", "envfs/kms/__init__.py")
+UNDOCUMENTED = (
+    "envfs/__init__.py",
+    "envfs/__main__.py",
+    "envfs/files/__init__.py",
+    "envfs/kms/__init__.py",
+)
 
 
 def documented_imports() -> dict[str, set[str]]:

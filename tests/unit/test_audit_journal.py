@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import trio
 
-from envfs import mount as envfs_mount
 from envfs.errors import StoreError
+from envfs.files import mount as envfs_mount
 from envfs.kms import journal
 from envfs.kms import store as store_module
 from envfs.kms.audit import EncodedRecord

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from envfs import callers
-from envfs.callers import CallerCache, GroupDatabase
+from envfs.files import callers
+from envfs.files.callers import CallerCache, GroupDatabase
 from envfs.kms.model import Caller
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from envfs import config
 from envfs.cli import main
-from envfs.config import VolumeConfig
 from envfs.errors import ConfigError
+from envfs.files import config
+from envfs.files.config import VolumeConfig
 
 MINIMAL = 'backing = "/srv/data.envfs"\nmountpoint = "/srv/data"\n'
 

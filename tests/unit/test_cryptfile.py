@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from envfs import cryptfile, format
-from envfs.cryptfile import CryptFile, read_header
 from envfs.errors import IntegrityError
-from envfs.format import FileHeader, FileKeys
+from envfs.files import cryptfile, fileformat
+from envfs.files.cryptfile import CryptFile, read_header
+from envfs.files.fileformat import FileHeader, FileKeys
 
 SHIFT = 12  # 4 KiB blocks keep the model test small
 DATA_KEY = bytes(range(32))
@@ -36,7 +36,7 @@ def reopen(f: CryptFile) -> CryptFile:
 
 def test_new_file_is_empty_with_a_header(cfile: CryptFile) -> None:
     assert cfile.size == 0
-    assert os.fstat(cfile.fd).st_size == format.MIN_BACKING_SIZE
+    assert os.fstat(cfile.fd).st_size == fileformat.MIN_BACKING_SIZE
     assert reopen(cfile).size == 0
     assert cfile.read(0, 100) == b""
 
@@ -67,7 +67,7 @@ def test_random_operations_match_a_model(cfile: CryptFile) -> None:
             length = rng.randrange(0, 3 * block)
             assert cfile.read(offset, length) == bytes(model[offset : offset + length])
         assert cfile.size == len(model)
-        assert os.fstat(cfile.fd).st_size == format.backing_size(len(model), SHIFT)
+        assert os.fstat(cfile.fd).st_size == fileformat.backing_size(len(model), SHIFT)
     again = reopen(cfile)
     assert again.size == len(model)
     assert again.read(0, len(model) + 1) == bytes(model)
@@ -80,7 +80,7 @@ def test_write_past_the_end_reads_zeros(cfile: CryptFile) -> None:
 
 def test_tampered_block_gives_integrity_error(cfile: CryptFile) -> None:
     cfile.write(0, b"a" * 10000)
-    offset = format.block_offset(1, SHIFT) + 40
+    offset = fileformat.block_offset(1, SHIFT) + 40
     byte = os.pread(cfile.fd, 1, offset)
     os.pwrite(cfile.fd, bytes([byte[0] ^ 1]), offset)
     assert cfile.read(0, 100) == b"a" * 100  # block 0 is fine
@@ -92,7 +92,7 @@ def test_tampered_block_gives_integrity_error(cfile: CryptFile) -> None:
 
 def test_cut_at_a_block_boundary_is_refused_at_open(cfile: CryptFile) -> None:
     cfile.write(0, b"a" * 10000)
-    os.ftruncate(cfile.fd, format.block_offset(2, SHIFT))
+    os.ftruncate(cfile.fd, fileformat.block_offset(2, SHIFT))
     with pytest.raises(IntegrityError, match="impossible backing size"):
         reopen(cfile)
 
@@ -105,7 +105,7 @@ def test_sequential_reads_ask_the_kernel_ahead_now_and_then(
     cfile.write(0, bytes(8 << 20))
     asks: list[int] = []
     monkeypatch.setattr(
-        "envfs.cryptfile.os.posix_fadvise",
+        "envfs.files.cryptfile.os.posix_fadvise",
         lambda fd, offset, length, advice: asks.append(offset),
     )
     chunk = 128 << 10
@@ -171,9 +171,9 @@ def test_pread_polls_a_busy_disk_after_starting_the_read(
     fd, data = data_fd
     disk = FakeDisk(busy=3, chunk=1000)
     advice: list[tuple[int, int, int]] = []
-    monkeypatch.setattr("envfs.cryptfile.os.preadv", disk)
+    monkeypatch.setattr("envfs.files.cryptfile.os.preadv", disk)
     monkeypatch.setattr(
-        "envfs.cryptfile.os.posix_fadvise", lambda fd, o, n, a: advice.append((o, n, a))
+        "envfs.files.cryptfile.os.posix_fadvise", lambda fd, o, n, a: advice.append((o, n, a))
     )
     assert cryptfile._pread(fd, 2500, 10) == data[10:2510]
     # EAGAIN three times (the read is started once), then 1000 + 1000 + 500 bytes.
@@ -186,8 +186,8 @@ def test_pread_sleeps_in_pread_once_the_spin_time_is_over(
 ) -> None:
     fd, data = data_fd
     disk = FakeDisk(busy=10**9, chunk=None)
-    monkeypatch.setattr("envfs.cryptfile.os.preadv", disk)
-    monkeypatch.setattr("envfs.cryptfile.SPIN_NS", 2_000_000)
+    monkeypatch.setattr("envfs.files.cryptfile.os.preadv", disk)
+    monkeypatch.setattr("envfs.files.cryptfile.SPIN_NS", 2_000_000)
     assert cryptfile._pread(fd, 3000, 7) == data[7:3007]
     assert disk.calls >= 2  # polled until the deadline, then pread
 
@@ -202,8 +202,8 @@ def test_pread_falls_back_for_good_where_rwf_nowait_is_refused(
         calls.append(1)
         raise OSError(errno.EOPNOTSUPP, "not here")
 
-    monkeypatch.setattr("envfs.cryptfile.os.preadv", refusing)
-    monkeypatch.setattr("envfs.cryptfile._nowait_works", True)
+    monkeypatch.setattr("envfs.files.cryptfile.os.preadv", refusing)
+    monkeypatch.setattr("envfs.files.cryptfile._nowait_works", True)
     assert cryptfile._pread(fd, 100, 0) == data[:100]
     assert cryptfile._pread(fd, 100, 100) == data[100:200]
     assert len(calls) == 1
@@ -214,8 +214,8 @@ def test_pread_passes_other_errors_on(monkeypatch: pytest.MonkeyPatch) -> None:
     def failing(*args: object) -> int:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr("envfs.cryptfile.os.preadv", failing)
-    monkeypatch.setattr("envfs.cryptfile._nowait_works", True)
+    monkeypatch.setattr("envfs.files.cryptfile.os.preadv", failing)
+    monkeypatch.setattr("envfs.files.cryptfile._nowait_works", True)
     with pytest.raises(OSError) as info:
         cryptfile._pread(0, 10, 0)
     assert info.value.errno == errno.EIO
@@ -226,7 +226,7 @@ def test_read_header_asks_for_the_file_s_start_unless_told_not_to(
 ) -> None:
     asks: list[tuple[int, int, int]] = []
     monkeypatch.setattr(
-        "envfs.cryptfile.os.posix_fadvise", lambda fd, o, n, a: asks.append((o, n, a))
+        "envfs.files.cryptfile.os.posix_fadvise", lambda fd, o, n, a: asks.append((o, n, a))
     )
     assert read_header(cfile.fd)[0] == cfile.header
     assert asks == [(0, (128 << 10) + 8192, os.POSIX_FADV_WILLNEED)]
@@ -242,7 +242,7 @@ def whole_blocks(cfile: CryptFile, count: int) -> bytes:
     """Fill ``cfile`` with ``count`` whole blocks: it ends in an empty final block."""
     data = whole_blocks_data(count)
     cfile.write(0, data)
-    assert os.fstat(cfile.fd).st_size == format.block_offset(count, SHIFT) + 28
+    assert os.fstat(cfile.fd).st_size == fileformat.block_offset(count, SHIFT) + 28
     return data
 
 
@@ -252,14 +252,14 @@ def whole_blocks(cfile: CryptFile, count: int) -> bytes:
 )
 def test_a_forged_end_is_refused_before_anything_is_served(cfile: CryptFile, attack: str) -> None:
     whole_blocks(cfile, 3)
-    end = format.block_offset(3, SHIFT)
+    end = fileformat.block_offset(3, SHIFT)
     if attack == "flip the empty block's tag":
         byte = os.pread(cfile.fd, 1, end + 20)
         os.pwrite(cfile.fd, bytes([byte[0] ^ 0x80]), end + 20)
     elif attack == "replace the empty block":
         os.pwrite(cfile.fd, random.Random(1).randbytes(28), end)
     else:  # 512 + 2 * (B + 28) + 28: looks like two whole blocks and an empty one
-        os.ftruncate(cfile.fd, format.block_offset(2, SHIFT) + 28)
+        os.ftruncate(cfile.fd, fileformat.block_offset(2, SHIFT) + 28)
     size = reopen(cfile).size
     block = 1 << SHIFT
     uses: list[Callable[[CryptFile], object]] = [
@@ -287,7 +287,7 @@ def whole_blocks_data(count: int) -> bytes:
 
 def test_an_empty_file_whose_only_block_is_forged_is_refused(cfile: CryptFile) -> None:
     cfile.write(0, b"x" * 100)
-    os.ftruncate(cfile.fd, format.MIN_BACKING_SIZE)  # 540 bytes: the size of an empty file
+    os.ftruncate(cfile.fd, fileformat.MIN_BACKING_SIZE)  # 540 bytes: the size of an empty file
     with pytest.raises(IntegrityError, match=r"^block 0 failed authentication$"):
         reopen(cfile)
 
@@ -302,11 +302,11 @@ def test_the_end_costs_no_extra_read_when_the_read_covers_it(
     reads: list[int] = []
     real = cryptfile._pread
     monkeypatch.setattr(
-        "envfs.cryptfile._pread", lambda fd, n, at: reads.append(at) or real(fd, n, at)
+        "envfs.files.cryptfile._pread", lambda fd, n, at: reads.append(at) or real(fd, n, at)
     )
     assert opened.read(0, 4096) == b"x" * 1000
     assert opened.read(10, 10) == b"x" * 10
-    assert reads == [format.HEADER_SIZE, format.HEADER_SIZE]  # no separate read of the end
+    assert reads == [fileformat.HEADER_SIZE, fileformat.HEADER_SIZE]  # no separate read of the end
 
 
 # --- holes ----------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def test_a_large_gap_becomes_holes_that_read_as_zeros(cfile: CryptFile) -> None:
     size = 64 << 20  # 64 MiB
     cfile.truncate(size)
     assert cfile.size == size
-    assert os.fstat(cfile.fd).st_size == format.backing_size(size, SHIFT)
+    assert os.fstat(cfile.fd).st_size == fileformat.backing_size(size, SHIFT)
     assert allocated(cfile.fd) < 1 << 20  # nothing was written in between
     assert cfile.header.sparse
     again = reopen(cfile)
@@ -337,8 +337,8 @@ def test_a_small_gap_is_sealed_and_the_file_has_no_holes(cfile: CryptFile) -> No
     cfile.write(0, b"head")
     cfile.truncate(cryptfile.SPARSE_GAP)
     assert not cfile.header.sparse
-    zero = bytes(format.block_stride(SHIFT))
-    os.pwrite(cfile.fd, zero, format.block_offset(1, SHIFT))  # zeroing a block is caught
+    zero = bytes(fileformat.block_stride(SHIFT))
+    os.pwrite(cfile.fd, zero, fileformat.block_offset(1, SHIFT))  # zeroing a block is caught
     with pytest.raises(IntegrityError, match=r"^block 1 failed authentication$"):
         reopen(cfile).read(1 << SHIFT, 10)
 
@@ -347,14 +347,14 @@ def test_in_a_sparse_file_only_whole_zero_blocks_are_holes(cfile: CryptFile) -> 
     size = 8 << 20
     cfile.write(size, b"tail")  # a write far past the end makes holes too
     assert cfile.header.sparse and cfile.read(size, 10) == b"tail"
-    at = format.block_offset(3, SHIFT)
+    at = fileformat.block_offset(3, SHIFT)
     os.pwrite(cfile.fd, b"\1", at + 100)  # a hole with one byte set is a damaged block
     with pytest.raises(IntegrityError, match=r"^block 3 failed authentication$"):
         reopen(cfile).read(3 << SHIFT, 1)
     os.pwrite(cfile.fd, b"\0", at + 100)
     # The final block is never a hole: zeroing it fails before anything is served.
     end = os.fstat(cfile.fd).st_size
-    final = format.block_offset(size >> SHIFT, SHIFT)
+    final = fileformat.block_offset(size >> SHIFT, SHIFT)
     os.pwrite(cfile.fd, bytes(end - final), final)
     with pytest.raises(IntegrityError, match=r"failed authentication$"):
         reopen(cfile).read(0, 5)
@@ -484,7 +484,7 @@ def test_reserve_fails_fast_without_the_space(
     class Full:
         f_bavail, f_frsize = 10, real.f_frsize
 
-    monkeypatch.setattr("envfs.cryptfile.os.fstatvfs", lambda fd: Full)
+    monkeypatch.setattr("envfs.files.cryptfile.os.fstatvfs", lambda fd: Full)
     with pytest.raises(OSError) as info:
         cfile.reserve(1 << 20)
     assert info.value.errno == errno.ENOSPC

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from envfs import format as fmt
 from envfs.crypto import Aead, hkdf, hmac_sha256
 from envfs.errors import EnvfsError, IntegrityError
-from envfs.format import (
+from envfs.files import fileformat as fmt
+from envfs.files.fileformat import (
     BLOCK_OVERHEAD,
     HEADER_SIZE,
     FileHeader,

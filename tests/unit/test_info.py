@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from envfs import cli, format, info
+from envfs import cli
 from envfs.errors import VolumeError
+from envfs.files import fileformat, info
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 VOLUME_V1 = GOLDEN / "volume-v1"
@@ -131,7 +132,7 @@ def hostile(tmp_path: Path) -> Path:
     os.mkfifo(backing / "fifo")  # opened, it would block the walk
     (backing / ".envfs-tmp-abc").write_bytes(b"")  # an interrupted create's leftover
     (backing / "sub" / "plain.txt").write_text("not encrypted\n")
-    (backing / "short").write_bytes(format.MAGIC + b"\x00\x01")  # a header cut short
+    (backing / "short").write_bytes(fileformat.MAGIC + b"\x00\x01")  # a header cut short
     deep = backing
     for _ in range(50):
         deep = deep / "d"

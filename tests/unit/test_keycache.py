@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envfs.keycache import DataKeyCache
+from envfs.files.keycache import DataKeyCache
 
 
 class Clock:

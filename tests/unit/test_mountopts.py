@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from envfs import mountopts
 from envfs.cli import main
 from envfs.errors import UsageError
+from envfs.files import mountopts
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from envfs import readahead
-from envfs.readahead import FolderReadAhead
-from envfs.tree import open_regular
+from envfs.files import readahead
+from envfs.files.readahead import FolderReadAhead
+from envfs.files.tree import open_regular
 
 
 class Ahead:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from envfs import backing
-from envfs.inodes import ROOT_INODE, InodeTable
-from envfs.tree import BackingTree, open_regular
+from envfs.files import backing
+from envfs.files.inodes import ROOT_INODE, InodeTable
+from envfs.files.tree import BackingTree, open_regular
 
 
 @pytest.fixture(params=["openat2", "openat"])

@@ -17,16 +17,16 @@ from typing import Any
 
 import pytest
 
-from envfs import format
 from envfs.errors import AccessDeniedException, IntegrityError, VolumeError
-from envfs.inodes import ROOT_INODE
-from envfs.keycache import DataKeyCache
+from envfs.files import fileformat
+from envfs.files.inodes import ROOT_INODE
+from envfs.files.keycache import DataKeyCache
+from envfs.files.vfs import Vfs
+from envfs.files.volume import Volume
 from envfs.kms.model import Caller, EncryptionContext
 from envfs.kms.provider import DataKey, ServiceKeyProvider
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
-from envfs.vfs import Vfs
-from envfs.volume import Volume
 
 ROOT = Caller(0, 0, frozenset({0}), "root", frozenset({"root"}))
 USER = Caller(61002, 61002, frozenset({61002}))
@@ -145,11 +145,11 @@ def plant(setup: Setup, name: str, key: str, data: bytes) -> bytes:
     file_id = os.urandom(16)
     context: EncryptionContext = setup.volume.file_context(file_id)
     data_key: DataKey = setup.provider.generate_data_key(key, context, USER, "planted")
-    header = format.FileHeader(
+    header = fileformat.FileHeader(
         file_id, setup.volume.block_shift, data_key.key_arn, data_key.wrapped
     )
-    keys = format.FileKeys.derive(data_key.plaintext, file_id)
-    (setup.backing / name).write_bytes(format.encrypt_file(header, keys, data))
+    keys = fileformat.FileKeys.derive(data_key.plaintext, file_id)
+    (setup.backing / name).write_bytes(fileformat.encrypt_file(header, keys, data))
     return data_key.plaintext
 
 
@@ -189,7 +189,7 @@ def test_a_volume_being_changed_to_another_key_accepts_both(setup: Setup) -> Non
             assert vfs.read(fh, 0, 100) == text
             vfs.release(fh)
         raw = (setup.backing / "new").read_bytes()
-        assert format.FileHeader.parse(raw).key_arn == setup.other_key
+        assert fileformat.FileHeader.parse(raw).key_arn == setup.other_key
         with pytest.raises(IntegrityError):
             vfs.open(vfs.lookup(ROOT_INODE, b"third").ino, os.O_RDONLY, USER)
     finally:

@@ -13,8 +13,8 @@ was replaced, gives an integrity error there, and nothing of it is served.
 
 Gaps (a write past the end, truncation upwards, ``fallocate``) up to ``SPARSE_GAP`` bytes
 are sealed as zero blocks. Larger ones become holes in the backing file, which cost neither
-disk space nor time: the file's header then carries ``format.FLAG_SPARSE`` (see
-``docs/format.md`` for what that lets an attacker do).
+disk space nor time: the file's header then carries ``fileformat.FLAG_SPARSE`` (see
+``docs/fileformat.md`` for what that lets an attacker do).
 
 A write or truncation that moves the end of the file and fails (``ENOSPC``, ``EFBIG``, ``EIO``)
 puts back the bytes it overwrote and the old backing size: the file is left as it was.
@@ -30,11 +30,11 @@ import os
 import time
 from collections.abc import Iterator
 
-from envfs import format
-from envfs.backing import punch_hole as _punch_hole
-from envfs.backing import reserve as _reserve
 from envfs.errors import IntegrityError
-from envfs.format import FileHeader, FileKeys
+from envfs.files import fileformat
+from envfs.files.backing import punch_hole as _punch_hole
+from envfs.files.backing import reserve as _reserve
+from envfs.files.fileformat import FileHeader, FileKeys
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def read_header(fd: int, *, read_ahead: bool = True, extra: int = 0) -> tuple[Fi
 
     Args:
         read_ahead: ask the kernel for the file's first blocks too; False where that was
-            done already (:mod:`envfs.readahead`).
+            done already (:mod:`envfs.files.readahead`).
         extra: also read up to this many bytes after the header (returned in the raw
             bytes), so that :meth:`CryptFile.open` finds a small file's final block there.
 
@@ -122,7 +122,7 @@ def read_header(fd: int, *, read_ahead: bool = True, extra: int = 0) -> tuple[Fi
         # An open is mostly followed by a read of the file's start: ask for that stretch
         # now, so that the header and the first blocks come from the disk in one request.
         os.posix_fadvise(fd, 0, _OPEN_READ_AHEAD, os.POSIX_FADV_WILLNEED)
-    raw = bytes(_pread(fd, format.HEADER_SIZE + extra, 0))
+    raw = bytes(_pread(fd, fileformat.HEADER_SIZE + extra, 0))
     return FileHeader.parse(raw), raw
 
 
@@ -157,7 +157,9 @@ class CryptFile:
     @classmethod
     def create(cls, fd: int, header: FileHeader, keys: FileKeys) -> CryptFile:
         """Write a new, empty file (header and empty final block) to ``fd``."""
-        empty = format.encrypt_blocks(keys, header.file_id, 0, b"", header.block_shift, final=True)
+        empty = fileformat.encrypt_blocks(
+            keys, header.file_id, 0, b"", header.block_shift, final=True
+        )
         _pwrite_all(fd, header.encode(keys) + empty, 0)
         return cls(fd, header, keys, 0)
 
@@ -176,10 +178,10 @@ class CryptFile:
         """
         header.verify(raw, keys)
         backing = os.fstat(fd).st_size
-        size = format.plaintext_size(backing, header.block_shift)
+        size = fileformat.plaintext_size(backing, header.block_shift)
         cfile = cls(fd, header, keys, size, end_checked=False)
         if size == 0:  # no read reaches an empty file: the kernel answers EOF by itself
-            cfile.check_end(raw[format.HEADER_SIZE : backing] if len(raw) >= backing else None)
+            cfile.check_end(raw[fileformat.HEADER_SIZE : backing] if len(raw) >= backing else None)
         return cfile
 
     def check_end(self, sealed: bytes | None = None) -> None:
@@ -192,22 +194,24 @@ class CryptFile:
         if self._end_checked:
             return
         final = self.size >> self._shift
-        start = format.block_offset(final, self._shift)
-        length = format.backing_size(self.size, self._shift) - start
+        start = fileformat.block_offset(final, self._shift)
+        length = fileformat.backing_size(self.size, self._shift) - start
         if sealed is None:
             sealed = bytes(_pread(self.fd, length, start))
         if len(sealed) != length:
             raise IntegrityError("the backing file is shorter than expected")
-        format.decrypt_block(self.keys, self.header.file_id, final, sealed, self._shift)
+        fileformat.decrypt_block(self.keys, self.header.file_id, final, sealed, self._shift)
         self._end_checked = True
 
     # --- reading -----------------------------------------------------------------------
 
     def _plain_block(self, index: int) -> bytes:
         sealed = _pread(
-            self.fd, format.block_stride(self._shift), format.block_offset(index, self._shift)
+            self.fd,
+            fileformat.block_stride(self._shift),
+            fileformat.block_offset(index, self._shift),
         )
-        return format.decrypt_block(
+        return fileformat.decrypt_block(
             self.keys, self.header.file_id, index, sealed, self._shift, holes=self.header.sparse
         )
 
@@ -221,7 +225,7 @@ class CryptFile:
             self.check_end()
             return b""
         length = min(length, self.size - offset)
-        span = format.block_span(offset, length, self._shift)
+        span = fileformat.block_span(offset, length, self._shift)
         # A read that covers the final block authenticates it itself.
         covers_end = span.first_block + span.block_count > self.size >> self._shift
         if not covers_end:
@@ -238,7 +242,7 @@ class CryptFile:
             os.posix_fadvise(self.fd, end, _READ_AHEAD, os.POSIX_FADV_WILLNEED)
             self._ahead_to = end + _READ_AHEAD
         self._read_end = end
-        plain = format.decrypt_blocks(
+        plain = fileformat.decrypt_blocks(
             self.keys,
             self.header.file_id,
             span.first_block,
@@ -301,7 +305,7 @@ class CryptFile:
                 tail_plain = self._plain_block(last)
             base = last * block
             parts.append(tail_plain[end - base : run_end - base])
-        sealed = format.encrypt_blocks(
+        sealed = fileformat.encrypt_blocks(
             self.keys,
             self.header.file_id,
             first,
@@ -309,7 +313,7 @@ class CryptFile:
             self._shift,
             final=run_end == new_size,
         )
-        at = format.block_offset(first, self._shift)
+        at = fileformat.block_offset(first, self._shift)
         if guarded or (new_size == size and not self.header.sparse):
             # Overwriting blocks in place needs no new disk space.
             _pwrite_all(self.fd, sealed, at)
@@ -327,17 +331,17 @@ class CryptFile:
         shift, size = self._shift, self.size
         last_old, last_new = size >> shift, until >> shift  # last_new > last_old: a big gap
         if not self.header.sparse:
-            self.header = dataclasses.replace(self.header, flags=format.FLAG_SPARSE)
+            self.header = dataclasses.replace(self.header, flags=fileformat.FLAG_SPARSE)
             _pwrite_all(self.fd, self.header.encode(self.keys), 0)
         # The old final block becomes a whole one, padded with zeros; the new final block
         # holds the zeros after the last whole block; everything between is a hole.
         padded = self._plain_block(last_old).ljust(self._block, b"\0")
         file_id = self.header.file_id
-        whole = format.encrypt_blocks(self.keys, file_id, last_old, padded, shift, final=False)
+        whole = fileformat.encrypt_blocks(self.keys, file_id, last_old, padded, shift, final=False)
         tail = bytes(until - (last_new << shift))
-        final = format.encrypt_blocks(self.keys, file_id, last_new, tail, shift, final=True)
-        _pwrite_all(self.fd, final, format.block_offset(last_new, shift))
-        _pwrite_all(self.fd, whole, format.block_offset(last_old, shift))
+        final = fileformat.encrypt_blocks(self.keys, file_id, last_new, tail, shift, final=True)
+        _pwrite_all(self.fd, final, fileformat.block_offset(last_new, shift))
+        _pwrite_all(self.fd, whole, fileformat.block_offset(last_old, shift))
         self.size = until
 
     def truncate(self, new_size: int) -> None:
@@ -359,12 +363,12 @@ class CryptFile:
         index = new_size >> self._shift
         keep = new_size - (index << self._shift)
         plain = self._plain_block(index)[:keep] if keep else b""
-        sealed = format.encrypt_blocks(
+        sealed = fileformat.encrypt_blocks(
             self.keys, self.header.file_id, index, plain, self._shift, final=True
         )
         with self._rollback(index, index):
-            _pwrite_all(self.fd, sealed, format.block_offset(index, self._shift))
-            os.ftruncate(self.fd, format.backing_size(new_size, self._shift))
+            _pwrite_all(self.fd, sealed, fileformat.block_offset(index, self._shift))
+            os.ftruncate(self.fd, fileformat.backing_size(new_size, self._shift))
         self.size = new_size
         self._end_checked = True  # the final block is the one just written
 
@@ -380,8 +384,8 @@ class CryptFile:
         if until <= self.size:
             return
         self.check_end()
-        current = format.backing_size(self.size, self._shift)
-        wanted = format.backing_size(until, self._shift) - current
+        current = fileformat.backing_size(self.size, self._shift)
+        wanted = fileformat.backing_size(until, self._shift) - current
         free = os.fstatvfs(self.fd)
         if wanted > free.f_bavail * free.f_frsize:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -390,7 +394,7 @@ class CryptFile:
             self._grow(until)
 
     def _check_size(self, size: int) -> None:
-        if format.backing_size(size, self._shift) > MAX_BACKING_SIZE:
+        if fileformat.backing_size(size, self._shift) > MAX_BACKING_SIZE:
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 
     @contextlib.contextmanager
@@ -401,10 +405,10 @@ class CryptFile:
         final = size >> shift
         first = final if first is None else min(first, final)
         last = final if last is None else min(last, final)
-        at = format.block_offset(first, shift)
-        old_backing = format.backing_size(size, shift)
+        at = fileformat.block_offset(first, shift)
+        old_backing = fileformat.backing_size(size, shift)
         saved = bytes(
-            _pread(self.fd, min(old_backing, format.block_offset(last + 1, shift)) - at, at)
+            _pread(self.fd, min(old_backing, fileformat.block_offset(last + 1, shift)) - at, at)
         )
         try:
             yield
@@ -422,7 +426,7 @@ class CryptFile:
     def _restore(self, saved: bytes, at: int) -> None:
         """Write back ``saved`` at ``at``; holes (whole zero blocks) are punched again, not
         written, so that undoing a failed fill of a hole needs no disk space."""
-        stride = format.block_stride(self._shift)
+        stride = fileformat.block_stride(self._shift)
         zero = bytes(stride)
         start = 0
         while start < len(saved):

@@ -1,4 +1,4 @@
-"""The pyfuse3 adapter: converts FUSE requests to :class:`~envfs.vfs.Vfs` calls, and errors
+"""The pyfuse3 adapter: converts FUSE requests to :class:`~envfs.files.vfs.Vfs` calls, and errors
 to errno answers. Nothing else lives here.
 
 Every handler goes through :func:`_errno_answers`: an ``OSError`` becomes its errno, an
@@ -19,8 +19,8 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from envfs.errors import EnvfsError
+from envfs.files.vfs import Stat, Vfs
 from envfs.kms.model import Caller
-from envfs.vfs import Stat, Vfs
 
 log = logging.getLogger(__name__)
 

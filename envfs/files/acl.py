@@ -182,7 +182,7 @@ class AclStore:
     mode is the truth, and :meth:`read` puts its bits in.
 
     ``target``: an open descriptor of a regular file or directory, or the
-    ``/proc/self/fd`` name of an ``O_PATH`` one (see :func:`envfs.backing.proc_path`).
+    ``/proc/self/fd`` name of an ``O_PATH`` one (see :func:`envfs.files.backing.proc_path`).
     """
 
     def __init__(self, prefix: bytes) -> None:

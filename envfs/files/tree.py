@@ -31,9 +31,9 @@ import logging
 import os
 import stat
 
-from envfs import backing
-from envfs.backing import O_PATH
-from envfs.inodes import ROOT_INODE, InodeTable
+from envfs.files import backing
+from envfs.files.backing import O_PATH
+from envfs.files.inodes import ROOT_INODE, InodeTable
 
 log = logging.getLogger(__name__)
 

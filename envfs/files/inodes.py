@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from envfs.cryptfile import CryptFile
+    from envfs.files.cryptfile import CryptFile
 
 ROOT_INODE = 1
 
@@ -73,7 +73,7 @@ class InodeTable:
 
     def path(self, ino: int) -> bytes:
         """The backing path of a node (for messages: the backing folder is reached through
-        directory descriptors, never by path; see :mod:`envfs.tree`)."""
+        directory descriptors, never by path; see :mod:`envfs.files.tree`)."""
         return b"/".join([self.root_path, *self.names(ino)])
 
     def remember(self, parent: int, name: bytes, key: tuple[int, int], lookups: int) -> Node:

@@ -26,11 +26,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envfs import format, tree
-from envfs.backing import TEMP_PREFIX
 from envfs.errors import IntegrityError
+from envfs.files import fileformat, tree
+from envfs.files.backing import TEMP_PREFIX
+from envfs.files.volume import VOLUME_FILE, Volume
 from envfs.kms.provider import wrapped_key_id, wrapped_key_version
-from envfs.volume import VOLUME_FILE, Volume
 
 # Names the plaintext view hides at the root of the volume.
 _HIDDEN_AT_ROOT = frozenset({VOLUME_FILE, VOLUME_FILE + ".tmp"})
@@ -180,7 +180,7 @@ def _read_file(dir_fd: int, name: str, path: str, summary: VolumeSummary) -> Non
         summary._problem(path, f"not read: {exc.strerror}")
         return
     try:
-        raw = os.pread(fd, format.HEADER_SIZE, 0)
+        raw = os.pread(fd, fileformat.HEADER_SIZE, 0)
         size = os.fstat(fd).st_size
     except OSError as exc:
         summary.unreadable_files += 1
@@ -198,7 +198,7 @@ def _read_file(dir_fd: int, name: str, path: str, summary: VolumeSummary) -> Non
 def _file_problem(raw: bytes, size: int, summary: VolumeSummary) -> str | None:
     volume = summary.volume
     try:
-        header = format.FileHeader.parse(raw)
+        header = fileformat.FileHeader.parse(raw)
     except IntegrityError as exc:
         return exc.message
     if header.sparse:
@@ -212,7 +212,7 @@ def _file_problem(raw: bytes, size: int, summary: VolumeSummary) -> str | None:
     if header.block_shift != volume.block_shift:
         return f"its block size {header.block_size} is not the volume's {volume.block_size}"
     try:
-        summary.plaintext_size += format.plaintext_size(size, header.block_shift)
+        summary.plaintext_size += fileformat.plaintext_size(size, header.block_shift)
     except IntegrityError as exc:
         return exc.message
     return None

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import trio
 
-from envfs import crypto, format
+from envfs import crypto
 from envfs.errors import EnvfsError
+from envfs.files import fileformat
+from envfs.files.volume import Volume
 from envfs.kms.model import Caller
 from envfs.kms.provider import DataKey, KeyProvider
-from envfs.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class DataKeyPool:
         while ready and ready[0].expires <= now:
             ready.popleft()
         while len(ready) < self.size:
-            file_id = crypto.random_bytes(format.FILE_ID_SIZE)
+            file_id = crypto.random_bytes(fileformat.FILE_ID_SIZE)
             try:
                 data_key = await trio.to_thread.run_sync(
                     self.provider.generate_data_key,

@@ -2,7 +2,7 @@
 
 ``Vfs`` serves a plaintext view of a backing folder. Directories, symlinks, FIFOs, sockets
 and device nodes are stored as they are; regular files are encrypted
-(:mod:`envfs.cryptfile`), each with its own data key from the key service.
+(:mod:`envfs.files.cryptfile`), each with its own data key from the key service.
 
 Every ``open`` and ``create`` is an access decision for the calling user, made by the
 key service (Decrypt or GenerateDataKey on the user's behalf, audited with the file id
@@ -16,10 +16,10 @@ Only the volume file decides which master keys may wrap a file's data key
 (:meth:`Volume.accepts_key`); a header naming any other key is refused (EIO) without asking
 the key service.
 
-Inodes and the names they are known by are kept by :mod:`envfs.inodes`; the backing folder
-is reached only through directory descriptors (:mod:`envfs.tree`), never by path.
+Inodes and the names they are known by are kept by :mod:`envfs.files.inodes`; the backing folder
+is reached only through directory descriptors (:mod:`envfs.files.tree`), never by path.
 Extended attributes and POSIX ACLs (which the kernel enforces; a new node's mode and ACLs
-come from its parent's default ACL or the umask) are :mod:`envfs.xattrs`'s.
+come from its parent's default ACL or the umask) are :mod:`envfs.files.xattrs`'s.
 
 All methods are synchronous and raise ``OSError`` (with an errno) or an ``EnvfsError``;
 the FUSE adapter turns both into errno answers.
@@ -36,27 +36,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from envfs import acl, crypto, format
-from envfs.acl import AclStore
-from envfs.backing import TEMP_PREFIX, chown_fd, link_fd, open_unnamed, proc_path, renameat2
-from envfs.callers import CallerCache
-from envfs.cryptfile import CryptFile, read_header
+from envfs import crypto
 from envfs.errors import (
     EnvfsError,
     IntegrityError,
     KMSError,
     VolumeError,
 )
-from envfs.format import FileHeader, FileKeys
-from envfs.inodes import ROOT_INODE, InodeTable, Node
-from envfs.keycache import DataKeyCache
-from envfs.keypool import DataKeyPool
+from envfs.files import acl, fileformat
+from envfs.files.acl import AclStore
+from envfs.files.backing import TEMP_PREFIX, chown_fd, link_fd, open_unnamed, proc_path, renameat2
+from envfs.files.callers import CallerCache
+from envfs.files.cryptfile import CryptFile, read_header
+from envfs.files.fileformat import FileHeader, FileKeys
+from envfs.files.inodes import ROOT_INODE, InodeTable, Node
+from envfs.files.keycache import DataKeyCache
+from envfs.files.keypool import DataKeyPool
+from envfs.files.readahead import FolderReadAhead
+from envfs.files.tree import BackingTree, DirFd, check_regular, open_path, open_regular
+from envfs.files.volume import VOLUME_FILE, Volume
+from envfs.files.xattrs import ExtendedAttributes, NewMode
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider
-from envfs.readahead import FolderReadAhead
-from envfs.tree import BackingTree, DirFd, check_regular, open_path, open_regular
-from envfs.volume import VOLUME_FILE, Volume
-from envfs.xattrs import ExtendedAttributes, NewMode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,7 +101,7 @@ class Vfs(ExtendedAttributes):
         chown_new: give new files and directories to the calling user (root-run,
             multi-user mounts); otherwise they belong to the daemon's user.
         key_cache: recent key decisions per user (default: none, every open asks); the
-            users' groups are kept exactly as long (:mod:`envfs.callers`).
+            users' groups are kept exactly as long (:mod:`envfs.files.callers`).
     """
 
     def __init__(
@@ -180,7 +181,7 @@ class Vfs(ExtendedAttributes):
                 os.close(fd)
 
     def caller(self, uid: int, gid: int) -> Caller:
-        """The identity of a FUSE request's user, with its groups (see :mod:`envfs.callers`)."""
+        """The identity of a FUSE request's user, with its groups (see :mod:`.callers`)."""
         return self.callers.get(uid, gid)
 
     # --- nodes and entries -------------------------------------------------------------
@@ -238,7 +239,7 @@ class Vfs(ExtendedAttributes):
                 size = node.file.size
             else:
                 try:
-                    size = format.plaintext_size(st.st_size, self.volume.block_shift)
+                    size = fileformat.plaintext_size(st.st_size, self.volume.block_shift)
                 except IntegrityError:
                     log.warning(
                         "backing file %r has an impossible size %d",
@@ -545,7 +546,7 @@ class Vfs(ExtendedAttributes):
         if pooled is not None:
             file_id, data_key = pooled
         else:
-            file_id = crypto.random_bytes(format.FILE_ID_SIZE)
+            file_id = crypto.random_bytes(fileformat.FILE_ID_SIZE)
             data_key = self.provider.generate_data_key(
                 self.volume.key_arn,
                 self.volume.file_context(file_id),
@@ -614,7 +615,7 @@ class Vfs(ExtendedAttributes):
 
     def _unwrap(self, header: FileHeader, caller: Caller, path: bytes, purpose: str = "") -> bytes:
         """The file's data key for ``caller``: the key service's decision, or a recent one
-        for the same user from the cache (see :mod:`envfs.keycache`).
+        for the same user from the cache (see :mod:`envfs.files.keycache`).
 
         Raises:
             IntegrityError: the header names a key the volume does not accept (nothing is
@@ -670,7 +671,9 @@ class Vfs(ExtendedAttributes):
         path = self._safe_path(node)
         try:
             try:  # with an empty file's final block (28 bytes, in the same page)
-                header, raw = read_header(fd, read_ahead=held is None, extra=format.BLOCK_OVERHEAD)
+                header, raw = read_header(
+                    fd, read_ahead=held is None, extra=fileformat.BLOCK_OVERHEAD
+                )
             except IntegrityError as exc:
                 log.warning("backing file %r: %s", path, exc.message)
                 raise

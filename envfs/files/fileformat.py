@@ -30,7 +30,7 @@ plaintext size is a multiple of B (the empty file included) the file ends with a
 28-byte block. So every file has a header and at least one block, a file cut at a block
 boundary has an impossible size, and the plaintext size follows from the backing size alone:
 ``backing = HEADER_SIZE + plaintext + 28 * (plaintext // B + 1)``. The final block is
-authenticated before any of the file is served (:mod:`envfs.cryptfile`).
+authenticated before any of the file is served (:mod:`envfs.files.cryptfile`).
 
 In a file whose header has ``FLAG_SPARSE``, a block other than the final one whose B + 28
 bytes on disk are all zero is a *hole* and reads as B zero bytes: large gaps (a truncate

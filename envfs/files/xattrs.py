@@ -6,7 +6,7 @@ are refused (EOPNOTSUPP).
 
 POSIX ACLs (``system.posix_acl_access``, ``system.posix_acl_default``) are served once
 the kernel enforces them (:meth:`ExtendedAttributes.enable_acls`) and kept as private
-xattrs of the backing entries (:class:`envfs.acl.AclStore`); everything read back is
+xattrs of the backing entries (:class:`envfs.files.acl.AclStore`); everything read back is
 checked, and a malformed ACL is an integrity failure (EIO, a WARNING with the backing
 path), never handed to the kernel. As on ext4, setting an access ACL sets the mode's
 bits, a ``chmod`` sets the mask (the stored ACL's owner, group class and other bits
@@ -23,7 +23,7 @@ the pyfuse3 build asks for with ACLs), leaves the umask to the file system too (
 the request's ``umask``). Nor does pyfuse3 pass ``FUSE_SETXATTR_ACL_KILL_SGID``: the
 set-group-ID rule is applied here from the caller.
 
-Mixed into :class:`envfs.vfs.Vfs`, whose inodes and backing descriptors it uses.
+Mixed into :class:`envfs.files.vfs.Vfs`, whose inodes and backing descriptors it uses.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import os
 import stat
 from typing import NamedTuple
 
-from envfs import acl
-from envfs.acl import Acl, AclStore, MalformedAcl
-from envfs.backing import proc_path
-from envfs.inodes import InodeTable, Node
+from envfs.files import acl
+from envfs.files.acl import Acl, AclStore, MalformedAcl
+from envfs.files.backing import proc_path
+from envfs.files.inodes import InodeTable, Node
+from envfs.files.tree import DirFd
 from envfs.kms.model import Caller
-from envfs.tree import DirFd
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class NewMode(NamedTuple):
 
 
 class ExtendedAttributes:
-    """xattr requests and the ACLs of new nodes, for :class:`envfs.vfs.Vfs`."""
+    """xattr requests and the ACLs of new nodes, for :class:`envfs.files.vfs.Vfs`."""
 
     inodes: InodeTable
     acls: AclStore | None
@@ -82,7 +82,7 @@ class ExtendedAttributes:
     def enable_acls(self, prefix: bytes | None = None) -> None:
         """Serve POSIX ACLs: call once the kernel enforces them (and leaves create modes
         unmasked). They are kept as ``prefix`` xattrs in the backing folder (default: by
-        who runs the mount, see :func:`envfs.acl.namespace_prefix`)."""
+        who runs the mount, see :func:`envfs.files.acl.namespace_prefix`)."""
         self.acls = AclStore(acl.namespace_prefix(self._euid) if prefix is None else prefix)
 
     def _acl_store(self) -> AclStore:

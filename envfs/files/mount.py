@@ -27,16 +27,16 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from envfs import mountopts
-from envfs.config import BUSY_POLL_DEFAULT_US
 from envfs.errors import AccessDeniedException, EnvfsError, MountError
-from envfs.fs import Operations
-from envfs.keycache import DataKeyCache
-from envfs.keypool import DataKeyPool
+from envfs.files import mountopts
+from envfs.files.config import BUSY_POLL_DEFAULT_US
+from envfs.files.fuseops import Operations
+from envfs.files.keycache import DataKeyCache
+from envfs.files.keypool import DataKeyPool
+from envfs.files.vfs import Vfs
+from envfs.files.volume import Volume
 from envfs.kms.model import Caller
 from envfs.kms.provider import KeyProvider, ServiceKeyProvider
-from envfs.vfs import Vfs
-from envfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

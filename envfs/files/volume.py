@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envfs import crypto, format
+from envfs import crypto
 from envfs.errors import (
     IncorrectKeyException,
     InvalidArnException,
@@ -53,6 +53,7 @@ from envfs.errors import (
     NotFoundException,
     VolumeError,
 )
+from envfs.files import fileformat
 from envfs.kms.model import Caller, EncryptionContext, parse_arn
 from envfs.kms.provider import KeyProvider, wrapped_key_id
 
@@ -83,8 +84,8 @@ class Volume:
     volume_id: str
     region: str
     key_arn: str
-    block_shift: int = format.DEFAULT_BLOCK_SHIFT
-    format_version: int = format.FORMAT_VERSION
+    block_shift: int = fileformat.DEFAULT_BLOCK_SHIFT
+    format_version: int = fileformat.FORMAT_VERSION
     features: list[str] = field(default_factory=list)
     created: str = ""
     auth_key: bytes = b""
@@ -136,7 +137,7 @@ class Volume:
         provider: KeyProvider,
         caller: Caller,
         *,
-        block_shift: int = format.DEFAULT_BLOCK_SHIFT,
+        block_shift: int = fileformat.DEFAULT_BLOCK_SHIFT,
     ) -> Volume:
         """Make ``backing`` a new volume under the master key ``key_id``.
 
@@ -145,10 +146,10 @@ class Volume:
             KMSError: the key service refused (unknown key, not a key user, ...).
         """
         backing = Path(backing)
-        if not format.MIN_BLOCK_SHIFT <= block_shift <= format.MAX_BLOCK_SHIFT:
+        if not fileformat.MIN_BLOCK_SHIFT <= block_shift <= fileformat.MAX_BLOCK_SHIFT:
             raise VolumeError(
                 f"block size {1 << block_shift} is not allowed: expected a power of two from"
-                f" {1 << format.MIN_BLOCK_SHIFT} to {1 << format.MAX_BLOCK_SHIFT} bytes"
+                f" {1 << fileformat.MIN_BLOCK_SHIFT} to {1 << fileformat.MAX_BLOCK_SHIFT} bytes"
             )
         if backing.exists() and not backing.is_dir():
             raise VolumeError(f"{str(backing)!r} is not a directory")
@@ -288,17 +289,17 @@ class Volume:
             )
         except (binascii.Error, ValueError) as exc:
             raise VolumeError(f"{str(path)!r} is malformed: {exc}") from None
-        if volume.format_version != format.FORMAT_VERSION:
+        if volume.format_version != fileformat.FORMAT_VERSION:
             raise VolumeError(
                 f"{str(path)!r} uses file format {volume.format_version}; this envfs reads"
-                f" format {format.FORMAT_VERSION}"
+                f" format {fileformat.FORMAT_VERSION}"
             )
         unknown_features = set(map(str, volume.features)) - KNOWN_FEATURES
         if unknown_features:
             raise VolumeError(
                 f"{str(path)!r} needs features this envfs does not have: {sorted(unknown_features)}"
             )
-        if not format.MIN_BLOCK_SHIFT <= volume.block_shift <= format.MAX_BLOCK_SHIFT:
+        if not fileformat.MIN_BLOCK_SHIFT <= volume.block_shift <= fileformat.MAX_BLOCK_SHIFT:
             raise VolumeError(f"{str(path)!r} has an invalid block shift {volume.block_shift}")
         if not all(isinstance(a, str) for a in volume.previous_key_arns) or (
             "previous_key_arns" in doc and not volume.previous_key_arns
