@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from envfs.errors import KMSError
+from envfs.identity import Caller
 from envfs.kms.client import KMSClient
-from envfs.kms.model import Caller
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 

@@ -9,9 +9,9 @@ import os
 import sys
 from typing import Any
 
+from envfs.arn import validate_region
 from envfs.cli.output import OUTPUT_FORMATS, Query, QueryError, compile_query, render
 from envfs.errors import ValidationException
-from envfs.kms.model import validate_region
 
 
 def region_type(text: str) -> str:

@@ -21,12 +21,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from envfs import notify
 from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.params import ArgumentError, build_request, read_file_bytes
 from envfs.errors import AuditVerificationError, UsageError
+from envfs.keys.choice import KeyServiceChoice, KeyServiceConnection, connect
 from envfs.kms.limits import Limits, Rate
 from envfs.kms.model import DEFAULT_REGION
 from envfs.kms.operations import OPERATIONS, Operation, Param, ParamType
@@ -142,39 +143,6 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 # --- the backend: daemon or embedded store -------------------------------------------------
 
 
-class Backend(Protocol):
-    def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
-
-
-class _Embedded:
-    """The key service in this process, over the region's store, as the current user."""
-
-    def __init__(self, store: KeyStore, *, due_tasks: bool = True) -> None:
-        from envfs.kms.model import Caller
-        from envfs.kms.service import KeyService
-
-        self._store = store
-        try:
-            self._service = KeyService(store)
-            self._caller = Caller.current()
-            if due_tasks:
-                self._service.run_due_tasks()
-        except BaseException:
-            store.close()
-            raise
-
-    def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        return self._service.handle(self._caller, operation, params)
-
-    def close(self) -> None:
-        try:
-            self._service.close()
-        finally:
-            self._store.close()
-
-
 def _store_directory(args: argparse.Namespace) -> Path:
     from envfs.kms.store import default_kms_dir, region_store_dir
 
@@ -212,22 +180,20 @@ def open_store(args: argparse.Namespace) -> KeyStore:
 
 
 @contextlib.contextmanager
-def open_backend(args: argparse.Namespace, *, due_tasks: bool = True) -> Iterator[Backend]:
+def open_backend(
+    args: argparse.Namespace, *, due_tasks: bool = True
+) -> Iterator[KeyServiceConnection]:
     """The daemon if its socket exists and ``--embedded`` was not given, else the store
     (carrying out due rotations and deletions first, unless ``due_tasks`` is False)."""
-    from envfs.kms.client import KMSClient
     from envfs.kms.store import default_socket_path
 
     socket_path: Path = args.socket or default_socket_path(args.region)
-    backend: Backend
-    if not args.embedded and socket_path.exists():
-        backend = KMSClient(socket_path)
-    else:
-        backend = _Embedded(open_store(args), due_tasks=due_tasks)
-    try:
-        yield backend
-    finally:
-        backend.close()
+    daemon = not args.embedded and socket_path.exists()
+    choice = KeyServiceChoice(socket_path if daemon else None)
+    with connect(
+        choice, args.region, open_store=lambda: open_store(args), due_tasks=due_tasks
+    ) as kms:
+        yield kms
 
 
 # --- operation verbs -----------------------------------------------------------------------
@@ -536,7 +502,7 @@ def _audit_mode(args: argparse.Namespace) -> str:
 def _owner_call(args: argparse.Namespace, run: Callable[[Any, Any], dict[str, Any]]) -> Any:
     """Archive, repair, verify archives: always on the store itself (never the daemon),
     as the current user, without due tasks (they could not be audited on a damaged log)."""
-    from envfs.kms.model import Caller
+    from envfs.identity import Caller
     from envfs.kms.service import KeyService
 
     service = KeyService(open_store(args))

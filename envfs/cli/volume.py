@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from envfs import notify
+from envfs.cli import config
 from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.kms import open_store
 from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
-from envfs.files import config, fileformat, mountopts
+from envfs.files import fileformat, mountopts
 from envfs.files.volume import Volume
-from envfs.kms.client import KMSClient
-from envfs.kms.model import Caller
-from envfs.kms.provider import ClientKeyProvider, KeyProvider, ServiceKeyProvider
-from envfs.kms.service import KeyService
+from envfs.identity import Caller
+from envfs.keys.choice import KeyServiceChoice, KeyServiceConnection, connect
 
 log = logging.getLogger("envfs")
 
@@ -107,14 +106,14 @@ DEFAULT_KEY_CACHE_SECONDS = 30.0  # with a key-service daemon; 0 with the embedd
 def _key_cache_seconds(args: argparse.Namespace) -> float:
     if args.key_cache_seconds is not None:
         return float(args.key_cache_seconds)
-    return DEFAULT_KEY_CACHE_SECONDS if args.kms.startswith("unix:") else 0.0
+    return DEFAULT_KEY_CACHE_SECONDS if KeyServiceChoice.parse(args.kms).daemon else 0.0
 
 
 DEFAULT_KEY_POOL_SIZE = 4  # per user, with a key-service daemon; none with the embedded store
 
 
 def _key_pool_size(args: argparse.Namespace) -> int:
-    daemon = args.kms.startswith("unix:")
+    daemon = KeyServiceChoice.parse(args.kms).daemon
     if args.key_pool_size is not None:
         if args.key_pool_size and not daemon:
             raise UsageError(
@@ -127,11 +126,11 @@ def _key_pool_size(args: argparse.Namespace) -> int:
 
 def kms_service_type(text: str) -> str:
     """argparse type of ``--kms``: ``embedded`` or ``unix:/absolute/path``."""
-    if text == "embedded" or (text.startswith("unix:/") and len(text) > len("unix:/")):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"key service {text!r} is neither 'embedded' nor 'unix:/PATH/TO/SOCKET'"
-    )
+    try:
+        KeyServiceChoice.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"key service {exc}") from None
+    return text
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -153,9 +152,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def busy_poll_type(text: str) -> int:
     """argparse type of ``--busy-poll``: whole microseconds, 0 to the configuration's bound."""
-    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) > config.BUSY_POLL_MAX_US:
+    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) > mountopts.BUSY_POLL_MAX_US:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of microseconds from 0 to {config.BUSY_POLL_MAX_US}"
+            f"{text!r} is not a number of microseconds from 0 to {mountopts.BUSY_POLL_MAX_US}"
         )
     return int(text)
 
@@ -168,37 +167,25 @@ def _add_busy_poll_option(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="after each answer, watch for the next request this long before sleeping:"
         " faster requests, paid in CPU time while they pause; 0: never"
-        f" (default {config.BUSY_POLL_DEFAULT_US}; see docs/mount.md)",
+        f" (default {mountopts.BUSY_POLL_DEFAULT_US}; see docs/mount.md)",
     )
 
 
-class _Service:
-    """The key service of a region, embedded or a daemon's; closed on exit."""
-
-    def __init__(self, args: argparse.Namespace, region: str, *, batch_audit: bool = False) -> None:
-        """``batch_audit``: an embedded service batches its audit records (the mount)."""
-        self.provider: KeyProvider
-        self.service: KeyService | None = None
-        self.client: KMSClient | None = None
-        if args.kms.startswith("unix:"):
-            self.client = KMSClient(args.kms[len("unix:") :], timeout=args.kms_timeout)
-            self.provider = ClientKeyProvider(self.client, region)
-            return
-        store_args = argparse.Namespace(
-            region=region, kms_dir=args.kms_dir, passphrase_file=args.passphrase_file
-        )
-        self.service = KeyService(open_store(store_args), batch_audit=batch_audit)
-        self.service.run_due_tasks()
-        self.provider = ServiceKeyProvider(self.service)
-
-    def __enter__(self) -> _Service:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.service is not None:
-            self.service.close()
-        if self.client is not None:
-            self.client.close()
+def _connect(
+    args: argparse.Namespace, region: str, *, batch_audit: bool = False
+) -> KeyServiceConnection:
+    """The key service of ``region`` that ``--kms`` names; ``batch_audit``: an embedded
+    service batches its audit records (the mount)."""
+    store_args = argparse.Namespace(
+        region=region, kms_dir=args.kms_dir, passphrase_file=args.passphrase_file
+    )
+    return connect(
+        KeyServiceChoice.parse(args.kms),
+        region,
+        open_store=lambda: open_store(store_args),
+        timeout=args.kms_timeout,
+        batch_audit=batch_audit,
+    )
 
 
 # --- init ----------------------------------------------------------------------------------
@@ -206,7 +193,7 @@ class _Service:
 
 def _init(args: argparse.Namespace) -> int:
     region = args.region or os.environ.get("ENVFS_REGION") or "local-1"
-    with _Service(args, region) as kms:
+    with _connect(args, region) as kms:
         volume = Volume.create(
             Path(args.backing),
             args.key_id,
@@ -286,7 +273,7 @@ def _mount(args: argparse.Namespace) -> int:
         mount.check_mountpoint(mountpoint, nonempty=options.nonempty)
         volume = Volume.load(backing)
         region = args.region or volume.region
-        with _Service(args, region, batch_audit=True) as kms:
+        with _connect(args, region, batch_audit=True) as kms:
             vfs = mount.prepare(
                 volume,
                 kms.provider,
@@ -310,7 +297,7 @@ def _mount(args: argparse.Namespace) -> int:
                 on_ready=ready,
                 on_stopping=stopping,
                 busy_poll_us=(
-                    config.BUSY_POLL_DEFAULT_US if args.busy_poll is None else args.busy_poll
+                    mountopts.BUSY_POLL_DEFAULT_US if args.busy_poll is None else args.busy_poll
                 ),
             )
     except EnvfsError as exc:
@@ -399,7 +386,7 @@ def _umount(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from envfs.kms.blob import parse_blob
+    from envfs.keys.envfskms import read_wrapped
 
     path = Path(args.file)
     if path.is_dir():  # a volume's backing folder: the whole volume
@@ -425,10 +412,8 @@ def _inspect(args: argparse.Namespace) -> int:
         "BackingSize": backing,
         "WrappedKeySize": len(header.wrapped_key),
     }
-    try:
-        info["KeyVersion"] = parse_blob(header.wrapped_key).key_version
-    except EnvfsError:
-        info["KeyVersion"] = None
+    wrapped = read_wrapped(header.wrapped_key)
+    info["KeyVersion"] = None if wrapped is None else wrapped.key_version
     try:
         info["PlaintextSize"] = fileformat.plaintext_size(backing, header.block_shift)
     except IntegrityError as exc:
@@ -443,8 +428,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from envfs.files import info
+    from envfs.keys.envfskms import read_wrapped
 
-    summary = info.summarize(Path(args.backing))
+    summary = info.summarize(Path(args.backing), read_wrapped)
     volume = summary.volume
     answer: dict[str, Any] = {
         "Backing": str(volume.backing),

@@ -27,7 +27,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 
 # Sources of the user and group databases whose state is the stat of these files.
 _FILE_SOURCES = frozenset({"files", "compat", "systemd"})

@@ -20,7 +20,7 @@ import pyfuse3
 
 from envfs.errors import EnvfsError
 from envfs.files.vfs import Stat, Vfs
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from envfs.errors import IntegrityError
 from envfs.files import fileformat, tree
 from envfs.files.backing import TEMP_PREFIX
 from envfs.files.volume import VOLUME_FILE, Volume
-from envfs.kms.provider import wrapped_key_id, wrapped_key_version
+from envfs.keys.provider import WrappedKey
 
 # Names the plaintext view hides at the root of the volume.
 _HIDDEN_AT_ROOT = frozenset({VOLUME_FILE, VOLUME_FILE + ".tmp"})
@@ -51,6 +52,7 @@ class VolumeSummary:
     """A volume's settings (from its volume file) and what its backing folder holds."""
 
     volume: Volume
+    read_wrapped: Callable[[bytes], WrappedKey | None] = field(repr=False, compare=False)
     files: int = 0  # regular files the plaintext view shows, usable or not
     directories: int = 0  # below the root
     symlinks: int = 0
@@ -69,15 +71,17 @@ class VolumeSummary:
             self.problems.append(Problem(path, problem))
 
 
-def summarize(backing: Path) -> VolumeSummary:
-    """Read ``backing``'s volume file and walk its folder, decrypting nothing.
+def summarize(backing: Path, read_wrapped: Callable[[bytes], WrappedKey | None]) -> VolumeSummary:
+    """Read ``backing``'s volume file and walk its folder, decrypting nothing;
+    ``read_wrapped`` reads a wrapped data key's master key id and version (the key
+    provider's format: :meth:`~envfs.keys.provider.KeyProvider.read_wrapped`).
 
     Raises:
         VolumeError: ``backing`` is not a volume (no volume file, or a malformed one, or
             one of a version or with features this envfs does not know).
     """
     volume = Volume.load(backing)
-    summary = VolumeSummary(volume)
+    summary = VolumeSummary(volume, read_wrapped)
     try:
         root_fd = os.open(volume.backing, _DIR_FLAGS & ~os.O_NOFOLLOW)
     except OSError as exc:
@@ -203,11 +207,11 @@ def _file_problem(raw: bytes, size: int, summary: VolumeSummary) -> str | None:
         return exc.message
     if header.sparse:
         summary.sparse_files += 1
-    summary.key_versions[header.key_arn, wrapped_key_version(header.wrapped_key)] += 1
+    wrapped = summary.read_wrapped(header.wrapped_key)
+    summary.key_versions[header.key_arn, None if wrapped is None else wrapped.key_version] += 1
     if not volume.accepts_key(header.key_arn):
         return f"its header names key {header.key_arn!r}, which the volume does not accept"
-    key_id = wrapped_key_id(header.wrapped_key)
-    if key_id is None or not header.key_arn.endswith(f":key/{key_id}"):
+    if wrapped is None or not header.key_arn.endswith(f":key/{wrapped.key_id}"):
         return "its wrapped data key was made under another key than its header names"
     if header.block_shift != volume.block_shift:
         return f"its block size {header.block_size} is not the volume's {volume.block_size}"

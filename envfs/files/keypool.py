@@ -25,8 +25,8 @@ from envfs import crypto
 from envfs.errors import EnvfsError
 from envfs.files import fileformat
 from envfs.files.volume import Volume
-from envfs.kms.model import Caller
-from envfs.kms.provider import DataKey, KeyProvider
+from envfs.identity import Caller
+from envfs.keys.provider import DataKey, KeyProvider
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,14 @@ import trio
 
 from envfs.errors import AccessDeniedException, EnvfsError, MountError
 from envfs.files import mountopts
-from envfs.files.config import BUSY_POLL_DEFAULT_US
 from envfs.files.fuseops import Operations
 from envfs.files.keycache import DataKeyCache
 from envfs.files.keypool import DataKeyPool
+from envfs.files.mountopts import BUSY_POLL_DEFAULT_US
 from envfs.files.vfs import Vfs
 from envfs.files.volume import Volume
-from envfs.kms.model import Caller
-from envfs.kms.provider import KeyProvider, ServiceKeyProvider
+from envfs.identity import Caller
+from envfs.keys.provider import KeyProvider
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ async def _serve(vfs: Vfs, on_ready: Callable[[], None] | None) -> None:
             nursery.start_soon(_stop_on_signals, signals, nursery.cancel_scope)
             if vfs.key_pool is not None:
                 nursery.start_soon(vfs.key_pool.run)
-            if isinstance(vfs.provider, ServiceKeyProvider):
+            if vfs.provider.batches_audit:
                 nursery.start_soon(_flush_audit, vfs.provider)
             if on_ready is not None:
                 on_ready()  # only now: a stop signal right after readiness unmounts cleanly
@@ -329,8 +329,8 @@ async def _serve(vfs: Vfs, on_ready: Callable[[], None] | None) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _flush_audit(provider: ServiceKeyProvider) -> None:
-    """Put the embedded key service's batched audit records into its chain when due, so
+async def _flush_audit(provider: KeyProvider) -> None:
+    """Put the key provider's batched audit records into its chain when due, so
     that they reach it within about 0.15 s also when no further call comes."""
     while True:
         await trio.sleep(AUDIT_FLUSH_INTERVAL)

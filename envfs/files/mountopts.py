@@ -12,8 +12,13 @@ from collections.abc import Iterable
 
 from envfs.errors import UsageError
 
+# How long the mount's request loop polls for the next request after each answer, in µs
+# (``envfs mount --busy-poll``; docs/mount.md, "Busy polling", has the measurements).
+BUSY_POLL_DEFAULT_US = 50
+BUSY_POLL_MAX_US = 10_000
+
 # envfs's own: never passed to FUSE (libfuse 3 refuses "nonempty"; "acl"/"noacl" choose
-# whether the mount serves POSIX ACLs, see fs.Operations).
+# whether the mount serves POSIX ACLs, see fuseops.Operations).
 ENVFS_ONLY = frozenset({"nonempty", "acl", "noacl"})
 
 # FUSE mount options that make sense for envfs (fuse(8)'s general mount options and those

@@ -56,8 +56,8 @@ from envfs.files.readahead import FolderReadAhead
 from envfs.files.tree import BackingTree, DirFd, check_regular, open_path, open_regular
 from envfs.files.volume import VOLUME_FILE, Volume
 from envfs.files.xattrs import ExtendedAttributes, NewMode
-from envfs.kms.model import Caller
-from envfs.kms.provider import KeyProvider
+from envfs.identity import Caller
+from envfs.keys.provider import KeyProvider
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

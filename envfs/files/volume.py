@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from envfs import crypto
+from envfs.arn import parse_arn
 from envfs.errors import (
     IncorrectKeyException,
     InvalidArnException,
@@ -54,8 +55,8 @@ from envfs.errors import (
     VolumeError,
 )
 from envfs.files import fileformat
-from envfs.kms.model import Caller, EncryptionContext, parse_arn
-from envfs.kms.provider import KeyProvider, wrapped_key_id
+from envfs.identity import Caller
+from envfs.keys.provider import EncryptionContext, KeyProvider
 
 VOLUME_FILE = ".envfs-volume.json"
 VOLUME_FILE_VERSION = 1
@@ -340,8 +341,8 @@ class Volume:
             )
         # The authentication key's blob names the key it is under: a volume file whose key
         # ARN was swapped is refused here, before any key-service call or permission.
-        blob_key = wrapped_key_id(self.auth_key)
-        if blob_key is None or not self.key_arn.endswith(f":key/{blob_key}"):
+        blob = provider.read_wrapped(self.auth_key)
+        if blob is None or not self.key_arn.endswith(f":key/{blob.key_id}"):
             raise VolumeError(
                 f"the volume file of {str(self.backing)!r} is not authentic: it names key"
                 f" {self.key_arn!r} but was made under another key"

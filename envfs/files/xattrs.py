@@ -40,7 +40,7 @@ from envfs.files.acl import Acl, AclStore, MalformedAcl
 from envfs.files.backing import proc_path
 from envfs.files.inodes import InodeTable, Node
 from envfs.files.tree import DirFd
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 
 log = logging.getLogger(__name__)
 

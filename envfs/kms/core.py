@@ -43,12 +43,12 @@ from envfs.errors import (
     ThrottlingException,
     ValidationException,
 )
+from envfs.identity import Caller
 from envfs.kms import blob
 from envfs.kms.model import (
     KEY_USAGE,
     ORIGIN,
     SYMMETRIC_DEFAULT,
-    Caller,
     EncryptionContext,
     KeyState,
     key_arn,

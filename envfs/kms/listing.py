@@ -14,6 +14,7 @@ from envfs.errors import (
     NotFoundException,
     ValidationException,
 )
+from envfs.identity import Caller
 from envfs.kms import archive
 from envfs.kms.core import (
     ServiceCore,
@@ -23,11 +24,7 @@ from envfs.kms.core import (
     _limit,
     _parse_since,
 )
-from envfs.kms.model import (
-    Caller,
-    alias_arn,
-    parse_key_ref,
-)
+from envfs.kms.model import alias_arn, parse_key_ref
 
 _BATCH = 256
 Row = TypeVar("Row")

@@ -1,4 +1,6 @@
-"""Key-service vocabulary: key states, ids, ARNs, aliases, callers, encryption contexts.
+"""Key-service vocabulary: key states, ids, ARNs, aliases, encryption contexts.
+
+Callers are :class:`envfs.identity.Caller`, shared with the file side.
 
 Identifiers
     key id      ``1234abcd-12ab-34cd-56ef-1234567890ab`` (a random UUID, lowercase)
@@ -17,16 +19,14 @@ because every string carries its own length.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import grp
-import os
-import pwd
 import re
 import struct
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from envfs import arn
+from envfs.arn import Arn
 from envfs.errors import (
     InvalidAliasNameException,
     InvalidArnException,
@@ -36,8 +36,6 @@ from envfs.errors import (
 
 ARN_PARTITION = "envfs"
 DEFAULT_REGION = "local-1"
-REGION_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-ACCOUNT_RE = re.compile(r"^[0-9]{12}$")
 KEY_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ALIAS_RE = re.compile(r"^alias/[A-Za-z0-9/_-]+$")
 ALIAS_MAX = 256
@@ -57,20 +55,6 @@ class KeyState(enum.StrEnum):
     PENDING_DELETION = "PendingDeletion"
 
 
-def validate_region(region: str) -> str:
-    """Return ``region`` if it is a well-formed region name.
-
-    Raises:
-        ValidationException: it is not.
-    """
-    if not (1 <= len(region) <= 63) or not REGION_RE.fullmatch(region):
-        raise ValidationException(
-            f"region {region!r} is not valid: expected lowercase letters, digits and dashes,"
-            " like 'local-1' or 'eu-west-1'"
-        )
-    return region
-
-
 def new_key_id() -> str:
     """A fresh random key id."""
     return str(uuid.uuid4())
@@ -84,30 +68,16 @@ def alias_arn(region: str, account: str, alias_name: str) -> str:
     return f"arn:{ARN_PARTITION}:kms:{region}:{account}:{alias_name}"
 
 
-@dataclass(frozen=True)
-class Arn:
-    region: str
-    account: str
-    resource: str  # "key/<id>" or "alias/<name>"
-
-
 def parse_arn(text: str) -> Arn:
-    """Split an envfs KMS ARN.
+    """Split an envfs KMS ARN (:func:`envfs.arn.parse_arn`, of this service's partition only).
 
     Raises:
         InvalidArnException: not of the form ``arn:envfs:kms:REGION:ACCOUNT:RESOURCE``.
     """
     parts = text.split(":", 5)
-    if len(parts) != 6 or parts[0] != "arn" or parts[2] != "kms":
-        raise InvalidArnException(f"ARN {text!r} is not a KMS ARN")
-    if parts[1] != ARN_PARTITION:
+    if len(parts) == 6 and parts[0] == "arn" and parts[2] == "kms" and parts[1] != ARN_PARTITION:
         raise InvalidArnException(f"ARN {text!r} is not of partition {ARN_PARTITION!r}")
-    region, account, resource = parts[3], parts[4], parts[5]
-    if not REGION_RE.fullmatch(region) or not ACCOUNT_RE.fullmatch(account):
-        raise InvalidArnException(f"ARN {text!r} has a malformed region or account")
-    if not (resource.startswith("key/") or resource.startswith("alias/")):
-        raise InvalidArnException(f"ARN {text!r} names neither a key nor an alias")
-    return Arn(region, account, resource)
+    return arn.parse_arn(text)
 
 
 @dataclass(frozen=True)
@@ -216,77 +186,3 @@ def encode_context(context: EncryptionContext) -> bytes:
             _encoded.clear()
         _encoded[memo_key] = encoded
     return encoded
-
-
-# --- callers -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: a Unix identity as the kernel reported it.
-
-    ``groups`` holds every group id the caller is counted in (primary included).
-    ``via`` names the trusted service acting on the caller's behalf, if any, and
-    ``via_uid`` is that service's own uid.
-    """
-
-    uid: int
-    gid: int
-    groups: frozenset[int] = field(default_factory=frozenset)
-    user_name: str | None = None
-    group_names: frozenset[str] = field(default_factory=frozenset)
-    via: str | None = None
-    via_uid: int | None = None
-
-    @classmethod
-    def from_ids(
-        cls,
-        uid: int,
-        gid: int,
-        extra_groups: frozenset[int] = frozenset(),
-        via: str | None = None,
-        via_uid: int | None = None,
-    ) -> Caller:
-        """Build a caller from kernel ids, adding the user's groups from the group database.
-
-        The groups are the union of the process's own (``extra_groups``, e.g. from
-        ``SO_PEERGROUPS``) and the user's memberships (``getgrouplist``): key policies name
-        users and their groups, not a process's momentary group set.
-        """
-        user_name: str | None
-        try:
-            user_name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            user_name = None
-        gids = {gid, *extra_groups}
-        if user_name is not None:
-            with contextlib.suppress(OSError):
-                gids.update(os.getgrouplist(user_name, gid))
-        names = set()
-        for g in gids:
-            try:
-                names.add(grp.getgrgid(g).gr_name)
-            except KeyError:
-                continue
-        return cls(uid, gid, frozenset(gids), user_name, frozenset(names), via, via_uid)
-
-    @classmethod
-    def current(cls) -> Caller:
-        """The calling process's own identity (for the embedded key store)."""
-        return cls.from_ids(os.geteuid(), os.getegid(), frozenset(os.getgroups()))
-
-    def principals(self) -> frozenset[str]:
-        """Every principal string this caller matches in a key policy."""
-        known: frozenset[str] | None = self.__dict__.get("_principals")
-        if known is None:
-            names = {f"uid:{self.uid}", f"gid:{self.gid}", *(f"gid:{g}" for g in self.groups)}
-            if self.user_name is not None:
-                names.add(f"user:{self.user_name}")
-            names.update(f"group:{n}" for n in self.group_names)
-            known = frozenset(names)
-            object.__setattr__(self, "_principals", known)  # frozen: derived, never changes
-        return known
-
-    def describe(self) -> str:
-        """``name(uid)`` for messages and the audit log."""
-        return f"{self.user_name}({self.uid})" if self.user_name else f"uid {self.uid}"

@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envfs.errors import MalformedPolicyDocumentException
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 
 MAX_POLICY_CHARS = 32768
 VERSIONS = ("2012-10-17", "2008-10-17")

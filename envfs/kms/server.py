@@ -47,9 +47,9 @@ from envfs.errors import (
     KMSError,
     KMSInternalException,
 )
+from envfs.identity import Caller
 from envfs.kms import protocol
 from envfs.kms.limits import Limits, ThrottleSummary, UidLimiter
-from envfs.kms.model import Caller
 
 logger = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from envfs import crypto
+from envfs.arn import validate_region
 from envfs.errors import (
     AuditLogDamagedError,
     IntegrityError,
@@ -58,7 +59,7 @@ from envfs.kms.audit import (
     Problem,
     Verification,
 )
-from envfs.kms.model import KeyState, validate_region
+from envfs.kms.model import KeyState
 from envfs.kms.retention import AuditRetention
 
 logger = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ def test_mount_works_and_the_value_reaches_pyfuse3(debug_env: Env, microseconds:
 
 
 def test_default_reaches_pyfuse3(debug_env: Env) -> None:
-    from envfs.files.config import BUSY_POLL_DEFAULT_US
+    from envfs.files.mountopts import BUSY_POLL_DEFAULT_US
 
     with mounted(debug_env) as m:
         assert f"busy poll: {BUSY_POLL_DEFAULT_US} µs after each answer" in m.log_text()

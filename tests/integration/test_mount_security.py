@@ -41,7 +41,7 @@ from envfs.cli import build_parser
 from envfs.cli import main as cli_main
 from envfs.errors import EnvfsError
 from envfs.files.mount import pid_file_for
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 from envfs.kms.policy import default_policy
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore, region_store_dir

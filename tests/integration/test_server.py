@@ -37,10 +37,10 @@ from envfs.errors import (
     StoreCorruptError,
     ThrottlingException,
 )
+from envfs.identity import Caller
 from envfs.kms import protocol
 from envfs.kms.client import KMSClient
 from envfs.kms.limits import Limits, Rate
-from envfs.kms.model import Caller
 from envfs.kms.server import bind_unix_socket, serve
 from tests.integration.flood import connection_flood
 

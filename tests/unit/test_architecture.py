@@ -51,30 +51,18 @@ class OnlyImports:
 
 
 KMS = "envfs.kms"
-FILESYSTEM_SIDE = (
-    "envfs.files.fileformat",
-    "envfs.files.cryptfile",
-    "envfs.files.volume",
-    "envfs.files.backing",
-    "envfs.files.tree",
-    "envfs.files.inodes",
-    "envfs.files.callers",
-    "envfs.files.keycache",
-    "envfs.files.keypool",
-    "envfs.files.readahead",
-    "envfs.files.acl",
-    "envfs.files.xattrs",
-    "envfs.files.vfs",
-    "envfs.files.fuseops",
-    "envfs.files.mount",
-    "envfs.files.info",
-    "envfs.files.mountopts",
-)
-# The key service's public API for the filesystem (model: callers, contexts, ARNs;
-# provider: the KeyProvider protocol the filesystem calls).
-KMS_PUBLIC = ("envfs.kms.model", "envfs.kms.provider")
+FILES = "envfs.files"
+KEYS = "envfs.keys"
+CLI = "envfs.cli"
+# The vocabulary every package may share: small modules at the top of the tree.
+SHARED = ("envfs.errors", "envfs.crypto", "envfs.identity", "envfs.arn")
+# Every module lives in a package whose rules cover it, or is one of these.
+TOP_LEVEL = (*SHARED, "envfs", "envfs.notify", "envfs.__main__")
+PACKAGES = (FILES, KEYS, KMS, CLI)
+# The one module of ``keys`` the file side may import.
+KEY_PROVIDER = "envfs.keys.provider"
 # The library may not know its command line; ``envfs/__main__.py`` is its entry point.
-CLI_SIDE = ("envfs.cli", "envfs.__main__")
+CLI_SIDE = (CLI, "envfs.__main__")
 
 IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ForbiddenImport(
@@ -82,7 +70,8 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         modules=("envfs",),
         except_for=("envfs.files.fuseops", "envfs.files.mount"),
         forbidden=("pyfuse3",),
-        why="pyfuse3 is imported only by fs.py and mount.py; the core is testable unmounted",
+        why="pyfuse3 is imported only by files/fuseops.py and files/mount.py; the core is"
+        " testable unmounted",
     ),
     ForbiddenImport(
         "jmespath-in-cli-output-only",
@@ -100,10 +89,10 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ),
     OnlyImports(
         "errors-stdlib-only",
-        modules=("envfs.errors",),
+        modules=("envfs.errors", "envfs.identity", "envfs.notify"),
         allowed=(),
         stdlib=True,
-        why="errors.py is the root of the tree and imports only the standard library",
+        why="errors.py, identity.py and notify.py import only the standard library",
     ),
     OnlyImports(
         "crypto-imports",
@@ -113,25 +102,55 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         why="crypto.py imports only errors, the standard library and cryptography",
     ),
     OnlyImports(
+        "arn-imports",
+        modules=("envfs.arn",),
+        allowed=("envfs.errors",),
+        stdlib=True,
+        why="arn.py (ARNs and regions of any partition) imports only errors",
+    ),
+    OnlyImports(
+        "files-reach-keys-through-the-provider-only",
+        modules=(FILES,),
+        allowed=(FILES, *SHARED, KEY_PROVIDER, "pyfuse3", "trio"),
+        stdlib=True,
+        why="the file side imports its own package, the shared vocabulary and keys/provider.py,"
+        " the one narrow interface to any key service",
+    ),
+    OnlyImports(
+        "key-provider-interface-imports",
+        modules=(KEY_PROVIDER,),
+        allowed=("envfs.identity",),
+        stdlib=True,
+        why="keys/provider.py is the file side's door to every key service: it loads none",
+    ),
+    ForbiddenImport(
+        "keys-know-no-files",
+        modules=(KEYS,),
+        except_for=(),
+        forbidden=(FILES, CLI),
+        why="key providers know nothing of files, FUSE or the command line",
+    ),
+    OnlyImports(
         "format-imports",
         modules=("envfs.files.fileformat",),
         allowed=("envfs.crypto", "envfs.errors"),
         stdlib=True,
-        why="format.py is pure: crypto, errors and the standard library only",
+        why="files/fileformat.py is pure: crypto, errors and the standard library only",
     ),
     OnlyImports(
         "acl-stdlib-only",
         modules=("envfs.files.acl",),
         allowed=(),
         stdlib=True,
-        why="acl.py (ACL values and ext4's mode rules) is pure: the standard library only",
+        why="files/acl.py (ACL values and ext4's mode rules) is pure: the standard library only",
     ),
-    ForbiddenImport(
+    OnlyImports(
         "kms-knows-no-files",
         modules=(KMS,),
-        except_for=(),
-        forbidden=(*FILESYSTEM_SIDE, "envfs.cli"),
-        why="the key service knows nothing of files, FUSE or the command line",
+        allowed=(KMS, *SHARED, "trio"),
+        stdlib=True,
+        why="the key service imports only its own package and the shared vocabulary: it knows"
+        " nothing of files, key providers, FUSE or the command line and is usable alone",
     ),
     ForbiddenImport(
         "sync-core-no-trio",
@@ -144,36 +163,29 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         "library-knows-no-cli",
         modules=("envfs",),
         except_for=CLI_SIDE,
-        forbidden=("envfs.cli",),
+        forbidden=(CLI,),
         why="the command line sits on top; nothing below it imports it",
-    ),
-    ForbiddenImport(
-        "filesystem-uses-kms-public-api",
-        modules=FILESYSTEM_SIDE,
-        except_for=(),
-        forbidden=(KMS,),
-        unless=KMS_PUBLIC,
-        why="the filesystem reaches the key service only through kms.model and kms.provider",
     ),
     OnlyImports(
         "kms-model-imports",
         modules=("envfs.kms.model",),
-        allowed=("envfs.errors",),
+        allowed=("envfs.errors", "envfs.arn"),
         stdlib=True,
-        why="kms/model.py is the key service's vocabulary: errors and the stdlib only",
+        why="kms/model.py is the key service's vocabulary: errors, arn and the stdlib only",
     ),
     OnlyImports(
         "kms-policy-imports",
         modules=("envfs.kms.policy",),
-        allowed=("envfs.errors", "envfs.kms.model"),
+        allowed=("envfs.errors", "envfs.identity", "envfs.kms.model"),
         stdlib=True,
-        why="kms/policy.py imports only model and errors",
+        why="kms/policy.py imports only model, identity and errors",
     ),
     OnlyImports(
         "kms-store-imports",
         modules=("envfs.kms.store",),
         allowed=(
             "envfs.crypto",
+            "envfs.arn",
             "envfs.errors",
             "envfs.kms.model",
             "envfs.kms.audit",
@@ -182,8 +194,8 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
             "envfs.kms.retention",
         ),
         stdlib=True,
-        why="kms/store.py imports only model, audit, archive, journal, retention, crypto and"
-        " errors",
+        why="kms/store.py imports only model, audit, archive, journal, retention, arn, crypto"
+        " and errors",
     ),
     OnlyImports(
         "kms-journal-imports",
@@ -216,10 +228,11 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ),
     OnlyImports(
         "config-imports",
-        modules=("envfs.files.config",),
-        allowed=("envfs.errors", "envfs.kms.model"),
+        modules=("envfs.cli.config",),
+        allowed=("envfs.errors", "envfs.arn", "envfs.keys.choice", "envfs.files.mountopts"),
         stdlib=True,
-        why="config.py reads TOML into a typed config: errors, kms.model and the stdlib only",
+        why="cli/config.py reads TOML into a typed config: errors, arn, the key-service choice,"
+        " the mount options and the stdlib only",
     ),
     OnlyImports(
         "declared-dependencies-only",
@@ -450,6 +463,18 @@ def _report(problems: list[str]) -> None:
 # --- the tests ---------------------------------------------------------------------------
 
 
+def test_every_module_lives_in_a_package_with_rules() -> None:
+    homeless = [
+        m.path
+        for name, m in _modules().items()
+        if not _within(name, PACKAGES) and name not in TOP_LEVEL
+    ]
+    assert homeless == [], (
+        "a new module belongs in files/, keys/, kms/ or cli/, whose import rules cover it;"
+        " the top of the tree holds only the shared vocabulary"
+    )
+
+
 @pytest.mark.parametrize("rule", IMPORT_RULES, ids=lambda rule: rule.name)
 def test_import_rule(rule: ForbiddenImport | OnlyImports) -> None:
     _report(import_violations(rule, _modules()))
@@ -596,6 +621,7 @@ UNDOCUMENTED = (
     "envfs/__init__.py",
     "envfs/__main__.py",
     "envfs/files/__init__.py",
+    "envfs/keys/__init__.py",
     "envfs/kms/__init__.py",
 )
 

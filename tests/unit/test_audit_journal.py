@@ -27,10 +27,10 @@ import trio
 
 from envfs.errors import StoreError
 from envfs.files import mount as envfs_mount
+from envfs.identity import Caller
 from envfs.kms import journal
 from envfs.kms import store as store_module
 from envfs.kms.audit import EncodedRecord
-from envfs.kms.model import Caller
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 
@@ -391,7 +391,7 @@ def _raw(store_dir: Path) -> Iterator[sqlite3.Connection]:
 _CRASH_CHILD = """
 import sys
 from pathlib import Path
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 

@@ -34,8 +34,8 @@ from envfs.errors import (
     UsageError,
     ValidationException,
 )
+from envfs.identity import Caller
 from envfs.kms import archive, audit, journal
-from envfs.kms.model import Caller
 from envfs.kms.service import KeyService
 from envfs.kms.store import DB_NAME, SCHEMA_VERSION, KeyStore
 from tests.unit.test_store import raw_db
@@ -542,7 +542,7 @@ _CRASH_CHILD = """
 import os, sys, time
 from pathlib import Path
 from envfs.kms import archive
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 

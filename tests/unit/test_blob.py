@@ -20,8 +20,9 @@ from envfs.errors import (
     InvalidCiphertextException,
     NotFoundException,
 )
+from envfs.identity import Caller
 from envfs.kms import blob
-from envfs.kms.model import Caller, encode_context
+from envfs.kms.model import encode_context
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 

@@ -8,7 +8,7 @@ import pytest
 
 from envfs.files import callers
 from envfs.files.callers import CallerCache, GroupDatabase
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 
 
 class Builds:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from envfs.cli import main
+from envfs.cli import config, main
+from envfs.cli.config import VolumeConfig
 from envfs.errors import ConfigError
-from envfs.files import config
-from envfs.files.config import VolumeConfig
 
 MINIMAL = 'backing = "/srv/data.envfs"\nmountpoint = "/srv/data"\n'
 

@@ -14,6 +14,7 @@ import pytest
 from envfs import cli
 from envfs.errors import VolumeError
 from envfs.files import fileformat, info
+from envfs.keys.envfskms import read_wrapped
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 VOLUME_V1 = GOLDEN / "volume-v1"
@@ -142,7 +143,7 @@ def hostile(tmp_path: Path) -> Path:
 
 
 def test_hostile_folder(hostile: Path) -> None:
-    summary = info.summarize(hostile)
+    summary = info.summarize(hostile, read_wrapped)
     assert (summary.files, summary.directories, summary.symlinks) == (10, 52, 4)
     assert (summary.special_files, summary.leftovers, summary.unreadable_files) == (1, 1, 2)
     assert summary.plaintext_size == 73814 + 39
@@ -166,7 +167,7 @@ def test_a_folder_swapped_while_listed_is_not_entered(
         return entries
 
     monkeypatch.setattr(info, "_listing", listing)
-    summary = info.summarize(hostile)
+    summary = info.summarize(hostile, read_wrapped)
     assert summary.unreadable_directories == 1
     assert [p.problem for p in summary.problems if p.path == "sub"] == [
         "folder not read: Not a directory"
@@ -179,6 +180,6 @@ def test_problems_are_counted_past_the_listed_ones(tmp_path: Path) -> None:
     shutil.copytree(VOLUME_V1 / "backing", backing, symlinks=True)
     for i in range(info.MAX_PROBLEMS + 5):
         (backing / f"junk-{i:03}").write_bytes(b"junk")
-    summary = info.summarize(backing)
+    summary = info.summarize(backing, read_wrapped)
     assert summary.unreadable_files == info.MAX_PROBLEMS + 5
     assert len(summary.problems) == info.MAX_PROBLEMS

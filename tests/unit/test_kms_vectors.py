@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from envfs import crypto
 from envfs.errors import InvalidCiphertextException
+from envfs.identity import Caller
 from envfs.kms import archive, audit, blob, journal
-from envfs.kms.model import Caller, encode_context
+from envfs.kms.model import encode_context
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore, _decode_root_key
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from envfs.errors import MalformedPolicyDocumentException
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 from envfs.kms.operations import OPERATIONS
 from envfs.kms.policy import (
     ADMIN_ACTIONS,

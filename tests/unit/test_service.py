@@ -25,7 +25,7 @@ from envfs.errors import (
     TagException,
     ValidationException,
 )
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 from envfs.kms.service import DAY, KeyService
 from envfs.kms.store import KeyStore
 

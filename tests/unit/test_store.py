@@ -32,7 +32,8 @@ from envfs.errors import (
     TagException,
     ValidationException,
 )
-from envfs.kms.model import Caller, KeyState
+from envfs.identity import Caller
+from envfs.kms.model import KeyState
 from envfs.kms.policy import KeyPolicy
 from envfs.kms.service import DAY, KeyService
 from envfs.kms.store import (
@@ -778,7 +779,7 @@ def test_audit_never_holds_plaintext(service: KeyService, store: KeyStore) -> No
 _CRASH_CHILD = """
 import sys
 from pathlib import Path
-from envfs.kms.model import Caller
+from envfs.identity import Caller
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 

@@ -23,8 +23,10 @@ from envfs.files.inodes import ROOT_INODE
 from envfs.files.keycache import DataKeyCache
 from envfs.files.vfs import Vfs
 from envfs.files.volume import Volume
-from envfs.kms.model import Caller, EncryptionContext
-from envfs.kms.provider import DataKey, ServiceKeyProvider
+from envfs.identity import Caller
+from envfs.keys.embedded import EmbeddedKeyProvider
+from envfs.keys.provider import DataKey
+from envfs.kms.model import EncryptionContext
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 
@@ -33,7 +35,7 @@ USER = Caller(61002, 61002, frozenset({61002}))
 STRANGER = Caller(61003, 61003, frozenset({61003}))
 
 
-class SpyProvider(ServiceKeyProvider):
+class SpyProvider(EmbeddedKeyProvider):
     """The embedded provider, recording which keys Decrypt was asked to use."""
 
     def __init__(self, service: KeyService) -> None:

@@ -31,21 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from envfs.arn import validate_region
 from envfs.errors import ConfigError, ValidationException
-from envfs.kms.model import validate_region
+from envfs.files.mountopts import BUSY_POLL_MAX_US
+from envfs.keys.choice import EMBEDDED, KeyServiceChoice
 
 DEFAULT_CONFIG_DIR = Path("/etc/envfs/volumes")
-EMBEDDED = "embedded"
-UNIX_PREFIX = "unix:"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TOP_KEYS = ("backing", "mountpoint", "allow_other", "options", "log_file", "busy_poll", "kms")
 _KMS_KEYS = ("region", "service", "dir", "passphrase_file")
-
-# How long the mount's request loop polls for the next request after each answer, in µs
-# (``envfs mount --busy-poll``; docs/mount.md, "Busy polling", has the measurements).
-BUSY_POLL_DEFAULT_US = 50
-BUSY_POLL_MAX_US = 10_000
 
 
 @dataclass(frozen=True)
@@ -68,9 +63,7 @@ class VolumeConfig:
     @property
     def kms_socket(self) -> Path | None:
         """The key daemon's socket when ``kms`` names one, else None (embedded)."""
-        if self.kms.startswith(UNIX_PREFIX):
-            return Path(self.kms[len(UNIX_PREFIX) :])
-        return None
+        return KeyServiceChoice.parse(self.kms).socket
 
 
 def config_dir(override: Path | str | None = None) -> Path:
@@ -130,13 +123,13 @@ def parse(name: str, path: Path, data: dict[str, Any]) -> VolumeConfig:
     mountpoint = reader.path(data, "mountpoint", required=True)
     assert backing is not None and mountpoint is not None
     kms = reader.string(kms_table, "kms.service", "service") or EMBEDDED
-    if kms != EMBEDDED:
-        socket = kms[len(UNIX_PREFIX) :] if kms.startswith(UNIX_PREFIX) else ""
-        if not os.path.isabs(socket):
-            raise reader.error(
-                "kms.service",
-                f"expected 'embedded' or 'unix:' and an absolute socket path, got {kms!r}",
-            )
+    try:
+        KeyServiceChoice.parse(kms)
+    except ValueError:
+        raise reader.error(
+            "kms.service",
+            f"expected 'embedded' or 'unix:' and an absolute socket path, got {kms!r}",
+        ) from None
     kms_dir = reader.path(kms_table, "kms.dir", key="dir")
     passphrase_file = reader.path(kms_table, "kms.passphrase_file", key="passphrase_file")
     if kms != EMBEDDED:
