@@ -316,10 +316,10 @@ async def _serve(vfs: Vfs, on_ready: Callable[[], None] | None) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, signals, nursery.cancel_scope)
-            if vfs.key_pool is not None:
-                nursery.start_soon(vfs.key_pool.run)
-            if vfs.provider.batches_audit:
-                nursery.start_soon(_flush_audit, vfs.provider)
+            if vfs.access.key_pool is not None:
+                nursery.start_soon(vfs.access.key_pool.run)
+            if vfs.access.provider.batches_audit:
+                nursery.start_soon(_flush_audit, vfs.access.provider)
             if on_ready is not None:
                 on_ready()  # only now: a stop signal right after readiness unmounts cleanly
             # One worker task: every handler runs to completion without awaiting (the core

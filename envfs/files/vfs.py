@@ -1,25 +1,20 @@
-"""The encrypted filesystem without FUSE: inodes, backing entries, open files, access.
+"""The encrypted filesystem without FUSE: the namespace, open files and their handles.
 
 ``Vfs`` serves a plaintext view of a backing folder. Directories, symlinks, FIFOs, sockets
 and device nodes are stored as they are; regular files are encrypted
 (:mod:`envfs.files.cryptfile`), each with its own data key from the key service.
 
-Every ``open`` and ``create`` is an access decision for the calling user, made by the
-key service (Decrypt or GenerateDataKey on the user's behalf, audited with the file id
-and backing path): the page cache is shared between users, so the open is the only gate.
-So is every other change of a file's content that does not go through a handle the user
-opened: a truncation (``truncate(2)``, ``ftruncate(2)``, ``O_TRUNC``) and ``fallocate(2)``
-are decided for the calling user, whether or not the file is open already. Files already
-open keep working if the key is disabled afterwards.
+Every ``open`` and ``create``, and every content change not made through a handle the user
+opened (``truncate(2)``, ``ftruncate(2)``, ``O_TRUNC``, ``fallocate(2)``), is a key
+decision for the calling user, made by :class:`~.keyaccess.KeyAccess` (:attr:`Vfs.access`)
+whether or not the file is open already. Files already open keep working if the key is
+disabled afterwards.
 
-Only the volume file decides which master keys may wrap a file's data key
-(:meth:`Volume.accepts_key`); a header naming any other key is refused (EIO) without asking
-the key service.
-
-Inodes and the names they are known by are kept by :mod:`envfs.files.inodes`; the backing folder
-is reached only through directory descriptors (:mod:`envfs.files.tree`), never by path.
-Extended attributes and POSIX ACLs (which the kernel enforces; a new node's mode and ACLs
-come from its parent's default ACL or the umask) are :mod:`envfs.files.xattrs`'s.
+Inodes and the names they are known by are kept by :mod:`.inodes`; the backing folder is
+reached only through directory descriptors (:mod:`.tree`), never by path. Extended
+attributes and POSIX ACLs (which the kernel enforces; a new node's mode and ACLs come from
+its parent's default ACL or the umask) are :mod:`.xattrs`'s. Leftovers of interrupted
+creates are removed when a ``Vfs`` is made (:mod:`.leftovers`).
 
 All methods are synchronous and raise ``OSError`` (with an errno) or an ``EnvfsError``;
 the FUSE adapter turns both into errno answers.
@@ -27,7 +22,6 @@ the FUSE adapter turns both into errno answers.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -36,22 +30,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from envfs import crypto
 from envfs.errors import (
     EnvfsError,
     IntegrityError,
-    KMSError,
-    VolumeError,
 )
 from envfs.files import acl, fileformat
 from envfs.files.acl import AclStore
 from envfs.files.backing import TEMP_PREFIX, chown_fd, link_fd, open_unnamed, proc_path, renameat2
-from envfs.files.callers import CallerCache
 from envfs.files.cryptfile import CryptFile, read_header
 from envfs.files.fileformat import FileHeader, FileKeys
 from envfs.files.inodes import ROOT_INODE, InodeTable, Node
+from envfs.files.keyaccess import KeyAccess
 from envfs.files.keycache import DataKeyCache
 from envfs.files.keypool import DataKeyPool
+from envfs.files.leftovers import remove_stale_temporaries
 from envfs.files.readahead import FolderReadAhead
 from envfs.files.tree import BackingTree, DirFd, check_regular, open_path, open_regular
 from envfs.files.volume import VOLUME_FILE, Volume
@@ -100,8 +92,8 @@ class Vfs(ExtendedAttributes):
         provider: the key service, called on behalf of each user.
         chown_new: give new files and directories to the calling user (root-run,
             multi-user mounts); otherwise they belong to the daemon's user.
-        key_cache: recent key decisions per user (default: none, every open asks); the
-            users' groups are kept exactly as long (:mod:`envfs.files.callers`).
+        key_cache, key_pool: see :class:`~.keyaccess.KeyAccess`, which makes every key
+            decision (:attr:`access`).
     """
 
     def __init__(
@@ -114,75 +106,28 @@ class Vfs(ExtendedAttributes):
         key_pool: DataKeyPool | None = None,
     ) -> None:
         self.volume = volume
-        self.provider = provider
+        self.access = KeyAccess(volume, provider, key_cache=key_cache, key_pool=key_pool)
         self.chown_new = chown_new
-        self.key_cache = key_cache if key_cache is not None else DataKeyCache(0)
-        self.key_pool = key_pool
         self.root_path = os.fsencode(volume.backing.resolve())
         st = os.lstat(self.root_path)
         self.inodes = InodeTable(self.root_path, (st.st_dev, st.st_ino))
         self.tree = BackingTree(self.root_path, self.inodes)
-        self.callers = CallerCache(self.key_cache.max_age)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_fh = 1
         self.read_ahead = FolderReadAhead(self._open_file)
-        self.volume_verified = False
         self._euid = os.geteuid()
         self.acls: AclStore | None = None  # POSIX ACLs: off until the kernel enforces them
-        self._remove_stale_temporaries()
-
-    # --- volume ------------------------------------------------------------------------
+        remove_stale_temporaries(self.tree.root_fd, self.root_path)
 
     def verify_volume(self, caller: Caller) -> None:
-        """Authenticate the volume file as ``caller`` unless already done.
-
-        Raises:
-            VolumeError: the volume file is not authentic.
-            KMSError: the key service refused ``caller``.
-        """
-        if not self.volume_verified:
-            self.volume.verify(self.provider, caller)
-            self.volume_verified = True
-            log.info("volume %s authenticated by the key service", self.volume.volume_id)
-
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files of creates a crash interrupted hold no data: remove them.
-
-        The walk opens each folder by name from its parent's descriptor with
-        ``O_DIRECTORY | O_NOFOLLOW`` (``os.fwalk`` would open a symlink swapped in between
-        its check and its open, a device perhaps), so nothing outside the backing folder is
-        opened or removed, whatever is done to the folder meanwhile.
-        """
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        stack = [(b"", os.open(".", flags, dir_fd=self.tree.root_fd))]
-        while stack:
-            where, fd = stack.pop()
-            try:
-                with os.scandir(fd) as entries:
-                    listed = [
-                        (os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in entries
-                    ]
-                for name, is_dir in listed:
-                    if name.startswith(TEMP_PREFIX) and not is_dir:
-                        log.info(
-                            "removing the leftover of an interrupted create: %r",
-                            os.path.join(self.root_path, where, name),
-                        )
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(name, dir_fd=fd)
-                    elif is_dir:
-                        try:
-                            child = os.open(name, flags, dir_fd=fd)
-                        except OSError:
-                            continue  # gone, or no longer a folder
-                        stack.append((os.path.join(where, name), child))
-            finally:
-                os.close(fd)
+        """Authenticate the volume file as ``caller`` unless already done (see
+        :meth:`KeyAccess.verify_volume`)."""
+        self.access.verify_volume(caller)
 
     def caller(self, uid: int, gid: int) -> Caller:
         """The identity of a FUSE request's user, with its groups (see :mod:`.callers`)."""
-        return self.callers.get(uid, gid)
+        return self.access.caller(uid, gid)
 
     # --- nodes and entries -------------------------------------------------------------
 
@@ -501,7 +446,7 @@ class Vfs(ExtendedAttributes):
         """Truncate a file for ``caller``: a key decision even when the file is open."""
         if node.file is not None:
             path = self._safe_path(node)
-            self._unwrap(node.file.header, caller, path, "truncate")
+            self.access.unwrap(node.file.header, caller, path, "truncate")
             self._guard(path, node.file.truncate, size)
             return
         check_regular(self._lstat(node.ino))
@@ -523,14 +468,6 @@ class Vfs(ExtendedAttributes):
         self._next_fh += 1
         return fh
 
-    def _decide(self, caller: Caller) -> None:
-        """The volume must be authentic before any file is opened or created."""
-        try:
-            self.verify_volume(caller)
-        except VolumeError as exc:
-            log.error("%s", exc.message)
-            raise
-
     def create(
         self, parent: int, name: bytes, mode: int, flags: int, caller: Caller, *, umask: int = 0
     ) -> tuple[int, Stat]:
@@ -541,20 +478,9 @@ class Vfs(ExtendedAttributes):
         file without a header.
         """
         self._check_name(parent, name)
-        self._decide(caller)
-        pooled = self.key_pool.take(caller) if self.key_pool is not None else None
-        if pooled is not None:
-            file_id, data_key = pooled
-        else:
-            file_id = crypto.random_bytes(fileformat.FILE_ID_SIZE)
-            data_key = self.provider.generate_data_key(
-                self.volume.key_arn,
-                self.volume.file_context(file_id),
-                caller,
-                os.fsdecode(self.path(parent) + b"/" + name),
-            )
+        self.access.decide(caller)
+        file_id, data_key = self.access.new_data_key(caller, self.path(parent) + b"/" + name)
         header = FileHeader(file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped)
-        self.key_cache.put(caller.uid, caller.gid, file_id, data_key.wrapped, data_key.plaintext)
         keys = FileKeys.derive(data_key.plaintext, file_id)
         with self.tree.dir(parent) as dir_fd:
             new = self._inherited(parent, dir_fd, stat.S_IFREG | (mode & 0o7777), umask)
@@ -596,10 +522,10 @@ class Vfs(ExtendedAttributes):
         """
         node = self.inodes.node(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        self._decide(caller)
+        self.access.decide(caller)
         if node.file is not None:
             # The decision; the keys are known already.
-            self._unwrap(node.file.header, caller, self._safe_path(node), purpose)
+            self.access.unwrap(node.file.header, caller, self._safe_path(node), purpose)
         else:
             parent, name = self.inodes.entry(ino)
             with self.tree.dir(parent) as dir_fd:
@@ -612,37 +538,6 @@ class Vfs(ExtendedAttributes):
         if flags & os.O_TRUNC:  # as on Linux, even read-only (the kernel checked write access)
             self._guard(self._safe_path(node), node.file.truncate, 0)
         return fh
-
-    def _unwrap(self, header: FileHeader, caller: Caller, path: bytes, purpose: str = "") -> bytes:
-        """The file's data key for ``caller``: the key service's decision, or a recent one
-        for the same user from the cache (see :mod:`envfs.files.keycache`).
-
-        Raises:
-            IntegrityError: the header names a key the volume does not accept (nothing is
-                asked of the key service), or its data key does not unwrap.
-        """
-        if not self.volume.accepts_key(header.key_arn):
-            log.warning(
-                "backing file %r: its header names key %r, which the volume does not accept",
-                path,
-                header.key_arn,
-            )
-            raise IntegrityError("the header names a key the volume does not accept")
-        wrapped, file_id = header.wrapped_key, header.file_id
-        cached = self.key_cache.get(caller.uid, caller.gid, file_id, wrapped)
-        if cached is not None:
-            return cached
-        note = os.fsdecode(path) + (f" ({purpose})" if purpose else "")
-        try:
-            data_key = self.provider.decrypt(
-                wrapped, header.key_arn, self.volume.file_context(file_id), caller, note
-            )
-        except KMSError as exc:
-            if exc.errno == errno.EIO:
-                log.warning("backing file %r: its data key does not unwrap: %s", path, exc)
-            raise
-        self.key_cache.put(caller.uid, caller.gid, file_id, wrapped, data_key)
-        return data_key
 
     def _open_backing(
         self,
@@ -677,7 +572,7 @@ class Vfs(ExtendedAttributes):
             except IntegrityError as exc:
                 log.warning("backing file %r: %s", path, exc.message)
                 raise
-            data_key = self._unwrap(header, caller, path, purpose)
+            data_key = self.access.unwrap(header, caller, path, purpose)
             keys = FileKeys.derive(data_key, header.file_id)
             return self._guard(path, CryptFile.open, fd, header, raw, keys)
         except BaseException:
@@ -749,7 +644,7 @@ class Vfs(ExtendedAttributes):
         if not handle.writable:
             raise OSError(errno.EBADF, "file not open for writing")
         path = self._safe_path(handle.node)
-        self._unwrap(cfile.header, caller, path, "fallocate")
+        self.access.unwrap(cfile.header, caller, path, "fallocate")
         self._guard(path, cfile.reserve, offset + length)
 
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -793,10 +688,7 @@ class Vfs(ExtendedAttributes):
                 )
         for fh in list(self._handles):
             self.release(fh)
-        self.key_cache.clear()
-        if self.key_pool is not None:
-            self.key_pool.clear()
-        self.callers.close()
+        self.access.close()
         self.read_ahead.close()
         self.tree.close()
 

@@ -200,10 +200,10 @@ def test_a_volume_being_changed_to_another_key_accepts_both(setup: Setup) -> Non
 
 
 def test_group_membership_lives_as_long_as_key_decisions(setup: Setup, tmp_path: Path) -> None:
-    assert setup.vfs.callers.max_age == 0
+    assert setup.vfs.access.callers.max_age == 0
     vfs = Vfs(setup.volume, setup.provider, chown_new=False, key_cache=DataKeyCache(7.5))
     try:
-        assert vfs.callers.max_age == 7.5
+        assert vfs.access.callers.max_age == 7.5
     finally:
         vfs.close()
 
