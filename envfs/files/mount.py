@@ -81,7 +81,7 @@ def mounted_envfs(mountpoint: Path) -> bool:
     with open("/proc/self/mounts", "rb") as mounts:
         for line in mounts:
             fields = line.split()
-            if len(fields) >= 3 and _unescape(fields[1]) == target and fields[2] == b"fuse.envfs":
+            if len(fields) >= 3 and _unescape(fields[1]) == target and fields[2] == FSTYPE.encode():
                 return True
     return False
 
