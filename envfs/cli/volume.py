@@ -27,6 +27,7 @@ from envfs.files import fileformat, mountopts
 from envfs.files.volume import Volume
 from envfs.identity import Caller
 from envfs.keys.choice import KeyServiceChoice, KeyServiceConnection, connect
+from envfs.kms.model import DEFAULT_REGION
 
 log = logging.getLogger("envfs")
 
@@ -192,7 +193,7 @@ def _connect(
 
 
 def _init(args: argparse.Namespace) -> int:
-    region = args.region or os.environ.get("ENVFS_REGION") or "local-1"
+    region = args.region or os.environ.get("ENVFS_REGION") or DEFAULT_REGION
     with _connect(args, region) as kms:
         volume = Volume.create(
             Path(args.backing),
@@ -484,7 +485,9 @@ def add_parsers(commands: Any) -> None:
         metavar="SIZE",
         help="plaintext block size, a power of two from 4K to 1M (default 16K)",
     )
-    _add_kms_options(init, region_help="the key's region (env ENVFS_REGION; default local-1)")
+    _add_kms_options(
+        init, region_help=f"the key's region (env ENVFS_REGION; default {DEFAULT_REGION})"
+    )
     init.set_defaults(handler=_init)
 
     mount = commands.add_parser(

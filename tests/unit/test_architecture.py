@@ -666,3 +666,19 @@ def test_the_architecture_doc_lists_each_modules_imports() -> None:
         if path in modules and listed != actual_imports(modules[path], known)
     ]
     assert wrong == []
+
+
+def test_the_file_side_loads_no_key_service() -> None:
+    """Importing the whole file side, the mount included, loads ``keys/provider.py`` and
+    nothing else of a key service (checked in a fresh interpreter)."""
+    import subprocess
+
+    code = (
+        "import sys, envfs.files.vfs, envfs.files.mount, envfs.files.fuseops, envfs.files.info\n"
+        "print(' '.join(sorted(m for m in sys.modules"
+        " if m.startswith(('envfs.kms', 'envfs.keys', 'envfs.cli', 'sqlite3')))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["envfs.keys", "envfs.keys.provider"]
