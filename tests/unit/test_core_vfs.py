@@ -660,7 +660,7 @@ def test_opendir_of_a_file_is_enotdir(vfs: Vfs) -> None:
 # --- attributes and xattrs ---------------------------------------------------------------
 
 
-def test_setattr_changes_mode_owner_and_times_in_the_backing_folder(
+def test_setattr_changes_mode_and_times_in_the_backing_folder(
     vfs: Vfs, volume: Volume, fake_keys: FakeKeyProvider
 ) -> None:
     ino = write_file(vfs, b"f", b"data")
@@ -668,11 +668,43 @@ def test_setattr_changes_mode_owner_and_times_in_the_backing_folder(
     for mode in (0o600, 0o4711, 0o000):
         assert stat.S_IMODE(vfs.setattr(ino, None, mode=mode).mode) == mode
         assert stat.S_IMODE(os.lstat(volume.backing / "f").st_mode) == mode
-    st = vfs.setattr(ino, None, uid=KEY_USER.uid, gid=KEY_USER.gid, mtime_ns=2 * 10**9)
-    assert (st.uid, st.gid, st.mtime_ns) == (KEY_USER.uid, KEY_USER.gid, 2 * 10**9)
+    st = vfs.setattr(ino, None, atime_ns=10**9, mtime_ns=2 * 10**9)
+    assert (st.atime_ns, st.mtime_ns) == (10**9, 2 * 10**9)
     assert os.lstat(volume.backing / "f").st_mtime_ns == 2 * 10**9
     assert vfs.setattr(ino, None).size == 4  # nothing to change: the attributes
     assert len(fake_keys.calls) == asked  # no key decision for any of these
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_setattr_gives_a_node_to_another_user(vfs: Vfs, volume: Volume) -> None:
+    ino = write_file(vfs, b"f", b"data")
+    st = vfs.setattr(ino, None, uid=KEY_USER.uid, gid=KEY_USER.gid)
+    assert (st.uid, st.gid) == (KEY_USER.uid, KEY_USER.gid)
+    backing = os.lstat(volume.backing / "f")
+    assert (backing.st_uid, backing.st_gid) == (KEY_USER.uid, KEY_USER.gid)
+    link = vfs.symlink(ROOT_INODE, b"l", b"f", ROOT).ino
+    vfs.setattr(link, None, uid=KEY_USER.uid)  # the symlink itself, not what it names
+    assert os.lstat(volume.backing / "l").st_uid == KEY_USER.uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_a_multi_user_view_gives_new_nodes_to_their_creator(
+    volume: Volume, fake_keys: FakeKeyProvider
+) -> None:
+    shared = Vfs(volume, fake_keys, chown_new=True)
+    try:
+        fh, file = shared.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, KEY_USER)
+        shared.release(fh)
+        folder = shared.mkdir(ROOT_INODE, b"d", 0o755, KEY_USER)
+        link = shared.symlink(ROOT_INODE, b"l", b"f", KEY_USER)
+        assert {(st.uid, st.gid) for st in (file, folder, link)} == {(KEY_USER.uid, KEY_USER.gid)}
+        assert os.lstat(volume.backing / "f").st_uid == KEY_USER.uid
+        os.chown(volume.backing / "d", 0, 4242)
+        os.chmod(volume.backing / "d", 0o2775)
+        inner = shared.mkdir(folder.ino, b"inner", 0o755, KEY_USER)
+        assert (inner.uid, inner.gid) == (KEY_USER.uid, 4242)  # a setgid folder's group
+    finally:
+        shared.close()
 
 
 def test_user_xattrs_are_the_backing_entry_s(vfs: Vfs, volume: Volume) -> None:
