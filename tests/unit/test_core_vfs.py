@@ -217,9 +217,9 @@ def test_a_user_the_key_refuses_cannot_authenticate_the_volume(
     with pytest.raises(AccessDeniedException):
         vfs.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, STRANGER)
     assert fake_keys.decisions()[-1:] == [("Decrypt", STRANGER.uid, "AccessDeniedException")]
-    assert not vfs.volume_verified  # left for the next user to do
+    assert not vfs.access.volume_verified  # left for the next user to do
     write_file(vfs, b"f", b"by a key user")
-    assert vfs.volume_verified
+    assert vfs.access.volume_verified
 
 
 def test_create_of_a_name_taken_is_eexist_and_leaves_the_file_alone(vfs: Vfs) -> None:
