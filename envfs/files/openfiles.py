@@ -151,7 +151,11 @@ class OpenFiles:
         fh = self._new_fh()
         self._handles[fh] = Handle(node, writable)
         if flags & os.O_TRUNC:  # as on Linux, even read-only (the kernel checked write access)
-            self._guard(self._safe_path(node), node.file.truncate, 0)
+            try:
+                self._guard(self._safe_path(node), node.file.truncate, 0)
+            except BaseException:
+                self.release(fh)  # the kernel gets no handle to release
+                raise
         return fh
 
     def _open_backing(

@@ -387,11 +387,6 @@ def test_o_trunc_empties_the_file_at_the_open(vfs: Vfs) -> None:
     assert vfs.getattr(ino).size == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Vfs.open registers the handle before O_TRUNC's truncation: when that fails, the"
-    " kernel gets no handle to release, and the backing descriptor and data keys stay open",
-)
 def test_an_open_whose_o_trunc_fails_leaves_nothing_open(
     vfs: Vfs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
