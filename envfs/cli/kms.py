@@ -144,7 +144,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _store_directory(args: argparse.Namespace) -> Path:
-    from envfs.kms.store import default_kms_dir, region_store_dir
+    from envfs.kms.paths import default_kms_dir, region_store_dir
 
     return region_store_dir(args.kms_dir or default_kms_dir(), args.region)
 
@@ -185,7 +185,7 @@ def open_backend(
 ) -> Iterator[KeyServiceConnection]:
     """The daemon if its socket exists and ``--embedded`` was not given, else the store
     (carrying out due rotations and deletions first, unless ``due_tasks`` is False)."""
-    from envfs.kms.store import default_socket_path
+    from envfs.kms.paths import default_socket_path
 
     socket_path: Path = args.socket or default_socket_path(args.region)
     daemon = not args.embedded and socket_path.exists()
@@ -376,7 +376,7 @@ def _listener(args: argparse.Namespace) -> tuple[socket.socket, Path | None]:
     Returns the socket and the path to remove at exit (None for systemd's: it owns it).
     """
     from envfs.kms import server
-    from envfs.kms.store import default_socket_path
+    from envfs.kms.paths import default_socket_path
 
     try:
         inherited = notify.listen_fds()

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -47,7 +46,6 @@ from envfs.errors import (
     StoreCorruptError,
     StoreError,
     StoreNotFoundError,
-    StorePermissionError,
 )
 from envfs.kms import journal
 from envfs.kms.archive import fsync_dir
@@ -60,6 +58,7 @@ from envfs.kms.audit import (
     Verification,
 )
 from envfs.kms.model import KeyState
+from envfs.kms.paths import check_private
 from envfs.kms.retention import AuditRetention
 
 logger = logging.getLogger(__name__)
@@ -71,8 +70,6 @@ DB_NAME = "keys.db"
 ROOT_KEY_NAME = "root.key"
 CREDENTIAL_NAME = "root-key"
 DEFAULT_KEY_CREATORS_GROUP = "envfs-kms"
-SYSTEM_KMS_DIR = Path("/var/lib/envfs/kms")
-SOCKET_DIR = Path("/run/envfs")
 
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -112,48 +109,8 @@ CREATE TABLE audit (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, mac BLOB NOT 
 """
 
 
-def default_kms_dir() -> Path:
-    """Where region stores live: ``$ENVFS_KMS_DIR``, else a system or per-user state dir."""
-    env = os.environ.get("ENVFS_KMS_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return SYSTEM_KMS_DIR
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "envfs" / "kms"
-
-
-def region_store_dir(base: Path, region: str) -> Path:
-    return Path(base) / validate_region(region)
-
-
-def default_socket_path(region: str) -> Path:
-    """The key daemon's socket: ``$ENVFS_KMS_SOCKET``, else ``/run/envfs/kms-<region>.sock``."""
-    env = os.environ.get("ENVFS_KMS_SOCKET")
-    if env:
-        return Path(env)
-    return SOCKET_DIR / f"kms-{validate_region(region)}.sock"
-
-
 def _lp(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
-
-
-def _check_private(path: Path, what: str) -> None:
-    """Refuse a store path that group or others may use, or that another user owns."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return
-    if st.st_uid != os.geteuid():
-        raise StorePermissionError(
-            f"{what} {str(path)!r} is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
-        )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise StorePermissionError(
-            f"{what} {str(path)!r} has mode {stat.S_IMODE(st.st_mode):04o}: group and others"
-            f" must have no access (chmod {'700' if stat.S_ISDIR(st.st_mode) else '600'})"
-        )
 
 
 def _decode_root_key(raw: bytes, source: str) -> bytes:
@@ -276,7 +233,7 @@ class KeyStore(AuditRetention):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         finally:
             os.umask(old_umask)
-        _check_private(directory, "key store directory")
+        check_private(directory, "key store directory")
         db_path = directory / DB_NAME
         key_path = directory / ROOT_KEY_NAME
         if db_path.exists():
@@ -369,9 +326,9 @@ class KeyStore(AuditRetention):
                 f"no key store for region {region!r} at {str(directory)!r}"
                 " (create one with 'envfs kms init')"
             )
-        _check_private(directory, "key store directory")
+        check_private(directory, "key store directory")
         for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", ROOT_KEY_NAME):
-            _check_private(directory / name, "key store file")
+            check_private(directory / name, "key store file")
         store_region = _read_meta(db_path, "region")
         if store_region is None or store_region.decode() != region:
             found = store_region.decode() if store_region else "none"
@@ -420,7 +377,7 @@ class KeyStore(AuditRetention):
         directory: Path, db_path: Path, passphrase: bytes | None, root_key_file: Path | None
     ) -> bytes:
         if root_key_file is not None:
-            _check_private(Path(root_key_file), "root key file")
+            check_private(Path(root_key_file), "root key file")
             return _read_root_key_file(Path(root_key_file))
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if creds and (Path(creds) / CREDENTIAL_NAME).exists():

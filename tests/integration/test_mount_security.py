@@ -42,9 +42,10 @@ from envfs.cli import main as cli_main
 from envfs.errors import EnvfsError
 from envfs.files.mount import pid_file_for
 from envfs.identity import Caller
+from envfs.kms.paths import region_store_dir
 from envfs.kms.policy import default_policy
 from envfs.kms.service import KeyService
-from envfs.kms.store import KeyStore, region_store_dir
+from envfs.kms.store import KeyStore
 from tests.integration.conftest import ENVFS, Env, Mount, golden_copy, is_mounted, live
 
 pytestmark = [

@@ -181,6 +181,13 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         why="kms/policy.py imports only model, identity and errors",
     ),
     OnlyImports(
+        "kms-paths-imports",
+        modules=("envfs.kms.paths",),
+        allowed=("envfs.errors", "envfs.arn"),
+        stdlib=True,
+        why="kms/paths.py (where the key service keeps its files) imports only arn and errors",
+    ),
+    OnlyImports(
         "kms-store-imports",
         modules=("envfs.kms.store",),
         allowed=(
@@ -188,14 +195,15 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
             "envfs.arn",
             "envfs.errors",
             "envfs.kms.model",
+            "envfs.kms.paths",
             "envfs.kms.audit",
             "envfs.kms.archive",
             "envfs.kms.journal",
             "envfs.kms.retention",
         ),
         stdlib=True,
-        why="kms/store.py imports only model, audit, archive, journal, retention, arn, crypto"
-        " and errors",
+        why="kms/store.py imports only model, paths, audit, archive, journal, retention, arn,"
+        " crypto and errors",
     ),
     OnlyImports(
         "kms-journal-imports",

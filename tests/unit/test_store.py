@@ -34,6 +34,7 @@ from envfs.errors import (
 )
 from envfs.identity import Caller
 from envfs.kms.model import KeyState
+from envfs.kms.paths import region_store_dir
 from envfs.kms.policy import KeyPolicy
 from envfs.kms.service import DAY, KeyService
 from envfs.kms.store import (
@@ -43,7 +44,6 @@ from envfs.kms.store import (
     SCHEMA_VERSION,
     KeyRecord,
     KeyStore,
-    region_store_dir,
 )
 
 REGION = "local-1"
