@@ -259,7 +259,8 @@ def _ask_new_passphrase() -> bytes:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from envfs.kms.store import ROOT_KEY_NAME, KeyStore
+    from envfs.kms.rootkey import ROOT_KEY_NAME
+    from envfs.kms.store import KeyStore
 
     directory = _store_directory(args)
     passphrase: bytes | None = None

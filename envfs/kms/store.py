@@ -4,7 +4,8 @@ Layout of a store directory (mode 0700, owned by the service's user)::
 
     <kms dir>/<region>/keys.db     SQLite database (and its -wal/-shm files), mode 0600
     <kms dir>/<region>/root.key    the root key, base64 text, mode 0600 (absent for
-                                   passphrase stores and when a systemd credential is used)
+                                   passphrase stores and when a systemd credential is used;
+                                   see kms.rootkey)
     <kms dir>/<region>/audit-journal-<hex>.log
                                    batched audit records of a running mount (kms.journal)
 
@@ -24,9 +25,8 @@ upgraded to 2 when opened (:meth:`KeyStore._upgrade`).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -47,7 +47,7 @@ from envfs.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from envfs.kms import journal
+from envfs.kms import journal, rootkey
 from envfs.kms.archive import fsync_dir
 from envfs.kms.audit import (
     ZERO_MAC,
@@ -67,8 +67,6 @@ logger = logging.getLogger(__name__)
 # the log. Stores of version 1 are upgraded when opened (KeyStore._upgrade).
 SCHEMA_VERSION = 2
 DB_NAME = "keys.db"
-ROOT_KEY_NAME = "root.key"
-CREDENTIAL_NAME = "root-key"
 DEFAULT_KEY_CREATORS_GROUP = "envfs-kms"
 
 _SCHEMA = """
@@ -111,19 +109,6 @@ CREATE TABLE audit (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, mac BLOB NOT 
 
 def _lp(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
-
-
-def _decode_root_key(raw: bytes, source: str) -> bytes:
-    """A root key file holds 32 bytes, base64-encoded (as written by init) or raw."""
-    try:
-        key = base64.b64decode(raw.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    if len(key) == crypto.KEY_SIZE:
-        return key
-    if len(raw) == crypto.KEY_SIZE:
-        return raw
-    raise RootKeyError(f"root key {source!r} is malformed: expected 32 bytes, raw or base64")
 
 
 @dataclass
@@ -235,7 +220,7 @@ class KeyStore(AuditRetention):
             os.umask(old_umask)
         check_private(directory, "key store directory")
         db_path = directory / DB_NAME
-        key_path = directory / ROOT_KEY_NAME
+        key_path = directory / rootkey.ROOT_KEY_NAME
         if db_path.exists():
             raise StoreError(f"a key store already exists at {str(directory)!r}")
         if key_path.exists():
@@ -249,26 +234,19 @@ class KeyStore(AuditRetention):
             "account": str(int.from_bytes(crypto.random_bytes(8), "big") % 10**12).zfill(12),
             "key_creators_group": key_creators_group,
         }
-        if passphrase is not None:
-            if not passphrase:
-                raise RootKeyError("the passphrase must not be empty")
-            salt = crypto.random_bytes(16)
-            meta.update(root_kind="passphrase", scrypt_salt=salt, scrypt_n=crypto.SCRYPT_N)
-            root_key = crypto.scrypt(passphrase, salt)
-        else:
-            meta["root_kind"] = "file"
-            root_key = crypto.random_bytes(crypto.KEY_SIZE)
+        root_key, root_meta = rootkey.new_root_key(passphrase)
+        meta.update(root_meta)
         check = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 root check"))
         meta["root_check"] = check.seal(b"envfs-kms root key check", region.encode())
 
         tmp_db = directory / (DB_NAME + ".init")
-        tmp_key = directory / (ROOT_KEY_NAME + ".init")
+        tmp_key = directory / (rootkey.ROOT_KEY_NAME + ".init")
         for leftover in (tmp_db, tmp_key):
             leftover.unlink(missing_ok=True)
         fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if passphrase is None:
-                os.write(fd, base64.b64encode(root_key) + b"\n")
+                os.write(fd, rootkey.encode_root_key(root_key))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -327,7 +305,7 @@ class KeyStore(AuditRetention):
                 " (create one with 'envfs kms init')"
             )
         check_private(directory, "key store directory")
-        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", ROOT_KEY_NAME):
+        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", rootkey.ROOT_KEY_NAME):
             check_private(directory / name, "key store file")
         store_region = _read_meta(db_path, "region")
         if store_region is None or store_region.decode() != region:
@@ -335,7 +313,8 @@ class KeyStore(AuditRetention):
             raise StoreError(
                 f"the key store at {str(directory)!r} serves region {found!r}, not {region!r}"
             )
-        root_key = cls._load_root_key(directory, db_path, passphrase, root_key_file)
+        read_meta = functools.partial(_read_meta, db_path)
+        root_key = rootkey.load_root_key(directory, read_meta, passphrase, root_key_file)
         conn = _connect(db_path)
         try:
             store = cls(directory, conn, root_key)
@@ -371,35 +350,6 @@ class KeyStore(AuditRetention):
             self.recover_journals()
         except AuditLogDamagedError as exc:
             logger.warning("audit journals are kept until the audit log is repaired: %s", exc)
-
-    @staticmethod
-    def _load_root_key(
-        directory: Path, db_path: Path, passphrase: bytes | None, root_key_file: Path | None
-    ) -> bytes:
-        if root_key_file is not None:
-            check_private(Path(root_key_file), "root key file")
-            return _read_root_key_file(Path(root_key_file))
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if creds and (Path(creds) / CREDENTIAL_NAME).exists():
-            return _read_root_key_file(Path(creds) / CREDENTIAL_NAME)
-        if _read_meta(db_path, "root_kind") == b"passphrase":
-            if passphrase is None:
-                raise RootKeyError(
-                    f"the key store at {str(directory)!r} is protected by a passphrase;"
-                    " give it with --passphrase-file or ENVFS_KMS_PASSPHRASE_FILE"
-                )
-            salt = _read_meta(db_path, "scrypt_salt")
-            n_raw = _read_meta(db_path, "scrypt_n")
-            if salt is None or n_raw is None:
-                raise StoreCorruptError(f"key store {str(directory)!r} lacks its scrypt salt")
-            return crypto.scrypt(passphrase, salt, n=int(n_raw))
-        key_path = directory / ROOT_KEY_NAME
-        if not key_path.exists():
-            raise RootKeyError(
-                f"no root key for the key store at {str(directory)!r}: {str(key_path)!r} is"
-                f" missing and no systemd credential {CREDENTIAL_NAME!r} was given"
-            )
-        return _read_root_key_file(key_path)
 
     def close(self) -> None:
         """Add the batched audit records to the chain and close. If they cannot be added,
@@ -907,11 +857,3 @@ def _read_meta(db_path: Path, name: str) -> bytes | None:
     if isinstance(value, bytes):
         return value
     return str(value).encode()
-
-
-def _read_root_key_file(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RootKeyError(f"cannot read root key {str(path)!r}: {exc.strerror}") from None
-    return _decode_root_key(raw, str(path))

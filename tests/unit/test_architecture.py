@@ -188,6 +188,14 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         why="kms/paths.py (where the key service keeps its files) imports only arn and errors",
     ),
     OnlyImports(
+        "kms-rootkey-imports",
+        modules=("envfs.kms.rootkey",),
+        allowed=("envfs.crypto", "envfs.errors", "envfs.kms.paths"),
+        stdlib=True,
+        why="kms/rootkey.py (where a store's root key comes from) imports only paths, crypto"
+        " and errors",
+    ),
+    OnlyImports(
         "kms-store-imports",
         modules=("envfs.kms.store",),
         allowed=(
@@ -196,14 +204,15 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
             "envfs.errors",
             "envfs.kms.model",
             "envfs.kms.paths",
+            "envfs.kms.rootkey",
             "envfs.kms.audit",
             "envfs.kms.archive",
             "envfs.kms.journal",
             "envfs.kms.retention",
         ),
         stdlib=True,
-        why="kms/store.py imports only model, paths, audit, archive, journal, retention, arn,"
-        " crypto and errors",
+        why="kms/store.py imports only model, paths, rootkey, audit, archive, journal, retention,"
+        " arn, crypto and errors",
     ),
     OnlyImports(
         "kms-journal-imports",

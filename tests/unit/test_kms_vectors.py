@@ -31,8 +31,9 @@ from envfs.errors import InvalidCiphertextException
 from envfs.identity import Caller
 from envfs.kms import archive, audit, blob, journal
 from envfs.kms.model import encode_context
+from envfs.kms.rootkey import _decode_root_key
 from envfs.kms.service import KeyService
-from envfs.kms.store import KeyStore, _decode_root_key
+from envfs.kms.store import KeyStore
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "kms-v1.json"
 DOCUMENT: dict[str, Any] = json.loads(GOLDEN.read_text())

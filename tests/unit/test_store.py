@@ -36,11 +36,10 @@ from envfs.identity import Caller
 from envfs.kms.model import KeyState
 from envfs.kms.paths import region_store_dir
 from envfs.kms.policy import KeyPolicy
+from envfs.kms.rootkey import CREDENTIAL_NAME, ROOT_KEY_NAME
 from envfs.kms.service import DAY, KeyService
 from envfs.kms.store import (
-    CREDENTIAL_NAME,
     DB_NAME,
-    ROOT_KEY_NAME,
     SCHEMA_VERSION,
     KeyRecord,
     KeyStore,
