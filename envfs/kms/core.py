@@ -249,7 +249,7 @@ class ServiceCore:
             journal first and into the chain in batches (``docs/kms.md`` §8): such a
             call costs no transaction. Only for one long-running process that calls
             :meth:`flush_audit` now and then (the mount); a record is in the chain within
-            ``store.BATCH_SECONDS`` of its call once ``flush_audit`` runs that often.
+            ``auditbatch.BATCH_SECONDS`` of its call once ``flush_audit`` runs that often.
         """
         self.store = store
         self._batch_audit = batch_audit

@@ -31,7 +31,6 @@ import logging
 import os
 import sqlite3
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from envfs.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from envfs.kms import journal, rootkey
+from envfs.kms import rootkey
 from envfs.kms.archive import fsync_dir
 from envfs.kms.audit import (
     ZERO_MAC,
@@ -57,6 +56,7 @@ from envfs.kms.audit import (
     Problem,
     Verification,
 )
+from envfs.kms.auditbatch import AuditBatching
 from envfs.kms.model import KeyState
 from envfs.kms.paths import check_private
 from envfs.kms.retention import AuditRetention
@@ -135,18 +135,13 @@ class KeyVersion:
 
 _MISS = object()
 _READ_CACHE_SIZE = 4096
-# Batched audit records (see append_audit_batched) are added to the chain when this many
-# wait, when the oldest has waited this long (at the next call or flush_audit), and
-# before any transaction. A journal that grew past JOURNAL_BYTES is replaced after that.
-BATCH_RECORDS = 256
-BATCH_SECONDS = 0.1
-JOURNAL_BYTES = 1 << 20
 
 
-class KeyStore(AuditRetention):
+class KeyStore(AuditBatching, AuditRetention):
     """One region's key store. Use :meth:`init` or :meth:`open`; not thread-safe.
 
-    The audit log's archiving and repair come from :class:`AuditRetention`."""
+    Batched audit records and journal recovery come from :class:`AuditBatching`, the
+    audit log's archiving and repair from :class:`AuditRetention`."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection, root_key: bytes) -> None:
         self.directory = directory
@@ -172,11 +167,7 @@ class KeyStore(AuditRetention):
         self._reads: dict[tuple[str, str], Any] = {}
         self._data_version = -1
         self._reading = False  # inside reading(): rows may be reused as in a transaction
-        # Batched audit records: written to this process's journal, not yet in the chain.
-        self._journal: journal.Journal | None = None
-        self._pending: list[EncodedRecord] = []
-        self._pending_since = 0.0
-        self._stale_journal_rows: list[str] = []
+        self._init_audit_batch()
         # Set by audit_verification() in a transaction that found the log damaged: that
         # call (VerifyAudit) told its caller, so its own record may be left out.
         self._damage_reported = False
@@ -343,14 +334,6 @@ class KeyStore(AuditRetention):
         logger.info("upgraded the key store %s to schema version %d", self.directory, 2)
         self.schema = SCHEMA_VERSION
 
-    def _recover_journals_if_possible(self) -> None:
-        """Recover the journals of processes that are gone, unless the audit log is
-        damaged: they then stay on disk until it is repaired (nothing is lost)."""
-        try:
-            self.recover_journals()
-        except AuditLogDamagedError as exc:
-            logger.warning("audit journals are kept until the audit log is repaired: %s", exc)
-
     def close(self) -> None:
         """Add the batched audit records to the chain and close. If they cannot be added,
         they stay in the journal for the next opener."""
@@ -418,128 +401,6 @@ class KeyStore(AuditRetention):
             yield
         finally:
             self._reading = False
-
-    # --- batched audit records -----------------------------------------------------------
-
-    def append_audit_batched(self, record: dict[str, Any]) -> None:
-        """Record a call that changed no key: written to this process's journal now (it
-        survives a crash of the process, as a ``synchronous=NORMAL`` commit does), added
-        to the chain with others later (:meth:`flush_audit`, any transaction, close).
-        Where the journal cannot be written, the record is added to the chain at once.
-        """
-        encoded = EncodedRecord(record)
-        if self._journal is None:
-            try:
-                self._journal = journal.Journal(self.directory, self._journal_key)
-            except OSError:
-                with self.transaction(durable=False):
-                    self._chain([encoded])
-                return
-        try:
-            self._journal.append(encoded.text)
-        except OSError:
-            # A partial record may end the journal now: put what it holds in the chain,
-            # with this record, and start a new journal next time.
-            self._pending.append(encoded)
-            self.flush_audit()
-            self._retire_journal()
-            return
-        if not self._pending:
-            self._pending_since = time.monotonic()
-        self._pending.append(encoded)
-
-    def audit_due(self) -> bool:
-        """Whether the batched records should be added to the chain now."""
-        return bool(self._pending) and (
-            len(self._pending) >= BATCH_RECORDS
-            or time.monotonic() - self._pending_since >= BATCH_SECONDS
-        )
-
-    def flush_audit(self) -> None:
-        """Add the batched records to the chain now (one transaction).
-
-        Raises:
-            StoreError and the like: they stay in the journal (and batched) then.
-        """
-        if self._pending or self._stale_journal_rows:
-            with self.transaction(durable=False):
-                pass  # every transaction adds the batch first
-
-    def _add_batch(self) -> bool:
-        """Inside a transaction: the batched records go into the chain, and the journal's
-        row says they are there (so that nobody adds them again after a crash)."""
-        if self._stale_journal_rows:
-            self._conn.executemany(
-                "DELETE FROM meta WHERE name=?", [(row,) for row in self._stale_journal_rows]
-            )
-        if not self._pending:
-            return bool(self._stale_journal_rows)
-        assert self._journal is not None
-        self._chain(self._pending)
-        self._set_journal_row(journal.meta_name(self._journal.path), self._journal.size)
-        return True
-
-    def _set_journal_row(self, row: str, covered: int) -> None:
-        """Inside a transaction: ``covered`` bytes of the journal of ``row`` are in the chain."""
-        self._conn.execute(
-            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
-            (row, covered),
-        )
-
-    def _batch_added(self) -> None:
-        """After the commit that added the batch."""
-        self._pending.clear()
-        self._stale_journal_rows.clear()
-        if self._journal is not None and self._journal.size >= JOURNAL_BYTES:
-            self._retire_journal()  # everything in it is in the chain: start a new one
-
-    def _retire_journal(self) -> None:
-        """Delete this process's journal, all of it being in the chain. Its row goes with
-        the next transaction (or the next opener's clean-up, after a crash): deleting it
-        before the file would let a crash in between add the journal again."""
-        assert self._journal is not None and not self._pending
-        self._journal.remove()
-        self._stale_journal_rows.append(journal.meta_name(self._journal.path))
-        self._journal = None
-
-    def recover_journals(self) -> None:
-        """Add the records of journals left by processes that are gone to the chain, and
-        delete those journals and the rows of journals that no longer exist.
-
-        A journal with a whole record that does not verify (altered, or not written with
-        this store's key) gives its records up to that one and is kept aside as
-        ``<name>.damaged``, with a warning; a record cut short at the end (lost power) is
-        ignored, as documented.
-
-        Raises:
-            AuditLogDamagedError: the log cannot take the records (they stay on disk).
-        """
-        with journal.orphaned(self.directory) as found:
-            for path, data in found:
-                row = journal.meta_name(path)
-                value = self._conn.execute("SELECT value FROM meta WHERE name=?", (row,))
-                stored = value.fetchone()
-                done = _covered(row, stored[0]) if stored is not None else 0
-                records, end = journal.read_records(self._journal_key, path.name, data, done)
-                with self.transaction():
-                    self._chain([EncodedRecord(record) for record in records])
-                    self._set_journal_row(row, max(end, done))
-                # Still locked: nobody else adds it again.
-                if journal.damaged_at(data, end):
-                    _keep_aside(path, end, len(data))
-                else:
-                    path.unlink(missing_ok=True)
-        rows = self._conn.execute(
-            "SELECT name FROM meta WHERE name LIKE 'audit_journal:%'"
-        ).fetchall()
-        stale = [
-            name
-            for (name,) in rows
-            if not (self.directory / name.removeprefix("audit_journal:")).exists()
-        ]
-        if stale:
-            self._stale_journal_rows.extend(stale)
-            self.flush_audit()
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -794,32 +655,6 @@ def damaged_log_message(problem: Problem) -> str:
         " served until it is repaired: see 'envfs kms audit --verify', then run 'envfs kms"
         " audit --repair --archive FILE' as the store's owner to move the damage aside"
     )
-
-
-def _covered(row: str, value: object) -> int:
-    """The byte count of a journal's meta row; a row that holds none is read as 0 (the
-    whole journal is added: a record twice rather than none)."""
-    if isinstance(value, int) and value >= 0:
-        return value
-    logger.warning("meta row %r holds %r, not a byte count: reading its journal whole", row, value)
-    return 0
-
-
-def _keep_aside(path: Path, end: int, size: int) -> None:
-    damaged = path.with_name(path.name + ".damaged")
-    logger.warning(
-        "audit journal %s: bytes %d to %d hold a record that does not verify (altered, or not"
-        " written with this store's root key); the records before it are in the chain, and"
-        " the journal is kept as %s",
-        path,
-        end,
-        size,
-        damaged,
-    )
-    try:
-        os.rename(path, damaged)
-    except OSError:
-        path.unlink(missing_ok=True)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -207,12 +207,20 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
             "envfs.kms.rootkey",
             "envfs.kms.audit",
             "envfs.kms.archive",
-            "envfs.kms.journal",
+            "envfs.kms.auditbatch",
             "envfs.kms.retention",
         ),
         stdlib=True,
-        why="kms/store.py imports only model, paths, rootkey, audit, archive, journal, retention,"
-        " arn, crypto and errors",
+        why="kms/store.py imports only model, paths, rootkey, audit, archive, auditbatch,"
+        " retention, arn, crypto and errors",
+    ),
+    OnlyImports(
+        "kms-auditbatch-imports",
+        modules=("envfs.kms.auditbatch",),
+        allowed=("envfs.errors", "envfs.kms.audit", "envfs.kms.journal"),
+        stdlib=True,
+        why="kms/auditbatch.py (batched audit records and their journals) imports only audit,"
+        " journal and errors",
     ),
     OnlyImports(
         "kms-journal-imports",

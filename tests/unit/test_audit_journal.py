@@ -28,7 +28,7 @@ import trio
 from envfs.errors import StoreError
 from envfs.files import mount as envfs_mount
 from envfs.identity import Caller
-from envfs.kms import journal
+from envfs.kms import auditbatch, journal
 from envfs.kms import store as store_module
 from envfs.kms.audit import EncodedRecord
 from envfs.kms.service import KeyService
@@ -159,18 +159,18 @@ def test_the_service_lists_its_own_batched_records(batched: KeyService, key_id: 
 def test_due_batches_are_added_at_the_next_call(
     batched: KeyService, store_dir: Path, key_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "BATCH_RECORDS", 3)
+    monkeypatch.setattr(auditbatch, "BATCH_RECORDS", 3)
     for n in range(4):
         generate(batched, key_id, f"n{n}")
     assert notes(records(store_dir)) == ["n0", "n1", "n2"]  # added before the fourth call
     now = [1000.0]
-    monkeypatch.setattr(store_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(auditbatch.time, "monotonic", lambda: now[0])
     generate(batched, key_id, "n4")  # pending: n3, n4 (n3's clock was the real one)
     batched.store.flush_audit()
     generate(batched, key_id, "n5")
     batched.flush_audit()  # not due yet: the mount's timer finds nothing to do
     assert notes(records(store_dir))[-1] == "n4"
-    now[0] += store_module.BATCH_SECONDS
+    now[0] += auditbatch.BATCH_SECONDS
     batched.flush_audit()  # due now
     assert notes(records(store_dir))[-1] == "n5"
 
@@ -188,7 +188,7 @@ def test_close_adds_the_batch_and_removes_the_journal(
 def test_a_full_journal_is_replaced(
     batched: KeyService, store_dir: Path, key_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "JOURNAL_BYTES", 1)
+    monkeypatch.setattr(auditbatch, "JOURNAL_BYTES", 1)
     generate(batched, key_id, "a")
     [first] = journal_files(store_dir)
     batched.store.flush_audit()
