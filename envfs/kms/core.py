@@ -22,11 +22,10 @@ import base64
 import binascii
 import datetime as dt
 import json
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from envfs import crypto
 from envfs.errors import (
@@ -173,10 +172,6 @@ def _digest(value: object) -> dict[str, Any]:
     return {"chars": len(text), "sha256": crypto.sha256(text.encode()).hex()}
 
 
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 def _safe_request(op: Operation, req: Mapping[str, Any]) -> dict[str, Any]:
     """The request as the audit log may keep it: no blobs, contexts apart, long text hashed."""
     out: dict[str, Any] = {}
@@ -232,8 +227,15 @@ def _parse_since(text: str) -> float:
     return when.timestamp()
 
 
+OperationHandler = Callable[[Any, _Call, dict[str, Any]], dict[str, Any]]
+"""An operation's method, unbound: ``handler(service, call, request) -> response``."""
+
+
 class ServiceCore:
     """Shared machinery of :class:`envfs.kms.service.KeyService`; see that class."""
+
+    # Each operation's method, by AWS name: the table in KeyService.
+    HANDLERS: ClassVar[Mapping[str, OperationHandler]]
 
     def __init__(
         self,
@@ -259,9 +261,6 @@ class ServiceCore:
         self._policies: dict[str, KeyPolicy] = {}
         self._materials: dict[tuple[str, int], bytes] = {}
         self._next_sweep = 0.0
-        self._handlers: dict[str, Callable[[_Call, dict[str, Any]], dict[str, Any]]] = {
-            name: getattr(self, "_op_" + _snake(name)) for name in OPERATIONS
-        }
 
     def close(self) -> None:
         self._materials.clear()
@@ -301,7 +300,7 @@ class ServiceCore:
             self.flush_audit()
             with self.store.reading():
                 try:
-                    result = self._handlers[op.name](call, req)
+                    result = self.HANDLERS[op.name](self, call, req)
                 except KMSError as exc:
                     error = exc
             self.store.append_audit_batched(call.record(error))
@@ -312,14 +311,14 @@ class ServiceCore:
             # A call that changes no key: its record is all it writes, failed or not.
             with self.store.transaction(durable=False):
                 try:
-                    result = self._handlers[op.name](call, req)
+                    result = self.HANDLERS[op.name](self, call, req)
                 except KMSError as exc:
                     error = exc
                 self.store.append_audit(call.record(error))
         else:
             try:
                 with self.store.transaction():
-                    result = self._handlers[op.name](call, req)
+                    result = self.HANDLERS[op.name](self, call, req)
                     self.store.append_audit(call.record(None))
             except KMSError as exc:
                 # Rolled back, nothing synced: the failed call changed nothing, so its

@@ -6,7 +6,10 @@ operations are grouped in :mod:`.manage`, :mod:`.usage` and :mod:`.listing`.
 
 from __future__ import annotations
 
-from envfs.kms.core import DAY, ServiceCore
+from collections.abc import Mapping
+from typing import ClassVar
+
+from envfs.kms.core import DAY, OperationHandler, ServiceCore
 from envfs.kms.listing import ListingOps
 from envfs.kms.manage import ManagementOps
 from envfs.kms.usage import CryptoOps
@@ -21,3 +24,38 @@ class KeyService(ManagementOps, CryptoOps, ListingOps):
     request and response shapes; ``run_due_tasks()`` carries out due rotations and
     deletions. Construct with ``KeyService(store, clock=time.time)``.
     """
+
+    # Each AWS operation's method, named here so that a search for the operation finds
+    # its code; exactly the operations of kms.operations (a unit test checks it).
+    HANDLERS: ClassVar[Mapping[str, OperationHandler]] = {
+        "CreateKey": ManagementOps._op_create_key,
+        "DescribeKey": ManagementOps._op_describe_key,
+        "ListKeys": ListingOps._op_list_keys,
+        "EnableKey": ManagementOps._op_enable_key,
+        "DisableKey": ManagementOps._op_disable_key,
+        "ScheduleKeyDeletion": ManagementOps._op_schedule_key_deletion,
+        "CancelKeyDeletion": ManagementOps._op_cancel_key_deletion,
+        "UpdateKeyDescription": ManagementOps._op_update_key_description,
+        "CreateAlias": ManagementOps._op_create_alias,
+        "UpdateAlias": ManagementOps._op_update_alias,
+        "DeleteAlias": ManagementOps._op_delete_alias,
+        "ListAliases": ListingOps._op_list_aliases,
+        "TagResource": ManagementOps._op_tag_resource,
+        "UntagResource": ManagementOps._op_untag_resource,
+        "ListResourceTags": ListingOps._op_list_resource_tags,
+        "Encrypt": CryptoOps._op_encrypt,
+        "Decrypt": CryptoOps._op_decrypt,
+        "ReEncrypt": CryptoOps._op_re_encrypt,
+        "GenerateDataKey": CryptoOps._op_generate_data_key,
+        "GenerateDataKeyWithoutPlaintext": CryptoOps._op_generate_data_key_without_plaintext,
+        "GenerateRandom": CryptoOps._op_generate_random,
+        "EnableKeyRotation": ManagementOps._op_enable_key_rotation,
+        "DisableKeyRotation": ManagementOps._op_disable_key_rotation,
+        "GetKeyRotationStatus": ManagementOps._op_get_key_rotation_status,
+        "RotateKeyOnDemand": ManagementOps._op_rotate_key_on_demand,
+        "ListKeyRotations": ListingOps._op_list_key_rotations,
+        "GetKeyPolicy": ManagementOps._op_get_key_policy,
+        "PutKeyPolicy": ManagementOps._op_put_key_policy,
+        "ListAuditRecords": ListingOps._op_list_audit_records,
+        "VerifyAudit": ListingOps._op_verify_audit,
+    }

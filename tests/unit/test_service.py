@@ -26,6 +26,7 @@ from envfs.errors import (
     ValidationException,
 )
 from envfs.identity import Caller
+from envfs.kms.operations import OPERATIONS
 from envfs.kms.service import DAY, KeyService
 from envfs.kms.store import KeyStore
 
@@ -77,6 +78,24 @@ def encrypt(svc: KeyService, key: str, data: bytes = b"Some text", **ctx: str) -
 
 def state(svc: KeyService, key: str) -> str:
     return str(svc.handle(MANAGER, "DescribeKey", {"KeyId": key})["KeyMetadata"]["KeyState"])
+
+
+# --- the table of handlers ----------------------------------------------------------------
+
+
+def test_the_handler_table_covers_exactly_the_operations() -> None:
+    assert sorted(KeyService.HANDLERS) == sorted(OPERATIONS)
+
+
+def test_each_operation_has_a_handler_of_its_own() -> None:
+    handlers = list(KeyService.HANDLERS.values())
+    assert len(set(handlers)) == len(handlers)
+
+
+def test_each_handler_is_the_method_the_service_has_by_its_name() -> None:
+    """A method of the same name further down the classes would never run."""
+    for name, handler in KeyService.HANDLERS.items():
+        assert getattr(KeyService, handler.__name__) is handler, name
 
 
 # --- creating and describing --------------------------------------------------------------
