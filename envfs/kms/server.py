@@ -25,7 +25,6 @@ crashing the service, or from starving the others:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import errno
@@ -34,7 +33,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +48,7 @@ from envfs.errors import (
 )
 from envfs.identity import Caller
 from envfs.kms import protocol
+from envfs.kms.dispatch import _Turns
 from envfs.kms.limits import Limits, ThrottleSummary, UidLimiter
 
 logger = logging.getLogger(__name__)
@@ -261,53 +261,6 @@ async def serve(
 
 class _ConnectionClosed(Exception):
     """The peer closed the connection in the middle of a frame."""
-
-
-class _Turns:
-    """The worker, taken in turns: round-robin over keys (uids), in order within a key.
-
-    One uid with many connections (or a trusted service calling for one user again and
-    again) thus waits behind every other uid that has a call waiting, and delays each of
-    them by at most one of its own calls.
-    """
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._waiting: dict[int | None, collections.deque[trio.Event]] = {}
-
-    @contextlib.asynccontextmanager
-    async def turn(self, key: int | None) -> AsyncIterator[None]:
-        if self._busy:
-            event = trio.Event()
-            queue = self._waiting.setdefault(key, collections.deque())
-            queue.append(event)
-            try:
-                await event.wait()
-            except BaseException:
-                if event.is_set():
-                    self._hand_over()  # the turn came with the cancellation: pass it on
-                else:
-                    queue.remove(event)
-                    if not queue:
-                        del self._waiting[key]
-                raise
-        else:
-            self._busy = True
-        try:
-            yield
-        finally:
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        if not self._waiting:
-            self._busy = False
-            return
-        key = next(iter(self._waiting))
-        queue = self._waiting.pop(key)
-        event = queue.popleft()
-        if queue:
-            self._waiting[key] = queue  # to the back of the round
-        event.set()
 
 
 class _Server:

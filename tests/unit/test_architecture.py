@@ -155,9 +155,9 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ForbiddenImport(
         "sync-core-no-trio",
         modules=("envfs.files.fileformat", "envfs.crypto", KMS),
-        except_for=("envfs.kms.server", "envfs.kms.client"),
+        except_for=("envfs.kms.server", "envfs.kms.dispatch", "envfs.kms.client"),
         forbidden=("trio",),
-        why="format, crypto and kms (except server/client) are synchronous",
+        why="format, crypto and kms (except server/dispatch/client) are synchronous",
     ),
     ForbiddenImport(
         "library-knows-no-cli",
@@ -274,8 +274,8 @@ OUTPUT_AND_EXIT_WHY = "only envfs/cli/* prints, writes to stdout/stderr or exits
 
 # Synchronous modules: no ``async def``, ``await``, ``async for`` or ``async with``.
 SYNC_MODULES = ("envfs.files.fileformat", "envfs.crypto", KMS)
-SYNC_EXCEPT = ("envfs.kms.server",)
-SYNC_WHY = "format, crypto and kms (except the daemon's server) are synchronous"
+SYNC_EXCEPT = ("envfs.kms.server", "envfs.kms.dispatch")
+SYNC_WHY = "format, crypto and kms (except the daemon's server and dispatch) are synchronous"
 
 
 # --- scanning ----------------------------------------------------------------------------
@@ -629,8 +629,8 @@ def test_violation_message_names_module_and_import() -> None:
     rule = next(r for r in IMPORT_RULES if r.name == "sync-core-no-trio")
     assert import_violations(rule, modules) == [
         "envfs/fake.py:2 (envfs.kms.store): imports 'trio' (import trio);"
-        " rule 'sync-core-no-trio': format, crypto and kms (except server/client) are"
-        " synchronous"
+        " rule 'sync-core-no-trio': format, crypto and kms (except server/dispatch/client)"
+        " are synchronous"
     ]
     only = OnlyImports("only", ("envfs.kms.store",), ("envfs.errors",), True, "why")
     assert import_violations(only, modules) == [

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from envfs.kms.server import _Turns
+from envfs.kms.dispatch import _Turns
 
 
 async def take(turns: _Turns, key: int | None, name: str, order: list[str]) -> None:
