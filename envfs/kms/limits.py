@@ -1,9 +1,9 @@
 """Per-uid limits of the key-service daemon: connections, call rates, failed-call rates.
 
-The daemon (:mod:`envfs.kms.server`) asks an :class:`UidLimiter` before it does any
-costly work for a uid: before it starts a task for a new connection, and before it
-decodes a request or hands it to the worker thread. A refusal costs a few dictionary
-operations; what was refused is counted per uid and handed out as
+The daemon asks an :class:`UidLimiter` before it does any costly work for a uid: before
+it starts a task for a new connection (:mod:`envfs.kms.server`), and before it decodes a
+request or hands it to the worker thread (:mod:`envfs.kms.dispatch`). A refusal costs a
+few dictionary operations; what was refused is counted per uid and handed out as
 :class:`ThrottleSummary` objects for the audit log (``docs/kms.md`` §9).
 
 Rates are token buckets: a bucket holds at most ``burst`` tokens and gains ``per_second``

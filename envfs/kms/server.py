@@ -1,14 +1,14 @@
-"""The key-service daemon's server: frames in, handler calls, frames out.
+"""The key-service daemon's Unix-socket transport: frames in, dispatched calls, frames out.
 
-The protocol is specified in :mod:`envfs.kms.protocol`. This module adds the transport: a
-Unix stream socket anyone may connect to, the caller's identity taken from the kernel
-(``SO_PEERCRED``, ``SO_PEERGROUPS``), and the rules that keep one client from stalling or
-crashing the service, or from starving the others:
+The protocol is specified in :mod:`envfs.kms.protocol`; what is done with a request, once
+its peer is known (trust, per-uid call limits, the worker thread taken in turns by uid),
+in :mod:`envfs.kms.dispatch`. This module adds the transport: a Unix stream socket anyone
+may connect to, the caller's identity taken from the kernel (``SO_PEERCRED``,
+``SO_PEERGROUPS``), and the rules that keep one client from stalling or crashing the
+service:
 
-- every connection is served by its own task; the handler (synchronous, may block on
-  SQLite for seconds) runs in a worker thread, one call at a time for the whole service,
-  taken in turns by uid (round-robin), so that a uid with many calls waiting delays
-  another uid's call by at most one of its own;
+- every connection is served by its own task; its calls go to the dispatcher, which runs
+  them in the worker thread one at a time;
 - a connection idle between requests is closed, and a frame must arrive (and an answer
   be taken) within a time limit once it started;
 - at most ``max_connections`` connections are served at once; further ones wait in the
@@ -17,9 +17,8 @@ crashing the service, or from starving the others:
 - per-uid limits (:mod:`envfs.kms.limits`) are checked before any costly work: a
   connection over its uid's limits is answered (``LimitExceededException`` or
   ``ThrottlingException``) and closed by the accepting task, without a task, a thread or
-  a lookup of the user; a call over them is answered ``ThrottlingException`` without
-  reaching the worker thread or the store. Refusals are counted per uid and reported
-  every ``summary_interval`` seconds (logged, and to ``on_throttled`` for the audit log);
+  a lookup of the user; a call over them is refused by the dispatcher before it reaches
+  the worker thread or the store;
 - an exception from the handler becomes an error answer and never ends the service.
 """
 
@@ -35,26 +34,20 @@ import stat
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
 
 import trio
 
 from envfs.errors import (
-    AccessDeniedException,
     EnvfsError,
     InvalidRequestException,
     KMSError,
-    KMSInternalException,
 )
 from envfs.identity import Caller
 from envfs.kms import protocol
-from envfs.kms.dispatch import _Turns
-from envfs.kms.limits import Limits, ThrottleSummary, UidLimiter
+from envfs.kms.dispatch import Dispatcher, Handler, Request
+from envfs.kms.limits import Limits, UidLimiter
 
 logger = logging.getLogger(__name__)
-
-Handler = Callable[[Caller, str, dict[str, Any]], Mapping[str, Any]]
-"""``handler(caller, operation, params) -> result``, e.g. ``KeyService.handle``."""
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 NGROUPS_MAX = 65536  # Linux
@@ -66,7 +59,6 @@ _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 _ACCEPT_BATCH = 64  # connections accepted between two yields to the other tasks
 _SEND_NOW = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _FINAL_SUMMARY_TIMEOUT = 5.0
-_T = TypeVar("_T")
 _SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the terminating NUL
 
 
@@ -231,22 +223,27 @@ async def serve(
         listener if isinstance(listener, socket.socket) else socket.socket(fileno=listener.detach())
     )
     sock.setblocking(False)
-    server = _Server(
+    limiter = UidLimiter(limits if limits is not None else Limits())
+    dispatcher = Dispatcher(
         handler,
+        limiter=limiter,
+        trusted_services=trusted_services or {},
+        on_refused=on_refused,
+        on_throttled=on_throttled,
+    )
+    server = _Server(
+        dispatcher,
         idle_timeout=idle_timeout,
         frame_timeout=frame_timeout,
         max_connections=max_connections,
-        limiter=UidLimiter(limits if limits is not None else Limits()),
-        trusted_services=dict(trusted_services or {}),
-        on_refused=on_refused,
-        on_throttled=on_throttled,
+        limiter=limiter,
     )
     address = str(sock.getsockname())
     try:
         async with trio.open_nursery() as nursery:
             if periodic is not None:
-                nursery.start_soon(server.run_periodic, periodic, periodic_interval)
-            nursery.start_soon(server.run_summaries, summary_interval)
+                nursery.start_soon(dispatcher.run_periodic, periodic, periodic_interval)
+            nursery.start_soon(dispatcher.run_summaries, summary_interval)
             logger.info("key service listening on %s", address)
             task_status.started(address)
             await server.accept_forever(sock, nursery)
@@ -255,7 +252,7 @@ async def serve(
             trio.lowlevel.notify_closing(sock)
             sock.close()
             with trio.move_on_after(_FINAL_SUMMARY_TIMEOUT):
-                await server.report_throttled()
+                await dispatcher.report_throttled()
         logger.info("key service on %s stopped", address)
 
 
@@ -266,31 +263,18 @@ class _ConnectionClosed(Exception):
 class _Server:
     def __init__(
         self,
-        handler: Handler,
+        dispatcher: Dispatcher,
         *,
         idle_timeout: float,
         frame_timeout: float,
         max_connections: int,
         limiter: UidLimiter,
-        trusted_services: dict[int, str],
-        on_refused: Callable[[Caller, str, KMSError], object] | None,
-        on_throttled: Callable[[Caller, int, int, float, float], object] | None,
     ) -> None:
-        self._handler = handler
-        self._trusted = trusted_services
-        self._on_refused = on_refused
-        self._on_throttled = on_throttled
+        self._dispatcher = dispatcher
         self._idle_timeout = idle_timeout
         self._frame_timeout = frame_timeout
         self._limiter = limiter
         self._slots = trio.Semaphore(max_connections)
-        self._turns = _Turns()
-        # One worker thread at a time: the handler is not re-entrant and SQLite serializes.
-        self._worker = trio.CapacityLimiter(1)
-
-    async def _in_worker(self, key: int | None, fn: Callable[..., _T], *args: object) -> _T:
-        async with self._turns.turn(key):
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._worker)
 
     # --- connections -----------------------------------------------------------------
 
@@ -380,121 +364,39 @@ class _Server:
 
     # --- calls -----------------------------------------------------------------------
 
-    def _throttled(self, uid: int, gid: int) -> bytes | None:
-        """The answer to a call of ``uid`` over its limits, or None to go on."""
-        refusal, first = self._limiter.admit_call(uid, gid)
-        if refusal is None:
-            return None
-        if first:
-            logger.warning("throttling calls of uid %d: %s", uid, refusal.message)
-        return _error_frame(refusal.aws_name, refusal.message)
-
-    async def _answer(self, caller: Caller, payload: bytes) -> bytes:
-        trusted_peer = caller.uid in self._trusted
-        if not trusted_peer:
-            # Any call of this peer is made for the peer itself (or refused): the limits
-            # can be checked before the payload is even decoded.
-            throttled = self._throttled(caller.uid, caller.gid)
-            if throttled is not None:
-                return throttled
+    async def _answer(self, peer: Caller, payload: bytes) -> bytes:
         try:
-            message = protocol.decode_payload(payload)
-            operation, params = protocol.parse_request(message)
-            on_behalf_of = protocol.parse_on_behalf_of(message)
-        except InvalidRequestException as exc:
-            return _error_frame(exc.aws_name, exc.message)
-        uid, gid, via = caller.uid, caller.gid, None
-        if on_behalf_of is not None and on_behalf_of[0] != caller.uid:
-            if not trusted_peer:
-                return await self._refuse_untrusted(caller, operation, on_behalf_of[0])
-            (uid, gid), via = on_behalf_of, self._trusted[caller.uid]
-        if trusted_peer:
-            throttled = self._throttled(uid, gid)
-            if throttled is not None:
-                return throttled
-
-        def call() -> Mapping[str, Any]:
-            called = caller
-            if via is not None:  # on behalf of a user: their groups from the databases
-                called = Caller.from_ids(uid, gid, via=via, via_uid=caller.uid)
-            return self._handler(called, operation, params)
-
-        try:
-            result = await self._in_worker(uid, call)
+            admitted = self._dispatcher.admit(peer)
+            request = _decode_request(payload)
         except KMSError as exc:
-            if not isinstance(exc, KMSInternalException):
-                self._limiter.call_failed(uid, gid)
+            return _error_frame(exc.aws_name, exc.message)
+        try:
+            result = await self._dispatcher.call(admitted, request)
+        except KMSError as exc:
             return _error_frame(exc.aws_name, exc.message)
         except EnvfsError as exc:
-            logger.error("%s for %s failed: %s", operation, caller.describe(), exc.message)
+            logger.error("%s for %s failed: %s", request.operation, peer.describe(), exc.message)
             error_type = getattr(exc, "aws_name", "KMSInternalException")
             return _error_frame(str(error_type), exc.message)
         except Exception:
-            logger.exception("%s for %s failed unexpectedly", operation, caller.describe())
+            logger.exception("%s for %s failed unexpectedly", request.operation, peer.describe())
             return _error_frame("KMSInternalException", "internal error")
         try:
             return protocol.encode_frame(protocol.ok_response(result))
         except InvalidRequestException as exc:
-            logger.error("%s for %s: cannot send the result: %s", operation, caller.uid, exc)
+            logger.error("%s for %s: cannot send the result: %s", request.operation, peer.uid, exc)
             return _error_frame("KMSInternalException", "internal error")
 
-    async def _refuse_untrusted(self, caller: Caller, operation: str, asked_uid: int) -> bytes:
-        logger.warning(
-            "%s asked to call %s on behalf of uid %d but is not trusted for that",
-            caller.describe(),
-            operation,
-            asked_uid,
-        )
-        refusal = AccessDeniedException(
-            f"user {caller.describe()} is not trusted to call on behalf of other users"
-            f" (asked for uid {asked_uid})"
-        )
-        self._limiter.call_failed(caller.uid, caller.gid)
-        if self._on_refused is not None:
-            try:
-                await self._in_worker(caller.uid, self._on_refused, caller, operation, refusal)
-            except Exception:
-                logger.exception("recording a refused call failed")
-        return _error_frame(refusal.aws_name, refusal.message)
 
-    # --- maintenance -----------------------------------------------------------------
+def _decode_request(payload: bytes) -> Request:
+    """A request frame's payload as the dispatcher takes it.
 
-    async def run_periodic(self, periodic: Callable[[], object], interval: float) -> None:
-        while True:
-            try:
-                await self._in_worker(None, periodic)
-            except Exception:
-                logger.exception("periodic key maintenance failed")
-            await trio.sleep(interval)
-
-    async def run_summaries(self, interval: float) -> None:
-        while True:
-            await trio.sleep(interval)
-            await self.report_throttled()
-
-    async def report_throttled(self) -> None:
-        """Log, and tell ``on_throttled``, what was refused per uid since the last report."""
-        summaries = self._limiter.take_summaries()
-        for summary in summaries:
-            logger.info(
-                "uid %d: %d calls and %d connections refused for its limits in the last %.0f s",
-                summary.uid,
-                summary.calls,
-                summary.connections,
-                summary.last - summary.first,
-            )
-        if not summaries or self._on_throttled is None:
-            return
-        try:
-            await self._in_worker(None, self._record_throttled, summaries)
-        except Exception:
-            logger.exception("recording throttled calls failed")
-
-    def _record_throttled(self, summaries: list[ThrottleSummary]) -> None:
-        assert self._on_throttled is not None
-        for s in summaries:
-            caller = Caller.from_ids(s.uid, s.gid)
-            self._on_throttled(caller, s.calls, s.connections, s.first, s.last)
+    Raises:
+        InvalidRequestException: not a well-formed request (``docs/kms.md`` §9).
+    """
+    message = protocol.decode_payload(payload)
+    operation, params = protocol.parse_request(message)
+    return Request(operation, params, protocol.parse_on_behalf_of(message))
 
 
 def _identify(sock: trio.socket.SocketType, uid: int, gid: int) -> Caller:
