@@ -29,7 +29,7 @@ from envfs.cli.params import ArgumentError, build_request, read_file_bytes
 from envfs.errors import AuditVerificationError, UsageError
 from envfs.keys.choice import KeyServiceChoice, KeyServiceConnection, connect
 from envfs.kms.limits import Limits, Rate
-from envfs.kms.model import DEFAULT_REGION
+from envfs.kms.model import DEFAULT_KEY_CREATORS_GROUP, DEFAULT_REGION
 from envfs.kms.operations import OPERATIONS, Operation, Param, ParamType
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 # Served by ``envfs kms audit`` rather than verbs of their own.
 _AUDIT_OPERATIONS = ("ListAuditRecords", "VerifyAudit")
-_DEFAULT_KEY_CREATORS_GROUP = "envfs-kms"
 
 _EXAMPLES: dict[str, str] = {
     "create-key": """examples:
@@ -702,9 +701,9 @@ def add_parser(commands: Any) -> None:
     init.add_argument(
         "--key-creators-group",
         metavar="NAME",
-        default=_DEFAULT_KEY_CREATORS_GROUP,
+        default=DEFAULT_KEY_CREATORS_GROUP,
         help="the Unix group whose members (with root) may create keys"
-        f" (default {_DEFAULT_KEY_CREATORS_GROUP!r})",
+        f" (default {DEFAULT_KEY_CREATORS_GROUP!r})",
     )
     _add_store_options(init)
     init.set_defaults(handler=_init)

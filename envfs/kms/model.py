@@ -36,6 +36,8 @@ from envfs.errors import (
 
 ARN_PARTITION = "envfs"
 DEFAULT_REGION = "local-1"
+# The Unix group whose members may create keys in a new store (``envfs kms init``).
+DEFAULT_KEY_CREATORS_GROUP = "envfs-kms"
 KEY_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ALIAS_RE = re.compile(r"^alias/[A-Za-z0-9/_-]+$")
 ALIAS_MAX = 256

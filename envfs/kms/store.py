@@ -57,7 +57,7 @@ from envfs.kms.audit import (
     Verification,
 )
 from envfs.kms.auditbatch import AuditBatching
-from envfs.kms.model import KeyState
+from envfs.kms.model import DEFAULT_KEY_CREATORS_GROUP, KeyState
 from envfs.kms.paths import check_private
 from envfs.kms.retention import AuditRetention
 
@@ -67,7 +67,6 @@ logger = logging.getLogger(__name__)
 # the log. Stores of version 1 are upgraded when opened (KeyStore._upgrade).
 SCHEMA_VERSION = 2
 DB_NAME = "keys.db"
-DEFAULT_KEY_CREATORS_GROUP = "envfs-kms"
 
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
