@@ -31,6 +31,7 @@ from envfs.keys.choice import KeyServiceChoice, KeyServiceConnection, connect
 from envfs.kms.limits import Limits, Rate
 from envfs.kms.model import DEFAULT_KEY_CREATORS_GROUP, DEFAULT_REGION
 from envfs.kms.operations import OPERATIONS, Operation, Param, ParamType
+from envfs.kms.paths import SOCKET_DIR, SYSTEM_KMS_DIR
 
 if TYPE_CHECKING:
     from envfs.kms.store import KeyStore
@@ -104,7 +105,7 @@ def _add_store_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         type=Path,
         default=_env_path("ENVFS_KMS_DIR"),
-        help="where region stores live (env ENVFS_KMS_DIR; default /var/lib/envfs/kms for"
+        help=f"where region stores live (env ENVFS_KMS_DIR; default {SYSTEM_KMS_DIR} for"
         " root, else ~/.local/state/envfs/kms)",
     )
     group.add_argument(
@@ -122,7 +123,7 @@ def _add_socket_option(parser: argparse._ActionsContainer, help_text: str) -> No
         metavar="PATH",
         type=Path,
         default=_env_path("ENVFS_KMS_SOCKET"),
-        help=help_text + " (env ENVFS_KMS_SOCKET; default /run/envfs/kms-REGION.sock)",
+        help=help_text + f" (env ENVFS_KMS_SOCKET; default {SOCKET_DIR}/kms-REGION.sock)",
     )
 
 
