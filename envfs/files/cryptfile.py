@@ -442,5 +442,11 @@ class CryptFile:
                 _pwrite_all(self.fd, saved[start:end], at + start)
             start = end
 
+    def reopened(self, fd: int) -> None:
+        """Go on over ``fd``, the same backing file opened again (read-write where it was
+        read-only); the old descriptor is closed."""
+        old, self.fd = self.fd, fd
+        os.close(old)
+
     def close(self) -> None:
         os.close(self.fd)

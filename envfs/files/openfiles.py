@@ -11,6 +11,7 @@ covered by that handle's open, as Unix permissions are.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -72,6 +73,7 @@ class OpenFiles:
         if node.file is not None:
             path = self._safe_path(node)
             self.access.unwrap(node.file.header, caller, path, "truncate")
+            self._ensure_writable(node)
             self._guard(path, node.file.truncate, size)
             return
         check_regular(self._lstat(node.ino))
@@ -150,13 +152,29 @@ class OpenFiles:
         node.opens += 1
         fh = self._new_fh()
         self._handles[fh] = Handle(node, writable)
-        if flags & os.O_TRUNC:  # as on Linux, even read-only (the kernel checked write access)
-            try:
+        try:
+            # O_TRUNC truncates as on Linux, even read-only (the kernel checked write access).
+            if writable or flags & os.O_TRUNC:
+                self._ensure_writable(node)
+            if flags & os.O_TRUNC:
                 self._guard(self._safe_path(node), node.file.truncate, 0)
-            except BaseException:
-                self.release(fh)  # the kernel gets no handle to release
-                raise
+        except BaseException:
+            self.release(fh)  # the kernel gets no handle to release
+            raise
         return fh
+
+    def _ensure_writable(self, node: Node) -> None:
+        """Have the node's backing file open read-write. Readers may have opened it
+        read-only (where the daemon may not write it); it is opened again, so that a writer
+        is refused at its open with the backing file's own errno (EACCES; EPERM for an
+        immutable file; EROFS), never later with EBADF."""
+        cfile = node.file
+        assert cfile is not None
+        if fcntl.fcntl(cfile.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+            return
+        parent, name = self.inodes.entry(node.ino)
+        with self.tree.dir(parent) as dir_fd:
+            cfile.reopened(open_regular(dir_fd, name, os.O_RDWR, node.key))
 
     def _open_backing(
         self,

@@ -401,11 +401,6 @@ def test_an_open_whose_o_trunc_fails_leaves_nothing_open(
     assert errno_of(lambda: vfs.getattr(ino)) == errno.ESTALE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a backing file the daemon may only read is opened read-only for a writer too;"
-    " the writer's writes and truncations then fail with EBADF instead of its open with EPERM",
-)
 def test_a_file_the_daemon_may_only_read_refuses_writers_at_the_open(
     vfs: Vfs, volume: Volume
 ) -> None:
@@ -413,6 +408,15 @@ def test_a_file_the_daemon_may_only_read_refuses_writers_at_the_open(
     with immutable(volume.backing / "f"):
         assert read_file(vfs, ino) == b"read only"  # readers are served
         assert errno_of(lambda: vfs.open(ino, os.O_RDWR, KEY_USER)) == errno.EPERM
+        reader = vfs.open(ino, os.O_RDONLY, KEY_USER)  # the backing file open read-only
+        assert errno_of(lambda: vfs.open(ino, os.O_WRONLY, KEY_USER)) == errno.EPERM
+        assert errno_of(lambda: vfs.setattr(ino, KEY_USER, size=0)) == errno.EPERM
+        assert errno_of(lambda: vfs.write(reader, 0, b"x")) == errno.EBADF  # not its mode
+    writer = vfs.open(ino, os.O_WRONLY, KEY_USER)  # writable again: opened anew, read-write
+    assert vfs.write(writer, 0, b"R") == 1
+    vfs.release(writer)
+    assert vfs.read(reader, 0, 100) == b"Read only"
+    vfs.release(reader)
 
 
 def test_a_size_change_needs_a_caller_and_a_regular_file(vfs: Vfs) -> None:
