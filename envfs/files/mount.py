@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.envfs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# How often the mount offers the embedded key service's batched audit records to its chain.
+# How often the mount offers a key provider's batched audit records to their chain.
 AUDIT_FLUSH_INTERVAL = 0.05
 # Dead mounts stacked on one mount point that check_mountpoint clears before giving up.
 _MAX_DEAD_MOUNTS = 8

@@ -51,7 +51,7 @@ class KeyProvider(Protocol):
     @property
     def batches_audit(self) -> bool:
         """True if audit records wait in a batch until :meth:`flush_audit` (the mount then
-        calls it every 0.1 s)."""
+        calls it periodically)."""
         ...
 
     def generate_data_key(
