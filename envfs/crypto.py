@@ -2,6 +2,10 @@
 
 - AEAD: AES-256-GCM (or AES-128-GCM for 16-byte keys) with a fresh random 96-bit nonce
   for every seal. Sealed output is ``nonce (12) || ciphertext || tag (16)``.
+- Deterministic AEAD: AES-SIV (RFC 5297) with a 64-byte key (AES-256), for what must encrypt
+  the same way every time so that it can be looked up (file names). It reveals only
+  whether two plaintexts with the same associated data are equal. Output is
+  ``synthetic IV (16) || ciphertext``.
 - HKDF-SHA256 to derive sub-keys, scrypt for passphrases, HMAC-SHA256 for chains.
 - Randomness only from ``os.urandom`` / ``secrets``.
 
@@ -17,7 +21,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _chmac
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -29,6 +33,8 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 SEAL_OVERHEAD = NONCE_SIZE + TAG_SIZE
 KEY_SIZE = 32
+SIV_KEY_SIZE = 64
+SIV_OVERHEAD = 16
 
 # scrypt cost for passphrase-derived root keys: 2**17 * 8 * 128 B = 128 MiB, ~0.3 s here.
 SCRYPT_N = 2**17
@@ -70,6 +76,35 @@ class Aead:
             raise IntegrityError("authentication failed")
         try:
             return self._aesgcm.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise IntegrityError("authentication failed") from None
+
+
+class Siv:
+    """AES-SIV under one 64-byte key: the same plaintext and associated data always give
+    the same output."""
+
+    __slots__ = ("_siv",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != SIV_KEY_SIZE:
+            raise ValueError("AES-SIV key must be 64 bytes")
+        self._siv = AESSIV(key)
+
+    def seal(self, plaintext: bytes, associated: list[bytes]) -> bytes:
+        """Encrypt and authenticate; returns ``synthetic IV || ciphertext``."""
+        return self._siv.encrypt(plaintext, associated)
+
+    def open(self, sealed: bytes, associated: list[bytes]) -> bytes:
+        """Verify and decrypt.
+
+        Raises:
+            IntegrityError: the data, the associated data or the key do not match.
+        """
+        if len(sealed) < SIV_OVERHEAD:
+            raise IntegrityError("authentication failed")
+        try:
+            return self._siv.decrypt(sealed, associated)
         except InvalidTag:
             raise IntegrityError("authentication failed") from None
 
