@@ -11,7 +11,8 @@ The design is ``docs/format-v2-draft.md`` (§1-§3); the mount does not use this
 - The encoded name (base64url, no padding) is the backing name when it fits 255 bytes;
   longer ones are stored as ``.envfs-L`` + the base64url SHA-256 of the encoded name, with
   the encoded name in a name file beside it.
-- Symlink targets are AES-GCM sealed (random nonce) under the metadata key.
+- Symlink targets are AES-GCM sealed (random nonce) under the metadata key; so are ``user.``
+  xattr values, bound to their encrypted name, which is deterministic as file names are.
 
 Everything is pure and synchronous: bytes in, bytes out; a failure to authenticate is an
 ``IntegrityError``.
@@ -46,6 +47,8 @@ DIR_FILE_SIZE = _DIR_HEAD.size + 32
 
 _NAME_AD = b"envfs v2 name"
 _TARGET_AD = b"envfs v2 symlink"
+_XATTR_AD = b"envfs v2 xattr"
+XATTR_PREFIX = b"user.envfs.x."
 _NAME_KEY_INFO = b"envfs v2 names"
 _DIR_MAC_INFO = b"envfs v2 directory ids"
 _META_INFO = b"envfs v2 metadata"
@@ -226,3 +229,52 @@ def decrypt_target(meta: crypto.Aead, encoded: bytes) -> bytes:
     except (binascii.Error, ValueError):
         raise IntegrityError("not an encrypted symlink target") from None
     return unpad(meta.open(sealed, _TARGET_AD))
+
+
+# --- xattrs ------------------------------------------------------------------------------
+
+
+def encrypt_xattr_name(siv: crypto.Siv, name: bytes) -> bytes:
+    """The backing xattr name of the plaintext view's ``user.NAME``.
+
+    Raises:
+        OSError: EINVAL (not a ``user.`` name); ERANGE (longer than 164 bytes, whose
+            encryption would pass the backing folder's 255).
+    """
+    if not name.startswith(b"user.") or len(name) == len(b"user.") or b"\0" in name:
+        raise OSError(errno.EINVAL, "invalid xattr name")
+    sealed = siv.seal(pad(name[len(b"user.") :]), [_XATTR_AD, b""])
+    backing = XATTR_PREFIX + base64.urlsafe_b64encode(sealed).rstrip(b"=")
+    if len(backing) > NAME_MAX:  # names of up to 164 bytes fit
+        raise OSError(errno.ERANGE, "xattr name too long once encrypted")
+    return backing
+
+
+def decrypt_xattr_name(siv: crypto.Siv, backing: bytes) -> bytes:
+    """The plaintext view's name of a backing xattr :func:`encrypt_xattr_name` wrote.
+
+    Raises:
+        IntegrityError: not one of envfs's encrypted xattr names, or altered.
+    """
+    if not backing.startswith(XATTR_PREFIX):
+        raise IntegrityError("not an encrypted xattr name")
+    encoded = backing[len(XATTR_PREFIX) :]
+    try:
+        sealed = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        raise IntegrityError("not an encrypted xattr name") from None
+    return b"user." + unpad(siv.open(sealed, [_XATTR_AD, b""]))
+
+
+def encrypt_xattr_value(meta: crypto.Aead, backing_name: bytes, value: bytes) -> bytes:
+    """A value sealed for the backing xattr ``backing_name`` (random nonce)."""
+    return meta.seal(value, backing_name)
+
+
+def decrypt_xattr_value(meta: crypto.Aead, backing_name: bytes, sealed: bytes) -> bytes:
+    """The plaintext of a value :func:`encrypt_xattr_value` sealed for ``backing_name``.
+
+    Raises:
+        IntegrityError: altered, or moved from another xattr name.
+    """
+    return meta.open(sealed, backing_name)

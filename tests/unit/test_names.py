@@ -236,3 +236,26 @@ def test_golden_symlink_target_decrypts() -> None:
     meta = crypto.Aead(bytes.fromhex(GOLDEN["keys"]["meta_key"]))
     target = names.decrypt_target(meta, GOLDEN["symlink"]["encoded"].encode())
     assert target == bytes.fromhex(GOLDEN["symlink"]["target"])
+
+
+def test_xattr_names_and_values_round_trip_and_stay_bound() -> None:
+    backing = names.encrypt_xattr_name(SIV, b"user.comment")
+    assert backing.startswith(b"user.envfs.x.") and b"comment" not in backing
+    assert backing == names.encrypt_xattr_name(SIV, b"user.comment")  # getxattr finds it
+    assert names.decrypt_xattr_name(SIV, backing) == b"user.comment"
+    sealed = names.encrypt_xattr_value(META, backing, b"reviewed")
+    assert names.decrypt_xattr_value(META, backing, sealed) == b"reviewed"
+    other = names.encrypt_xattr_name(SIV, b"user.other")
+    with pytest.raises(IntegrityError):  # a value moved under another name
+        names.decrypt_xattr_value(META, other, sealed)
+    for bad in (b"user.plain", b"user.envfs.x.AAAA", backing[:-1]):
+        with pytest.raises(IntegrityError):
+            names.decrypt_xattr_name(SIV, bad)
+
+
+def test_xattr_names_longer_than_the_backing_allows_get_erange() -> None:
+    assert len(names.encrypt_xattr_name(SIV, b"user." + b"n" * 159)) <= names.NAME_MAX
+    for name, code in ((b"user." + b"n" * 160, errno.ERANGE), (b"trusted.x", errno.EINVAL)):
+        with pytest.raises(OSError) as caught:
+            names.encrypt_xattr_name(SIV, name)
+        assert caught.value.errno == code
