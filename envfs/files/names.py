@@ -100,6 +100,25 @@ def unpad(padded: bytes) -> bytes:
     return padded[:-count]
 
 
+def _encode(sealed: bytes) -> bytes:
+    return base64.urlsafe_b64encode(sealed).rstrip(b"=")
+
+
+def _decode(encoded: bytes, what: str) -> bytes:
+    """Undo :func:`_encode`, accepting only the one encoding it writes.
+
+    Raises:
+        IntegrityError: not base64url without padding, or not in its shortest form.
+    """
+    try:
+        sealed = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        raise IntegrityError(f"not an encrypted {what}") from None
+    if _encode(sealed) != encoded:
+        raise IntegrityError(f"not an encrypted {what}")
+    return sealed
+
+
 # --- names -----------------------------------------------------------------------------
 
 
@@ -118,8 +137,7 @@ def check_name(name: bytes) -> None:
 def encrypt_name(siv: crypto.Siv, dir_id: bytes, name: bytes) -> bytes:
     """The encoded (base64url, ASCII) encryption of ``name`` in the directory ``dir_id``."""
     check_name(name)
-    sealed = siv.seal(pad(name), [_NAME_AD, dir_id])
-    return base64.urlsafe_b64encode(sealed).rstrip(b"=")
+    return _encode(siv.seal(pad(name), [_NAME_AD, dir_id]))
 
 
 def decrypt_name(siv: crypto.Siv, dir_id: bytes, encoded: bytes) -> bytes:
@@ -129,13 +147,7 @@ def decrypt_name(siv: crypto.Siv, dir_id: bytes, encoded: bytes) -> bytes:
         IntegrityError: not an encoded name of this directory (another directory's, edited,
             or not envfs's at all).
     """
-    try:
-        sealed = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
-    except (binascii.Error, ValueError):
-        raise IntegrityError("not an encrypted name") from None
-    if base64.urlsafe_b64encode(sealed).rstrip(b"=") != encoded:  # one encoding only
-        raise IntegrityError("not an encrypted name")
-    name = unpad(siv.open(sealed, [_NAME_AD, dir_id]))
+    name = unpad(siv.open(_decode(encoded, "name"), [_NAME_AD, dir_id]))
     try:
         check_name(name)
     except OSError:
@@ -149,7 +161,7 @@ def backing_name(encoded: bytes) -> bytes:
     if len(encoded) <= NAME_MAX:
         return encoded
     digest = crypto.sha256(encoded)
-    return LONG_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=")
+    return LONG_PREFIX + _encode(digest)
 
 
 def is_long(backing: bytes) -> bool:
@@ -214,8 +226,7 @@ def encrypt_target(meta: crypto.Aead, target: bytes) -> bytes:
     """The backing symlink target (base64url) of the plaintext ``target``."""
     if not target or b"\0" in target:
         raise OSError(errno.EINVAL, "invalid symlink target")
-    sealed = meta.seal(pad(target), _TARGET_AD)
-    return base64.urlsafe_b64encode(sealed).rstrip(b"=")
+    return _encode(meta.seal(pad(target), _TARGET_AD))
 
 
 def decrypt_target(meta: crypto.Aead, encoded: bytes) -> bytes:
@@ -224,11 +235,7 @@ def decrypt_target(meta: crypto.Aead, encoded: bytes) -> bytes:
     Raises:
         IntegrityError: not a target :func:`encrypt_target` wrote with this key.
     """
-    try:
-        sealed = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
-    except (binascii.Error, ValueError):
-        raise IntegrityError("not an encrypted symlink target") from None
-    return unpad(meta.open(sealed, _TARGET_AD))
+    return unpad(meta.open(_decode(encoded, "symlink target"), _TARGET_AD))
 
 
 # --- xattrs ------------------------------------------------------------------------------
@@ -244,7 +251,7 @@ def encrypt_xattr_name(siv: crypto.Siv, name: bytes) -> bytes:
     if not name.startswith(b"user.") or len(name) == len(b"user.") or b"\0" in name:
         raise OSError(errno.EINVAL, "invalid xattr name")
     sealed = siv.seal(pad(name[len(b"user.") :]), [_XATTR_AD, b""])
-    backing = XATTR_PREFIX + base64.urlsafe_b64encode(sealed).rstrip(b"=")
+    backing = XATTR_PREFIX + _encode(sealed)
     if len(backing) > NAME_MAX:  # names of up to 164 bytes fit
         raise OSError(errno.ERANGE, "xattr name too long once encrypted")
     return backing
@@ -258,11 +265,7 @@ def decrypt_xattr_name(siv: crypto.Siv, backing: bytes) -> bytes:
     """
     if not backing.startswith(XATTR_PREFIX):
         raise IntegrityError("not an encrypted xattr name")
-    encoded = backing[len(XATTR_PREFIX) :]
-    try:
-        sealed = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
-    except (binascii.Error, ValueError):
-        raise IntegrityError("not an encrypted xattr name") from None
+    sealed = _decode(backing[len(XATTR_PREFIX) :], "xattr name")
     return b"user." + unpad(siv.open(sealed, [_XATTR_AD, b""]))
 
 
