@@ -116,12 +116,19 @@ class Operations(pyfuse3.Operations):
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         return self.vfs.caller(ctx.uid, ctx.gid)
 
+    def _unlock(self, ctx: pyfuse3.RequestContext) -> None:
+        """Before a request that reads or makes names: a volume with encrypted names gets
+        its name keys with the first request of a user who may use its key."""
+        if not self.vfs.names.ready:
+            self.vfs.unlock_names(self._caller(ctx))
+
     # --- names and attributes ----------------------------------------------------------
 
     @_errno_answers
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._unlock(ctx)
         try:
             return entry_attributes(self.vfs.lookup(parent_inode, name))
         except FileNotFoundError:
@@ -166,6 +173,7 @@ class Operations(pyfuse3.Operations):
 
     @_errno_answers
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        self._unlock(ctx)
         return self.vfs.readlink(inode)
 
     @_errno_answers
@@ -190,6 +198,7 @@ class Operations(pyfuse3.Operations):
 
     @_errno_answers
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._unlock(ctx)
         return self.vfs.opendir(inode)
 
     @_errno_answers
@@ -208,34 +217,40 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._unlock(ctx)
         st = self.vfs.mkdir(parent_inode, name, mode, self._caller(ctx), umask=ctx.umask)
         return entry_attributes(st)
 
     @_errno_answers
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._unlock(ctx)
         self.vfs.rmdir(parent_inode, name)
 
     @_errno_answers
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._unlock(ctx)
         return entry_attributes(self.vfs.symlink(parent_inode, name, target, self._caller(ctx)))
 
     @_errno_answers
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._unlock(ctx)
         st = self.vfs.mknod(parent_inode, name, mode, rdev, self._caller(ctx), umask=ctx.umask)
         return entry_attributes(st)
 
     @_errno_answers
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._unlock(ctx)
         self.vfs.unlink(parent_inode, name)
 
     @_errno_answers
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._unlock(ctx)
         return entry_attributes(self.vfs.link(inode, new_parent_inode, new_name))
 
     @_errno_answers
@@ -248,26 +263,31 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        self._unlock(ctx)
         self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # --- extended attributes -----------------------------------------------------------
 
     @_errno_answers
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._unlock(ctx)
         return self.vfs.getxattr(inode, name)
 
     @_errno_answers
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        self._unlock(ctx)
         self.vfs.setxattr(inode, name, value, self._caller(ctx))
 
     @_errno_answers
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._unlock(ctx)
         return self.vfs.listxattr(inode)
 
     @_errno_answers
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._unlock(ctx)
         self.vfs.removexattr(inode, name)
 
     # --- files -------------------------------------------------------------------------
@@ -276,6 +296,7 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._unlock(ctx)
         fh, st = self.vfs.create(
             parent_inode, name, mode, flags, self._caller(ctx), umask=ctx.umask
         )

@@ -30,6 +30,7 @@ from envfs.files.callers import CallerCache
 from envfs.files.fileformat import FileHeader
 from envfs.files.keycache import DataKeyCache
 from envfs.files.keypool import DataKeyPool
+from envfs.files.names import NameKeys
 from envfs.files.volume import Volume
 from envfs.identity import Caller
 from envfs.keys.provider import DataKey, KeyProvider
@@ -62,20 +63,24 @@ class KeyAccess:
         self.key_pool = key_pool
         self.callers = CallerCache(self.key_cache.max_age)
         self.volume_verified = False
+        self.name_keys: NameKeys | None = None  # with the volume's authentication
 
     def caller(self, uid: int, gid: int) -> Caller:
         """The identity of a request's user, with its groups (see :mod:`.callers`)."""
         return self.callers.get(uid, gid)
 
     def verify_volume(self, caller: Caller) -> None:
-        """Authenticate the volume file as ``caller`` unless already done.
+        """Authenticate the volume file as ``caller`` unless already done; a volume with
+        encrypted names then has its name keys (:attr:`name_keys`).
 
         Raises:
             VolumeError: the volume file is not authentic.
             KMSError: the key service refused ``caller``.
         """
         if not self.volume_verified:
-            self.volume.verify(self.provider, caller)
+            secret = self.volume.verify(self.provider, caller)
+            if self.volume.encrypted_names:
+                self.name_keys = NameKeys.derive(secret, self.volume.volume_id)
             self.volume_verified = True
             log.info("volume %s authenticated by the key service", self.volume.volume_id)
 

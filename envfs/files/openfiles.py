@@ -24,6 +24,7 @@ from envfs.files import acl, fileformat
 from envfs.files.acl import AclStore
 from envfs.files.backing import link_fd, open_unnamed
 from envfs.files.cryptfile import CryptFile, read_header
+from envfs.files.dirnames import Entry, Names
 from envfs.files.fileformat import FileHeader, FileKeys
 from envfs.files.inodes import InodeTable, Node
 from envfs.files.keyaccess import KeyAccess
@@ -61,7 +62,10 @@ class OpenFiles:
     if TYPE_CHECKING:  # provided by Vfs and ExtendedAttributes
 
         def path(self, ino: int) -> bytes: ...
-        def _check_name(self, parent: int, name: bytes) -> None: ...
+
+        names: Names
+
+        def _entry(self, parent: int, dir_fd: int, name: bytes) -> Entry: ...
         def _remember(self, parent: int, name: bytes, st: os.stat_result, lookups: int) -> Node: ...
         def _lstat(self, ino: int) -> os.stat_result: ...
         def _stat(self, node: Node, st: os.stat_result) -> Stat: ...
@@ -94,8 +98,10 @@ class OpenFiles:
         and ``linkat``, or a temporary name and ``link``), so a crash never leaves a
         file without a header.
         """
-        self._check_name(parent, name)
-        self.access.decide(caller)
+        self.access.decide(caller)  # before the name: it may need the volume's name keys
+        with self.tree.dir(parent) as dir_fd:
+            entry = self._entry(parent, dir_fd, name)
+        name = entry.backing
         file_id, data_key = self.access.new_data_key(caller, self.path(parent) + b"/" + name)
         header = FileHeader(file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped)
         keys = FileKeys.derive(data_key.plaintext, file_id)
@@ -109,6 +115,7 @@ class OpenFiles:
                     self.acls.write(fd, acl.ACCESS, new.access)
                 if self.chown_new:
                     os.fchown(fd, caller.uid, new_gid(dir_fd, caller))
+                self.names.add_name_file(dir_fd, entry)
                 if temp is None:
                     link_fd(fd, dir_fd, name)
                 else:

@@ -23,6 +23,7 @@ the FUSE adapter turns both into errno answers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -36,8 +37,10 @@ from envfs.errors import (
     IntegrityError,
 )
 from envfs.files import fileformat
+from envfs.files import names as name_format
 from envfs.files.acl import AclStore
 from envfs.files.backing import TEMP_PREFIX, chown_fd, link_fd, proc_path, renameat2
+from envfs.files.dirnames import EncryptedNames, Entry, Names, PlainNames
 from envfs.files.inodes import ROOT_INODE, InodeTable, Node
 from envfs.files.keyaccess import KeyAccess
 from envfs.files.keycache import DataKeyCache
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HIDDEN_AT_ROOT = frozenset({VOLUME_FILE.encode(), (VOLUME_FILE + ".tmp").encode()})
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _NODE_KINDS = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
@@ -106,18 +110,32 @@ class Vfs(OpenFiles, ExtendedAttributes):
         st = os.lstat(self.root_path)
         self.inodes = InodeTable(self.root_path, (st.st_dev, st.st_ino))
         self.tree = BackingTree(self.root_path, self.inodes)
+        self.names: Names = (
+            EncryptedNames(volume.volume_id, lambda: self.access.name_keys)
+            if volume.encrypted_names
+            else PlainNames(HIDDEN_AT_ROOT)
+        )
+        self._link_sizes: dict[tuple[int, int], int] = {}  # symlinks never change target
         self._handles: dict[int, Handle] = {}
-        self._dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self._dirs: dict[int, tuple[int, list[tuple[bytes, bytes]]]] = {}
         self._next_fh = 1
         self.read_ahead = FolderReadAhead(self._open_file)
         self._euid = os.geteuid()
         self.acls: AclStore | None = None  # POSIX ACLs: off until the kernel enforces them
-        remove_stale_temporaries(self.tree.root_fd, self.root_path)
+        remove_stale_temporaries(
+            self.tree.root_fd, self.root_path, encrypted_names=volume.encrypted_names
+        )
 
     def verify_volume(self, caller: Caller) -> None:
         """Authenticate the volume file as ``caller`` unless already done (see
         :meth:`KeyAccess.verify_volume`)."""
         self.access.verify_volume(caller)
+
+    def unlock_names(self, caller: Caller) -> None:
+        """Make the volume's names readable if they are not yet: authenticate the volume
+        as ``caller`` (a refusal is that request's ``EACCES``)."""
+        if not self.names.ready:
+            self.access.decide(caller)
 
     def caller(self, uid: int, gid: int) -> Caller:
         """The identity of a FUSE request's user, with its groups (see :mod:`.callers`)."""
@@ -129,11 +147,22 @@ class Vfs(OpenFiles, ExtendedAttributes):
         """The backing path of a node (for messages only)."""
         return self.inodes.path(ino)
 
-    def _check_name(self, parent: int, name: bytes) -> None:
-        if b"/" in name or b"\0" in name or name in (b"", b".", b".."):
-            raise OSError(errno.EINVAL, "invalid name")
-        if name.startswith(TEMP_PREFIX) or (parent == ROOT_INODE and name in HIDDEN_AT_ROOT):
-            raise OSError(errno.ENOENT, "reserved name")
+    def _entry(self, parent: int, dir_fd: int, name: bytes) -> Entry:
+        """The backing entry of the view's ``name`` in the directory ``parent`` (open as
+        ``dir_fd``).
+
+        Raises:
+            OSError: EINVAL, ENAMETOOLONG, ENOENT (a reserved name), EACCES (the names are
+                still locked).
+            IntegrityError: the directory's id file is damaged (logged).
+        """
+        try:
+            return self.names.entry(
+                dir_fd, self.inodes.node(parent).key, name, parent == ROOT_INODE
+            )
+        except IntegrityError as exc:
+            log.warning("backing folder %r: %s", self.path(parent), exc.message)
+            raise
 
     def _remember(self, parent: int, name: bytes, st: os.stat_result, lookups: int) -> Node:
         return self.inodes.remember(parent, name, (st.st_dev, st.st_ino), lookups)
@@ -173,7 +202,9 @@ class Vfs(OpenFiles, ExtendedAttributes):
     def _stat(self, node: Node, st: os.stat_result) -> Stat:
         """Attributes in the plaintext view from the backing ``st``."""
         size = st.st_size
-        if stat.S_ISREG(st.st_mode):
+        if stat.S_ISLNK(st.st_mode) and self.names.encrypted:
+            size = self._link_size(node, st)
+        elif stat.S_ISREG(st.st_mode):
             if node.file is not None:
                 size = node.file.size
             else:
@@ -201,6 +232,19 @@ class Vfs(OpenFiles, ExtendedAttributes):
             ctime_ns=st.st_ctime_ns,
         )
 
+    def _link_size(self, node: Node, st: os.stat_result) -> int:
+        """The length of a symlink's plaintext target (the backing one is longer)."""
+        size = self._link_sizes.get(node.key)
+        if size is None:
+            try:
+                size = len(self.readlink(node.ino))
+            except (OSError, EnvfsError):
+                return st.st_size
+            if len(self._link_sizes) >= 65536:
+                self._link_sizes.clear()
+            self._link_sizes[node.key] = size
+        return size
+
     def lookup(self, parent: int, name: bytes) -> Stat:
         if name == b".":
             return self.getattr(parent)
@@ -208,10 +252,10 @@ class Vfs(OpenFiles, ExtendedAttributes):
             node = self.inodes.node(parent)
             up = next(iter(node.links))[0] if node.links else ROOT_INODE
             return self.getattr(up)
-        self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        return self._stat(self._remember(parent, name, st, 1), st)
+            entry = self._entry(parent, dir_fd, name)
+            st = os.stat(entry.backing, dir_fd=dir_fd, follow_symlinks=False)
+        return self._stat(self._remember(parent, entry.backing, st, 1), st)
 
     def getattr(self, ino: int) -> Stat:
         node = self.inodes.node(ino)
@@ -228,17 +272,37 @@ class Vfs(OpenFiles, ExtendedAttributes):
         self._dirs[fh] = (ino, [])
         return fh
 
-    def _listing(self, ino: int) -> list[bytes]:
-        """The names in a directory, sorted, without envfs's own."""
+    def _listing(self, ino: int) -> list[tuple[bytes, bytes]]:
+        """The entries of a directory, sorted by backing name, without envfs's own: pairs
+        of backing name and name in the view. An entry whose name does not decrypt here
+        (moved from another directory, edited) is left out, with a warning."""
+        key = self.inodes.node(ino).key
         with self.tree.dir(ino) as dir_fd:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            names = sorted(os.fsencode(n) for n in os.listdir(fd))
-        finally:
-            os.close(fd)
-        if ino == ROOT_INODE:
-            names = [n for n in names if n not in HIDDEN_AT_ROOT]
-        return [n for n in names if not n.startswith(TEMP_PREFIX)]
+            try:
+                backing = sorted(os.fsencode(n) for n in os.listdir(fd))
+            finally:
+                os.close(fd)
+            if isinstance(self.names, EncryptedNames):
+                try:
+                    self.names.dir_id(dir_fd, key)
+                except IntegrityError as exc:
+                    log.warning("backing folder %r: %s", self.path(ino), exc.message)
+                    raise
+            listed = []
+            for name in backing:
+                try:
+                    plain = self.names.plain(dir_fd, key, name, ino == ROOT_INODE)
+                except IntegrityError as exc:
+                    log.warning(
+                        "backing entry %r: %s: not listed",
+                        self.path(ino) + b"/" + name,
+                        exc.message,
+                    )
+                    continue
+                if plain is not None:
+                    listed.append((name, plain))
+        return listed
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Stat, int]]:
         """Entries of an open directory from index ``start``: (name, attributes, next).
@@ -250,18 +314,18 @@ class Vfs(OpenFiles, ExtendedAttributes):
         """
         if fh not in self._dirs:
             raise OSError(errno.EBADF, "bad directory handle")
-        ino, names = self._dirs[fh]
+        ino, entries = self._dirs[fh]
         if start == 0:  # the first read, or one after rewinddir: the directory as it is now
-            names = self._listing(ino)
-            self._dirs[fh] = (ino, names)
+            entries = self._listing(ino)
+            self._dirs[fh] = (ino, entries)
         with self.tree.dir(ino) as dir_fd:
-            for index in range(start, len(names)):
-                name = names[index]
+            for index in range(start, len(entries)):
+                backing, name = entries[index]
                 try:
-                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    st = os.stat(backing, dir_fd=dir_fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # removed since opendir
-                node = self._remember(ino, name, st, 0)
+                node = self._remember(ino, backing, st, 0)
                 yield name, self._stat(node, st), index + 1
 
     def releasedir(self, fh: int) -> None:
@@ -303,28 +367,107 @@ class Vfs(OpenFiles, ExtendedAttributes):
         return self._stat(self._remember(parent, name, st, 1), st)
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller, *, umask: int = 0) -> Stat:
-        self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
+            entry = self._entry(parent, dir_fd, name)
             new = self._inherited(parent, dir_fd, stat.S_IFDIR | (mode & 0o7777), umask)
-            os.mkdir(name, new.first_mode, dir_fd=dir_fd)
-            return self._new_entry(parent, dir_fd, name, stat.S_IFDIR, caller, new)
+            if isinstance(self.names, EncryptedNames):
+                self._make_dir(dir_fd, entry, new.first_mode)
+            else:
+                os.mkdir(entry.backing, new.first_mode, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, entry.backing, stat.S_IFDIR, caller, new)
+
+    def _make_dir(self, dir_fd: int, entry: Entry, mode: int) -> None:
+        """Make a directory with encrypted names: under a temporary name, with its id file
+        written while it is still the daemon's own ``0700``, then given ``mode`` exactly
+        and renamed into place. A crash leaves only the temporary directory, removed at
+        the next mount (:mod:`.leftovers`)."""
+        assert isinstance(self.names, EncryptedNames)
+        temp = TEMP_PREFIX + os.urandom(8).hex().encode()
+        os.mkdir(temp, 0o700, dir_fd=dir_fd)
+        try:
+            fd = os.open(temp, _LIST_FLAGS, dir_fd=dir_fd)
+            try:
+                st = os.fstat(fd)
+                if st.st_uid != self._euid:
+                    raise OSError(errno.EIO, "the backing folder changed under the mount")
+                self.names.write_dir_file(fd, name_format.new_dir_id())
+                # The kernel gave a directory in a set-group-ID one that bit: keep it.
+                os.chmod(fd, stat.S_IMODE(mode) | (st.st_mode & stat.S_ISGID))
+            finally:
+                os.close(fd)
+            self.names.add_name_file(dir_fd, entry)
+            renameat2(dir_fd, temp, dir_fd, entry.backing, RENAME_NOREPLACE)
+        except BaseException:
+            _remove_new_dir(dir_fd, temp)
+            raise
 
     def rmdir(self, parent: int, name: bytes) -> None:
-        self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
-            os.rmdir(name, dir_fd=dir_fd)
-        self.inodes.unlink_name(parent, name)
+            entry = self._entry(parent, dir_fd, name)
+            if isinstance(self.names, EncryptedNames):
+                self._remove_dir(dir_fd, entry)
+            else:
+                os.rmdir(entry.backing, dir_fd=dir_fd)
+            self.names.remove_name_file(dir_fd, entry)
+        self.inodes.unlink_name(parent, entry.backing)
+
+    def _remove_dir(self, dir_fd: int, entry: Entry) -> None:
+        """Remove an empty directory with encrypted names: its id file first, put back if
+        the directory cannot be removed after all."""
+        assert isinstance(self.names, EncryptedNames)
+        try:
+            fd = os.open(entry.backing, _LIST_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(errno.ENOTDIR, "not a directory") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if any(os.fsencode(n) != name_format.DIR_FILE for n in os.listdir(fd)):
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+            try:
+                dir_id: bytes | None = self.names.dir_id(fd, (st.st_dev, st.st_ino))
+            except IntegrityError:
+                dir_id = None  # damaged or missing: nothing worth putting back
+            mode = stat.S_IMODE(st.st_mode)
+            try:
+                os.unlink(name_format.DIR_FILE, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            except PermissionError:
+                if st.st_uid != self._euid:
+                    raise
+                os.chmod(fd, mode | stat.S_IRWXU)  # a read-only directory of the daemon's
+                os.unlink(name_format.DIR_FILE, dir_fd=fd)
+            try:
+                os.rmdir(entry.backing, dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    if dir_id is not None:
+                        self.names.write_dir_file(fd, dir_id)
+                    os.chmod(fd, mode)
+                raise
+            self.names.forget_dir((st.st_dev, st.st_ino))
+        finally:
+            os.close(fd)
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Stat:
-        self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
-            os.symlink(target, name, dir_fd=dir_fd)
-            return self._new_entry(parent, dir_fd, name, stat.S_IFLNK, caller)
+            entry = self._entry(parent, dir_fd, name)
+            stored = self.names.seal_target(target)
+            self.names.add_name_file(dir_fd, entry)
+            os.symlink(stored, entry.backing, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, entry.backing, stat.S_IFLNK, caller)
 
     def readlink(self, ino: int) -> bytes:
         parent, name = self.inodes.entry(ino)
         with self.tree.dir(parent) as dir_fd:
-            return os.readlink(name, dir_fd=dir_fd)
+            stored = os.readlink(name, dir_fd=dir_fd)
+        try:
+            return self.names.open_target(stored)
+        except IntegrityError as exc:
+            log.warning("backing symlink %r: %s", self.path(ino), exc.message)
+            raise
 
     def mknod(
         self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller, *, umask: int = 0
@@ -344,22 +487,26 @@ class Vfs(OpenFiles, ExtendedAttributes):
             raise OSError(errno.EINVAL, "not a kind of file mknod makes")
         if kind in (stat.S_IFCHR, stat.S_IFBLK) and caller.uid != 0:
             raise OSError(errno.EPERM, "only root makes device nodes")
-        self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
+            entry = self._entry(parent, dir_fd, name)
             new = self._inherited(parent, dir_fd, kind | (mode & 0o7777), umask)
-            os.mknod(name, kind | new.first_mode, rdev, dir_fd=dir_fd)
-            return self._new_entry(parent, dir_fd, name, kind, caller, new)
+            self.names.add_name_file(dir_fd, entry)
+            os.mknod(entry.backing, kind | new.first_mode, rdev, dir_fd=dir_fd)
+            return self._new_entry(parent, dir_fd, entry.backing, kind, caller, new)
 
     def unlink(self, parent: int, name: bytes) -> None:
-        self._check_name(parent, name)
         with self.tree.dir(parent) as dir_fd:
-            os.unlink(name, dir_fd=dir_fd)
-        self.inodes.unlink_name(parent, name)
+            entry = self._entry(parent, dir_fd, name)
+            os.unlink(entry.backing, dir_fd=dir_fd)
+            self.names.remove_name_file(dir_fd, entry)
+        self.inodes.unlink_name(parent, entry.backing)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Stat:
-        self._check_name(new_parent, new_name)
         node = self.inodes.node(ino)
         with self.tree.dir(new_parent) as new_dir:
+            entry = self._entry(new_parent, new_dir, new_name)
+            new_name = entry.backing
+            self.names.add_name_file(new_dir, entry)
             if node.file is not None:  # exactly the open file, even if renamed meanwhile
                 link_fd(node.file.fd, new_dir, new_name)
             else:
@@ -377,16 +524,24 @@ class Vfs(OpenFiles, ExtendedAttributes):
     def rename(
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int
     ) -> None:
-        self._check_name(parent, name)
-        self._check_name(new_parent, new_name)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unknown rename flags")
         with self.tree.dir(parent) as old_dir:
+            old = self._entry(parent, old_dir, name)
             if new_parent == parent:
-                renameat2(old_dir, name, old_dir, new_name, flags)
+                new = self._entry(new_parent, old_dir, new_name)
+                self.names.add_name_file(old_dir, new)
+                renameat2(old_dir, old.backing, old_dir, new.backing, flags)
+                if not flags & RENAME_EXCHANGE and old != new:
+                    self.names.remove_name_file(old_dir, old)
             else:
                 with self.tree.dir(new_parent) as new_dir:
-                    renameat2(old_dir, name, new_dir, new_name, flags)
+                    new = self._entry(new_parent, new_dir, new_name)
+                    self.names.add_name_file(new_dir, new)
+                    renameat2(old_dir, old.backing, new_dir, new.backing, flags)
+                if not flags & RENAME_EXCHANGE:
+                    self.names.remove_name_file(old_dir, old)
+        name, new_name = old.backing, new.backing
         moved = self.inodes.unlink_name(parent, name)
         replaced = self.inodes.unlink_name(new_parent, new_name)
         if replaced is not None and flags & RENAME_EXCHANGE:
@@ -467,6 +622,19 @@ class Vfs(OpenFiles, ExtendedAttributes):
         self.access.close()
         self.read_ahead.close()
         self.tree.close()
+
+
+def _remove_new_dir(dir_fd: int, name: bytes) -> None:
+    """Remove a directory :meth:`Vfs._make_dir` made, with its id file if written."""
+    with contextlib.suppress(OSError):
+        fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name_format.DIR_FILE, dir_fd=fd)
+        finally:
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=dir_fd)
 
 
 __all__ = ["ROOT_INODE", "EnvfsError", "Handle", "Node", "Stat", "Vfs"]

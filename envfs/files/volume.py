@@ -7,9 +7,9 @@
      "region": "<region>",
      "key_arn": "arn:envfs:kms:<region>:<account>:key/<uuid>",
      "previous_key_arns": [...],        # optional: see "Which keys" below
-     "format_version": 1,               # file format of the volume's files
+     "format_version": 2,               # file format of the volume's files (1 or 2)
      "block_shift": 14,                 # plaintext block size 2**14 = 16 KiB
-     "features": [],                    # feature flags; unknown ones are refused
+     "features": ["names"],             # feature flags; unknown ones are refused
      "created": "<ISO 8601>",
      "auth_key": "<base64 ciphertext blob>",
      "mac": "<base64 HMAC-SHA256>"}
@@ -54,13 +54,16 @@ from envfs.errors import (
     NotFoundException,
     VolumeError,
 )
-from envfs.files import fileformat
+from envfs.files import fileformat, names
 from envfs.identity import Caller
 from envfs.keys.provider import EncryptionContext, KeyProvider
 
 VOLUME_FILE = ".envfs-volume.json"
 VOLUME_FILE_VERSION = 1
-KNOWN_FEATURES: frozenset[str] = frozenset()
+NAMES_FEATURE = "names"  # names, symlink targets and user. xattrs encrypted (version 2)
+KNOWN_FEATURES: frozenset[str] = frozenset({NAMES_FEATURE})
+FORMAT_VERSIONS = (1, 2)  # the file formats this envfs reads and writes
+NEW_FORMAT_VERSION = 2  # what ``envfs init`` makes
 _MAC_INFO = b"envfs volume mac v1"
 _OPTIONAL_FIELDS = {"previous_key_arns"}
 _FIELDS = {
@@ -96,6 +99,11 @@ class Volume:
     @property
     def block_size(self) -> int:
         return 1 << self.block_shift
+
+    @property
+    def encrypted_names(self) -> bool:
+        """Whether names, symlink targets and ``user.`` xattrs are encrypted."""
+        return NAMES_FEATURE in self.features
 
     def accepts_key(self, key_arn: str) -> bool:
         """Whether a file of this volume may be wrapped under ``key_arn`` (exact ARN)."""
@@ -139,8 +147,11 @@ class Volume:
         caller: Caller,
         *,
         block_shift: int = fileformat.DEFAULT_BLOCK_SHIFT,
+        format_version: int = NEW_FORMAT_VERSION,
+        encrypted_names: bool = True,
     ) -> Volume:
-        """Make ``backing`` a new volume under the master key ``key_id``.
+        """Make ``backing`` a new volume under the master key ``key_id``, with encrypted
+        names unless ``encrypted_names`` is false (names need format version 2).
 
         Raises:
             VolumeError: ``backing`` is not an empty directory (or already a volume).
@@ -152,6 +163,13 @@ class Volume:
                 f"block size {1 << block_shift} is not allowed: expected a power of two from"
                 f" {1 << fileformat.MIN_BLOCK_SHIFT} to {1 << fileformat.MAX_BLOCK_SHIFT} bytes"
             )
+        if format_version not in FORMAT_VERSIONS:
+            raise VolumeError(
+                f"file format {format_version} is not one this envfs writes"
+                f" ({', '.join(map(str, FORMAT_VERSIONS))})"
+            )
+        if encrypted_names and format_version < 2:
+            raise VolumeError("encrypted names need file format version 2")
         if backing.exists() and not backing.is_dir():
             raise VolumeError(f"{str(backing)!r} is not a directory")
         if (backing / VOLUME_FILE).exists():
@@ -167,6 +185,8 @@ class Volume:
             region=provider.region,
             key_arn="",
             block_shift=block_shift,
+            format_version=format_version,
+            features=[NAMES_FEATURE] if encrypted_names else [],
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
         data_key = provider.generate_data_key(
@@ -177,6 +197,19 @@ class Volume:
         volume.mac = volume._mac_for(data_key.plaintext)
         # Only now: a refused key leaves no new folder behind.
         backing.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if encrypted_names:  # the root's directory id, before the volume file says "names"
+            keys = names.NameKeys.derive(data_key.plaintext, volume.volume_id)
+            dir_file = names.encode_dir_file(keys, names.new_dir_id(), volume.volume_id)
+            fd = os.open(
+                backing / os.fsdecode(names.DIR_FILE),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o440,
+            )
+            try:
+                os.write(fd, dir_file)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         volume._write()
         return volume
 
@@ -211,8 +244,16 @@ class Volume:
 
         Raises:
             KMSError: the key service refused (unknown key, not a key user...).
-            VolumeError: the new key is in another region.
+            VolumeError: the new key is in another region, or the volume's names are
+                encrypted (they are derived from the volume's secret, which a new data key
+                would change: that takes a ReEncrypt of the secret, ``envfs rewrap``'s job).
         """
+        if self.encrypted_names:
+            raise VolumeError(
+                "the key of a volume with encrypted names cannot be changed this way: its"
+                " names are derived from the volume's secret, which must be re-encrypted"
+                " under the new key, not replaced"
+            )
         data_key = provider.generate_data_key(
             new_key_id, self._auth_context(), caller, f"envfs key change {self.backing}"
         )
@@ -290,16 +331,20 @@ class Volume:
             )
         except (binascii.Error, ValueError) as exc:
             raise VolumeError(f"{str(path)!r} is malformed: {exc}") from None
-        if volume.format_version != fileformat.FORMAT_VERSION:
+        if volume.format_version not in FORMAT_VERSIONS:
             raise VolumeError(
                 f"{str(path)!r} uses file format {volume.format_version}; this envfs reads"
-                f" format {fileformat.FORMAT_VERSION}"
+                f" formats {' and '.join(map(str, FORMAT_VERSIONS))}"
             )
         unknown_features = set(map(str, volume.features)) - KNOWN_FEATURES
         if unknown_features:
             raise VolumeError(
                 f"{str(path)!r} needs features this envfs does not have: {sorted(unknown_features)}"
             )
+        if volume.encrypted_names and volume.format_version < 2:
+            raise VolumeError(f"{str(path)!r} is malformed: names need file format 2")
+        if len(set(map(str, volume.features))) != len(volume.features):
+            raise VolumeError(f"{str(path)!r} is malformed: a feature is named twice")
         if not fileformat.MIN_BLOCK_SHIFT <= volume.block_shift <= fileformat.MAX_BLOCK_SHIFT:
             raise VolumeError(f"{str(path)!r} has an invalid block shift {volume.block_shift}")
         if not all(isinstance(a, str) for a in volume.previous_key_arns) or (
@@ -348,8 +393,9 @@ class Volume:
                 f" {self.key_arn!r} but was made under another key"
             )
 
-    def verify(self, provider: KeyProvider, caller: Caller) -> None:
-        """Authenticate the volume file with the key service, as ``caller``.
+    def verify(self, provider: KeyProvider, caller: Caller) -> bytes:
+        """Authenticate the volume file with the key service, as ``caller``; returns the
+        volume's secret (the unwrapped ``auth_key``), from which its name keys come.
 
         Raises:
             VolumeError: the file was altered, or its key or region swapped.
@@ -381,6 +427,7 @@ class Volume:
             raise VolumeError(
                 f"the volume file of {str(self.backing)!r} is not authentic: it was altered"
             )
+        return auth
 
 
 _MISSING = object()

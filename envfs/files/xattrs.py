@@ -35,10 +35,13 @@ import os
 import stat
 from typing import NamedTuple
 
+from envfs.errors import IntegrityError
 from envfs.files import acl
 from envfs.files.acl import Acl, AclStore, MalformedAcl
 from envfs.files.backing import proc_path
+from envfs.files.dirnames import EncryptedNames, Names
 from envfs.files.inodes import InodeTable, Node
+from envfs.files.names import XATTR_PREFIX
 from envfs.files.tree import DirFd
 from envfs.identity import Caller
 
@@ -70,6 +73,7 @@ class ExtendedAttributes:
 
     inodes: InodeTable
     acls: AclStore | None
+    names: Names
     _euid: int
 
     # Provided by Vfs.
@@ -119,7 +123,17 @@ class ExtendedAttributes:
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
         if acl.is_private(name):
             raise OSError(errno.ENODATA, "no such attribute")
-        with self._entry_fd(self.inodes.node(ino)) as fd:
+        node = self.inodes.node(ino)
+        if isinstance(self.names, EncryptedNames):
+            stored = self.names.xattr_name(name)
+            with self._entry_fd(node) as fd:
+                sealed = os.getxattr(proc_path(fd), stored)
+            try:
+                return self.names.open_xattr(stored, sealed)
+            except IntegrityError as exc:
+                log.warning("backing entry %r: an xattr: %s", self._safe_path(node), exc.message)
+                raise
+        with self._entry_fd(node) as fd:
             return os.getxattr(proc_path(fd), name)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
@@ -132,6 +146,9 @@ class ExtendedAttributes:
             self._set_acl(self.inodes.node(ino), name, value, caller)
             return
         _check_user_name(name)
+        if isinstance(self.names, EncryptedNames):
+            name = self.names.xattr_name(name)
+            value = self.names.seal_xattr(name, value)
         with self._entry_fd(self.inodes.node(ino)) as fd:
             os.setxattr(proc_path(fd), name, value)
 
@@ -166,12 +183,30 @@ class ExtendedAttributes:
         with self._entry_fd(self.inodes.node(ino)) as fd:
             names = os.listxattr(proc_path(fd))
             mode = os.fstat(fd).st_mode
-        listed = [
-            os.fsencode(n)
-            for n in names
-            if n.startswith("user.") and not acl.is_private(os.fsencode(n))
-        ]
+        if isinstance(self.names, EncryptedNames):
+            listed = self._plain_xattr_names(ino, names)
+        else:
+            listed = [
+                os.fsencode(n)
+                for n in names
+                if n.startswith("user.") and not acl.is_private(os.fsencode(n))
+            ]
         return listed if self.acls is None else self.acls.listed(names, mode) + listed
+
+    def _plain_xattr_names(self, ino: int, stored: list[str]) -> list[bytes]:
+        """The view's names of a node's encrypted xattrs; any other backing xattr (one
+        planted in the backing folder) is not shown."""
+        assert isinstance(self.names, EncryptedNames)
+        listed = []
+        for name in map(os.fsencode, stored):
+            if not name.startswith(XATTR_PREFIX):
+                continue
+            try:
+                listed.append(self.names.plain_xattr_name(name))
+            except IntegrityError as exc:
+                node = self.inodes.node(ino)
+                log.warning("backing entry %r: an xattr: %s", self._safe_path(node), exc.message)
+        return listed
 
     def removexattr(self, ino: int, name: bytes) -> None:
         if name in acl.NAMES:
@@ -180,6 +215,8 @@ class ExtendedAttributes:
                 store.remove(proc_path(fd), name)
             return
         _check_user_name(name)
+        if isinstance(self.names, EncryptedNames):
+            name = self.names.xattr_name(name)
         with self._entry_fd(self.inodes.node(ino)) as fd:
             os.removexattr(proc_path(fd), name)
 

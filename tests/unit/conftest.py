@@ -32,7 +32,15 @@ def fake_keys() -> FakeKeyProvider:
 @pytest.fixture
 def volume(fake_keys: FakeKeyProvider, tmp_path: Path) -> Volume:
     """A new volume in ``tmp_path / "backing"``, made by root under a key of its own that
-    root and ``KEY_USER`` may use (and ``STRANGER`` may not)."""
+    root and ``KEY_USER`` may use (and ``STRANGER`` may not). Its names are plaintext, so
+    that tests reach its backing files by name (``names_volume``: encrypted names)."""
+    key = fake_keys.create_key([ROOT.uid, KEY_USER.uid])
+    return Volume.create(tmp_path / "backing", key, fake_keys, ROOT, encrypted_names=False)
+
+
+@pytest.fixture
+def names_volume(fake_keys: FakeKeyProvider, tmp_path: Path) -> Volume:
+    """As ``volume``, with encrypted names (what ``envfs init`` makes)."""
     key = fake_keys.create_key([ROOT.uid, KEY_USER.uid])
     return Volume.create(tmp_path / "backing", key, fake_keys, ROOT)
 
@@ -44,6 +52,19 @@ def vfs(volume: Volume, fake_keys: FakeKeyProvider) -> Iterator[Vfs]:
     old_umask = os.umask(0)
     view = Vfs(volume, fake_keys, chown_new=False)
     try:
+        yield view
+    finally:
+        view.close()
+        os.umask(old_umask)
+
+
+@pytest.fixture
+def names_vfs(names_volume: Volume, fake_keys: FakeKeyProvider) -> Iterator[Vfs]:
+    """As ``vfs``, over ``names_volume``; its names unlocked by root, as a mount does."""
+    old_umask = os.umask(0)
+    view = Vfs(names_volume, fake_keys, chown_new=False)
+    try:
+        view.verify_volume(ROOT)
         yield view
     finally:
         view.close()

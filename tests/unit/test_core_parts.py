@@ -190,9 +190,11 @@ def test_a_refused_key_leaves_no_folder_behind(fake_keys: FakeKeyProvider, tmp_p
     [
         ({"envfs_volume": 2}, r"has volume file version 2; this envfs reads version 1$"),
         ({"surprise": 1}, r"is malformed: unknown fields \['surprise'\], missing fields \[\]$"),
-        ({"features": ["names"]}, r"needs features this envfs does not have: \['names'\]$"),
+        ({"features": ["colours"]}, r"needs features this envfs does not have: \['colours'\]$"),
+        ({"features": ["names", "names"]}, r"is malformed: a feature is named twice$"),
+        ({"features": ["names"], "format_version": 1}, r"is malformed: names need file format 2$"),
         ({"block_shift": 30}, r"has an invalid block shift 30$"),
-        ({"format_version": 2}, r"uses file format 2; this envfs reads format 1$"),
+        ({"format_version": 3}, r"uses file format 3; this envfs reads formats 1 and 2$"),
         ({"block_shift": "14"}, r"is malformed: field 'block_shift' must be of type int$"),
         ({"key_arn": "my-key"}, r"names a key that is not a key ARN$"),
         ({"previous_key_arns": []}, r"is malformed: bad previous_key_arns$"),

@@ -57,7 +57,9 @@ class Setup:
         self.key = self.new_key(users)
         self.other_key = self.new_key(users)  # a key the same users may use
         self.backing = root / "backing"
-        self.volume = Volume.create(self.backing, self.key, self.provider, ROOT)
+        self.volume = Volume.create(
+            self.backing, self.key, self.provider, ROOT, encrypted_names=False
+        )
         self.vfs = Vfs(self.volume, self.provider, chown_new=False)
 
     def new_key(self, users: list[str]) -> str:
