@@ -201,11 +201,13 @@ def _init(args: argparse.Namespace) -> int:
             kms.provider,
             Caller.current(),
             block_shift=args.block_size,
+            encrypted_names=not args.plaintext_names,
         )
     sys.stdout.write(
         f"envfs volume {volume.volume_id} created in {str(volume.backing)!r}\n"
         f"  key:    {volume.key_arn}\n"
         f"  blocks: {volume.block_size} bytes\n"
+        f"  names:  {'encrypted' if volume.encrypted_names else 'plaintext (--plaintext-names)'}\n"
         f"mount it with: envfs mount {args.backing} MOUNTPOINT\n"
     )
     return 0
@@ -442,7 +444,7 @@ def _info(args: argparse.Namespace) -> int:
         "FormatVersion": volume.format_version,
         "BlockSize": volume.block_size,
         "Features": list(volume.features),
-        "FileNames": "plaintext",  # names are not encrypted (yet): no feature says otherwise
+        "FileNames": "encrypted" if volume.encrypted_names else "plaintext",
         "CreationDate": volume.created,
         "Files": summary.files,
         "Directories": summary.directories,
@@ -484,6 +486,13 @@ def add_parsers(commands: Any) -> None:
         default=fileformat.DEFAULT_BLOCK_SHIFT,
         metavar="SIZE",
         help="plaintext block size, a power of two from 4K to 1M (default 16K)",
+    )
+    init.add_argument(
+        "--plaintext-names",
+        action="store_true",
+        help="store file and folder names, symlink targets and user.* xattrs as they are"
+        " (default: encrypted, so the backing folder shows no name; only contents are"
+        " encrypted with this option)",
     )
     _add_kms_options(
         init, region_help=f"the key's region (env ENVFS_REGION; default {DEFAULT_REGION})"

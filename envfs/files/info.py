@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from envfs.errors import IntegrityError
-from envfs.files import fileformat, tree
+from envfs.files import fileformat, names, tree
 from envfs.files.backing import TEMP_PREFIX
 from envfs.files.volume import VOLUME_FILE, Volume
 from envfs.keys.provider import WrappedKey
@@ -135,8 +135,11 @@ def _walk(root_fd: int, summary: VolumeSummary) -> None:
             elif kind == "file":
                 if not where and entry.name in _HIDDEN_AT_ROOT:
                     continue
-                if os.fsencode(entry.name).startswith(TEMP_PREFIX):
+                name = os.fsencode(entry.name)
+                if name.startswith(TEMP_PREFIX):
                     summary.leftovers += 1
+                    continue
+                if summary.volume.encrypted_names and _own_file(name):
                     continue
                 summary.files += 1
                 _read_file(dir_fd, entry.name, path, summary)
@@ -145,6 +148,12 @@ def _walk(root_fd: int, summary: VolumeSummary) -> None:
     finally:
         for _, dir_fd, _ in stack:
             os.close(dir_fd)
+
+
+def _own_file(name: bytes) -> bool:
+    """With encrypted names: one of envfs's own files (a directory id file, a long name's
+    name file), which no user entry's name can be (they never start with ``.``)."""
+    return name.startswith(b".") and not names.is_long(name)
 
 
 def _kind(entry: os.DirEntry[str]) -> str:
