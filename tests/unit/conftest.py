@@ -48,3 +48,24 @@ def vfs(volume: Volume, fake_keys: FakeKeyProvider) -> Iterator[Vfs]:
     finally:
         view.close()
         os.umask(old_umask)
+
+
+@pytest.fixture
+def volume_v2(volume: Volume, fake_keys: FakeKeyProvider) -> Volume:
+    """The ``volume``, but of file format version 2: its volume file says so and is
+    authenticated anew (under the same key), as a version 2 volume file would be."""
+    volume.format_version = 2
+    volume.begin_key_change(volume.key_arn, fake_keys, ROOT)  # a new MAC over format_version
+    return volume
+
+
+@pytest.fixture
+def vfs_v2(volume_v2: Volume, fake_keys: FakeKeyProvider) -> Iterator[Vfs]:
+    """The plaintext view of ``volume_v2``, as ``vfs`` is of ``volume``."""
+    old_umask = os.umask(0)
+    view = Vfs(volume_v2, fake_keys, chown_new=False)
+    try:
+        yield view
+    finally:
+        view.close()
+        os.umask(old_umask)
