@@ -337,7 +337,9 @@ def rewrap_header(raw: BytesLike, key_arn: str, wrapped_key: bytes) -> bytes:
     The header MAC is kept: in version 2 it covers neither field (``docs/format.md``,
     *Version 2*). ``wrapped_key`` must be the key service's ``ReEncrypt`` of the old one
     (same encryption context, so the same data key): nothing here can check that, and a
-    reader that finds another file's or another volume's blob fails to unwrap it.
+    reader that finds another file's or another volume's blob fails to unwrap it. The caller
+    checks first that the volume file accepts the header's key ARN (docs/format.md,
+    *Rewrap*): re-encrypting a planted file's blob onto an accepted key would launder it.
 
     Args:
         raw: the header as read (at least ``HEADER_SIZE`` bytes; more are ignored). It is
