@@ -481,3 +481,13 @@ def test_symlink_targets_of_up_to_3039_bytes_work_and_longer_ones_are_too_long(
         errno.ENAMETOOLONG
     )
     assert errno_of(lambda: vfs.lookup(ROOT_INODE, b"over")) == errno.ENOENT
+
+
+def test_mkdir_takes_set_group_id_from_the_parent_only_as_ext4_does(names_vfs: Vfs) -> None:
+    vfs = names_vfs
+    plain = vfs.mkdir(ROOT_INODE, b"asked", 0o2755 | 0o4000, ROOT)
+    assert stat.S_IMODE(plain.mode) == 0o755
+    parent = vfs.mkdir(ROOT_INODE, b"parent", 0o755, ROOT).ino
+    vfs.setattr(parent, ROOT, mode=0o2755)
+    child = vfs.mkdir(parent, b"child", 0o750, ROOT)
+    assert stat.S_IMODE(child.mode) == 0o2750
