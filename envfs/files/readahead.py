@@ -7,7 +7,8 @@ folder. With a cold cache each such open waits for the disk, and the daemon, whi
 one request at a time, waits with it.
 
 :class:`FolderReadAhead` notices when two files of one folder are opened in a row in the
-order of the folder's sorted listing (the order ``readdir`` gives) and then asks the kernel
+order of the folder's sorted listing (the names of the plaintext view sorted, as ``ls``
+and shells sort them; with encrypted names not the backing names' order) and then asks the kernel
 (``POSIX_FADV_WILLNEED``) for the start of the next few files of the listing, so that
 their headers and first blocks are on their way while the current file is served. A file
 opened out of order costs nothing more than a dictionary lookup. Reading ahead is a hint:
@@ -40,16 +41,20 @@ class FolderReadAhead:
         open_file: Callable[[int, bytes], int],
         files_ahead: int = FILES_AHEAD,
         bytes_ahead: int = BYTES_AHEAD,
+        view_name: Callable[[int, int, bytes], bytes | None] | None = None,
     ) -> None:
         """``open_file(dir_fd, name)`` opens a regular file as the caller opens it (OSError
-        if not a regular file)."""
+        if not a regular file); ``view_name(folder, dir_fd, name)`` is the plaintext view's
+        name of a backing name (None: not one of the view's), by default the name itself."""
         self.open_file = open_file
+        self.view_name = view_name or (lambda folder, dir_fd, name: name)
         self.files_ahead = files_ahead
         self.bytes_ahead = bytes_ahead
         self._folder: int | None = None
-        self._last_name: bytes | None = None
-        self._listing: list[bytes] | None = None  # sorted names, once opens look sequential
+        self._last_name: bytes | None = None  # the view's name of the last file opened
+        self._listing: list[bytes] | None = None  # backing names in the view's order
         self._index: dict[bytes, int] = {}
+        self._last_backing: bytes | None = None  # its backing name
         self._asked_up_to = -1  # index of the last file asked for
         self._held: dict[bytes, int] = {}  # name -> descriptor opened to ask ahead
 
@@ -57,27 +62,31 @@ class FolderReadAhead:
         """``name`` in the folder ``folder`` (an inode number; ``dir_fd`` a descriptor of
         it) was just opened. True if its start was asked for already (the caller need not
         ask again)."""
+        view = self.view_name(folder, dir_fd, name)
         if folder != self._folder:
             self.close()
-            self._folder, self._last_name = folder, name
+            self._folder, self._last_name, self._last_backing = folder, view, name
             self._listing, self._index, self._asked_up_to = None, {}, -1
             return False
-        last, self._last_name = self._last_name, name
+        last, self._last_name = self._last_name, view
+        last_backing, self._last_backing = self._last_backing, name
         if self._listing is None:
-            if last is None or name <= last:
+            if last is None or view is None or view <= last:
                 return False  # not in name order: no listing yet
             try:
                 fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
                 try:
-                    self._listing = sorted(os.fsencode(n) for n in os.listdir(fd))
+                    listed = [os.fsencode(n) for n in os.listdir(fd)]
                 finally:
                     os.close(fd)
             except OSError:
                 self._folder = None
                 return False
+            keyed = [(self.view_name(folder, dir_fd, n), n) for n in listed]
+            self._listing = [n for key, n in sorted((k, n) for k, n in keyed if k is not None)]
             self._index = {n: i for i, n in enumerate(self._listing)}
         here = self._index.get(name)
-        before = self._index.get(last) if last is not None else None
+        before = self._index.get(last_backing) if last_backing is not None else None
         if here is None or before is None or not 0 < here - before <= 2:
             return False  # out of order (or a file made since the listing): nothing to ask
         was_asked = here <= self._asked_up_to

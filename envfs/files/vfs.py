@@ -119,7 +119,7 @@ class Vfs(OpenFiles, ExtendedAttributes):
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[tuple[bytes, bytes]]]] = {}
         self._next_fh = 1
-        self.read_ahead = FolderReadAhead(self._open_file)
+        self.read_ahead = FolderReadAhead(self._open_file, view_name=self._view_name)
         self._euid = os.geteuid()
         self.acls: AclStore | None = None  # POSIX ACLs: off until the kernel enforces them
         remove_stale_temporaries(
@@ -244,6 +244,16 @@ class Vfs(OpenFiles, ExtendedAttributes):
                 self._link_sizes.clear()
             self._link_sizes[node.key] = size
         return size
+
+    def _view_name(self, folder: int, dir_fd: int, backing: bytes) -> bytes | None:
+        """The plaintext view's name of an entry of ``folder``, if it has one (for the
+        read-ahead's order: failures are only said where names are listed)."""
+        try:
+            return self.names.plain(
+                dir_fd, self.inodes.node(folder).key, backing, folder == ROOT_INODE
+            )
+        except (IntegrityError, OSError):
+            return None
 
     def lookup(self, parent: int, name: bytes) -> Stat:
         if name == b".":

@@ -190,7 +190,11 @@ def test_long_names_follow_renames_links_and_exchanges(names_vfs: Vfs) -> None:
 def test_directory_modes_are_kept_exactly(names_vfs: Vfs, mode: int) -> None:
     vfs = names_vfs
     st = vfs.mkdir(ROOT_INODE, b"d", mode, ROOT)
-    assert stat.S_IMODE(st.mode) == mode
+    made = mode & 0o1777  # as mkdir(2) makes it (set-group-ID comes from the parent only)
+    assert stat.S_IMODE(st.mode) == made
+    assert stat.S_IMODE(os.lstat(backing(vfs, st.ino)).st_mode) == made
+    if mode != made:  # then chmod(2) sets it, as `mkdir -m 2750` does
+        vfs.setattr(st.ino, ROOT, mode=mode)
     assert stat.S_IMODE(os.lstat(backing(vfs, st.ino)).st_mode) == mode
     assert (backing(vfs, st.ino) / ".envfs-dir").exists()
     vfs.rmdir(ROOT_INODE, b"d")
@@ -491,3 +495,20 @@ def test_mkdir_takes_set_group_id_from_the_parent_only_as_ext4_does(names_vfs: V
     vfs.setattr(parent, ROOT, mode=0o2755)
     child = vfs.mkdir(parent, b"child", 0o750, ROOT)
     assert stat.S_IMODE(child.mode) == 0o2750
+
+
+def test_files_opened_in_the_view_s_name_order_are_read_ahead(names_vfs: Vfs) -> None:
+    vfs = names_vfs
+    inos = [write_file(vfs, b"f%02d" % i, b"x") for i in range(12)]
+    view = Vfs(vfs.volume, vfs.access.provider, chown_new=False)
+    try:
+        view.verify_volume(ROOT)
+        for i in range(12):
+            view.lookup(ROOT_INODE, b"f%02d" % i)
+        for i in (0, 1):
+            view.release(view.open(view.lookup(ROOT_INODE, b"f%02d" % i).ino, os.O_RDONLY, ROOT))
+        held = set(view.read_ahead._held)
+        wanted = {os.fsencode(backing(vfs, ino).name) for ino in inos[2:10]}
+        assert held == wanted
+    finally:
+        view.close()
