@@ -252,3 +252,23 @@ def backing_of(m: Mount, path: Path | str, caller: Caller | None = None) -> Path
 def long_name_file(entry: Path) -> Path:
     """The name file beside a long name's backing entry."""
     return entry.with_name(entry.name + os.fsdecode(names.LONG_NAME_SUFFIX))
+
+
+def view_name(m: Mount, behind: Path, caller: Caller | None = None) -> str:
+    """The name in ``m``'s plaintext view of the backing entry ``behind``: itself for
+    plaintext names, else decrypted with its folder's id (a long name from its name file).
+
+    Raises:
+        IntegrityError: not a name of that folder (moved from another, edited, not envfs's).
+    """
+    volume = Volume.load(m.backing)
+    if not volume.encrypted_names:
+        return behind.name
+    keys = name_keys(m.env, m.backing, caller)
+    dir_file = (behind.parent / os.fsdecode(names.DIR_FILE)).read_bytes()
+    dir_id = names.parse_dir_file(keys, dir_file, volume.volume_id)
+    encoded = os.fsencode(behind.name)
+    if names.is_long(encoded):
+        encoded = long_name_file(behind).read_bytes()
+        names.check_long(os.fsencode(behind.name), encoded)
+    return os.fsdecode(names.decrypt_name(crypto.Siv(keys.name_key), dir_id, encoded))
