@@ -414,7 +414,6 @@ class Vfs(OpenFiles, ExtendedAttributes):
     def _remove_dir(self, dir_fd: int, entry: Entry) -> None:
         """Remove an empty directory with encrypted names: its id file first, put back if
         the directory cannot be removed after all."""
-        assert isinstance(self.names, EncryptedNames)
         try:
             fd = os.open(entry.backing, _LIST_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
@@ -422,32 +421,76 @@ class Vfs(OpenFiles, ExtendedAttributes):
                 raise OSError(errno.ENOTDIR, "not a directory") from None
             raise
         try:
-            st = os.fstat(fd)
             if any(os.fsencode(n) != name_format.DIR_FILE for n in os.listdir(fd)):
                 raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
-            try:
-                dir_id: bytes | None = self.names.dir_id(fd, (st.st_dev, st.st_ino))
-            except IntegrityError:
-                dir_id = None  # damaged or missing: nothing worth putting back
-            mode = stat.S_IMODE(st.st_mode)
-            try:
-                os.unlink(name_format.DIR_FILE, dir_fd=fd)
-            except FileNotFoundError:
-                pass
-            except PermissionError:
-                if st.st_uid != self._euid:
-                    raise
-                os.chmod(fd, mode | stat.S_IRWXU)  # a read-only directory of the daemon's
-                os.unlink(name_format.DIR_FILE, dir_fd=fd)
-            try:
+            with self._without_dir_file(fd):
                 os.rmdir(entry.backing, dir_fd=dir_fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    if dir_id is not None:
-                        self.names.write_dir_file(fd, dir_id)
-                    os.chmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _without_dir_file(self, fd: int) -> Iterator[None]:
+        """For the body, the directory open as ``fd`` has no id file (so that it can be
+        removed, or replaced by a rename, as an empty directory); the file is put back if
+        the body fails. A read-only directory of the daemon's own is made writable for
+        the moment it takes."""
+        assert isinstance(self.names, EncryptedNames)
+        st = os.fstat(fd)
+        try:
+            dir_id: bytes | None = self.names.dir_id(fd, (st.st_dev, st.st_ino))
+        except IntegrityError:
+            dir_id = None  # damaged or missing: nothing worth putting back
+        mode = stat.S_IMODE(st.st_mode)
+        try:
+            os.unlink(name_format.DIR_FILE, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            if st.st_uid != self._euid:
                 raise
-            self.names.forget_dir((st.st_dev, st.st_ino))
+            os.chmod(fd, mode | stat.S_IRWXU)
+            os.unlink(name_format.DIR_FILE, dir_fd=fd)
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if dir_id is not None:
+                    self.names.write_dir_file(fd, dir_id)
+                os.chmod(fd, mode)
+            raise
+        self.names.forget_dir((st.st_dev, st.st_ino))
+
+    def _replacing(
+        self, flags: int, old_dir: int, old: Entry, new_dir: int, new: Entry
+    ) -> contextlib.AbstractContextManager[None]:
+        if isinstance(self.names, EncryptedNames) and not flags:
+            return self._replaceable(old_dir, old, new_dir, new)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _replaceable(self, old_dir: int, old: Entry, new_dir: int, new: Entry) -> Iterator[None]:
+        """For a rename of a directory onto an empty one (with encrypted names): the
+        target without its id file for the body, so that the backing rename may replace
+        it. Anything else is left to the backing rename's own checks."""
+        try:
+            source = os.stat(old.backing, dir_fd=old_dir, follow_symlinks=False)
+            fd = os.open(new.backing, _LIST_FLAGS, dir_fd=new_dir)
+        except OSError:
+            fd = -1  # no such directory: nothing to make room in
+        if fd < 0:
+            yield
+            return
+        try:
+            target = os.fstat(fd)
+            if (
+                not stat.S_ISDIR(source.st_mode)
+                or (source.st_dev, source.st_ino) == (target.st_dev, target.st_ino)
+                or any(os.fsencode(n) != name_format.DIR_FILE for n in os.listdir(fd))
+            ):
+                yield
+                return
+            with self._without_dir_file(fd):
+                yield
         finally:
             os.close(fd)
 
@@ -531,14 +574,16 @@ class Vfs(OpenFiles, ExtendedAttributes):
             if new_parent == parent:
                 new = self._entry(new_parent, old_dir, new_name)
                 self.names.add_name_file(old_dir, new)
-                renameat2(old_dir, old.backing, old_dir, new.backing, flags)
+                with self._replacing(flags, old_dir, old, old_dir, new):
+                    renameat2(old_dir, old.backing, old_dir, new.backing, flags)
                 if not flags & RENAME_EXCHANGE and old != new:
                     self.names.remove_name_file(old_dir, old)
             else:
                 with self.tree.dir(new_parent) as new_dir:
                     new = self._entry(new_parent, new_dir, new_name)
                     self.names.add_name_file(new_dir, new)
-                    renameat2(old_dir, old.backing, new_dir, new.backing, flags)
+                    with self._replacing(flags, old_dir, old, new_dir, new):
+                        renameat2(old_dir, old.backing, new_dir, new.backing, flags)
                 if not flags & RENAME_EXCHANGE:
                     self.names.remove_name_file(old_dir, old)
         name, new_name = old.backing, new.backing

@@ -442,3 +442,28 @@ def test_info_counts_a_volume_with_encrypted_names_without_envfs_s_own_files(
     assert summary.problems == []
     assert (summary.files, summary.directories, summary.unreadable_files) == (2, 1, 0)
     assert summary.plaintext_size == 11
+
+
+def test_a_directory_renamed_onto_an_empty_one_replaces_it(names_vfs: Vfs) -> None:
+    vfs = names_vfs
+    moved = vfs.mkdir(ROOT_INODE, b"moved", 0o755, ROOT).ino
+    write_file(vfs, b"inside", b"x", parent=moved)
+    empty = vfs.mkdir(ROOT_INODE, b"empty", 0o555, ROOT).ino
+    full = vfs.mkdir(ROOT_INODE, b"full", 0o755, ROOT).ino
+    write_file(vfs, b"f", b"", parent=full)
+    assert errno_of(lambda: vfs.rename(ROOT_INODE, b"moved", ROOT_INODE, b"full", 0)) == (
+        errno.ENOTEMPTY
+    )
+    assert listing(vfs, full) == [b"f"]
+    plain = write_file(vfs, b"plain", b"")
+    assert errno_of(lambda: vfs.rename(ROOT_INODE, b"plain", ROOT_INODE, b"empty", 0)) == (
+        errno.EISDIR
+    )
+    assert (backing(vfs, empty) / ".envfs-dir").exists() and plain
+    vfs.rename(ROOT_INODE, b"moved", ROOT_INODE, b"empty", 0)
+    assert sorted(listing(vfs)) == sorted([b"empty", b"full", b"plain"])
+    now = vfs.lookup(ROOT_INODE, b"empty").ino
+    assert listing(vfs, now) == [b"inside"]
+    assert read_file(vfs, vfs.lookup(now, b"inside").ino) == b"x"
+    vfs.rename(ROOT_INODE, b"empty", ROOT_INODE, b"full", RENAME_EXCHANGE)
+    assert listing(vfs, vfs.lookup(ROOT_INODE, b"full").ino) == [b"inside"]
