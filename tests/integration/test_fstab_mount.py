@@ -186,7 +186,9 @@ def test_read_only(kms_env: Env, volume: tuple[Path, Path]) -> None:
             (mnt / "kept.txt").write_text("changed\n")
     finally:
         kms_env.run("umount", str(mnt))
-    assert not (backing / "new.txt").exists()
+    assert not os.path.lexists(backing_entry(kms_env, backing, "new.txt"))
+    kept = backing_entry(kms_env, backing, "kept.txt").name
+    assert sorted(os.listdir(backing)) == sorted([".envfs-dir", ".envfs-volume.json", kept])
 
 
 def test_bad_option_mounts_nothing(kms_env: Env, volume: tuple[Path, Path]) -> None:
