@@ -342,6 +342,8 @@ def test_git_clone_and_tar_leave_no_plaintext_behind_and_the_view_is_the_source(
     )
     seen = assert_backing_holds_no_plaintext(vol, secrets)
     assert seen > len(secrets.names)  # every entry, its id files and long names' name files
+    log = vol.log_text().encode()
+    assert not [s for s in secrets.findable() if s in log]  # nor in the daemon's log
     assert "WARNING" not in vol.log_text()
     assert "Traceback" not in vol.log_text()
 
@@ -481,6 +483,7 @@ def test_an_entry_moved_to_another_backing_folder_is_dropped_with_a_warning(vol:
     for behind in moved:
         lines = warnings_naming(vol, b_two / behind.name)
         assert lines and all("not listed" in line for line in lines), vol.log_text()
+    assert long_name(200, "long") not in vol.log_text()  # backing paths, never plaintext
     assert not [line for line in vol.log_text().splitlines() if str(b_one) in line]
     # The names are free again in both folders, for new entries.
     for folder in (one, two):
