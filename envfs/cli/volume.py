@@ -407,7 +407,7 @@ def _inspect(args: argparse.Namespace) -> int:
         raise IntegrityError(f"{str(path)!r}: {exc.message}") from None
     info: dict[str, Any] = {
         "Path": str(path),
-        "FormatVersion": fileformat.FORMAT_VERSION,
+        "FormatVersion": header.version,
         "CipherSuite": "AES-256-GCM/HKDF-SHA256/HMAC-SHA256",
         "FileId": header.file_id.hex(),
         "KeyArn": header.key_arn,

@@ -1,4 +1,5 @@
-"""The on-disk format of one encrypted file, version 1 (normative spec: ``docs/format.md``).
+"""The on-disk format of one encrypted file, versions 1 and 2 (normative spec:
+``docs/format.md``).
 
 A backing file is a fixed-size header followed by one or more sealed blocks. All integers
 are big-endian::
@@ -6,7 +7,7 @@ are big-endian::
     header, HEADER_SIZE = 512 bytes
       offset  size  field
            0     8  magic b"\\x89envfs\\r\\n"
-           8     2  format version, u16 = 1
+           8     2  format version v, u16: 1 or 2
           10     2  cipher suite, u16 = 1 (AES-256-GCM blocks, HKDF-SHA256, HMAC-SHA256)
           12     4  flags, u32: 0, or FLAG_SPARSE = 0x00000002 (the file may have holes)
           16    16  file id (random)
@@ -16,14 +17,22 @@ are big-endian::
         35+a     2  wrapped data key length w, u16 (>= 1)
         37+a     w  wrapped data key (opaque: the key service's ciphertext blob)
       37+a+w     -  zero padding up to offset 480 (a + w <= 443)
-         480    32  HMAC-SHA256(header_key, bytes 0..479)
+         480    32  header MAC, HMAC-SHA256(header_key, ...):
+                      v1: bytes 0..479 (every field and the padding)
+                      v2: bytes 0..32 (magic to block shift: the fixed fields only)
 
     block i, at HEADER_SIZE + i * (B + 28)
         nonce (12, random on every write) || AES-256-GCM ciphertext || tag (16)
-        AAD = b"envfs" || u16 format version || file id (16) || u64 i
+        AAD = b"envfs" || u16 v || file id (16) || u64 i
 
-    header_key  = HKDF-SHA256(data_key, salt=file id, info=b"envfs v1 header")
-    content_key = HKDF-SHA256(data_key, salt=file id, info=b"envfs v1 content")
+    header_key  = HKDF-SHA256(data_key, salt=file id, info=b"envfs v<v> header")
+    content_key = HKDF-SHA256(data_key, salt=file id, info=b"envfs v<v> content")
+
+The two versions differ only in the header MAC's coverage and in the version number (and so
+in the labels and the AAD: keys and blocks of one version never open in the other). A
+version 2 header's key ARN and wrapped key can be replaced without any key
+(:func:`rewrap_header`): the key service binds the wrapped key to the volume and the file
+id, and checks that the key ARN names the key the blob is under.
 
 Every block but the last holds exactly B plaintext bytes; the last holds 0..B-1. When the
 plaintext size is a multiple of B (the empty file included) the file ends with an empty
@@ -39,14 +48,14 @@ has no holes: an all-zero block fails authentication like any other damaged bloc
 
 Parsing is two-phase: :meth:`FileHeader.parse` reads the structure (unauthenticated) so the
 caller can have the key service unwrap the data key; :meth:`FileHeader.verify` then checks
-the MAC with the derived :class:`FileKeys`.
+the MAC with the :class:`FileKeys` derived for the header's version.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, TypeAlias
 
 from envfs.crypto import (
@@ -63,7 +72,9 @@ from envfs.errors import EnvfsError, IntegrityError
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 MAGIC = b"\x89envfs\r\n"
+# The version of headers and keys made without saying otherwise, and of new volumes.
 FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)  # the versions this envfs reads and writes
 CIPHER_SUITE = 1  # AES-256-GCM blocks, HKDF-SHA256 key derivation, HMAC-SHA256 header MAC
 HEADER_SIZE = 512
 MAC_SIZE = 32
@@ -79,8 +90,11 @@ MIN_BACKING_SIZE = HEADER_SIZE + BLOCK_OVERHEAD  # the empty file
 FLAG_SPARSE = 0x00000002  # non-final all-zero blocks are holes that read as zeros
 KNOWN_FLAGS = FLAG_SPARSE
 
-HEADER_INFO = b"envfs v1 header"
+HEADER_INFO = b"envfs v1 header"  # version 1's HKDF labels
 CONTENT_INFO = b"envfs v1 content"
+HEADER_INFO_V2 = b"envfs v2 header"
+CONTENT_INFO_V2 = b"envfs v2 content"
+_LABELS = {1: (HEADER_INFO, CONTENT_INFO), 2: (HEADER_INFO_V2, CONTENT_INFO_V2)}
 AAD_LABEL = b"envfs"
 
 _PREAMBLE = struct.Struct(">8sH")  # magic, version: the part every future version keeps
@@ -88,6 +102,7 @@ _FIXED = struct.Struct(">8sHHI16sB")  # magic, version, suite, flags, file id, b
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 MAX_VARIABLE_SIZE = MAC_OFFSET - _FIXED.size - 2 * _U16.size  # key ARN + wrapped key: 443
+V2_MAC_COVERS = _FIXED.size  # a version 2 header MAC covers bytes 0..32 (the fixed fields)
 
 
 class NotEnvfsFileError(IntegrityError):
@@ -104,33 +119,45 @@ class HeaderOverflowError(EnvfsError):
     errno = _errno.EOVERFLOW
 
 
+class NotRewrappableError(EnvfsError):
+    """A version 1 header: its MAC covers the wrapped key, so replacing it needs the data key."""
+
+
 class FileKeys:
     """The two keys of one file, derived from its data key (which is never used directly).
 
     Attributes:
         header_key: the HMAC-SHA256 key of the header.
         content: AES-256-GCM under the content key, for the blocks.
+        version: the format version the keys were derived for; the blocks' AAD carries it,
+            and a header of another version refuses them.
     """
 
-    __slots__ = ("content", "header_key")
+    __slots__ = ("content", "header_key", "version")
 
-    def __init__(self, header_key: bytes, content: Aead) -> None:
+    def __init__(self, header_key: bytes, content: Aead, version: int = FORMAT_VERSION) -> None:
+        _check_version(version)
         self.header_key = header_key
         self.content = content
+        self.version = version
 
     @classmethod
-    def derive(cls, data_key: bytes, file_id: bytes) -> FileKeys:
-        """Derive the header and content keys of the file ``file_id``.
+    def derive(cls, data_key: bytes, file_id: bytes, version: int = FORMAT_VERSION) -> FileKeys:
+        """Derive the header and content keys of the file ``file_id`` in format ``version``
+        (the header's: see :attr:`FileHeader.version`).
 
         Raises:
-            ValueError: the data key is not 32 bytes or the file id not 16.
+            ValueError: the data key is not 32 bytes, the file id not 16, or the version
+                not one of ``FORMAT_VERSIONS``.
         """
         if len(data_key) != KEY_SIZE:
             raise ValueError(f"data key must be {KEY_SIZE} bytes, got {len(data_key)}")
         _check_file_id(file_id)
-        header_key = hkdf(data_key, HEADER_INFO, salt=file_id)
-        content_key = hkdf(data_key, CONTENT_INFO, salt=file_id)
-        return cls(header_key, Aead(content_key))
+        _check_version(version)
+        header_info, content_info = _LABELS[version]
+        header_key = hkdf(data_key, header_info, salt=file_id)
+        content_key = hkdf(data_key, content_info, salt=file_id)
+        return cls(header_key, Aead(content_key), version)
 
     def __repr__(self) -> str:
         return "FileKeys(<redacted>)"
@@ -140,8 +167,13 @@ class FileKeys:
 class FileHeader:
     """The header of one file. Build with :meth:`new` or :meth:`parse`.
 
-    For a rewrap, ``dataclasses.replace(header, key_arn=..., wrapped_key=...)`` keeps the
-    file id and block size (and so the content) and is validated the same way.
+    ``version`` is 1 unless said otherwise: the version of a new file is the volume's
+    (``Volume.format_version``), never this default.
+
+    To replace the key ARN and wrapped key (a rewrap): in version 2, :func:`rewrap_header`,
+    without any key; in version 1, ``dataclasses.replace(header, key_arn=...,
+    wrapped_key=...)`` encoded with the file's keys. Both keep the file id and block size,
+    and so the content.
     """
 
     file_id: bytes
@@ -149,8 +181,10 @@ class FileHeader:
     key_arn: str
     wrapped_key: bytes
     flags: int = 0
+    version: int = field(default=FORMAT_VERSION, kw_only=True)
 
     def __post_init__(self) -> None:
+        _check_version(self.version)
         _check_file_id(self.file_id)
         _check_shift(self.block_shift)
         if self.flags & ~KNOWN_FLAGS:
@@ -166,15 +200,21 @@ class FileHeader:
 
     @classmethod
     def new(
-        cls, key_arn: str, wrapped_key: bytes, block_shift: int = DEFAULT_BLOCK_SHIFT
+        cls,
+        key_arn: str,
+        wrapped_key: bytes,
+        block_shift: int = DEFAULT_BLOCK_SHIFT,
+        *,
+        version: int = FORMAT_VERSION,
     ) -> FileHeader:
         """A header for a new file, with a fresh random file id.
 
         Raises:
             HeaderOverflowError: the key ARN and wrapped key are too long together.
-            ValueError: an empty key ARN or wrapped key, or a block shift outside 12..20.
+            ValueError: an empty key ARN or wrapped key, a block shift outside 12..20, or
+                an unknown version.
         """
-        return cls(random_bytes(FILE_ID_SIZE), block_shift, key_arn, wrapped_key)
+        return cls(random_bytes(FILE_ID_SIZE), block_shift, key_arn, wrapped_key, version=version)
 
     @property
     def block_size(self) -> int:
@@ -192,6 +232,8 @@ class FileHeader:
 
         Unauthenticated: good for finding the key ARN and wrapped key, and for inspection.
         Bytes after the header (the first blocks, if the caller read them too) are ignored.
+        Every field is checked in both versions (the padding and the length fields too,
+        although a version 2 MAC does not cover them).
 
         Raises:
             NotEnvfsFileError: no envfs magic.
@@ -203,9 +245,9 @@ class FileHeader:
         magic, version = _PREAMBLE.unpack_from(raw)
         if magic != MAGIC:
             raise NotEnvfsFileError("not an envfs file (bad magic)")
-        if version != FORMAT_VERSION:
+        if version not in FORMAT_VERSIONS:
             raise UnsupportedFormatError(
-                f"unsupported format version {version} (this envfs reads version {FORMAT_VERSION})"
+                f"unsupported format version {version} (this envfs reads versions 1 and 2)"
             )
         if len(raw) < HEADER_SIZE:
             raise IntegrityError(f"truncated header: {len(raw)} of {HEADER_SIZE} bytes")
@@ -216,13 +258,13 @@ class FileHeader:
             )
         if flags & ~KNOWN_FLAGS:
             raise UnsupportedFormatError(
-                f"unsupported header flags 0x{flags:08x} (version {FORMAT_VERSION} defines"
+                f"unsupported header flags 0x{flags:08x} (version {version} defines"
                 f" 0x{KNOWN_FLAGS:08x})"
             )
         if not MIN_BLOCK_SHIFT <= block_shift <= MAX_BLOCK_SHIFT:
             raise UnsupportedFormatError(
                 f"unsupported block size 2**{block_shift}"
-                f" (version {FORMAT_VERSION} allows 2**{MIN_BLOCK_SHIFT} to 2**{MAX_BLOCK_SHIFT})"
+                f" (version {version} allows 2**{MIN_BLOCK_SHIFT} to 2**{MAX_BLOCK_SHIFT})"
             )
         # The key ARN must leave room for the wrapped key's length field.
         arn, pos = _read_field(raw, _FIXED.size, MAC_OFFSET - _U16.size, "key arn")
@@ -233,18 +275,20 @@ class FileHeader:
             key_arn = arn.decode()
         except UnicodeDecodeError:
             raise IntegrityError("malformed header: key arn is not utf-8") from None
-        return cls(bytes(file_id), block_shift, key_arn, wrapped_key, flags)
+        return cls(bytes(file_id), block_shift, key_arn, wrapped_key, flags, version=version)
 
     def verify(self, raw: BytesLike, keys: FileKeys) -> None:
         """Check that ``raw`` is exactly this header, authenticated under ``keys``.
 
         Raises:
             IntegrityError: ``raw`` is not this header, or its MAC does not verify.
+            ValueError: ``keys`` were derived for another version than this header's.
         """
+        self._check_keys(keys)
         body = self._body()
         if len(raw) < HEADER_SIZE or raw[:MAC_OFFSET] != body:
             raise IntegrityError("header authentication failed")
-        expected = hmac_sha256(keys.header_key, body)
+        expected = self._mac(body, keys)
         if not constant_time_equal(expected, bytes(raw[MAC_OFFSET:HEADER_SIZE])):
             raise IntegrityError("header authentication failed")
 
@@ -256,19 +300,67 @@ class FileHeader:
         return header
 
     def encode(self, keys: FileKeys) -> bytes:
-        """The header's ``HEADER_SIZE`` bytes, MAC'd under ``keys`` (derived for this file id)."""
+        """The header's ``HEADER_SIZE`` bytes, MAC'd under ``keys`` (derived for this file id
+        and this header's version).
+
+        Raises:
+            ValueError: ``keys`` were derived for another version than this header's.
+        """
+        self._check_keys(keys)
         body = self._body()
-        return body + hmac_sha256(keys.header_key, body)
+        return body + self._mac(body, keys)
+
+    def _check_keys(self, keys: FileKeys) -> None:
+        if keys.version != self.version:
+            raise ValueError(
+                f"keys of format version {keys.version} used with a version {self.version} header"
+            )
+
+    def _mac(self, body: bytes, keys: FileKeys) -> bytes:
+        covered = body if self.version == 1 else body[:V2_MAC_COVERS]
+        return hmac_sha256(keys.header_key, covered)
 
     def _body(self) -> bytes:
         arn = self.key_arn.encode()
         fixed = _FIXED.pack(
-            MAGIC, FORMAT_VERSION, CIPHER_SUITE, self.flags, self.file_id, self.block_shift
+            MAGIC, self.version, CIPHER_SUITE, self.flags, self.file_id, self.block_shift
         )
         body = b"".join(
             (fixed, _U16.pack(len(arn)), arn, _U16.pack(len(self.wrapped_key)), self.wrapped_key)
         )
         return body.ljust(MAC_OFFSET, b"\0")
+
+
+def rewrap_header(raw: BytesLike, key_arn: str, wrapped_key: bytes) -> bytes:
+    """A version 2 header with its key ARN and wrapped key replaced, without any key.
+
+    The header MAC is kept: in version 2 it covers neither field (``docs/format.md``,
+    *Version 2*). ``wrapped_key`` must be the key service's ``ReEncrypt`` of the old one
+    (same encryption context, so the same data key): nothing here can check that, and a
+    reader that finds another file's or another volume's blob fails to unwrap it. The caller
+    checks first that the volume file accepts the header's key ARN (docs/format.md,
+    *Rewrap*): re-encrypting a planted file's blob onto an accepted key would launder it.
+
+    Args:
+        raw: the header as read (at least ``HEADER_SIZE`` bytes; more are ignored). It is
+            parsed, not authenticated: a header that did not verify still does not.
+
+    Returns:
+        The new ``HEADER_SIZE`` bytes.
+
+    Raises:
+        NotRewrappableError: a version 1 header (its MAC needs the data key).
+        HeaderOverflowError: the new key ARN and wrapped key do not fit.
+        ValueError: an empty key ARN or wrapped key.
+        IntegrityError: ``raw`` is not a well-formed header (see :meth:`FileHeader.parse`).
+    """
+    header = FileHeader.parse(raw)
+    if header.version == 1:
+        raise NotRewrappableError(
+            "a version 1 header's wrapped key cannot be replaced without its data key"
+        )
+    new = replace(header, key_arn=key_arn, wrapped_key=wrapped_key)
+    return new._body() + bytes(raw[MAC_OFFSET:HEADER_SIZE])
 
 
 def _read_field(raw: BytesLike, pos: int, limit: int, name: str) -> tuple[bytes, int]:
@@ -278,6 +370,11 @@ def _read_field(raw: BytesLike, pos: int, limit: int, name: str) -> tuple[bytes,
     if size == 0 or start + size > limit:
         raise IntegrityError(f"malformed header: {name} length {size} does not fit")
     return bytes(raw[start : start + size]), start + size
+
+
+def _check_version(version: int) -> None:
+    if version not in FORMAT_VERSIONS:
+        raise ValueError(f"format version must be 1 or 2, got {version}")
 
 
 def _check_file_id(file_id: bytes) -> None:
@@ -378,9 +475,9 @@ def _check_index(index: int) -> None:
 # --- blocks --------------------------------------------------------------------------------
 
 
-def _aad_prefix(file_id: bytes) -> bytes:
+def _aad_prefix(file_id: bytes, version: int) -> bytes:
     _check_file_id(file_id)
-    return AAD_LABEL + _U16.pack(FORMAT_VERSION) + file_id
+    return AAD_LABEL + _U16.pack(version) + file_id
 
 
 def encrypt_block(
@@ -395,7 +492,7 @@ def encrypt_block(
         raise ValueError(f"a block holds at most {1 << block_shift} bytes, got {len(plaintext)}")
     _check_index(index)
     seal = keys.content.seal
-    return seal(plaintext, _aad_prefix(file_id) + _U64.pack(index))
+    return seal(plaintext, _aad_prefix(file_id, keys.version) + _U64.pack(index))
 
 
 def decrypt_block(
@@ -421,7 +518,7 @@ def decrypt_block(
         raise IntegrityError(f"block {index} failed authentication")
     open_ = keys.content.open
     try:
-        return open_(sealed, _aad_prefix(file_id) + _U64.pack(index))
+        return open_(sealed, _aad_prefix(file_id, keys.version) + _U64.pack(index))
     except IntegrityError:
         if holes and is_hole(sealed, block_shift):
             return bytes(1 << block_shift)
@@ -470,7 +567,7 @@ def encrypt_blocks(
         raise ValueError(
             f"only the final block may be short: {total} bytes is not whole {size}-byte blocks"
         )
-    prefix = _aad_prefix(file_id)
+    prefix = _aad_prefix(file_id, keys.version)
     seal = keys.content.seal
     view = memoryview(plaintext)
     pack = _U64.pack
@@ -507,7 +604,7 @@ def decrypt_blocks(
     """
     stride = block_stride(block_shift)
     _check_index(first_index)
-    prefix = _aad_prefix(file_id)
+    prefix = _aad_prefix(file_id, keys.version)
     open_ = keys.content.open
     view = memoryview(data)
     pack = _U64.pack
@@ -530,9 +627,15 @@ def decrypt_blocks(
 
 
 def encrypt_file(header: FileHeader, keys: FileKeys, plaintext: BytesLike) -> bytes:
-    """A whole backing file: the header and every block of ``plaintext``."""
-    blocks = encrypt_blocks(keys, header.file_id, 0, plaintext, header.block_shift, final=True)
-    return header.encode(keys) + blocks
+    """A whole backing file: the header and every block of ``plaintext``.
+
+    Raises:
+        ValueError: ``keys`` were derived for another version than the header's.
+    """
+    encoded = header.encode(keys)
+    return encoded + encrypt_blocks(
+        keys, header.file_id, 0, plaintext, header.block_shift, final=True
+    )
 
 
 def decrypt_file(raw: BytesLike, keys: FileKeys) -> bytes:
@@ -540,6 +643,7 @@ def decrypt_file(raw: BytesLike, keys: FileKeys) -> bytes:
 
     Raises:
         IntegrityError: anything about the file is wrong.
+        ValueError: ``keys`` were derived for another version than the header says.
     """
     header = FileHeader.parse_verified(raw, keys)
     plaintext_size(len(raw), header.block_shift)

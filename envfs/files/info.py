@@ -218,6 +218,8 @@ def _file_problem(raw: bytes, size: int, summary: VolumeSummary) -> str | None:
         summary.sparse_files += 1
     wrapped = summary.read_wrapped(header.wrapped_key)
     summary.key_versions[header.key_arn, None if wrapped is None else wrapped.key_version] += 1
+    if header.version != volume.format_version:
+        return f"its format version {header.version} is not the volume's {volume.format_version}"
     if not volume.accepts_key(header.key_arn):
         return f"its header names key {header.key_arn!r}, which the volume does not accept"
     if wrapped is None or not header.key_arn.endswith(f":key/{wrapped.key_id}"):

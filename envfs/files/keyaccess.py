@@ -7,8 +7,8 @@ change that does not go through a handle the user opened (truncate, fallocate). 
 first decision the volume file itself is authenticated by the key service.
 
 Only the volume file decides which master keys may wrap a file's data key
-(:meth:`Volume.accepts_key`); a header naming any other key is refused (EIO) without asking
-the key service.
+(:meth:`Volume.accepts_key`), and the format version of its files; a header naming any other
+key, or of another version, is refused (EIO) without asking the key service.
 
 :class:`KeyAccess` is that path on its own, so that the mount's namespace operations
 (:mod:`.vfs`) and tools working on a backing folder without a mount share it. The users
@@ -111,9 +111,21 @@ class KeyAccess:
         for the same user from the cache (see :mod:`.keycache`).
 
         Raises:
-            IntegrityError: the header names a key the volume does not accept (nothing is
-                asked of the key service), or its data key does not unwrap.
+            IntegrityError: the header is of another format version than the volume's files
+                or names a key the volume does not accept (nothing is asked of the key
+                service), or its data key does not unwrap.
         """
+        if header.version != self.volume.format_version:
+            # A version 1 header planted in a version 2 volume (or the reverse) would be read
+            # by the other version's rules: the volume file, not the header, decides.
+            log.warning(
+                "backing file %r: its header is format version %d, the volume's files are"
+                " version %d",
+                path,
+                header.version,
+                self.volume.format_version,
+            )
+            raise IntegrityError("the header's format version is not the volume's")
         if not self.volume.accepts_key(header.key_arn):
             log.warning(
                 "backing file %r: its header names key %r, which the volume does not accept",

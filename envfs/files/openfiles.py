@@ -103,8 +103,11 @@ class OpenFiles:
             entry = self._entry(parent, dir_fd, name)
         name = entry.backing
         file_id, data_key = self.access.new_data_key(caller, self.path(parent) + b"/" + name)
-        header = FileHeader(file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped)
-        keys = FileKeys.derive(data_key.plaintext, file_id)
+        version = self.volume.format_version
+        header = FileHeader(
+            file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped, version=version
+        )
+        keys = FileKeys.derive(data_key.plaintext, file_id, version)
         with self.tree.dir(parent) as dir_fd:
             new = self._inherited(parent, dir_fd, stat.S_IFREG | (mode & 0o7777), umask)
             fd, temp = open_unnamed(dir_fd, new.mode & 0o7777)
@@ -217,7 +220,8 @@ class OpenFiles:
                 log.warning("backing file %r: %s", path, exc.message)
                 raise
             data_key = self.access.unwrap(header, caller, path, purpose)
-            keys = FileKeys.derive(data_key, header.file_id)
+            # unwrap refused a header of another version than the volume's.
+            keys = FileKeys.derive(data_key, header.file_id, header.version)
             return self._guard(path, CryptFile.open, fd, header, raw, keys)
         except BaseException:
             os.close(fd)

@@ -391,8 +391,9 @@ class Vfs(OpenFiles, ExtendedAttributes):
                 if st.st_uid != self._euid:
                     raise OSError(errno.EIO, "the backing folder changed under the mount")
                 self.names.write_dir_file(fd, name_format.new_dir_id())
-                # The kernel gave a directory in a set-group-ID one that bit: keep it.
-                os.chmod(fd, stat.S_IMODE(mode) | (st.st_mode & stat.S_ISGID))
+                # As mkdir(2): the mode's permission and sticky bits; set-group-ID only
+                # from a set-group-ID parent (the kernel gave it to the new directory).
+                os.chmod(fd, (mode & 0o1777) | (st.st_mode & stat.S_ISGID))
             finally:
                 os.close(fd)
             self.names.add_name_file(dir_fd, entry)

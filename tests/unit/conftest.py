@@ -32,10 +32,13 @@ def fake_keys() -> FakeKeyProvider:
 @pytest.fixture
 def volume(fake_keys: FakeKeyProvider, tmp_path: Path) -> Volume:
     """A new volume in ``tmp_path / "backing"``, made by root under a key of its own that
-    root and ``KEY_USER`` may use (and ``STRANGER`` may not). Its names are plaintext, so
-    that tests reach its backing files by name (``names_volume``: encrypted names)."""
+    root and ``KEY_USER`` may use (and ``STRANGER`` may not). Of file format version 1, with
+    plaintext names, so that tests reach its backing files by name (``volume_v2``: format
+    version 2; ``names_volume``: encrypted names, what ``envfs init`` makes)."""
     key = fake_keys.create_key([ROOT.uid, KEY_USER.uid])
-    return Volume.create(tmp_path / "backing", key, fake_keys, ROOT, encrypted_names=False)
+    return Volume.create(
+        tmp_path / "backing", key, fake_keys, ROOT, format_version=1, encrypted_names=False
+    )
 
 
 @pytest.fixture
@@ -65,6 +68,27 @@ def names_vfs(names_volume: Volume, fake_keys: FakeKeyProvider) -> Iterator[Vfs]
     view = Vfs(names_volume, fake_keys, chown_new=False)
     try:
         view.verify_volume(ROOT)
+        yield view
+    finally:
+        view.close()
+        os.umask(old_umask)
+
+
+@pytest.fixture
+def volume_v2(fake_keys: FakeKeyProvider, tmp_path: Path) -> Volume:
+    """As ``volume``, of file format version 2 (with plaintext names)."""
+    key = fake_keys.create_key([ROOT.uid, KEY_USER.uid])
+    return Volume.create(
+        tmp_path / "backing", key, fake_keys, ROOT, format_version=2, encrypted_names=False
+    )
+
+
+@pytest.fixture
+def vfs_v2(volume_v2: Volume, fake_keys: FakeKeyProvider) -> Iterator[Vfs]:
+    """The plaintext view of ``volume_v2``, as ``vfs`` is of ``volume``."""
+    old_umask = os.umask(0)
+    view = Vfs(volume_v2, fake_keys, chown_new=False)
+    try:
         yield view
     finally:
         view.close()

@@ -467,3 +467,27 @@ def test_a_directory_renamed_onto_an_empty_one_replaces_it(names_vfs: Vfs) -> No
     assert read_file(vfs, vfs.lookup(now, b"inside").ino) == b"x"
     vfs.rename(ROOT_INODE, b"empty", ROOT_INODE, b"full", RENAME_EXCHANGE)
     assert listing(vfs, vfs.lookup(ROOT_INODE, b"full").ino) == [b"inside"]
+
+
+def test_symlink_targets_of_up_to_3039_bytes_work_and_longer_ones_are_too_long(
+    names_vfs: Vfs,
+) -> None:
+    vfs = names_vfs
+    target = b"t" * 3039
+    st = vfs.symlink(ROOT_INODE, b"longest", target, ROOT)
+    assert vfs.readlink(st.ino) == target and st.size == 3039
+    too_long = b"t" * 3040
+    assert errno_of(lambda: vfs.symlink(ROOT_INODE, b"over", too_long, ROOT)) == (
+        errno.ENAMETOOLONG
+    )
+    assert errno_of(lambda: vfs.lookup(ROOT_INODE, b"over")) == errno.ENOENT
+
+
+def test_mkdir_takes_set_group_id_from_the_parent_only_as_ext4_does(names_vfs: Vfs) -> None:
+    vfs = names_vfs
+    plain = vfs.mkdir(ROOT_INODE, b"asked", 0o2755 | 0o4000, ROOT)
+    assert stat.S_IMODE(plain.mode) == 0o755
+    parent = vfs.mkdir(ROOT_INODE, b"parent", 0o755, ROOT).ino
+    vfs.setattr(parent, ROOT, mode=0o2755)
+    child = vfs.mkdir(parent, b"child", 0o750, ROOT)
+    assert stat.S_IMODE(child.mode) == 0o2750

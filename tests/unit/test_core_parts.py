@@ -191,7 +191,10 @@ def test_a_refused_key_leaves_no_folder_behind(fake_keys: FakeKeyProvider, tmp_p
         ({"envfs_volume": 2}, r"has volume file version 2; this envfs reads version 1$"),
         ({"surprise": 1}, r"is malformed: unknown fields \['surprise'\], missing fields \[\]$"),
         ({"features": ["colours"]}, r"needs features this envfs does not have: \['colours'\]$"),
-        ({"features": ["names", "names"]}, r"is malformed: a feature is named twice$"),
+        (
+            {"features": ["names", "names"], "format_version": 2},
+            r"is malformed: a feature is named twice$",
+        ),
         ({"features": ["names"], "format_version": 1}, r"is malformed: names need file format 2$"),
         ({"block_shift": 30}, r"has an invalid block shift 30$"),
         ({"format_version": 3}, r"uses file format 3; this envfs reads formats 1 and 2$"),

@@ -786,7 +786,12 @@ def test_a_header_of_another_volume_under_the_same_key_does_not_unwrap(
     vfs: Vfs, volume: Volume, fake_keys: FakeKeyProvider, tmp_path: Path
 ) -> None:
     other = Volume.create(
-        tmp_path / "other", volume.key_arn, fake_keys, ROOT, encrypted_names=False
+        tmp_path / "other",
+        volume.key_arn,
+        fake_keys,
+        ROOT,
+        format_version=volume.format_version,
+        encrypted_names=False,
     )
     other_vfs = Vfs(other, fake_keys, chown_new=False)
     try:

@@ -183,3 +183,23 @@ def test_problems_are_counted_past_the_listed_ones(tmp_path: Path) -> None:
     summary = info.summarize(backing, read_wrapped)
     assert summary.unreadable_files == info.MAX_PROBLEMS + 5
     assert len(summary.problems) == info.MAX_PROBLEMS
+
+
+def test_a_file_of_another_format_version_is_a_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A header of format version 2 in a version 1 volume: listed, and inspected as such."""
+    backing = tmp_path / "backing"
+    shutil.copytree(VOLUME_V1 / "backing", backing, symlinks=True)
+    path = backing / "hello.txt"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:8] + b"\x00\x02" + raw[10:])  # its MAC no longer verifies either
+    summary = info.summarize(backing, read_wrapped)
+    assert [(p.path, p.problem) for p in summary.problems] == [
+        ("hello.txt", "its format version 2 is not the volume's 1")
+    ]
+    assert summary.unreadable_files == 1
+    code, answer, _ = run_info(capsys, "inspect", str(path))
+    assert (code, answer["FormatVersion"]) == (0, 2)
+    code, answer, _ = run_info(capsys, "inspect", str(VOLUME_V1 / "backing" / "hello.txt"))
+    assert (code, answer["FormatVersion"]) == (0, 1)

@@ -58,7 +58,7 @@ class Setup:
         self.other_key = self.new_key(users)  # a key the same users may use
         self.backing = root / "backing"
         self.volume = Volume.create(
-            self.backing, self.key, self.provider, ROOT, encrypted_names=False
+            self.backing, self.key, self.provider, ROOT, format_version=1, encrypted_names=False
         )
         self.vfs = Vfs(self.volume, self.provider, chown_new=False)
 
