@@ -175,10 +175,15 @@ ATTACKS: dict[str, tuple[str, int, Attack]] = {
     "zeroed-block": ("a whole block zeroed", THREE_AND_A_HALF, _zero_block),
     "foreign-volume": ("a header from another volume", 100, _replace("foreign-volume")),
     "foreign-key": ("a header naming a key", 100, _replace("planted")),
-    "version-2": (
+    "version-3": (
         "unknown version, cipher suite, flags",
         100,
-        lambda p, c: patch(p, 8, b"\0\x02"),
+        lambda p, c: patch(p, 8, b"\0\x03"),
+    ),
+    "version-1": (  # known, but not this (version 2) volume's
+        "unknown version, cipher suite, flags",
+        100,
+        lambda p, c: patch(p, 8, b"\0\x01"),
     ),
     "unknown-flag": (
         "unknown version, cipher suite, flags",
@@ -229,10 +234,15 @@ def plant_foreign_key_file(env: Env, volume_backing: Path, key_alias: str, dest:
         )[1]
     )
     data_key = base64.b64decode(out["Plaintext"])
+    version = volume["format_version"]  # the volume's: a file of another is refused first
     header = fileformat.FileHeader(
-        file_id, volume["block_shift"], out["KeyId"], base64.b64decode(out["CiphertextBlob"])
+        file_id,
+        volume["block_shift"],
+        out["KeyId"],
+        base64.b64decode(out["CiphertextBlob"]),
+        version=version,
     )
-    keys = fileformat.FileKeys.derive(data_key, file_id)
+    keys = fileformat.FileKeys.derive(data_key, file_id, version)
     dest.write_bytes(fileformat.encrypt_file(header, keys, b"bait: whoever appends here is read\n"))
 
 

@@ -366,7 +366,7 @@ def test_volume_file_mount_errors_and_inspect(kms_env: Env) -> None:
         ).stdout
         info = json.loads(out)
         assert info["KeyArn"] == arn
-        assert (info["KeyVersion"], info["FormatVersion"], info["BlockSize"]) == (1, 1, BLOCK)
+        assert (info["KeyVersion"], info["FormatVersion"], info["BlockSize"]) == (1, 2, BLOCK)
         assert (info["PlaintextSize"], info["BackingSize"]) == (size, path.stat().st_size)
         assert re.fullmatch(r"[0-9a-f]{32}", info["FileId"])
     plain = kms_env.root / "plain.txt"

@@ -131,6 +131,7 @@ def machine() -> Iterator[Container]:
         shutil.copytree(
             CHECKOUT,
             box.path(SOURCE),
+            symlinks=True,  # as a checkout has them: golden volumes hold dangling ones
             ignore=shutil.ignore_patterns(
                 ".git", ".venv", "*.egg-info", "__pycache__", ".*_cache", "build"
             ),
