@@ -495,7 +495,18 @@ def test_an_entry_moved_to_another_backing_folder_is_dropped_with_a_warning(vol:
 # --- directory modes ----------------------------------------------------------------------
 
 
-def test_directory_modes_are_kept_exactly(vol: Mount) -> None:
+def test_directory_modes_are_kept_exactly(vol: Mount, tmp_path: Path) -> None:
+    # mkdir(2) itself: the modes ext4 gives (no set-group-ID or set-user-ID asked for).
+    ext4 = tmp_path / "on-ext4"
+    ext4.mkdir()
+    for mode in (0o000, 0o500, 0o1777, 0o2750, 0o4755, 0o6777):
+        os.mkdir(ext4 / f"{mode:o}", mode)
+        os.mkdir(vol.mnt / f"{mode:o}", mode)
+        want = stat.S_IMODE(os.stat(ext4 / f"{mode:o}").st_mode)
+        assert stat.S_IMODE(os.stat(vol.mnt / f"{mode:o}").st_mode) == want, f"{mode:o}"
+        assert stat.S_IMODE(backing_of(vol, f"{mode:o}").stat().st_mode) == want, f"{mode:o}"
+        os.rmdir(vol.mnt / f"{mode:o}")
+    # mkdir -m: the mode asked for, exactly (with a chmod for the special bits).
     modes = {"m000": 0o000, "m500": 0o500, "m1777": 0o1777, "m2750": 0o2750, "m0755": 0o755}
     for name, mode in modes.items():
         run("mkdir", "-m", f"{mode:o}", vol.mnt / name)
