@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# envfs beside gocryptfs on the same disk: sequential write/read, untar, ls -lR, cat, random
-# 4 KiB reads; medians of alternated repetitions and the envfs/gocryptfs time ratio.
+# envfs (encrypted names, and --plaintext-names) beside gocryptfs on the same disk:
+# sequential write/read, untar, ls -lR, cat, random 4 KiB reads; medians of alternated
+# repetitions and the envfs/gocryptfs time ratios.
 # The work is done by bench/fs_bench.py (see its docstring); this wrapper checks what is
 # needed, makes the temporary folder on a real disk and removes it (unmounting whatever is
 # still mounted under it) on any exit.

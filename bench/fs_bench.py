@@ -1,8 +1,11 @@
 """envfs beside gocryptfs on the same disk, in one run: the numbers behind issue 3's aim.
 
-Workloads, each run on both systems, alternating which goes first, ``--reps`` times; the
-table quotes medians (``../shared/PERFORMANCE.md``: these VMs are noisy, so warm up,
-alternate and take medians):
+Three systems: envfs as ``envfs init`` makes it (encrypted names, format 2), envfs with
+``--plaintext-names`` (``envfs-plain``: what encrypted names cost) and gocryptfs (which
+encrypts names too). Workloads, each run on every system that takes it, rotating which goes
+first, ``--reps`` times; the table quotes medians (``../shared/PERFORMANCE.md``: these VMs
+are noisy, so warm up, alternate and take medians). ``envfs-plain`` runs the workloads of
+the tree only (untar, ``ls -lR``, ``cat``): those of one big file use one name.
 
 - ``seq write``: ``dd if=/dev/zero bs=1M conv=fsync`` of ``--size-mb`` MiB (default 512);
 - ``seq read``: ``dd`` of that file to ``/dev/null``, cold;
@@ -22,7 +25,7 @@ kernel's ``fuse_request_send`` tracepoint, in a private tracefs instance; tracef
 for the run if it is not): the usual explanation of a ratio.
 
 Everything lives in one temporary folder (``--workdir``, by default a new one under
-/var/tmp: a real disk, not tmpfs), with its own key store; both mounts are unmounted and the
+/var/tmp: a real disk, not tmpfs), with its own key store; every mount is unmounted and the
 folder removed at the end, even on failure. Needs root (drop_caches) and gocryptfs.
 
 Usage: bench/fs.sh [--reps N] [--size-mb MB] [--files N] [--rand-reads N] [--requests] [--json]
@@ -56,6 +59,8 @@ MiB = 1 << 20
 SEED = 20240229
 GOCRYPTFS_PASSWORD = "envfs-bench-password\n"
 WORKLOADS = ("seq write", "seq read", "rand 4K read", "untar", "ls -lR", "cat all")
+TREE_WORKLOADS = ("untar", "ls -lR", "cat all")  # many names: where encrypting them shows
+SYSTEM_NAMES = ("envfs", "envfs-plain", "gocryptfs")
 
 
 class BenchError(Exception):
@@ -94,6 +99,7 @@ def drop_caches() -> None:
 class System:
     name: str
     base: Path
+    workloads: tuple[str, ...] = WORKLOADS  # those this system runs
     mnt: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -118,7 +124,10 @@ class System:
             time.sleep(0.2)
 
 
+@dataclass
 class Envfs(System):
+    init_args: tuple[str, ...] = ()  # for envfs init: "--plaintext-names"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.backing = self.base / "backing"
@@ -145,7 +154,7 @@ class Envfs(System):
         key = json.loads(self.envfs("kms", "create-key", "--description", "fs_bench"))
         key_id = key["KeyMetadata"]["KeyId"]
         self.envfs("kms", "create-alias", "--alias-name", "alias/bench", "--target-key-id", key_id)
-        self.envfs("init", str(self.backing), "--key-id", "alias/bench")
+        self.envfs("init", str(self.backing), "--key-id", "alias/bench", *self.init_args)
 
     def mount(self) -> None:
         self.envfs("mount", str(self.backing), str(self.mnt), "--log-file", str(self.log))
@@ -352,10 +361,12 @@ class Bench:
             return self.timed(system, lambda: run(cmd, stdout=null))
 
     def warm_up(self, system: System) -> None:
-        """One untimed write and read of the big file, and a small untar (fresh memory is slow)."""
-        self.write_big(system)
-        self.read_big(system)
-        self.big(system).unlink()
+        """One untimed write and read of the big file (if it runs those), and an untar
+        (fresh memory is slow)."""
+        if "seq write" in system.workloads:
+            self.write_big(system)
+            self.read_big(system)
+            self.big(system).unlink()
         dest = system.mnt / "warm-up"
         dest.mkdir()
         run(["tar", "-xf", str(self.tar), "-C", str(dest)])
@@ -384,10 +395,21 @@ def progress(message: str) -> None:
 def run_bench(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(work, args.size_mb, args.files, args.rand_reads)
     tree_bytes = make_tree_tar(bench.tar, args.files)
-    systems: list[System] = [Envfs("envfs", work / "envfs"), Gocryptfs("gocryptfs", work / "goc")]
-    times: dict[str, dict[str, list[float]]] = {w: {s.name: [] for s in systems} for w in WORKLOADS}
+    systems: list[System] = [
+        Envfs("envfs", work / "envfs"),
+        Envfs(
+            "envfs-plain",
+            work / "envfs-plain",
+            workloads=TREE_WORKLOADS,
+            init_args=("--plaintext-names",),
+        ),
+        Gocryptfs("gocryptfs", work / "goc"),
+    ]
+    times: dict[str, dict[str, list[float]]] = {
+        w: {s.name: [] for s in systems if w in s.workloads} for w in WORKLOADS
+    }
     requests: dict[str, dict[str, list[dict[str, int]]]] = {
-        w: {s.name: [] for s in systems} for w in WORKLOADS
+        w: {s.name: [] for s in systems if w in s.workloads} for w in WORKLOADS
     }
     load_before = os.getloadavg()[0]
     try:
@@ -400,15 +422,18 @@ def run_bench(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             progress(f"warming up {system.name}")
             bench.warm_up(system)
         for rep in range(args.reps):
-            order = systems if rep % 2 == 0 else systems[::-1]
+            first = rep % len(systems)
+            order = systems[first:] + systems[:first]
             for name in WORKLOADS:
                 for system in order:
+                    if name not in system.workloads:
+                        continue
                     seconds = bench.workload(name, system, rep)
                     times[name][system.name].append(seconds)
                     if bench.counter is not None:
                         requests[name][system.name].append(bench.last_requests)
                     progress(
-                        f"rep {rep + 1}/{args.reps}  {name:<13} {system.name:<10} {seconds:8.3f} s"
+                        f"rep {rep + 1}/{args.reps}  {name:<13} {system.name:<12} {seconds:8.3f} s"
                     )
     finally:
         if bench.counter is not None:
@@ -463,7 +488,12 @@ def summarize(
                 last = sorted(counted[-1].items(), key=lambda kv: -kv[1])
                 item["requests_by_op_last_rep"] = dict(last)
             entry[system] = item
-        entry["ratio"] = round(entry["envfs"]["median_s"] / entry["gocryptfs"]["median_s"], 2)
+        goc = entry["gocryptfs"]["median_s"]
+        entry["ratio"] = round(entry["envfs"]["median_s"] / goc, 2)
+        if "envfs-plain" in entry:
+            plain = entry["envfs-plain"]["median_s"]
+            entry["ratio_plaintext_names"] = round(plain / goc, 2)
+            entry["names_cost"] = round(entry["envfs"]["median_s"] / plain, 2)
         results["workloads"][name] = entry
     return results
 
@@ -482,6 +512,10 @@ def describe(name: str, item: dict[str, Any]) -> str:
     return seconds
 
 
+def ratio(entry: dict[str, Any], key: str) -> str:
+    return f"{entry[key]:.2f}" if key in entry else "-"
+
+
 def print_table(results: dict[str, Any]) -> None:
     cfg = results["config"]
     print(
@@ -492,26 +526,38 @@ def print_table(results: dict[str, Any]) -> None:
     before, after = cfg["loadavg_1min"]
     note = "  (other work on the machine: expect noise)" if max(before, after) > 0.7 else ""
     print(f"1-minute load average before/after: {before:.2f}/{after:.2f}{note}")
-    print("ratio = envfs time / gocryptfs time (>1: envfs slower; aim <= 1.5)")
+    print(
+        "envfs: encrypted names (the default); envfs-plain: --plaintext-names\n"
+        "ratio = envfs time / gocryptfs time (>1: envfs slower; aim <= 1.5);"
+        " plain = envfs-plain's ratio; names = envfs time / envfs-plain time"
+    )
     counted = "requests" in results["workloads"]["seq write"]["envfs"]
-    extra = f"{'FUSE requests e/g':>22}" if counted else ""
-    print(f"{'workload':<14}{'envfs':>22}{'gocryptfs':>22}{'ratio':>8}{extra}")
+    extra = f"{'FUSE requests e/p/g':>24}" if counted else ""
+    print(
+        f"{'workload':<14}{'envfs':>20}{'envfs-plain':>20}{'gocryptfs':>20}"
+        f"{'ratio':>7}{'plain':>7}{'names':>7}{extra}"
+    )
     for name, entry in results["workloads"].items():
         flag = "  <-- over 1.5x" if entry["ratio"] > 1.5 else ""
+        plain = entry.get("envfs-plain")
         if counted:
-            pair = f"{entry['envfs']['requests']}/{entry['gocryptfs']['requests']}"
-            flag = f"{pair:>22}{flag}"
+            counts = [entry[s]["requests"] if s in entry else "-" for s in SYSTEM_NAMES]
+            flag = f"{'/'.join(map(str, counts)):>24}{flag}"
         print(
-            f"{name:<14}{describe(name, entry['envfs']):>22}"
-            f"{describe(name, entry['gocryptfs']):>22}{entry['ratio']:>8.2f}{flag}"
+            f"{name:<14}{describe(name, entry['envfs']):>20}"
+            f"{describe(name, plain) if plain else '-':>20}"
+            f"{describe(name, entry['gocryptfs']):>20}{entry['ratio']:>7.2f}"
+            f"{ratio(entry, 'ratio_plaintext_names'):>7}{ratio(entry, 'names_cost'):>7}{flag}"
         )
     if counted:
         print("requests by opcode (last rep):")
         for name, entry in results["workloads"].items():
-            for system in ("envfs", "gocryptfs"):
+            for system in SYSTEM_NAMES:
+                if system not in entry:
+                    continue
                 ops = entry[system]["requests_by_op_last_rep"]
                 top = " ".join(f"{op}={n}" for op, n in list(ops.items())[:6])
-                print(f"  {name:<13} {system:<10} {top}")
+                print(f"  {name:<13} {system:<12} {top}")
 
 
 @contextlib.contextmanager
@@ -523,7 +569,7 @@ def workdir(given: str | None) -> Iterator[Path]:
     try:
         yield path
     finally:
-        for mnt in (path / "envfs" / "mnt", path / "goc" / "mnt"):
+        for mnt in (path / "envfs" / "mnt", path / "envfs-plain" / "mnt", path / "goc" / "mnt"):
             if is_mounted(mnt):
                 subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
         shutil.rmtree(path, ignore_errors=True)
@@ -535,7 +581,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Time envfs beside gocryptfs on the same disk (medians of alternated reps)."
+        description="Time envfs (encrypted and plaintext names) beside gocryptfs on the same"
+        " disk (medians of alternated reps)."
     )
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--size-mb", type=int, default=512, help="big file MiB (default 512)")

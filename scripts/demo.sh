@@ -37,10 +37,15 @@ run 'envfs init backing --key-id alias/demo'
 run 'envfs mount backing mnt --log-file mount.log'
 run 'echo "Some text, written through the mount" > mnt/myfile.txt'
 run 'cat mnt/myfile.txt'
-run 'ls -l mnt backing'
-run 'od -A d -c backing/myfile.txt | head -n 4'
-run '! grep -q "Some text" backing/myfile.txt && echo "the backing file holds no plaintext"'
-run 'envfs inspect backing/myfile.txt'
+run 'ls -l mnt'
+# Behind the mount: the volume file, the root folder's id (.envfs-dir) and the file under
+# its encrypted name.
+run 'ls -la backing'
+run 'FILE=$(find backing -maxdepth 1 -type f ! -name ".*")'
+run 'od -A d -c "$FILE" | head -n 4'
+run '! ls -aR backing | grep -q myfile && echo "the backing folder holds no plaintext name"'
+run '! grep -q "Some text" "$FILE" && echo "the backing file holds no plaintext"'
+run 'envfs inspect "$FILE"'
 run 'envfs kms audit --key-id alias/demo --output text --query "Records[*].[operation, outcome]" | tail -n 3'
 
 cat <<MSG

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from envfs import crypto
 from envfs.files import mount as envfs_mount
+from envfs.files import names
+from envfs.files.names import NameKeys
+from envfs.files.volume import Volume
+from envfs.identity import Caller
+from envfs.keys.embedded import EmbeddedKeyProvider
+from envfs.kms.service import KeyService
+from envfs.kms.store import KeyStore
 
 ENVFS = str(Path(sys.executable).with_name("envfs"))
 
@@ -119,11 +127,13 @@ def make_env(root: Path) -> Env:
     return e
 
 
-def _make_mount(kms_env: Env, name: str, extra: tuple[str, ...]) -> Mount:
+def _make_mount(
+    kms_env: Env, name: str, extra: tuple[str, ...], init: tuple[str, ...] = ()
+) -> Mount:
     backing = kms_env.root / f"{name}-backing"
     mnt = kms_env.root / f"{name}-mnt"
     mnt.mkdir()
-    kms_env.run("init", str(backing), "--key-id", "alias/vol")
+    kms_env.run("init", str(backing), "--key-id", "alias/vol", *init)
     return Mount(kms_env, backing, mnt, kms_env.root / f"{name}.log", extra)
 
 
@@ -142,8 +152,12 @@ def live(m: Mount) -> Iterator[Mount]:
 
 
 @contextlib.contextmanager
-def mounted(kms_env: Env, name: str = "vol", extra: tuple[str, ...] = ()) -> Iterator[Mount]:
-    with live(_make_mount(kms_env, name, extra)) as m:
+def mounted(
+    kms_env: Env, name: str = "vol", extra: tuple[str, ...] = (), init: tuple[str, ...] = ()
+) -> Iterator[Mount]:
+    """A new volume ``name`` (``envfs init`` under alias/vol with ``init``'s options; names
+    encrypted unless ``--plaintext-names``), mounted with ``extra`` for the block."""
+    with live(_make_mount(kms_env, name, extra, init)) as m:
         yield m
 
 
@@ -177,3 +191,84 @@ def golden_copy(golden: Path, tmp_path: Path) -> tuple[Path, Env]:
         ENVFS_REGION=expected["region"],
     )
     return copy, Env(tmp_path, env)
+
+
+# --- the backing path of a plaintext path ----------------------------------------------
+
+_name_keys: dict[tuple[str, str, str], NameKeys] = {}
+
+
+def name_keys(env: Env, backing: Path, caller: Caller | None = None) -> NameKeys:
+    """The name keys of the volume in ``backing`` (encrypted names), as the mount derives
+    them: its volume file authenticated by ``env``'s embedded key store, as ``caller``
+    (root by default; pass a key user where root may not use the key). Kept per volume,
+    so that a test's audit log gains one Decrypt at most."""
+    volume = Volume.load(backing)
+    assert volume.encrypted_names, f"{backing} keeps plaintext names"
+    kms_dir, region = env.env["ENVFS_KMS_DIR"], env.env["ENVFS_REGION"]
+    cache_key = (kms_dir, region, volume.volume_id)
+    found = _name_keys.get(cache_key)
+    if found is not None:
+        return found
+    service = KeyService(KeyStore.open(Path(kms_dir) / region, region))
+    try:
+        secret = volume.verify(EmbeddedKeyProvider(service), caller or Caller.from_ids(0, 0))
+    finally:
+        service.close()
+    keys = NameKeys.derive(secret, volume.volume_id)
+    _name_keys[cache_key] = keys
+    return keys
+
+
+def backing_entry(env: Env, backing: Path, rel: Path | str, caller: Caller | None = None) -> Path:
+    """The backing path of ``rel`` (a path of the plaintext view, relative to its root) in
+    the volume folder ``backing``: itself for plaintext names; for encrypted names each
+    component encrypted with its parent's directory id (a long name gives its
+    ``.envfs-L…`` entry, whose name file is :func:`long_name_file`)."""
+    rel = Path(rel)
+    assert not rel.is_absolute(), rel
+    volume = Volume.load(backing)
+    if not volume.encrypted_names:
+        return backing / rel
+    keys = name_keys(env, backing, caller)
+    siv = crypto.Siv(keys.name_key)
+    path = backing
+    for part in rel.parts:
+        dir_file = (path / os.fsdecode(names.DIR_FILE)).read_bytes()
+        dir_id = names.parse_dir_file(keys, dir_file, volume.volume_id)
+        encoded = names.encrypt_name(siv, dir_id, os.fsencode(part))
+        path = path / os.fsdecode(names.backing_name(encoded))
+    return path
+
+
+def backing_of(m: Mount, path: Path | str, caller: Caller | None = None) -> Path:
+    """The backing path of ``path``, a path in ``m``'s plaintext view (absolute, under
+    ``m.mnt``, or relative to it)."""
+    path = Path(path)
+    rel = path.relative_to(m.mnt) if path.is_absolute() else path
+    return backing_entry(m.env, m.backing, rel, caller)
+
+
+def long_name_file(entry: Path) -> Path:
+    """The name file beside a long name's backing entry."""
+    return entry.with_name(entry.name + os.fsdecode(names.LONG_NAME_SUFFIX))
+
+
+def view_name(m: Mount, behind: Path, caller: Caller | None = None) -> str:
+    """The name in ``m``'s plaintext view of the backing entry ``behind``: itself for
+    plaintext names, else decrypted with its folder's id (a long name from its name file).
+
+    Raises:
+        IntegrityError: not a name of that folder (moved from another, edited, not envfs's).
+    """
+    volume = Volume.load(m.backing)
+    if not volume.encrypted_names:
+        return behind.name
+    keys = name_keys(m.env, m.backing, caller)
+    dir_file = (behind.parent / os.fsdecode(names.DIR_FILE)).read_bytes()
+    dir_id = names.parse_dir_file(keys, dir_file, volume.volume_id)
+    encoded = os.fsencode(behind.name)
+    if names.is_long(encoded):
+        encoded = long_name_file(behind).read_bytes()
+        names.check_long(os.fsencode(behind.name), encoded)
+    return os.fsdecode(names.decrypt_name(crypto.Siv(keys.name_key), dir_id, encoded))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Env, is_mounted
+from tests.integration.conftest import Env, backing_entry, is_mounted
 
 pytestmark = [
     pytest.mark.integration,
@@ -39,7 +39,8 @@ def test_mount_and_umount_through_config(kms_env: Env, tmp_path: Path) -> None:
         assert "noatime" in line.split()[3].split(",")
         (mnt / "hello.txt").write_text("hello through --config\n")
         assert (mnt / "hello.txt").read_text() == "hello through --config\n"
-        assert b"hello" not in (backing / "hello.txt").read_bytes()
+        assert b"hello" not in backing_entry(kms_env, backing, "hello.txt").read_bytes()
+        assert not (backing / "hello.txt").exists()  # the name is encrypted too
         assert "mounted" in log.read_text()  # the file's log_file was used
         kms_env.env["ENVFS_CONFIG_DIR"] = str(config_dir)
         kms_env.run("umount", "--config", "data")

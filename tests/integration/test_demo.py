@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.conftest import is_mounted
+from tests.integration.conftest import Env, backing_entry, is_mounted
 
 REPO = Path(__file__).resolve().parents[2]
 ENVFS = str(Path(sys.executable).with_name("envfs"))
@@ -33,7 +33,18 @@ def test_demo_mounts_an_encrypted_folder(tmp_path: Path) -> None:
         result = run_demo(tmp_path)
         assert is_mounted(mnt)
         assert (mnt / "myfile.txt").read_text() == "Some text, written through the mount\n"
-        assert b"Some text" not in (tmp_path / "demo" / "backing" / "myfile.txt").read_bytes()
+        backing = tmp_path / "demo" / "backing"
+        demo_env = Env(
+            tmp_path, {"ENVFS_KMS_DIR": str(tmp_path / "demo" / "kms"), "ENVFS_REGION": "local-1"}
+        )
+        behind = backing_entry(demo_env, backing, "myfile.txt")
+        assert b"Some text" not in behind.read_bytes()
+        assert sorted(os.listdir(backing)) == sorted(
+            [".envfs-dir", ".envfs-volume.json", behind.name]
+        )
+        listing = result.stdout.split("\n$ ls -la backing\n")[1].split("\n$ ")[0]
+        assert behind.name in listing and "myfile" not in listing
+        assert "the backing folder holds no plaintext name" in result.stdout
         assert "the backing file holds no plaintext" in result.stdout
         assert '"KeyVersion": 1' in result.stdout
         assert f"umount {mnt}" in result.stdout

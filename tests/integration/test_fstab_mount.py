@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ENVFS, Env, is_mounted
+from tests.integration.conftest import ENVFS, Env, backing_entry, is_mounted
 
 pytestmark = [
     pytest.mark.integration,
@@ -93,7 +93,8 @@ def test_mount_fuse3_runs_envfs_from_path(kms_env: Env, volume: tuple[Path, Path
         assert {"nodev", "nosuid", "noatime", "allow_other"} <= set(opts)
         (mnt / "hello.txt").write_text("through mount.fuse3\n")
         assert (mnt / "hello.txt").read_text() == "through mount.fuse3\n"
-        assert b"through" not in (backing / "hello.txt").read_bytes()
+        behind = backing_entry(kms_env, backing, "hello.txt")
+        assert b"through" not in behind.read_bytes()
         assert "mounted" in log.read_text()
     finally:
         kms_env.run("umount", str(mnt), check=False)
@@ -117,7 +118,9 @@ def test_mount_t_fuse_envfs(kms_env: Env, volume: tuple[Path, Path], tmp_path: P
     opts = mount_options(mnt, Path(f"{out}.mounts").read_text())
     assert {"rw", "nodev", "nosuid", "allow_other", "default_permissions"} <= set(opts)
     assert Path(f"{out}.read").read_text() == "hello\n"
-    assert (backing / "hello.txt").read_bytes().startswith(b"\x89envfs\r\n")
+    behind = backing_entry(kms_env, backing, "hello.txt")
+    assert behind.read_bytes().startswith(b"\x89envfs\r\n")
+    assert "hello" not in " ".join(os.listdir(backing))
     assert not is_mounted(mnt)  # never in this namespace
 
 
@@ -183,7 +186,9 @@ def test_read_only(kms_env: Env, volume: tuple[Path, Path]) -> None:
             (mnt / "kept.txt").write_text("changed\n")
     finally:
         kms_env.run("umount", str(mnt))
-    assert not (backing / "new.txt").exists()
+    assert not os.path.lexists(backing_entry(kms_env, backing, "new.txt"))
+    kept = backing_entry(kms_env, backing, "kept.txt").name
+    assert sorted(os.listdir(backing)) == sorted([".envfs-dir", ".envfs-volume.json", kept])
 
 
 def test_bad_option_mounts_nothing(kms_env: Env, volume: tuple[Path, Path]) -> None:

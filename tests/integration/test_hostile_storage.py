@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from envfs.files import fileformat
-from tests.integration.conftest import Env, Mount, golden_copy, is_mounted, live
+from tests.integration.conftest import Env, Mount, backing_of, golden_copy, is_mounted, live
 from tests.integration.test_mount_security import (
     User,
     audit_records,
@@ -175,10 +175,15 @@ ATTACKS: dict[str, tuple[str, int, Attack]] = {
     "zeroed-block": ("a whole block zeroed", THREE_AND_A_HALF, _zero_block),
     "foreign-volume": ("a header from another volume", 100, _replace("foreign-volume")),
     "foreign-key": ("a header naming a key", 100, _replace("planted")),
-    "version-2": (
+    "version-3": (
         "unknown version, cipher suite, flags",
         100,
-        lambda p, c: patch(p, 8, b"\0\x02"),
+        lambda p, c: patch(p, 8, b"\0\x03"),
+    ),
+    "version-1": (  # known, but not this (version 2) volume's
+        "unknown version, cipher suite, flags",
+        100,
+        lambda p, c: patch(p, 8, b"\0\x01"),
     ),
     "unknown-flag": (
         "unknown version, cipher suite, flags",
@@ -229,10 +234,15 @@ def plant_foreign_key_file(env: Env, volume_backing: Path, key_alias: str, dest:
         )[1]
     )
     data_key = base64.b64decode(out["Plaintext"])
+    version = volume["format_version"]  # the volume's: a file of another is refused first
     header = fileformat.FileHeader(
-        file_id, volume["block_shift"], out["KeyId"], base64.b64decode(out["CiphertextBlob"])
+        file_id,
+        volume["block_shift"],
+        out["KeyId"],
+        base64.b64decode(out["CiphertextBlob"]),
+        version=version,
     )
-    keys = fileformat.FileKeys.derive(data_key, file_id)
+    keys = fileformat.FileKeys.derive(data_key, file_id, version)
     dest.write_bytes(fileformat.encrypt_file(header, keys, b"bait: whoever appends here is read\n"))
 
 
@@ -251,21 +261,26 @@ def test_every_attack_gives_eio_and_a_warning_and_the_rest_is_served(kms_env: En
             sparse.write(b"start")
             sparse.truncate(64 << 20)
     b = m.backing
-    ctx = {"donor": b / "donor", "foreign-volume": other.backing / "f", "planted": b / "planted"}
-    plant_foreign_key_file(kms_env, b, "other", b / "planted")
+    behind = {name: backing_of(m, name) for name in [*contents, "sparse", "planted"]}
+    ctx = {
+        "donor": behind["donor"],
+        "foreign-volume": backing_of(other, "f"),
+        "planted": behind["planted"],
+    }
+    plant_foreign_key_file(kms_env, b, "other", behind["planted"])
     for name, (_, _, attack) in ATTACKS.items():
-        attack(b / name, ctx)
-    patch(b / "sparse", block_at(100) + 7, b"\1")  # a hole with a byte set
+        attack(behind[name], ctx)
+    patch(behind["sparse"], block_at(100) + 7, b"\1")  # a hole with a byte set
 
     with live(m):
         outcomes = {name: read_errno(m.mnt / name) for name in [*ATTACKS, "planted"]}
         wrong = {name: got for name, got in outcomes.items() if got[1] != errno.EIO}
         assert not wrong, f"expected EIO at open or read, got {wrong}"
         assert (m.mnt / "good").read_bytes() == b"good\n"  # still served after all that
-        silent = [n for n in [*ATTACKS, "planted"] if not warnings_naming(m, b / n)]
+        silent = [n for n in [*ATTACKS, "planted"] if not warnings_naming(m, behind[n])]
         assert not silent, f"no WARNING naming the backing path of {silent}:\n{m.log_text()}"
         for name in ("foreign-key", "planted"):
-            assert "which the volume does not accept" in warnings_naming(m, b / name)[0]
+            assert "which the volume does not accept" in warnings_naming(m, behind[name])[0]
         # A forged end: nothing is served, not even a first byte (an empty file: at open).
         for name in ("empty-block-replaced", "cut-to-look-whole", "appended"):
             fd = os.open(m.mnt / name, os.O_RDONLY)
@@ -292,7 +307,7 @@ def test_every_attack_gives_eio_and_a_warning_and_the_rest_is_served(kms_env: En
                 f.seek(100 * BLOCK)
                 f.read(10)
             assert info.value.errno == errno.EIO
-        assert warnings_naming(m, b / "sparse")
+        assert warnings_naming(m, behind["sparse"])
         for name in ("good", "donor", "empty"):
             assert (m.mnt / name).read_bytes() == contents[name]
         (m.mnt / "after").write_bytes(b"still writable\n")
@@ -406,21 +421,22 @@ def test_truncate_and_fallocate_are_decided_for_the_caller_while_the_file_is_ope
             holder.communicate()
         assert doc.read_text() == "the key user's text\n"
         assert usr.sh(f"truncate -s 8 {doc} && cat {doc}").stdout == "the key "
-        note = f"{m.backing / 'doc'} (truncate)"
+        doc_behind = backing_of(m, doc)
+        note = f"{doc_behind} (truncate)"
         denied = awaited_records(
             kms_env,
             arn,
             lambda r: (
                 r["caller"]["uid"] == stranger.uid
                 and r["outcome"] == "AccessDeniedException"
-                and r.get("request", {}).get("AuditNote", "").startswith(str(m.backing / "doc"))
+                and r.get("request", {}).get("AuditNote", "").startswith(str(doc_behind))
             ),
             lambda rs: len(rs) >= 6,
         )
         assert len(denied) == 6, denied
         notes = [r["request"]["AuditNote"] for r in denied]
         assert notes.count(note) == 4  # two truncate(2), two ftruncate(2)
-        assert notes.count(f"{m.backing / 'doc'} (fallocate)") == 1
+        assert notes.count(f"{doc_behind} (fallocate)") == 1
 
 
 def test_removal_from_a_group_bites_at_the_next_open(kms_env: Env, users: dict[str, User]) -> None:
@@ -487,7 +503,7 @@ def test_folders_swapped_for_symlinks_lead_nowhere_outside(
             sub.mkdir()
             (sub / "victim").write_text("inside\n")
             (sub / "dir").mkdir()
-            b_sub = m.backing / "sub"
+            b_sub = backing_of(m, sub)
             os.chown(b_sub, attacker.uid, attacker.gid)  # the attacker may write this folder
             m.backing.chmod(0o777)  # ... and the backing folder itself (a shared disk)
 
@@ -641,10 +657,11 @@ def test_changes_the_disk_cannot_hold_fail_fast_and_change_nothing(
         f = mnt / "f"
         f.write_bytes(b"precious\n" * 1000)
         (mnt / "other").write_text("another file\n")
-        before = (backing / "f").read_bytes()
+        f_behind = backing_of(m, f)
+        before = f_behind.read_bytes()
 
         def unchanged() -> None:
-            assert (backing / "f").read_bytes() == before
+            assert f_behind.read_bytes() == before
             assert f.read_bytes() == b"precious\n" * 1000
             assert f.stat().st_size == 9000
 
@@ -660,7 +677,8 @@ def test_changes_the_disk_cannot_hold_fail_fast_and_change_nothing(
         holey = mnt / "holey"
         with holey.open("wb") as h:
             h.truncate(8 << 20)
-        holey_before = (backing / "holey").read_bytes()
+        holey_behind = backing_of(m, holey)
+        holey_before = holey_behind.read_bytes()
         page = mmap.mmap(-1, 4096)
         page.write(os.urandom(4096))
         free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
@@ -684,7 +702,7 @@ def test_changes_the_disk_cannot_hold_fail_fast_and_change_nothing(
                     h.seek(4 << 20)
                     h.write(memoryview(page)[:3000])  # into a hole
                 assert info.value.errno == errno.ENOSPC
-            assert (backing / "holey").read_bytes() == holey_before
+            assert holey_behind.read_bytes() == holey_before
         finally:
             os.close(filler)
             os.unlink(small_disk / "filler")

@@ -20,10 +20,16 @@ def info(env: Env, backing: Path) -> dict[str, object]:
     return json.loads(env.run("info", str(backing)).stdout)  # type: ignore[no-any-return]
 
 
-def test_fresh_volume(kms_env: Env) -> None:
+LONG = "l" * 200  # a long name with encrypted names: its entry and a name file behind
+
+
+@pytest.mark.parametrize("plaintext_names", [False, True])
+def test_fresh_volume(kms_env: Env, plaintext_names: bool) -> None:
     key_id = kms_env.create_key("vol")
-    with mounted(kms_env) as m:
+    init = ("--plaintext-names",) if plaintext_names else ()
+    with mounted(kms_env, init=init) as m:
         (m.mnt / "a.txt").write_text("hello\n")
+        (m.mnt / LONG).write_text("long\n")
         (m.mnt / "docs" / "deep").mkdir(parents=True)
         (m.mnt / "docs" / "deep" / "b.bin").write_bytes(os.urandom(40_000))
         (m.mnt / "empty").touch()
@@ -39,17 +45,26 @@ def test_fresh_volume(kms_env: Env) -> None:
     assert answer["VolumeId"] == volume["volume_id"]
     assert answer["KeyArn"] == volume["key_arn"]
     assert answer["Region"] == "local-1"
-    assert (answer["BlockSize"], answer["FormatVersion"], answer["Features"]) == (16384, 1, [])
-    assert (answer["Files"], answer["Directories"], answer["Symlinks"]) == (5, 2, 1)
+    assert (answer["BlockSize"], answer["FormatVersion"]) == (16384, 2)
+    if plaintext_names:
+        assert (answer["Features"], answer["FileNames"]) == ([], "plaintext")
+        own = {".envfs-volume.json"}
+    else:
+        assert (answer["Features"], answer["FileNames"]) == (["names"], "encrypted")
+        own = {".envfs-volume.json", ".envfs-dir"}
+        long_entry = [p.name for p in backing.iterdir() if p.name.startswith(".envfs-L")]
+        assert len(long_entry) == 2  # the entry and its name file
+        own.add(min(long_entry, key=len) + ".name")
+    assert (answer["Files"], answer["Directories"], answer["Symlinks"]) == (6, 2, 1)
     assert (answer["SpecialFiles"], answer["SparseFiles"], answer["UnreadableFiles"]) == (1, 1, 0)
-    assert answer["PlaintextSize"] == 6 + 40_000 + 0 + (1 << 30) + 16
+    assert answer["PlaintextSize"] == 6 + 5 + 40_000 + 0 + (1 << 30) + 16
     assert answer["BackingSize"] == sum(
         p.stat().st_size
         for p in backing.rglob("*")
-        if p.is_file() and not p.is_symlink() and p.name[0] != "."
+        if p.is_file() and not p.is_symlink() and p.name not in own
     )
     assert answer["KeyVersions"] == [
-        {"KeyArn": volume["key_arn"], "KeyVersion": 1, "Files": 4},
+        {"KeyArn": volume["key_arn"], "KeyVersion": 1, "Files": 5},
         {"KeyArn": volume["key_arn"], "KeyVersion": 2, "Files": 1},
     ]
     assert answer["Problems"] == []

@@ -21,8 +21,17 @@ from typing import Any
 
 import pytest
 
+from envfs.identity import Caller
 from envfs.kms.policy import default_policy
-from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live, mounted
+from tests.integration.conftest import (
+    ENVFS,
+    Env,
+    Mount,
+    backing_of,
+    is_mounted,
+    live,
+    mounted,
+)
 from tests.integration.test_mount_security import (
     User,
     awaited_records,
@@ -116,7 +125,7 @@ def test_setfacl_getfacl_and_modes_are_as_on_ext4(vol: Mount, tmp_path: Path) ->
     assert got.stdout == expected.stdout
     assert "user:nobody:rwx" in got.stdout and "default:user:nobody:rwx" in got.stdout
     # The ACLs live in private names of the backing entries, nowhere else.
-    backing = vol.backing / "d" / "inherited"
+    backing = backing_of(vol, "d/inherited")
     assert set(os.listxattr(backing)) == {"trusted.envfs.acl_access"}
     assert set(os.listxattr(vol.mnt / "d" / "inherited")) == {ACCESS}
     assert os.listxattr(vol.mnt / "f2") == []
@@ -251,8 +260,10 @@ def test_acls_are_enforced_for_users_and_keys_still_decide(
 
             # Who was refused by the kernel never reached the key service: no Decrypt of
             # "public" by the colleague; the stranger's refusals were the key service's.
+            key_user = Caller.from_ids(owner.uid, owner.gid)  # root only manages the key
             file_ids = {
-                name: (m.backing / name).read_bytes()[16:32].hex() for name in ("public", "private")
+                name: backing_of(m, top / name, key_user).read_bytes()[16:32].hex()
+                for name in ("public", "private")
             }
 
             def decisions(r: dict[str, Any]) -> bool:
@@ -284,7 +295,7 @@ def test_acls_are_enforced_for_users_and_keys_still_decide(
 
 
 def test_acls_planted_in_the_backing_folder(vol: Mount) -> None:
-    mnt, backing = vol.mnt, vol.backing
+    mnt = vol.mnt
     (mnt / "f").write_text("data\n")
     (mnt / "d").mkdir()
     (mnt / "honest").write_text("honest\n")
@@ -292,20 +303,21 @@ def test_acls_planted_in_the_backing_folder(vol: Mount) -> None:
     (mnt / "tricked").write_text("tricked\n")
     vol.umount()
 
-    valid = os.getxattr(backing / "honest", "trusted.envfs.acl_access")
-    os.setxattr(backing / "f", "trusted.envfs.acl_access", b"\x02\x00\x00\x00garbage!")
-    os.setxattr(backing / "d", "trusted.envfs.acl_default", valid[:-3])
+    behind = {name: backing_of(vol, name) for name in ("f", "d", "honest", "tricked")}
+    valid = os.getxattr(behind["honest"], "trusted.envfs.acl_access")
+    os.setxattr(behind["f"], "trusted.envfs.acl_access", b"\x02\x00\x00\x00garbage!")
+    os.setxattr(behind["d"], "trusted.envfs.acl_default", valid[:-3])
     # The user namespace's copy is not this (root-run) mount's: ignored, and not shown.
-    os.setxattr(backing / "tricked", "user.envfs.acl_access", valid)
+    os.setxattr(behind["tricked"], "user.envfs.acl_access", valid)
     vol.mount()
 
     assert acl_errno(mnt / "f") == errno.EIO
     assert (mnt / "f").read_text() == "data\n"  # root's own access needs no ACL
     made = sh("touch d/new", mnt)
     assert made.returncode != 0 and "Input/output error" in made.stderr
-    assert os.listdir(backing / "d") == []
+    assert os.listdir(behind["d"]) == [".envfs-dir"]  # nothing but the folder's id
     for name in ("f", "d"):
-        assert warnings_naming(vol, backing / name), vol.log_text()
+        assert warnings_naming(vol, behind[name]), vol.log_text()
     assert acl_errno(mnt / "tricked") == errno.ENODATA
     assert os.listxattr(mnt / "tricked") == []
     assert sh("getfacl -p honest", mnt).stdout.count("user:nobody:r--") == 1
@@ -377,7 +389,11 @@ def test_a_users_own_mount_keeps_acls_in_the_user_namespace(
             "mask::r--\nother::---\n\n640\n"
         ) in used.stdout
         assert "['system.posix_acl_access']" in used.stdout
-        assert os.listxattr(backing / "d" / "f") == ["user.envfs.acl_access"]
+        # d/f behind the mount (the user's key store is theirs alone: found by its place,
+        # the one entry of the one folder, not by its encrypted name)
+        [d_behind] = [p for p in backing.iterdir() if not p.name.startswith(".")]
+        [f_behind] = [p for p in d_behind.iterdir() if not p.name.startswith(".")]
+        assert os.listxattr(f_behind) == ["user.envfs.acl_access"]
         assert "POSIX ACLs on, kept in the backing folder as user.envfs.*" in (
             (outside / "log").read_text()
         )

@@ -18,7 +18,7 @@ import pytest
 
 from envfs.errors import AccessDeniedException
 from envfs.kms.client import KMSClient
-from tests.integration.conftest import ENVFS, Env, Mount, is_mounted, live, make_env
+from tests.integration.conftest import ENVFS, Env, Mount, backing_of, is_mounted, live, make_env
 from tests.integration.flood import connection_flood
 
 KEY_USER = 4242
@@ -135,9 +135,11 @@ def test_per_user_decisions_through_the_daemon(daemon_mount: tuple[Daemon, Mount
     by_uid = {(r["operation"], r["caller"]["uid"], r["outcome"]): r for r in records}
     ok = by_uid[("Decrypt", KEY_USER, "Success")]
     refused = by_uid[("Decrypt", STRANGER, "AccessDeniedException")]
+    behind = backing_of(m, m.mnt / "shared.txt")
+    assert behind.parent == m.backing and "shared" not in behind.name
     for record in (ok, refused):
         assert record["via"] == {"service": "envfs-mount", "uid": 0}
-        assert record["request"]["AuditNote"].endswith("/backing/shared.txt")
+        assert record["request"]["AuditNote"] == str(behind)
         assert "envfs:file" in record["encryption_context"]
     assert ("GenerateDataKey", KEY_USER, "Success") in by_uid
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from envfs.files import fileformat
-from tests.integration.conftest import Mount, make_env, mounted
+from tests.integration.conftest import Mount, backing_of, make_env, mounted
 
 pytestmark = pytest.mark.integration
 
@@ -55,10 +55,6 @@ def d(vol_m: Mount, request: pytest.FixtureRequest) -> Path:
     path: Path = vol_m.mnt / str(request.node.name)
     path.mkdir()
     return path
-
-
-def backing_of(vol: Mount, path: Path) -> Path:
-    return vol.backing / path.relative_to(vol.mnt)
 
 
 def errno_of(excinfo: pytest.ExceptionInfo[OSError]) -> str:
@@ -242,19 +238,53 @@ def test_readdir_listdir_and_scandir(vol_m: Mount, d: Path) -> None:
 
 
 def test_volume_file_is_never_shown(vol_m: Mount) -> None:
-    hidden = ".envfs-volume.json"
-    assert (vol_m.backing / hidden).exists()
-    assert hidden not in os.listdir(vol_m.mnt)
+    """With encrypted names, envfs's own files (the volume file, the root's id) are never
+    shown, and their names are free in the view: a file named so is stored encrypted,
+    beside them."""
+    own = (".envfs-volume.json", ".envfs-dir")
+    volume_file = (vol_m.backing / own[0]).read_bytes()
+    dir_file = (vol_m.backing / own[1]).read_bytes()
     with os.scandir(vol_m.mnt) as it:
-        assert hidden not in {e.name for e in it}
-    with pytest.raises(FileNotFoundError):
-        os.stat(vol_m.mnt / hidden)
-    with pytest.raises(OSError) as exc:
-        os.open(vol_m.mnt / hidden, os.O_WRONLY | os.O_CREAT, 0o644)
-    assert exc.value.errno in (errno.ENOENT, errno.EACCES, errno.EPERM), errno_of(exc)
-    with pytest.raises(FileNotFoundError):
-        os.unlink(vol_m.mnt / hidden)
-    assert (vol_m.backing / hidden).exists()
+        assert not set(own) & {e.name for e in it}
+    for name in own:
+        with pytest.raises(FileNotFoundError):
+            os.stat(vol_m.mnt / name)
+        with pytest.raises(FileNotFoundError):
+            os.unlink(vol_m.mnt / name)
+        (vol_m.mnt / name).write_bytes(b"a user's file " + name.encode())
+        assert name in os.listdir(vol_m.mnt)
+        assert (vol_m.mnt / name).read_bytes() == b"a user's file " + name.encode()
+        behind = backing_of(vol_m, vol_m.mnt / name)
+        assert behind.parent == vol_m.backing and not behind.name.startswith(".")
+        assert behind.stat().st_size == fileformat.backing_size(14 + len(name), SHIFT)
+        os.unlink(vol_m.mnt / name)
+        assert not behind.exists()
+    assert (vol_m.backing / own[0]).read_bytes() == volume_file
+    assert (vol_m.backing / own[1]).read_bytes() == dir_file
+
+
+def test_volume_file_is_never_shown_with_plaintext_names(tmp_path: Path) -> None:
+    """With plaintext names, the volume file's name is reserved at the root."""
+    env = make_env(tmp_path)
+    env.create_key("vol")
+    hidden = ".envfs-volume.json"
+    with mounted(env, "plain", init=("--plaintext-names",)) as m:
+        assert (m.backing / hidden).exists()
+        assert not (m.backing / ".envfs-dir").exists()
+        assert hidden not in os.listdir(m.mnt)
+        with os.scandir(m.mnt) as it:
+            assert hidden not in {e.name for e in it}
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.mnt / hidden)
+        with pytest.raises(OSError) as exc:
+            os.open(m.mnt / hidden, os.O_WRONLY | os.O_CREAT, 0o644)
+        assert exc.value.errno in (errno.ENOENT, errno.EACCES, errno.EPERM), errno_of(exc)
+        with pytest.raises(FileNotFoundError):
+            os.unlink(m.mnt / hidden)
+        assert (m.backing / hidden).exists()
+        (m.mnt / "sub").mkdir()  # reserved at the root only
+        (m.mnt / "sub" / hidden).write_bytes(b"mine")
+        assert (m.backing / "sub" / hidden).stat().st_size == fileformat.backing_size(4, SHIFT)
 
 
 def test_mkdir_rmdir(d: Path) -> None:
@@ -499,7 +529,10 @@ def test_rename_files(vol_m: Mount, d: Path) -> None:
     with open(d / "sub" / "b2", "ab") as out:
         out.write(b" and more")
     assert (d / "sub" / "b2").read_bytes() == b"content c and more"
-    assert sorted(os.listdir(vol_m.backing / d.name)) == ["sub"]
+    # the old names are gone from the backing folder too: only "sub" and the folder's id
+    assert sorted(os.listdir(backing_of(vol_m, d))) == sorted(
+        [".envfs-dir", backing_of(vol_m, d / "sub").name]
+    )
     with pytest.raises(FileNotFoundError):
         os.rename(d / "missing", d / "x")
     (d / "folder").mkdir()
@@ -890,7 +923,7 @@ def test_fallocate_without_space_changes_nothing(tmp_path: Path) -> None:
             finally:
                 os.close(fd)
             assert f.read_bytes() == b"kept" * 1000
-            assert (small / "f").stat().st_size == fileformat.backing_size(4000, SHIFT)
+            assert backing_of(m, f).stat().st_size == fileformat.backing_size(4000, SHIFT)
             m.remount()
             assert f.read_bytes() == b"kept" * 1000
     finally:
@@ -1191,11 +1224,14 @@ def cached_bytes(path: Path) -> int:
     return int(out.strip() or 0)
 
 
-def test_opening_files_in_name_order_reads_the_next_ones_ahead(vol_m: Mount, d: Path) -> None:
+def test_opening_files_in_readdir_order_reads_the_next_ones_ahead(vol_m: Mount, d: Path) -> None:
+    """In the order readdir gives (tar c, cp -r, find, grep -r); with encrypted names that
+    is the backing names' order, not the sorted order of the view's names."""
     for i in range(12):
         (d / f"f{i:02d}").write_bytes(os.urandom(3 * BLOCK))
+    in_order = os.listdir(d)
     vol_m.remount()  # closed everywhere; now push the backing files out of the page cache
-    backing = [backing_of(vol_m, d / f"f{i:02d}") for i in range(12)]
+    backing = [backing_of(vol_m, d / name) for name in in_order]
     os.sync()
     for path in backing:
         fd = os.open(path, os.O_RDONLY)
@@ -1204,8 +1240,8 @@ def test_opening_files_in_name_order_reads_the_next_ones_ahead(vol_m: Mount, d: 
         finally:
             os.close(fd)
     assert cached_bytes(backing[5]) == 0
-    (d / "f00").read_bytes()
-    (d / "f01").read_bytes()  # the second in name order: the next files are asked for
+    (d / in_order[0]).read_bytes()
+    (d / in_order[1]).read_bytes()  # the second in order: the next files are asked for
     deadline = time.monotonic() + 5
     while cached_bytes(backing[5]) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -46,7 +46,16 @@ from envfs.kms.paths import region_store_dir
 from envfs.kms.policy import default_policy
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
-from tests.integration.conftest import ENVFS, Env, Mount, golden_copy, is_mounted, live
+from tests.integration.conftest import (
+    ENVFS,
+    Env,
+    Mount,
+    backing_of,
+    golden_copy,
+    is_mounted,
+    live,
+    view_name,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -162,7 +171,7 @@ def test_tampered_backing_files_give_eio_and_the_mount_serves_the_rest(
     for name, alias in (("same-key", "vol"), ("other-key", "other")):
         with live(new_volume(kms_env, name, alias)) as other:
             (other.mnt / "f").write_bytes(os.urandom(MULTI_BLOCK))
-        foreign[name] = other.backing / "f"
+        foreign[name] = backing_of(other, "f")
 
     m = new_volume(kms_env, "vol")
     victims = [
@@ -196,8 +205,11 @@ def test_tampered_backing_files_give_eio_and_the_mount_serves_the_rest(
         (m.mnt / "dir").mkdir()
         (m.mnt / "dir" / "nested").write_bytes(b"nested\n")
 
-    b = m.backing
-    arn_at, wrapped_at = header_fields(b / "hdr-key-arn")
+    def b(name: str) -> Path:
+        """The backing path of a name at the root of the volume."""
+        return backing_of(m, name)
+
+    arn_at, wrapped_at = header_fields(b("hdr-key-arn"))
     for name, offset in (
         ("hdr-magic", 0),
         ("hdr-version", 9),
@@ -208,9 +220,9 @@ def test_tampered_backing_files_give_eio_and_the_mount_serves_the_rest(
         ("hdr-mac", 500),
         ("block0-nonce", block_at(0) + 3),
         ("block0-data", block_at(0) + 12 + 100),
-        ("last-block", (b / "last-block").stat().st_size - 1),
+        ("last-block", b("last-block").stat().st_size - 1),
     ):
-        flip(b / name, offset)
+        flip(b(name), offset)
 
     def blocks(path: Path) -> list[bytes]:
         raw = path.read_bytes()
@@ -219,30 +231,30 @@ def test_tampered_backing_files_give_eio_and_the_mount_serves_the_rest(
     def write_blocks(path: Path, header: bytes, parts: list[bytes]) -> None:
         path.write_bytes(header + b"".join(parts))
 
-    parts = blocks(b / "swapped-blocks")
-    header = (b / "swapped-blocks").read_bytes()[:HEADER]
-    write_blocks(b / "swapped-blocks", header, [parts[1], parts[0], parts[2], parts[3]])
-    parts = blocks(b / "duplicated-block")
-    header = (b / "duplicated-block").read_bytes()[:HEADER]
-    write_blocks(b / "duplicated-block", header, [parts[0], parts[0], parts[2], parts[3]])
-    raw_a, raw_b = (b / "header-a").read_bytes(), (b / "header-b").read_bytes()
-    (b / "header-a").write_bytes(raw_b[:HEADER] + raw_a[HEADER:])
-    (b / "header-b").write_bytes(raw_a[:HEADER] + raw_b[HEADER:])
-    os.truncate(b / "cut-at-boundary", block_at(2))
-    os.truncate(b / "cut-to-header", HEADER)
-    with (b / "appended").open("ab") as appended:
+    parts = blocks(b("swapped-blocks"))
+    header = b("swapped-blocks").read_bytes()[:HEADER]
+    write_blocks(b("swapped-blocks"), header, [parts[1], parts[0], parts[2], parts[3]])
+    parts = blocks(b("duplicated-block"))
+    header = b("duplicated-block").read_bytes()[:HEADER]
+    write_blocks(b("duplicated-block"), header, [parts[0], parts[0], parts[2], parts[3]])
+    raw_a, raw_b = b("header-a").read_bytes(), b("header-b").read_bytes()
+    b("header-a").write_bytes(raw_b[:HEADER] + raw_a[HEADER:])
+    b("header-b").write_bytes(raw_a[:HEADER] + raw_b[HEADER:])
+    os.truncate(b("cut-at-boundary"), block_at(2))
+    os.truncate(b("cut-to-header"), HEADER)
+    with b("appended").open("ab") as appended:
         appended.write(bytes(28))
-    donor = (b / "donor").read_bytes()
-    with (b / "spliced").open("r+b") as spliced:
+    donor = b("donor").read_bytes()
+    with b("spliced").open("r+b") as spliced:
         spliced.seek(block_at(1))
         spliced.write(donor[block_at(1) : block_at(2)])
 
     # Files that are not envfs files, and files of other volumes.
-    (b / "plain-small.txt").write_text("PLAINTEXT-MARKER dropped into the backing folder\n")
-    (b / "plain-large.txt").write_text("PLAINTEXT-MARKER line\n" * 1000)
-    (b / "zero-bytes").write_bytes(b"")
-    shutil.copyfile(foreign["same-key"], b / "foreign-same-key")
-    shutil.copyfile(foreign["other-key"], b / "foreign-other-key")
+    b("plain-small.txt").write_text("PLAINTEXT-MARKER dropped into the backing folder\n")
+    b("plain-large.txt").write_text("PLAINTEXT-MARKER line\n" * 1000)
+    b("zero-bytes").write_bytes(b"")
+    shutil.copyfile(foreign["same-key"], b("foreign-same-key"))
+    shutil.copyfile(foreign["other-key"], b("foreign-other-key"))
     bad = [
         *victims,
         "plain-small.txt",
@@ -260,13 +272,13 @@ def test_tampered_backing_files_give_eio_and_the_mount_serves_the_rest(
             assert (m.mnt / "good").read_bytes() == contents["good"]
         wrong = {name: got for name, got in outcomes.items() if got[1] != errno.EIO}
         assert not wrong, f"expected EIO at open or read, got {wrong}"
-        silent = [name for name in bad if not warnings_naming(m, b / name)]
+        silent = [name for name in bad if not warnings_naming(m, b(name))]
         assert not silent, f"no WARNING naming the backing path of {silent}:\n{m.log_text()}"
         # A header of another volume under the same key: the key service refused to unwrap
         # (the context names another volume). Under another key: refused before any call,
         # since the volume file does not accept that key.
-        assert "its data key does not unwrap" in warnings_naming(m, b / "foreign-same-key")[0]
-        assert "which the volume does not accept" in warnings_naming(m, b / "foreign-other-key")[0]
+        assert "its data key does not unwrap" in warnings_naming(m, b("foreign-same-key"))[0]
+        assert "which the volume does not accept" in warnings_naming(m, b("foreign-other-key"))[0]
         for name in healthy:
             assert (m.mnt / name).read_bytes() == contents[name]
         assert (m.mnt / "dir" / "nested").read_bytes() == b"nested\n"
@@ -323,7 +335,7 @@ def test_volume_file_mount_errors_and_inspect(kms_env: Env) -> None:
         "features", "created", "auth_key", "mac",
     }  # fmt: skip
     assert (doc["envfs_volume"], doc["region"], doc["key_arn"]) == (1, "local-1", arn)
-    assert (doc["format_version"], doc["block_shift"], doc["features"]) == (1, 14, [])
+    assert (doc["format_version"], doc["block_shift"], doc["features"]) == (2, 14, ["names"])
     assert str(uuid.UUID(doc["volume_id"])) == doc["volume_id"]
     code, _, err = envfs(kms_env, "init", str(m.backing), "--key-id", "alias/vol", check=False)
     assert (code, err) == (60, f"envfs: error: {str(m.backing)!r} is already an envfs volume\n")
@@ -344,7 +356,7 @@ def test_volume_file_mount_errors_and_inspect(kms_env: Env) -> None:
 
     # inspect: the header, without decrypting (no key store is needed at all).
     for name, size in (("multi", MULTI_BLOCK), ("empty", 0)):
-        path = m.backing / name
+        path = backing_of(m, name)
         out = subprocess.run(
             [ENVFS, "inspect", str(path)],
             env={**kms_env.env, "ENVFS_KMS_DIR": str(kms_env.root / "nowhere")},
@@ -354,7 +366,7 @@ def test_volume_file_mount_errors_and_inspect(kms_env: Env) -> None:
         ).stdout
         info = json.loads(out)
         assert info["KeyArn"] == arn
-        assert (info["KeyVersion"], info["FormatVersion"], info["BlockSize"]) == (1, 1, BLOCK)
+        assert (info["KeyVersion"], info["FormatVersion"], info["BlockSize"]) == (1, 2, BLOCK)
         assert (info["PlaintextSize"], info["BackingSize"]) == (size, path.stat().st_size)
         assert re.fullmatch(r"[0-9a-f]{32}", info["FileId"])
     plain = kms_env.root / "plain.txt"
@@ -572,6 +584,16 @@ def test_per_user_access_is_decided_by_the_key_policy(
         with live(m):
             m.mnt.chmod(0o755)
             shared = m.mnt / "shared"
+            # The names are locked until a user of the key has made a request: root (in no
+            # statement of the policy) and the key's administrator can neither list nor
+            # make one; the key user's first request unlocks them for the mount.
+            for attempt in (lambda: os.listdir(m.mnt), shared.mkdir):
+                with pytest.raises(PermissionError) as locked:
+                    attempt()
+                assert locked.value.errno == errno.EACCES
+            assert mgr.sh(f"ls {m.mnt}").stderr.endswith(": Permission denied\n")
+            assert usr.sh(f"ls -A {m.mnt}").stdout == ""
+            assert os.listdir(m.mnt) == []
             shared.mkdir()
             shared.chmod(0o777)
             doc, other, held = shared / "doc.txt", shared / "other.txt", shared / "held.txt"
@@ -585,7 +607,9 @@ def test_per_user_access_is_decided_by_the_key_policy(
                 ("read", doc, ""),
             ) == ["ok", "ok", "ok", "ok", "the key user's document\nsecond line\n"]
             assert usr.sh(f"cat {doc}").stdout == "the key user's document\nsecond line\n"
-            for path in (doc, m.backing / "shared" / "doc.txt"):
+            key_user = Caller.from_ids(usr.uid, usr.gid)
+            doc_behind = backing_of(m, doc, key_user)
+            for path in (doc, doc_behind):
                 st = path.stat()
                 assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (usr.uid, usr.gid, 0o666)
 
@@ -610,8 +634,8 @@ def test_per_user_access_is_decided_by_the_key_policy(
 
             # Each decision is audited with the file id and the backing path. The mount
             # adds its records to the chain in batches: the last within about 0.15 s.
-            file_id = (m.backing / "shared" / "doc.txt").read_bytes()[16:32].hex()
-            note = str(m.backing / "shared" / "doc.txt")
+            file_id = doc_behind.read_bytes()[16:32].hex()
+            note = str(doc_behind)
             expected = {
                 (usr.uid, "Success"),
                 (mgr.uid, "AccessDeniedException"),
@@ -657,8 +681,12 @@ def test_per_user_access_is_decided_by_the_key_policy(
             assert usr.probe(("read", held, "")) == [errno.EKEYREVOKED]
             as_key_admin(kms_env, mgr, "EnableKey", arn)
 
-        # Unmount and mount again: everything is still there, for the key user only.
+        # Unmount and mount again: everything is still there, for the key user only; the
+        # names are locked again until the key user's first request.
         with live(m):
+            with pytest.raises(PermissionError) as locked:
+                os.listdir(shared)
+            assert locked.value.errno == errno.EACCES
             assert usr.probe(("read", doc, ""), ("read", other, ""), ("read", held, "")) == [
                 "the key user's document\nsecond line\n",
                 "another file\n",
@@ -722,17 +750,19 @@ def content_size(name: str) -> int:
 def test_killed_daemon_leaves_no_headerless_file(kms_env: Env) -> None:
     create_key(kms_env, "vol")
     m = new_volume(kms_env, "vol")
-    backing_dir = m.backing / "dir"
-    verified: set[str] = set()
+    verified: set[str] = set()  # names in the view
 
     def unverified_headers() -> list[str]:
         """Names in the backing folder whose header envfs inspect refuses (checks new ones)."""
         bad = []
-        for name in sorted(os.listdir(backing_dir)):
-            if name in verified or name.startswith(".envfs-tmp-"):
+        for behind in sorted(os.listdir(backing_dir)):
+            if behind == ".envfs-dir" or behind.startswith(".envfs-tmp-"):
+                continue
+            name = view_name(m, backing_dir / behind)
+            if name in verified:
                 continue
             try:
-                info = inspect(backing_dir / name)
+                info = inspect(backing_dir / behind)
             except EnvfsError as exc:
                 bad.append(f"{name}: {exc.message}")
                 continue
@@ -745,6 +775,7 @@ def test_killed_daemon_leaves_no_headerless_file(kms_env: Env) -> None:
     with live(m):
         pid = int(pid_file_for(m.mnt).read_text())
         (m.mnt / "dir").mkdir()
+        backing_dir = backing_of(m, "dir")
         with subprocess.Popen(
             [sys.executable, "-c", CREATE_LOOP, str(m.mnt / "dir")],
             stdout=subprocess.PIPE,
@@ -772,17 +803,21 @@ def test_killed_daemon_leaves_no_headerless_file(kms_env: Env) -> None:
         subprocess.run(["fusermount3", "-uz", str(m.mnt)], check=True)
         assert not is_mounted(m.mnt)
 
-    names = sorted(os.listdir(backing_dir))
+    own = {".envfs-dir"}
+    names = sorted(view_name(m, backing_dir / n) for n in os.listdir(backing_dir) if n not in own)
     assert len(names) >= int(stopped[1]) and names[0] == "f00000", names
     assert unverified_headers() == []
     assert verified == set(names)
     # What an interrupted create leaves where O_TMPFILE is missing: a temporary name.
-    (m.backing / "dir" / ".envfs-tmp-0123456789abcdef").write_bytes(b"half a header")
+    (backing_dir / ".envfs-tmp-0123456789abcdef").write_bytes(b"half a header")
     with live(m):
         listed = sorted(os.listdir(m.mnt / "dir"))
         assert listed == names
         assert not any(".envfs-tmp-" in name for name in listed)
-        assert not (m.backing / "dir" / ".envfs-tmp-0123456789abcdef").exists()
+        assert not (backing_dir / ".envfs-tmp-0123456789abcdef").exists()
+        assert sorted(os.listdir(backing_dir)) == sorted(
+            [".envfs-dir", *(backing_of(m, m.mnt / "dir" / name).name for name in names)]
+        )
         for name in listed:
             data = (m.mnt / "dir" / name).read_bytes()
             assert data in (b"", b"content of file %d\n" % int(name[1:])), name

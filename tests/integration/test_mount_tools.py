@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Mount, make_env, mounted
+from tests.integration.conftest import Mount, make_env, mounted, view_name
 
 pytestmark = pytest.mark.integration
 
@@ -250,5 +250,18 @@ def test_backing_folder_holds_no_plaintext(vol_m: Mount) -> None:
             assert MARKER_BYTES not in data, f"plaintext marker in {path}"
             assert MARKER_BYTES.hex().encode() not in data
     assert backing_files >= marked_in_view
+
+    # Nor a name: every backing entry is envfs's own or decrypts to a name of the view.
+    view_names = {n for _, dirs, files in os.walk(vol_m.mnt) for n in dirs + files}
+    decrypted = set()
+    for dirpath, dirs, files in os.walk(vol_m.backing):
+        here = set(dirs) | set(files)
+        assert ".envfs-dir" in here, dirpath
+        for name in here - {".envfs-dir", ".envfs-volume.json"}:
+            if name.endswith(".name") and name[: -len(".name")] in here:
+                continue  # a long name's name file
+            assert name not in view_names, f"a plaintext name in {dirpath}"
+            decrypted.add(view_name(vol_m, Path(dirpath) / name))
+    assert decrypted == view_names
     assert "Traceback" not in vol_m.log_text()
     assert "unexpected error" not in vol_m.log_text()

@@ -131,6 +131,7 @@ def machine() -> Iterator[Container]:
         shutil.copytree(
             CHECKOUT,
             box.path(SOURCE),
+            symlinks=True,  # as a checkout has them: golden volumes hold dangling ones
             ignore=shutil.ignore_patterns(
                 ".git", ".venv", "*.egg-info", "__pycache__", ".*_cache", "build"
             ),
@@ -261,10 +262,21 @@ def test_key_users_read_and_write_and_root_may_not(installed: Container) -> None
     first = sha_of(box, "/srv/data/big.bin")
     assert sha_of(box, "/srv/data/big.bin") == first
     assert as_alice(box, "stat -c %s /srv/data/big.bin") == "3000000"
-    # Ciphertext in the backing folder; root is the key's administrator, not a user.
+    # Root is the key's administrator, not a user: it sees the names, which belong to the
+    # mount once a key user unlocked them, but not the contents.
+    assert box.out("ls /srv/data").split() == ["big.bin", "hello.txt"]
     refused = box.run("cat /srv/data/hello.txt", check=False)
     assert refused.returncode != 0 and "Permission denied" in refused.stderr
-    assert b"hello" not in box.path("/srv/data.envfs/hello.txt").read_bytes()
+    # Ciphertext in the backing folder, under encrypted names: neither a name nor a
+    # content of the view in it (the store is the key service's: not read from here).
+    backing = box.path("/srv/data.envfs")
+    behind = [p for p in backing.rglob("*") if p.name not in (".envfs-volume.json", ".envfs-dir")]
+    assert len(behind) == 2 and all(p.is_file() and not p.is_symlink() for p in behind)
+    for path in behind:
+        assert "hello" not in path.name and "." not in path.name
+        raw = path.read_bytes()
+        assert raw.startswith(b"\x89envfs\r\n") and b"hello" not in raw
+    assert sorted(p.stat().st_size for p in behind)[1] > 3_000_000  # big.bin
 
 
 def test_stop_unmounts_and_start_mounts_again(installed: Container) -> None:
@@ -274,7 +286,11 @@ def test_stop_unmounts_and_start_mounts_again(installed: Container) -> None:
     assert not mounted(box)
     box.run(f"systemctl start {VOLUME}")
     assert mounted(box)
+    # A fresh mount: its names are locked for root until a key user's first request.
+    locked = box.run("ls /srv/data", check=False)
+    assert locked.returncode != 0 and "Permission denied" in locked.stderr
     assert as_alice(box, "cat /srv/data/hello.txt") == "hello"
+    assert "hello.txt" in box.out("ls /srv/data").split()
 
 
 def test_stop_with_a_file_open_flushes_it_and_ends_inactive_not_failed(
