@@ -283,8 +283,9 @@ class Vfs(OpenFiles, ExtendedAttributes):
         return fh
 
     def _listing(self, ino: int) -> list[tuple[bytes, bytes]]:
-        """The entries of a directory, sorted by backing name, without envfs's own: pairs
-        of backing name and name in the view. An entry whose name does not decrypt here
+        """The entries of a directory, sorted by their names in the view (the order the
+        read-ahead expects), without envfs's own: pairs of backing name and name in the
+        view. An entry whose name does not decrypt here
         (moved from another directory, edited) is left out, with a warning."""
         key = self.inodes.node(ino).key
         with self.tree.dir(ino) as dir_fd:
@@ -312,6 +313,8 @@ class Vfs(OpenFiles, ExtendedAttributes):
                     continue
                 if plain is not None:
                     listed.append((name, plain))
+        if isinstance(self.names, EncryptedNames):
+            listed.sort(key=lambda entry: entry[1])  # the view's order, as with plain names
         return listed
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Stat, int]]:

@@ -1224,12 +1224,13 @@ def cached_bytes(path: Path) -> int:
     return int(out.strip() or 0)
 
 
-def test_opening_files_in_readdir_order_reads_the_next_ones_ahead(vol_m: Mount, d: Path) -> None:
-    """In the order readdir gives (tar c, cp -r, find, grep -r); with encrypted names that
-    is the backing names' order, not the sorted order of the view's names."""
+def test_opening_files_in_name_order_reads_the_next_ones_ahead(vol_m: Mount, d: Path) -> None:
+    """In the order readdir gives (tar c, cp -r, find, grep -r), which is the sorted order
+    of the view's names (ls, shells), encrypted or not."""
     for i in range(12):
         (d / f"f{i:02d}").write_bytes(os.urandom(3 * BLOCK))
     in_order = os.listdir(d)
+    assert in_order == sorted(in_order)
     vol_m.remount()  # closed everywhere; now push the backing files out of the page cache
     backing = [backing_of(vol_m, d / name) for name in in_order]
     os.sync()
