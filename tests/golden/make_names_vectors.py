@@ -1,13 +1,14 @@
 """Generate tests/golden/names-v2.json; the tests only ever read it.
 
-Vectors for the encrypted names of format version 2 (``docs/format-v2-draft.md``, §1-§3):
-name keys from a volume secret, names encrypted in two directories (short, the longest
-short, the shortest long, the longest, every byte but ``/`` and NUL), a directory id file,
-and a sealed symlink target. Names are deterministic; the symlink target's nonce is random,
-so its vector is only ever decrypted. Version 2 is not released yet: until it is, the file
-may be made again (``--force``) when the draft changes; afterwards never.
+Vectors for the encrypted names of format version 2 (``docs/format.md``, *Version 2:
+encrypted names*): name keys from a volume secret, names encrypted in two directories
+(short, the longest short, the shortest long, the longest, every byte but ``/`` and NUL), a
+directory id file, a sealed symlink target, and ``user.`` xattr names and sealed values.
+Names are deterministic; nonces are random, so sealed targets and values are only ever
+decrypted. Made for the release of version 2 (the last ``--force`` added the xattrs and
+left every name as it was); never again.
 
-    .venv/bin/python tests/golden/make_names_vectors.py [--output PATH] [--force]
+    .venv/bin/python -m tests.golden.make_names_vectors [--output PATH] [--force]
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def build() -> dict[str, Any]:
             )
     target = b"../some/where/else"
     return {
-        "about": "envfs format v2 (draft) encrypted names; see docs/format-v2-draft.md",
+        "about": "envfs format v2 encrypted names; see docs/format.md, Version 2: encrypted names",
         "volume_id": VOLUME_ID,
         "volume_secret": SECRET.hex(),
         "keys": {
@@ -73,6 +74,21 @@ def build() -> dict[str, Any]:
             "target": target.hex(),
             "encoded": names.encrypt_target(crypto.Aead(keys.meta_key), target).decode(),
         },
+        "xattrs": [
+            {
+                "name": name.hex(),
+                "backing_name": (stored := names.encrypt_xattr_name(siv, name)).decode(),
+                "value": value.hex(),
+                "sealed": names.encrypt_xattr_value(
+                    crypto.Aead(keys.meta_key), stored, value
+                ).hex(),
+            }
+            for name, value in (
+                (b"user.colour", b"blue"),
+                (b"user.empty", b""),
+                (b"user." + b"x" * 159, bytes(range(256))),
+            )
+        ],
     }
 
 

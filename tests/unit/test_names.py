@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from envfs import crypto
@@ -230,6 +230,34 @@ def test_golden_vectors_read_by_an_independent_implementation() -> None:
     assert content[10:26].hex() == GOLDEN["dir_file"]["dir_id"]
     mac = hmac.new(dir_mac_key, content[:26] + GOLDEN["volume_id"].encode(), "sha256").digest()
     assert content[26:] == mac
+    meta_key = _hkdf(secret, b"envfs v2 metadata", 32, salt)
+    encoded = GOLDEN["symlink"]["encoded"].encode()
+    sealed = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
+    padded = AESGCM(meta_key).decrypt(sealed[:12], sealed[12:], b"envfs v2 symlink")
+    assert padded[: -padded[-1]].hex() == GOLDEN["symlink"]["target"]
+    assert GOLDEN["xattrs"]
+    for vector in GOLDEN["xattrs"]:
+        stored = vector["backing_name"].encode()
+        assert stored.startswith(b"user.envfs.x.")
+        encoded = stored[len(b"user.envfs.x.") :]
+        sealed = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
+        padded = AESSIV(name_key).decrypt(sealed, [b"envfs v2 xattr", b""])
+        assert b"user." + padded[: -padded[-1]] == bytes.fromhex(vector["name"])
+        value = bytes.fromhex(vector["sealed"])
+        assert AESGCM(meta_key).decrypt(value[:12], value[12:], stored).hex() == vector["value"]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_golden_xattrs_decrypt_as_recorded(index: int) -> None:
+    vector = GOLDEN["xattrs"][index]
+    siv = crypto.Siv(bytes.fromhex(GOLDEN["keys"]["name_key"]))
+    meta = crypto.Aead(bytes.fromhex(GOLDEN["keys"]["meta_key"]))
+    name = bytes.fromhex(vector["name"])
+    assert names.encrypt_xattr_name(siv, name).decode() == vector["backing_name"]
+    assert names.decrypt_xattr_name(siv, vector["backing_name"].encode()) == name
+    sealed = bytes.fromhex(vector["sealed"])
+    stored = vector["backing_name"].encode()
+    assert names.decrypt_xattr_value(meta, stored, sealed).hex() == vector["value"]
 
 
 def test_golden_symlink_target_decrypts() -> None:
