@@ -1,8 +1,10 @@
 """The plaintext view's extended attributes: the ``user.`` namespace and POSIX ACLs.
 
 ``user.`` attributes are the backing entry's own, except envfs's private names
-(``user.envfs.*``), which the view neither shows nor lets anyone set. Other namespaces
-are refused (EOPNOTSUPP).
+(``user.envfs.*``), which the view neither shows nor lets anyone set. With encrypted names
+every ``user.`` attribute is stored encrypted under a name of envfs's own
+(``user.envfs.x.*``), so then no name of the view is reserved. Other namespaces are
+refused (EOPNOTSUPP).
 
 POSIX ACLs (``system.posix_acl_access``, ``system.posix_acl_default``) are served once
 the kernel enforces them (:meth:`ExtendedAttributes.enable_acls`) and kept as private
@@ -121,7 +123,7 @@ class ExtendedAttributes:
             # EOPNOTSUPP, not ENODATA: `ls -l` then stops asking for security.selinux on
             # every entry (a round trip per file).
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        if acl.is_private(name):
+        if acl.is_private(name) and not self.names.encrypted:
             raise OSError(errno.ENODATA, "no such attribute")
         node = self.inodes.node(ino)
         if isinstance(self.names, EncryptedNames):
@@ -145,7 +147,7 @@ class ExtendedAttributes:
         if name in acl.NAMES:
             self._set_acl(self.inodes.node(ino), name, value, caller)
             return
-        _check_user_name(name)
+        _check_user_name(name, encrypted=self.names.encrypted)
         if isinstance(self.names, EncryptedNames):
             name = self.names.xattr_name(name)
             value = self.names.seal_xattr(name, value)
@@ -214,7 +216,7 @@ class ExtendedAttributes:
             with self._entry_fd(self.inodes.node(ino)) as fd:
                 store.remove(proc_path(fd), name)
             return
-        _check_user_name(name)
+        _check_user_name(name, encrypted=self.names.encrypted)
         if isinstance(self.names, EncryptedNames):
             name = self.names.xattr_name(name)
         with self._entry_fd(self.inodes.node(ino)) as fd:
@@ -254,13 +256,14 @@ class ExtendedAttributes:
         return NewMode(mode & ~(umask & 0o777))
 
 
-def _check_user_name(name: bytes) -> None:
-    """Refuse to set or remove an xattr other than a ``user.`` one, or envfs's private ones.
+def _check_user_name(name: bytes, *, encrypted: bool) -> None:
+    """Refuse to set or remove an xattr other than a ``user.`` one, or (with plaintext
+    names) envfs's private ones.
 
     Raises:
         OSError: EOPNOTSUPP (not ``user.``) or EPERM (reserved for envfs).
     """
     if not name.startswith(b"user."):
         raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-    if acl.is_private(name):
+    if acl.is_private(name) and not encrypted:  # encrypted, a name is no longer envfs's
         raise OSError(errno.EPERM, "reserved attribute name")

@@ -512,3 +512,16 @@ def test_files_opened_in_the_view_s_name_order_are_read_ahead(names_vfs: Vfs) ->
         assert held == wanted
     finally:
         view.close()
+
+
+def test_with_encrypted_names_no_user_xattr_name_is_reserved(names_vfs: Vfs) -> None:
+    vfs = names_vfs
+    ino = write_file(vfs, b"f")
+    for name in (b"user.envfs.acl_access", b"user.envfs.x.abc"):
+        vfs.setxattr(ino, name, b"mine", ROOT)
+        assert vfs.getxattr(ino, name) == b"mine"
+    assert sorted(vfs.listxattr(ino)) == [b"user.envfs.acl_access", b"user.envfs.x.abc"]
+    vfs.removexattr(ino, b"user.envfs.x.abc")
+    assert vfs.listxattr(ino) == [b"user.envfs.acl_access"]
+    stored = [os.fsencode(n) for n in os.listxattr(backing(vfs, ino))]
+    assert len(stored) == 1 and stored[0].startswith(names.XATTR_PREFIX)
