@@ -26,6 +26,7 @@ from envfs.files.backing import link_fd, open_unnamed
 from envfs.files.cryptfile import CryptFile, read_header
 from envfs.files.fileformat import FileHeader, FileKeys
 from envfs.files.inodes import InodeTable, Node
+from envfs.files.journal import Journal
 from envfs.files.keyaccess import KeyAccess
 from envfs.files.readahead import FolderReadAhead
 from envfs.files.tree import BackingTree, check_regular, open_regular
@@ -53,6 +54,7 @@ class OpenFiles:
     access: KeyAccess
     inodes: InodeTable
     tree: BackingTree
+    journal: Journal
     read_ahead: FolderReadAhead
     chown_new: bool
     acls: AclStore | None
@@ -103,7 +105,8 @@ class OpenFiles:
             new = self._inherited(parent, dir_fd, stat.S_IFREG | (mode & 0o7777), umask)
             fd, temp = open_unnamed(dir_fd, new.mode & 0o7777)
             try:
-                cfile = CryptFile.create(fd, header, keys)
+                path = self.path(parent) + b"/" + name
+                cfile = CryptFile.create(fd, header, keys, self.journal.for_file(file_id, path))
                 if new.access is not None:  # before it has a name
                     assert self.acls is not None
                     self.acls.write(fd, acl.ACCESS, new.access)
@@ -211,7 +214,8 @@ class OpenFiles:
                 raise
             data_key = self.access.unwrap(header, caller, path, purpose)
             keys = FileKeys.derive(data_key, header.file_id)
-            return self._guard(path, CryptFile.open, fd, header, raw, keys)
+            journal = self.journal.for_file(header.file_id, path)
+            return self._guard(path, CryptFile.open, fd, header, raw, keys, journal)
         except BaseException:
             os.close(fd)
             raise
@@ -288,6 +292,7 @@ class OpenFiles:
         handle = self._handle(fh)
         assert handle.node.file is not None
         (os.fdatasync if datasync else os.fsync)(handle.node.file.fd)
+        handle.node.file.synced()
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

@@ -39,6 +39,7 @@ from envfs.files import fileformat
 from envfs.files.acl import AclStore
 from envfs.files.backing import TEMP_PREFIX, chown_fd, link_fd, proc_path, renameat2
 from envfs.files.inodes import ROOT_INODE, InodeTable, Node
+from envfs.files.journal import JOURNAL_DIR, Journal
 from envfs.files.keyaccess import KeyAccess
 from envfs.files.keycache import DataKeyCache
 from envfs.files.keypool import DataKeyPool
@@ -54,7 +55,9 @@ from envfs.keys.provider import KeyProvider
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HIDDEN_AT_ROOT = frozenset({VOLUME_FILE.encode(), (VOLUME_FILE + ".tmp").encode()})
+HIDDEN_AT_ROOT = frozenset(
+    {VOLUME_FILE.encode(), (VOLUME_FILE + ".tmp").encode(), JOURNAL_DIR.encode()}
+)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _NODE_KINDS = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
@@ -106,6 +109,7 @@ class Vfs(OpenFiles, ExtendedAttributes):
         st = os.lstat(self.root_path)
         self.inodes = InodeTable(self.root_path, (st.st_dev, st.st_ino))
         self.tree = BackingTree(self.root_path, self.inodes)
+        self.journal = Journal(self.tree.root_fd, self.root_path)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_fh = 1
@@ -466,6 +470,7 @@ class Vfs(OpenFiles, ExtendedAttributes):
             self.release(fh)
         self.access.close()
         self.read_ahead.close()
+        self.journal.close()
         self.tree.close()
 
 
