@@ -179,12 +179,13 @@ class Journal:
         self.leftovers: set[bytes] = set()
         try:
             self._dir_fd = os.open(JOURNAL_DIR, _DIR_FLAGS, dir_fd=root_fd)
+            names = os.listdir(self._dir_fd)
         except FileNotFoundError:
             return
         except OSError as exc:
             log.warning("journal %r cannot be read: %s", self._path(), exc.strerror)
             return
-        for name in os.listdir(self._dir_fd):
+        for name in names:
             with contextlib.suppress(ValueError):
                 if len(name) == 2 * fileformat.FILE_ID_SIZE and name == name.lower():
                     self.leftovers.add(bytes.fromhex(name))
@@ -325,12 +326,11 @@ class FileJournal:
                 return
         parts = record.encode()
         fd = self._record.fd
-        self._record.changing = True
         written = os.pwritev(fd, parts, 0)
         total = sum(len(p) for p in parts)
         if written < total:
             pwrite_all(fd, b"".join(parts)[written:], written)
-        self._record.written = True
+        self._record.written = self._record.changing = True
 
     def done(self) -> None:
         """The change completed, or was undone: the file authenticates again."""
@@ -390,7 +390,16 @@ class FileJournal:
                     journal._path(self.file_id.hex()),
                 )
             return header, raw
-        _repair(fd, record, header.block_shift)
+        try:
+            _repair(fd, record, header.block_shift)
+        except OSError as exc:
+            log.error(
+                "backing file %r: an interrupted write could not be put back: %s",
+                self.path,
+                exc.strerror,
+            )
+            journal.leftovers.add(self.file_id)  # tried again at the next open
+            return header, raw
         raw = bytes(os.pread(fd, fileformat.HEADER_SIZE + fileformat.BLOCK_OVERHEAD, 0))
         header = FileHeader.parse(raw)
         if not _intact(fd, header, raw, keys, record):
