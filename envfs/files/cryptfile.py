@@ -14,7 +14,7 @@ was replaced, gives an integrity error there, and nothing of it is served.
 Gaps (a write past the end, truncation upwards, ``fallocate``) up to ``SPARSE_GAP`` bytes
 are sealed as zero blocks. Larger ones become holes in the backing file, which cost neither
 disk space nor time: the file's header then carries ``fileformat.FLAG_SPARSE`` (see
-``docs/fileformat.md`` for what that lets an attacker do).
+``docs/format.md`` for what that lets an attacker do).
 
 A write or truncation that moves the end of the file and fails (``ENOSPC``, ``EFBIG``, ``EIO``)
 puts back the bytes it overwrote and the old backing size: the file is left as it was.

@@ -6,8 +6,9 @@ depends only on the seed, the file's index and its content at the start (:func:`
 appends and overwrites of random sizes and places, a truncation now and then. After a few
 operations the file is fsynced, and only then the writer prints one JSON line
 ``[file, operations done, sha256 of the content]``: from then on that content is promised
-to survive a crash of the mount daemon. Before a large write it prints ``[]``. The test
-replays :func:`changes` to know every state a file went through.
+to survive a crash of the mount daemon. Before a large write it prints ``[]`` and waits for
+a line on its standard input. The test replays :func:`changes` to know every state a file
+went through.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def main(mountpoint: str, seed: int, names: list[str]) -> None:
                 os.ftruncate(fd, offset)
             else:
                 if len(data) >= _LARGE:
-                    print("[]", flush=True)  # a large write starts: a good moment to crash
+                    # A large write: a good moment to crash. Say so, and wait for the test.
+                    print("[]", flush=True)
+                    sys.stdin.readline()
                 view = memoryview(data)
                 while view:
                     view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]

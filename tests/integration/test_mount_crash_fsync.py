@@ -2,10 +2,14 @@
 
 A writer (``crashwriter.py``) appends, overwrites in the middle and now and then truncates a
 few files through the mount, fsyncing every few changes and reporting the content each
-fsync made durable. The daemon is killed at a random moment, the mount cleared and mounted
-again, and every file must read without an error and hold a state it went through that is
-no older than the last one reported: its fsynced bytes, and perhaps some later changes.
-The backing folder is a small tmpfs.
+fsync made durable. The daemon is killed at a random moment while it serves a large write,
+the mount cleared and mounted again, and every file must read without an error and hold a
+state it went through that is no older than the last one reported: its fsynced bytes, and
+perhaps some later changes. The backing folders are on a small tmpfs.
+
+A kill cuts a write to the backing file short (what tears a block) only when it lands in
+the daemon's ``pwrite``, a few percent of its time: so each round kills the daemons of
+several volumes, one after the other, and mounts them again together.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
 
@@ -26,7 +32,8 @@ from envfs.files import mount as envfs_mount
 from tests.integration import crashwriter
 from tests.integration.conftest import Env, Mount, is_mounted, live
 
-ROUNDS = 20
+ROUNDS = 13
+VOLUMES = 3
 FILES = ["a", "b", "c"]
 # The most operations a file may have gone through after its last report: the ones before
 # the next fsync (at most 4), a truncation to cut it back, and that fsync's own if it
@@ -35,20 +42,24 @@ AFTER_REPORT = 12
 
 
 @pytest.fixture
-def tmpfs_volume(kms_env: Env) -> Iterator[Mount]:
-    """A volume whose backing folder is on a 64 MiB tmpfs, unmounted whatever happens."""
+def tmpfs_volumes(kms_env: Env) -> Iterator[list[Mount]]:
+    """``VOLUMES`` mounted volumes whose backing folders are on one 64 MiB tmpfs; every
+    mount and the tmpfs are unmounted whatever happens."""
     kms_env.create_key("vol")
     disk = kms_env.root / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(disk)],
                    check=True)  # fmt: skip
     try:
-        backing, mnt = disk / "backing", kms_env.root / "mnt"
-        mnt.mkdir()
-        kms_env.run("init", str(backing), "--key-id", "alias/vol")
-        m = Mount(kms_env, backing, mnt, kms_env.root / "mount.log")
-        with live(m):
-            yield m
+        with ExitStack() as stack:
+            mounts = []
+            for i in range(VOLUMES):
+                backing, mnt = disk / f"backing{i}", kms_env.root / f"mnt{i}"
+                mnt.mkdir()
+                kms_env.run("init", str(backing), "--key-id", "alias/vol")
+                m = Mount(kms_env, backing, mnt, kms_env.root / f"mount{i}.log")
+                mounts.append(stack.enter_context(live(m)))
+            yield mounts
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
@@ -90,12 +101,13 @@ def crash_round(m: Mount, seed: int, rng: random.Random) -> dict[str, tuple[int,
     pid = int(envfs_mount.pid_file_for(m.mnt).read_text())
     writer = subprocess.Popen(
         [sys.executable, crashwriter.__file__, str(m.mnt), str(seed), *FILES],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     reports: dict[str, tuple[int, str]] = {}
-    assert writer.stdout is not None
+    assert writer.stdin is not None and writer.stdout is not None
     try:
         wanted = rng.randrange(1, 20)
         while True:
@@ -106,9 +118,13 @@ def crash_round(m: Mount, seed: int, rng: random.Random) -> dict[str, tuple[int,
                 name, done, digest = report
                 reports[name] = (done, digest)
                 wanted -= 1
-            elif wanted <= 0:
-                break  # a large write starts: the daemon is busy with it for a while
-        deadline = time.perf_counter() + rng.random() * 0.003
+                continue
+            writer.stdin.write("go\n")  # a large write waits for this
+            writer.stdin.flush()
+            if wanted <= 0:
+                break
+        # The large write (1 or 2 MiB: a few milliseconds of the daemon's work) has begun.
+        deadline = time.perf_counter() + rng.random() * 0.0025
         while time.perf_counter() < deadline:
             pass
         os.kill(pid, signal.SIGKILL)
@@ -122,44 +138,63 @@ def crash_round(m: Mount, seed: int, rng: random.Random) -> dict[str, tuple[int,
     return reports
 
 
-def test_fsynced_data_survives_kill_9_at_random_moments(tmpfs_volume: Mount) -> None:
-    m = tmpfs_volume
-    content = {name: b"" for name in FILES}
-    for name in FILES:
-        with open(m.mnt / name, "wb") as f:
-            os.fsync(f.fileno())
+def remount(mounts: list[Mount]) -> None:
+    """Clear the mounts whose daemons were killed, and mount them again, together."""
+    for m in mounts:
+        subprocess.run(["fusermount3", "-uz", str(m.mnt)], check=True)
+    time.sleep(0.2)
+    for m in mounts:
+        assert not is_mounted(m.mnt)
+        m.force_cleanup()  # the pid file a killed daemon leaves
+    with ThreadPoolExecutor(len(mounts)) as pool:
+        list(pool.map(Mount.mount, mounts))
+
+
+def check_round(
+    m: Mount, content: dict[str, bytes], seed: int, reports: dict[str, tuple[int, str]]
+) -> list[str]:
+    """Check every file of ``m`` against its last report; the files that gave an error
+    (made empty again, to go on)."""
+    unreadable = []
+    for index, name in enumerate(FILES):
+        done, digest = reports.get(name, (0, hashlib.sha256(content[name]).hexdigest()))
+        try:
+            now = (m.mnt / name).read_bytes()
+        except OSError as exc:
+            unreadable.append(f"{m.mnt.name}/{name}: {exc.strerror} (seed {seed})")
+            (m.mnt / name).unlink()
+            with open(m.mnt / name, "wb") as f:
+                os.fsync(f.fileno())
+            content[name] = b""
+            continue
+        found, previous = None, b""
+        for count, state in states(seed, index, content[name], done + AFTER_REPORT):
+            if count == done:
+                assert hashlib.sha256(state).hexdigest() == digest, "the replay went wrong"
+            if count >= done and state == now:
+                found = count
+                break
+            if count > done and partly_written(now, previous, state):
+                found = count
+                break
+            previous = state
+        assert found is not None, f"{m.mnt.name}/{name} (seed {seed}): older than its last fsync"
+        content[name] = now
+    return unreadable
+
+
+def test_fsynced_data_survives_kill_9_at_random_moments(tmpfs_volumes: list[Mount]) -> None:
+    contents = [{name: b"" for name in FILES} for _ in tmpfs_volumes]
+    for m in tmpfs_volumes:
+        for name in FILES:
+            with open(m.mnt / name, "wb") as f:
+                os.fsync(f.fileno())
     rng = random.Random(int.from_bytes(os.urandom(4)))
     unreadable: list[str] = []
     for round_ in range(ROUNDS):
-        seed = rng.randrange(1 << 30)
-        reports = crash_round(m, seed, rng)
-        m.force_cleanup()
-        assert not is_mounted(m.mnt)
-        m.mount()
-        for index, name in enumerate(FILES):
-            done, digest = reports.get(name, (0, hashlib.sha256(content[name]).hexdigest()))
-            try:
-                now = (m.mnt / name).read_bytes()
-            except OSError as exc:
-                unreadable.append(f"round {round_} (seed {seed}): {name}: {exc.strerror}")
-                (m.mnt / name).unlink()  # go on with an empty file, to count the rounds
-                with open(m.mnt / name, "wb") as f:
-                    os.fsync(f.fileno())
-                content[name] = b""
-                continue
-            found, previous = None, b""
-            for count, state in states(seed, index, content[name], done + AFTER_REPORT):
-                if count == done:
-                    assert hashlib.sha256(state).hexdigest() == digest, "the replay went wrong"
-                if count >= done and state == now:
-                    found = count
-                    break
-                if count > done and partly_written(now, previous, state):
-                    found = count
-                    break
-                previous = state
-            assert found is not None, (
-                f"round {round_} (seed {seed}): {name} holds no state from its last fsync on"
-            )
-            content[name] = now
+        seeds = [rng.randrange(1 << 30) for _ in tmpfs_volumes]
+        reports = [crash_round(m, seed, rng) for m, seed in zip(tmpfs_volumes, seeds, strict=True)]
+        remount(tmpfs_volumes)
+        for m, content, seed, report in zip(tmpfs_volumes, contents, seeds, reports, strict=True):
+            unreadable += (f"round {round_}: {u}" for u in check_round(m, content, seed, report))
     assert not unreadable, unreadable
