@@ -435,7 +435,7 @@ def _intact(fd: int, header: FileHeader, raw: bytes, keys: FileKeys, record: Rec
                 fileformat.decrypt_blocks(
                     keys, header.file_id, first, sealed, shift, holes=header.sparse
                 )
-    except IntegrityError:
+    except (IntegrityError, ValueError):  # ValueError: an impossible index in a record
         return False
     return True
 
@@ -447,7 +447,10 @@ def _repairable(fd: int, header: FileHeader, raw: bytes, keys: FileKeys, record:
     shift, file_id = header.block_shift, header.file_id
     stride = fileformat.block_stride(shift)
     old_backing = record.old_backing
+    current = os.fstat(fd).st_size
     try:
+        if current < old_backing and not _covered(record, current, old_backing):
+            return False  # growing the backing file back would leave zeros no run covers
         if record.header is not None:
             old = FileHeader.parse_verified(record.header, keys)
             if (old.file_id, old.block_shift, old.key_arn, old.wrapped_key) != (
@@ -472,10 +475,7 @@ def _repairable(fd: int, header: FileHeader, raw: bytes, keys: FileKeys, record:
         fileformat.decrypt_block(keys, file_id, final, sealed, shift)
     except (IntegrityError, ValueError):
         return False
-    # Growing the backing file back must not leave zeros that no run covers.
-    return os.fstat(fd).st_size >= old_backing or _covered(
-        record, os.fstat(fd).st_size, old_backing
-    )
+    return True
 
 
 def _image(fd: int, record: Record, start: int, end: int) -> bytearray:

@@ -98,6 +98,11 @@ def content(f: CryptFile) -> bytes:
     return f.read(0, f.size + 1)
 
 
+def file_id_of(root: Path) -> str:
+    """The file id of ``root/f``, as its record is named."""
+    return FileHeader.parse((root / "f").read_bytes()).file_id.hex()
+
+
 def record_path(root: Path, f: CryptFile) -> Path:
     return root / JOURNAL_DIR / f.header.file_id.hex()
 
@@ -413,6 +418,46 @@ def test_a_record_whose_blocks_moved_is_ignored(tmp_path: Path) -> None:
     record.write_bytes(b"".join(moved.encode()))
     with pytest.raises(IntegrityError):
         read_all(root, journal=True)
+
+
+def test_malformed_records_are_ignored(tmp_path: Path) -> None:
+    """Garbage, absurd indices and sizes, a FIFO or a folder in a record's place: over a
+    torn file they change nothing (it gives EIO); over a good file they go."""
+    root, _, record = torn_with_record(tmp_path)
+    ours = Record.parse(record.read_bytes())
+    ((first, run),) = ours.runs
+    plants: list[bytes | str] = [
+        b"",
+        b"garbage" * 10,
+        record.read_bytes()[:40],
+        b"".join(Record(ours.file_id, SHIFT, ours.old_backing, None, ((2**64 - 1, run),)).encode()),
+        b"".join(Record(ours.file_id, SHIFT, 2**63, None, ((first, run),)).encode()),
+        b"".join(Record(ours.file_id, SHIFT, 2**63, None, ((2**64 - 1, run),)).encode()),
+        b"".join(Record(ours.file_id, 12, ours.old_backing, None, ((first, run),)).encode()),
+        "fifo",
+        "folder",
+    ]
+    backing = (root / "f").read_bytes()
+    for plant in plants:
+        record.unlink(missing_ok=True)
+        if record.is_dir():
+            record.rmdir()
+        if plant == "fifo":
+            os.mkfifo(record)
+        elif plant == "folder":
+            record.mkdir()
+        else:
+            assert isinstance(plant, bytes)
+            record.write_bytes(plant)
+        with pytest.raises(IntegrityError):
+            read_all(root, journal=True)
+        assert (root / "f").read_bytes() == backing, plant
+    good = tmp_path / "good"
+    base_file(good, 100)
+    (good / JOURNAL_DIR).mkdir()
+    (good / JOURNAL_DIR / file_id_of(good)).write_bytes(b"garbage")
+    assert read_all(good, journal=True) == random.Random(100).randbytes(100)
+    assert os.listdir(good / JOURNAL_DIR) == []
 
 
 def test_a_planted_record_rolls_a_damaged_file_back_at_most(tmp_path: Path) -> None:
