@@ -183,3 +183,21 @@ def test_problems_are_counted_past_the_listed_ones(tmp_path: Path) -> None:
     summary = info.summarize(backing, read_wrapped)
     assert summary.unreadable_files == info.MAX_PROBLEMS + 5
     assert len(summary.problems) == info.MAX_PROBLEMS
+
+
+def test_the_journal_is_not_counted(tmp_path: Path) -> None:
+    """``.envfs-journal`` at the root is envfs's own (records of changes in progress);
+    a folder of that name deeper down is an ordinary folder."""
+    backing = tmp_path / "backing"
+    shutil.copytree(VOLUME_V1 / "backing", backing, symlinks=True)
+    before = info.summarize(backing, read_wrapped)
+    (backing / ".envfs-journal").mkdir()
+    (backing / ".envfs-journal" / ("ab" * 16)).write_bytes(b"a record, not a file")
+    (backing / "sub" / ".envfs-journal").mkdir()
+    after = info.summarize(backing, read_wrapped)
+    assert (after.files, after.unreadable_files, after.problems) == (
+        before.files,
+        before.unreadable_files,
+        before.problems,
+    )
+    assert after.directories == before.directories + 1
