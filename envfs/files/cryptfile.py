@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 SPARSE_GAP = 1 << 20
 # The largest backing file offset the system calls take (off_t).
 MAX_BACKING_SIZE = (1 << 63) - 1
+# A journaled write longer than this is made in parts, so that its records stay far below
+# journal.MAX_RECORD_SIZE (a FUSE write is 1 MiB at most: only direct callers reach it).
+JOURNALED_WRITE_MAX = 16 << 20
 # Sequential reads ask the kernel to fetch this much of the backing file ahead.
 _READ_AHEAD = 1 << 20
 # Opening asks for the header and a first FUSE read's worth (128 KiB) of blocks.
@@ -301,6 +304,11 @@ class CryptFile:
         end = offset + len(data)
         self._check_size(end)
         self.check_end()
+        if self._journaling and len(data) > JOURNALED_WRITE_MAX:
+            view = memoryview(data)
+            for start in range(0, len(data), JOURNALED_WRITE_MAX):
+                self.write(offset + start, bytes(view[start : start + JOURNALED_WRITE_MAX]))
+            return len(data)
         if offset <= self.size:
             self._write_run(offset, data)
             return len(data)

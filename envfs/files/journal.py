@@ -63,8 +63,8 @@ RECORD_MAGIC = b"\x89envjnl\n"
 RECORD_VERSION = 1
 KIND_HEADER = 1
 KIND_BLOCKS = 2
-# Records this long or longer are not read (a change rewrites at most what one write
-# covers, a FUSE write being 1 MiB at most, and two edge blocks).
+# Longer record files are not read (a change rewrites at most what one write covers, and a
+# FUSE write is 1 MiB at most; cryptfile cuts longer writes into parts well below this).
 MAX_RECORD_SIZE = 64 << 20
 
 _HEAD = struct.Struct(">8sHBB16sQQ")  # magic, version, shift, zero, file id, old size, length

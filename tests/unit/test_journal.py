@@ -671,3 +671,21 @@ def test_the_journal_is_hidden_from_the_view_and_used_by_it(vfs: Vfs) -> None:
     assert listing == [b"db"]
     vfs.release(fh)
     assert os.listdir(journal) == []
+
+
+def test_a_long_journaled_write_is_made_in_parts_whose_records_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No record is longer than what recovery reads: a long write is journaled in parts."""
+    monkeypatch.setattr(cryptfile, "JOURNALED_WRITE_MAX", 3 * B)
+    root = tmp_path / "r"
+    base_file(root, 10 * B)
+    folder = Folder(root)
+    try:
+        f = folder.open()
+        f.write(100, b"L" * (8 * B))  # parts at 100, 100 + 3B, 100 + 6B
+        ((first, run),) = Record.parse(record_path(root, f).read_bytes()).runs
+        assert (first, len(run)) == (6, 3 * (B + 28))  # the last part's blocks: 6 to 8
+        assert content(f)[100 : 100 + 8 * B] == b"L" * (8 * B)
+    finally:
+        folder.close()
