@@ -14,6 +14,7 @@ on paths that the kernel would walk through symlinks:
   (``fchownat(AT_EMPTY_PATH)``), a symlink included.
 - :func:`reserve`: allocate disk space for a byte range without changing the file's size;
   :func:`punch_hole`: give it back.
+- :func:`pwrite_all`: ``pwrite`` until every byte is written.
 """
 
 from __future__ import annotations
@@ -144,6 +145,18 @@ def chown_fd(fd: int, uid: int, gid: int) -> None:
     """``chown`` what ``fd`` (``O_PATH`` or not) refers to, following nothing."""
     if _libc.fchownat(ctypes.c_int(fd), b"", uid, gid, _AT_EMPTY_PATH) != 0:
         _raise_errno()
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 # --- space ---------------------------------------------------------------------------------

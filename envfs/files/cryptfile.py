@@ -14,10 +14,15 @@ was replaced, gives an integrity error there, and nothing of it is served.
 Gaps (a write past the end, truncation upwards, ``fallocate``) up to ``SPARSE_GAP`` bytes
 are sealed as zero blocks. Larger ones become holes in the backing file, which cost neither
 disk space nor time: the file's header then carries ``fileformat.FLAG_SPARSE`` (see
-``docs/fileformat.md`` for what that lets an attacker do).
+``docs/format.md`` for what that lets an attacker do).
 
 A write or truncation that moves the end of the file and fails (``ENOSPC``, ``EFBIG``, ``EIO``)
 puts back the bytes it overwrote and the old backing size: the file is left as it was.
+
+A change that rewrites bytes already on disk first saves them in the volume's journal
+(:mod:`.journal`), so that a crash of the daemon in the middle of it never leaves a torn
+block: the file's next open puts them back. A file this mount created is not journaled
+until its first fsync (:meth:`CryptFile.synced`): nothing in it was promised to last.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from collections.abc import Iterator
 
 from envfs.errors import IntegrityError
 from envfs.files import fileformat
-from envfs.files.backing import punch_hole as _punch_hole
+from envfs.files.backing import pwrite_all as _pwrite_all
 from envfs.files.backing import reserve as _reserve
 from envfs.files.fileformat import FileHeader, FileKeys
+from envfs.files.journal import FileJournal, Record, restore_blocks
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,9 @@ log = logging.getLogger(__name__)
 SPARSE_GAP = 1 << 20
 # The largest backing file offset the system calls take (off_t).
 MAX_BACKING_SIZE = (1 << 63) - 1
+# A journaled write longer than this is made in parts, so that its records stay far below
+# journal.MAX_RECORD_SIZE (a FUSE write is 1 MiB at most: only direct callers reach it).
+JOURNALED_WRITE_MAX = 16 << 20
 # Sequential reads ask the kernel to fetch this much of the backing file ahead.
 _READ_AHEAD = 1 << 20
 # Opening asks for the header and a first FUSE read's worth (128 KiB) of blocks.
@@ -98,14 +107,6 @@ def _pread(fd: int, length: int, offset: int) -> bytes | bytearray:
     return bytes(buf[:got]) + os.pread(fd, length - got, offset + got)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
 def read_header(fd: int, *, read_ahead: bool = True, extra: int = 0) -> tuple[FileHeader, bytes]:
     """Parse a backing file's header (unauthenticated), returning it and its raw bytes.
 
@@ -133,6 +134,8 @@ class CryptFile:
         "_ahead_to",
         "_block",
         "_end_checked",
+        "_journal",
+        "_journaling",
         "_read_end",
         "_shift",
         "fd",
@@ -142,7 +145,15 @@ class CryptFile:
     )
 
     def __init__(
-        self, fd: int, header: FileHeader, keys: FileKeys, size: int, *, end_checked: bool = True
+        self,
+        fd: int,
+        header: FileHeader,
+        keys: FileKeys,
+        size: int,
+        *,
+        end_checked: bool = True,
+        journal: FileJournal | None = None,
+        journaling: bool = True,
     ) -> None:
         self.fd = fd
         self.header = header
@@ -153,33 +164,52 @@ class CryptFile:
         self._read_end = -1  # where the last read ended in the backing file
         self._ahead_to = 0  # how far the kernel was last asked to read ahead
         self._end_checked = end_checked  # the final block was authenticated
+        self._journal = journal
+        # Changes in place are journaled: the file may hold data promised to last.
+        self._journaling = journaling and journal is not None
 
     @classmethod
-    def create(cls, fd: int, header: FileHeader, keys: FileKeys) -> CryptFile:
-        """Write a new, empty file (header and empty final block) to ``fd``."""
+    def create(
+        cls, fd: int, header: FileHeader, keys: FileKeys, journal: FileJournal | None = None
+    ) -> CryptFile:
+        """Write a new, empty file (header and empty final block) to ``fd``.
+
+        Its changes are not journaled until it is first fsynced (:meth:`synced`).
+        """
         empty = fileformat.encrypt_blocks(
             keys, header.file_id, 0, b"", header.block_shift, final=True
         )
         _pwrite_all(fd, header.encode(keys) + empty, 0)
-        return cls(fd, header, keys, 0)
+        return cls(fd, header, keys, 0, journal=journal, journaling=False)
 
     @classmethod
-    def open(cls, fd: int, header: FileHeader, raw: bytes, keys: FileKeys) -> CryptFile:
+    def open(
+        cls,
+        fd: int,
+        header: FileHeader,
+        raw: bytes,
+        keys: FileKeys,
+        journal: FileJournal | None = None,
+    ) -> CryptFile:
         """Authenticate the header and size up the file; an empty file's final block too.
 
         ``raw`` is what :func:`read_header` read: the header, and perhaps more of the file.
         The final block of a file that is not empty is authenticated later, before the
         first byte is served or changed (:meth:`check_end`): at open it would cost a wait for
-        the disk that the first read then pays anyway.
+        the disk that the first read then pays anyway. A file with a journal record left
+        from before is first settled with it (:meth:`.FileJournal.settle`): a change a
+        crash interrupted is undone.
 
         Raises:
             IntegrityError: the header does not verify, the backing size is impossible, or
                 an empty file's final block does not verify.
         """
+        if journal is not None and journal.leftover:
+            header, raw = journal.settle(fd, header, raw, keys)
         header.verify(raw, keys)
         backing = os.fstat(fd).st_size
         size = fileformat.plaintext_size(backing, header.block_shift)
-        cfile = cls(fd, header, keys, size, end_checked=False)
+        cfile = cls(fd, header, keys, size, end_checked=False, journal=journal)
         if size == 0:  # no read reaches an empty file: the kernel answers EOF by itself
             cfile.check_end(raw[fileformat.HEADER_SIZE : backing] if len(raw) >= backing else None)
         return cfile
@@ -205,12 +235,14 @@ class CryptFile:
 
     # --- reading -----------------------------------------------------------------------
 
-    def _plain_block(self, index: int) -> bytes:
-        sealed = _pread(
-            self.fd,
-            fileformat.block_stride(self._shift),
-            fileformat.block_offset(index, self._shift),
-        )
+    def _plain_block(self, index: int, run: bytes | None = None, first: int = 0) -> bytes:
+        """Block ``index``'s plaintext, read from the file, or from ``run`` (the sealed
+        blocks from ``first`` on) when given."""
+        stride = fileformat.block_stride(self._shift)
+        if run is None:
+            sealed = _pread(self.fd, stride, fileformat.block_offset(index, self._shift))
+        else:
+            sealed = run[(index - first) * stride : (index - first + 1) * stride]
         return fileformat.decrypt_block(
             self.keys, self.header.file_id, index, sealed, self._shift, holes=self.header.sparse
         )
@@ -272,10 +304,15 @@ class CryptFile:
         end = offset + len(data)
         self._check_size(end)
         self.check_end()
+        if self._journaling and len(data) > JOURNALED_WRITE_MAX:
+            view = memoryview(data)
+            for start in range(0, len(data), JOURNALED_WRITE_MAX):
+                self.write(offset + start, bytes(view[start : start + JOURNALED_WRITE_MAX]))
+            return len(data)
         if offset <= self.size:
             self._write_run(offset, data)
             return len(data)
-        with self._rollback():
+        with self._rollback(grow_to=offset):
             self._grow(offset)
             self._write_run(offset, data, guarded=True)
         return len(data)
@@ -284,25 +321,32 @@ class CryptFile:
         """Rewrite the blocks covering ``[offset, offset + len(data))``; offset <= size.
 
         A run that moves the end of the file, or may fill holes (which needs disk space),
-        is undone if it fails, unless ``guarded`` (the caller undoes it).
+        or is journaled, is undone if it fails, unless ``guarded`` (the caller journals it
+        and undoes it).
         """
-        block, size = self._block, self.size
+        block, size, shift = self._block, self.size, self._shift
         end = offset + len(data)
         new_size = max(size, end)
-        first = offset >> self._shift
-        last = (end - 1) >> self._shift
-        run_end = min(new_size, (last + 1) << self._shift)
-        head = offset - (first << self._shift)
+        first = offset >> shift
+        last = (end - 1) >> shift
+        run_end = min(new_size, (last + 1) << shift)
+        head = offset - (first << shift)
+        journaled = self._journaling and not guarded
+        old: bytes | None = None  # the run's blocks on disk, as they are: for the journal
+        if journaled:
+            at = fileformat.block_offset(first, shift)
+            top = fileformat.block_offset(min(last, size >> shift) + 1, shift)
+            old = bytes(_pread(self.fd, min(fileformat.backing_size(size, shift), top) - at, at))
         parts: list[bytes] = []
         first_plain: bytes | None = None
         if head:
-            first_plain = self._plain_block(first)
+            first_plain = self._plain_block(first, old, first)
             parts.append(first_plain[:head])
         parts.append(data)
         if end < run_end:
             tail_plain = first_plain if last == first and first_plain is not None else None
             if tail_plain is None:
-                tail_plain = self._plain_block(last)
+                tail_plain = self._plain_block(last, old, first)
             base = last * block
             parts.append(tail_plain[end - base : run_end - base])
         sealed = fileformat.encrypt_blocks(
@@ -314,11 +358,11 @@ class CryptFile:
             final=run_end == new_size,
         )
         at = fileformat.block_offset(first, self._shift)
-        if guarded or (new_size == size and not self.header.sparse):
+        if guarded or (not journaled and new_size == size and not self.header.sparse):
             # Overwriting blocks in place needs no new disk space.
             _pwrite_all(self.fd, sealed, at)
         else:
-            with self._rollback(first, last):
+            with self._rollback(first, last, saved=old):
                 _pwrite_all(self.fd, sealed, at)
         self.size = new_size
 
@@ -357,7 +401,7 @@ class CryptFile:
         self._check_size(new_size)
         if new_size > self.size:
             self.check_end()  # growing keeps the end: it must be the writer's, not a cut
-            with self._rollback():
+            with self._rollback(grow_to=new_size):
                 self._grow(new_size)
             return
         index = new_size >> self._shift
@@ -371,6 +415,10 @@ class CryptFile:
             os.ftruncate(self.fd, fileformat.backing_size(new_size, self._shift))
         self.size = new_size
         self._end_checked = True  # the final block is the one just written
+        if new_size == 0 and self._journal is not None:
+            # Nothing that was promised to last is left: no journal until the next fsync.
+            self._journaling = False
+            self._journal.void()
 
     def reserve(self, until: int) -> None:
         """Make sure the file can grow to ``until`` bytes and be written up to there without
@@ -389,7 +437,7 @@ class CryptFile:
         free = os.fstatvfs(self.fd)
         if wanted > free.f_bavail * free.f_frsize:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        with self._rollback():
+        with self._rollback(grow_to=until):
             _reserve(self.fd, current, wanted)
             self._grow(until)
 
@@ -398,49 +446,66 @@ class CryptFile:
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 
     @contextlib.contextmanager
-    def _rollback(self, first: int | None = None, last: int | None = None) -> Iterator[None]:
+    def _rollback(
+        self,
+        first: int | None = None,
+        last: int | None = None,
+        *,
+        grow_to: int | None = None,
+        saved: bytes | None = None,
+    ) -> Iterator[None]:
         """Undo the body's changes to the backing file if it fails: the bytes of blocks
-        ``first`` to ``last`` (default: the final block), the backing size, the header."""
+        ``first`` to ``last`` (default: the final block), the backing size, the header.
+
+        Args:
+            grow_to: the body may grow the file to this size (it rewrites the header if
+                that makes holes).
+            saved: the bytes of those blocks, if the caller read them already.
+
+        Before the body runs, the same bytes are saved in the journal if the file is
+        journaled, so that a crash in the middle of the body is undone at the next open.
+        """
         shift, size, header = self._shift, self.size, self.header
         final = size >> shift
         first = final if first is None else min(first, final)
         last = final if last is None else min(last, final)
         at = fileformat.block_offset(first, shift)
         old_backing = fileformat.backing_size(size, shift)
-        saved = bytes(
-            _pread(self.fd, min(old_backing, fileformat.block_offset(last + 1, shift)) - at, at)
-        )
+        if saved is None:
+            top = min(old_backing, fileformat.block_offset(last + 1, shift))
+            saved = bytes(_pread(self.fd, top - at, at))
+        journal = self._journal if self._journaling else None
+        if journal is not None:
+            old_header = None
+            if grow_to is not None and grow_to - size > SPARSE_GAP and not header.sparse:
+                old_header = bytes(_pread(self.fd, fileformat.HEADER_SIZE, 0))
+            record = Record(header.file_id, shift, old_backing, old_header, ((first, saved),))
+            journal.save(record)
         try:
             yield
         except BaseException:
             try:
                 os.ftruncate(self.fd, old_backing)
-                self._restore(saved, at)
+                restore_blocks(self.fd, saved, at, shift)
                 if header is not self.header:
                     _pwrite_all(self.fd, header.encode(self.keys), 0)
             except OSError as exc:
                 log.error("a failed change could not be undone: %s", exc.strerror)
+            else:
+                if journal is not None:
+                    journal.done()
             self.size, self.header = size, header
             raise
+        if journal is not None:
+            journal.done()
 
-    def _restore(self, saved: bytes, at: int) -> None:
-        """Write back ``saved`` at ``at``; holes (whole zero blocks) are punched again, not
-        written, so that undoing a failed fill of a hole needs no disk space."""
-        stride = fileformat.block_stride(self._shift)
-        zero = bytes(stride)
-        start = 0
-        while start < len(saved):
-            end = start
-            while saved[end : end + stride] == zero:
-                end += stride
-            if end > start and not _punch_hole(self.fd, at + start, end - start):
-                end = start  # the filesystem cannot punch holes: write the zeros
-            if end == start:
-                end = min(len(saved), start + stride)
-                while end < len(saved) and saved[end : end + stride] != zero:
-                    end += stride
-                _pwrite_all(self.fd, saved[start:end], at + start)
-            start = end
+    def synced(self) -> None:
+        """The backing file was just fsynced: everything in it is now promised to last, so
+        its changes are journaled from now on, and the last record, which would undo a
+        change now promised, is voided."""
+        if self._journal is not None:
+            self._journal.void()
+            self._journaling = True
 
     def reopened(self, fd: int) -> None:
         """Go on over ``fd``, the same backing file opened again (read-write where it was
@@ -449,4 +514,7 @@ class CryptFile:
         os.close(old)
 
     def close(self) -> None:
+        """Close the file; its journal record goes, every change having completed."""
+        if self._journal is not None:
+            self._journal.close()
         os.close(self.fd)

@@ -30,6 +30,7 @@ from pathlib import Path
 from envfs.errors import IntegrityError
 from envfs.files import fileformat, names, tree
 from envfs.files.backing import TEMP_PREFIX
+from envfs.files.journal import JOURNAL_DIR
 from envfs.files.volume import VOLUME_FILE, Volume
 from envfs.keys.provider import WrappedKey
 
@@ -118,6 +119,8 @@ def _walk(root_fd: int, summary: VolumeSummary) -> None:
             if kind == "symlink":
                 summary.symlinks += 1
             elif kind == "dir":
+                if not where and entry.name == JOURNAL_DIR:
+                    continue  # envfs's own: records of changes in progress, not files
                 summary.directories += 1
                 try:
                     child = _open_dir(dir_fd, entry)

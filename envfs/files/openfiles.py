@@ -27,6 +27,7 @@ from envfs.files.cryptfile import CryptFile, read_header
 from envfs.files.dirnames import Entry, Names
 from envfs.files.fileformat import FileHeader, FileKeys
 from envfs.files.inodes import InodeTable, Node
+from envfs.files.journal import Journal
 from envfs.files.keyaccess import KeyAccess
 from envfs.files.readahead import FolderReadAhead
 from envfs.files.tree import BackingTree, check_regular, open_regular
@@ -54,6 +55,7 @@ class OpenFiles:
     access: KeyAccess
     inodes: InodeTable
     tree: BackingTree
+    journal: Journal
     read_ahead: FolderReadAhead
     chown_new: bool
     acls: AclStore | None
@@ -112,7 +114,8 @@ class OpenFiles:
             new = self._inherited(parent, dir_fd, stat.S_IFREG | (mode & 0o7777), umask)
             fd, temp = open_unnamed(dir_fd, new.mode & 0o7777)
             try:
-                cfile = CryptFile.create(fd, header, keys)
+                path = self.path(parent) + b"/" + name
+                cfile = CryptFile.create(fd, header, keys, self.journal.for_file(file_id, path))
                 if new.access is not None:  # before it has a name
                     assert self.acls is not None
                     self.acls.write(fd, acl.ACCESS, new.access)
@@ -222,7 +225,8 @@ class OpenFiles:
             data_key = self.access.unwrap(header, caller, path, purpose)
             # unwrap refused a header of another version than the volume's.
             keys = FileKeys.derive(data_key, header.file_id, header.version)
-            return self._guard(path, CryptFile.open, fd, header, raw, keys)
+            journal = self.journal.for_file(header.file_id, path)
+            return self._guard(path, CryptFile.open, fd, header, raw, keys, journal)
         except BaseException:
             os.close(fd)
             raise
@@ -299,6 +303,7 @@ class OpenFiles:
         handle = self._handle(fh)
         assert handle.node.file is not None
         (os.fdatasync if datasync else os.fsync)(handle.node.file.fd)
+        handle.node.file.synced()
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

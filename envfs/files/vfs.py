@@ -42,6 +42,7 @@ from envfs.files.acl import AclStore
 from envfs.files.backing import TEMP_PREFIX, chown_fd, link_fd, proc_path, renameat2
 from envfs.files.dirnames import EncryptedNames, Entry, Names, PlainNames
 from envfs.files.inodes import ROOT_INODE, InodeTable, Node
+from envfs.files.journal import JOURNAL_DIR, Journal
 from envfs.files.keyaccess import KeyAccess
 from envfs.files.keycache import DataKeyCache
 from envfs.files.keypool import DataKeyPool
@@ -57,7 +58,9 @@ from envfs.keys.provider import KeyProvider
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HIDDEN_AT_ROOT = frozenset({VOLUME_FILE.encode(), (VOLUME_FILE + ".tmp").encode()})
+HIDDEN_AT_ROOT = frozenset(
+    {VOLUME_FILE.encode(), (VOLUME_FILE + ".tmp").encode(), JOURNAL_DIR.encode()}
+)
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -116,6 +119,7 @@ class Vfs(OpenFiles, ExtendedAttributes):
             else PlainNames(HIDDEN_AT_ROOT)
         )
         self._link_sizes: dict[tuple[int, int], int] = {}  # symlinks never change target
+        self.journal = Journal(self.tree.root_fd, self.root_path)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[tuple[bytes, bytes]]]] = {}
         self._next_fh = 1
@@ -680,6 +684,7 @@ class Vfs(OpenFiles, ExtendedAttributes):
             self.release(fh)
         self.access.close()
         self.read_ahead.close()
+        self.journal.close()
         self.tree.close()
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from envfs.files import fileformat
+from envfs.files.journal import JOURNAL_DIR, Record
 from tests.integration.conftest import Env, Mount, backing_of, golden_copy, is_mounted, live
 from tests.integration.test_mount_security import (
     User,
@@ -124,6 +125,17 @@ def _zero_block(path: Path, ctx: dict[str, Path]) -> None:
     patch(path, block_at(1), bytes(STRIDE))
 
 
+def _plant_record(path: Path, ctx: dict[str, Path]) -> None:
+    """A journal record under this file's id holding another file's block, over this file
+    damaged where the record applies: found at mount, it must not be applied."""
+    file_id = fileformat.FileHeader.parse(path.read_bytes()).file_id
+    donor = ctx["donor"].read_bytes()[block_at(1) : block_at(2)]
+    record = Record(file_id, 14, path.stat().st_size, None, ((1, donor),))
+    (path.parent / JOURNAL_DIR).mkdir(exist_ok=True)
+    (path.parent / JOURNAL_DIR / file_id.hex()).write_bytes(b"".join(record.encode()))
+    flip(path, block_at(1) + 100)
+
+
 # Rows of docs/fileformat.md's "What is detected" table, by their first words, and the attacks
 # of this suite for each. A row without an attack here fails the suite.
 ATTACKS: dict[str, tuple[str, int, Attack]] = {
@@ -192,6 +204,7 @@ ATTACKS: dict[str, tuple[str, int, Attack]] = {
     ),
     "plaintext": ("not an envfs file", 100, lambda p, c: p.write_text("PLAINTEXT dropped in\n")),
     "zero-bytes": ("not an envfs file", 100, lambda p, c: p.write_bytes(b"")),
+    "journal-record": ("a journal record planted", THREE_AND_A_HALF, _plant_record),
 }
 
 
@@ -281,6 +294,8 @@ def test_every_attack_gives_eio_and_a_warning_and_the_rest_is_served(kms_env: En
         assert not silent, f"no WARNING naming the backing path of {silent}:\n{m.log_text()}"
         for name in ("foreign-key", "planted"):
             assert "which the volume does not accept" in warnings_naming(m, behind[name])[0]
+        # The planted record was looked at, refused, and changed nothing.
+        assert "does not repair it: ignored" in warnings_naming(m, behind["journal-record"])[0]
         # A forged end: nothing is served, not even a first byte (an empty file: at open).
         for name in ("empty-block-replaced", "cut-to-look-whole", "appended"):
             fd = os.open(m.mnt / name, os.O_RDONLY)

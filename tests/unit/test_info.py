@@ -203,3 +203,21 @@ def test_a_file_of_another_format_version_is_a_problem(
     assert (code, answer["FormatVersion"]) == (0, 2)
     code, answer, _ = run_info(capsys, "inspect", str(VOLUME_V1 / "backing" / "hello.txt"))
     assert (code, answer["FormatVersion"]) == (0, 1)
+
+
+def test_the_journal_is_not_counted(tmp_path: Path) -> None:
+    """``.envfs-journal`` at the root is envfs's own (records of changes in progress);
+    a folder of that name deeper down is an ordinary folder."""
+    backing = tmp_path / "backing"
+    shutil.copytree(VOLUME_V1 / "backing", backing, symlinks=True)
+    before = info.summarize(backing, read_wrapped)
+    (backing / ".envfs-journal").mkdir()
+    (backing / ".envfs-journal" / ("ab" * 16)).write_bytes(b"a record, not a file")
+    (backing / "sub" / ".envfs-journal").mkdir()
+    after = info.summarize(backing, read_wrapped)
+    assert (after.files, after.unreadable_files, after.problems) == (
+        before.files,
+        before.unreadable_files,
+        before.problems,
+    )
+    assert after.directories == before.directories + 1
