@@ -1,6 +1,6 @@
 """Encrypted names of format version 2: names, directory ids, long names, symlink targets.
 
-The design is ``docs/format-v2-draft.md`` (§1-§3); the mount does not use this module yet.
+Specified in ``docs/format.md``, *Version 2: encrypted names*; used by :mod:`.dirnames`.
 
 - A volume's name keys come from its authentication data key (the ``auth_key`` of the
   volume file, unwrapped by the key service) with HKDF-SHA256, salted with the volume id.

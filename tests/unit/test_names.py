@@ -1,4 +1,4 @@
-"""Encrypted names of format version 2 (``envfs/files/names.py``; docs/format-v2-draft.md).
+"""Encrypted names of format version 2 (``envfs/files/names.py``; ``docs/format.md``).
 
 Round trips over every length and byte, what an encrypted name leaks (a padded length),
 its binding to its directory, long names and their name files, directory id files, symlink
