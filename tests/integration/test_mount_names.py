@@ -170,6 +170,10 @@ def assert_backing_holds_no_plaintext(m: Mount, secrets: Secrets) -> int:
         assert not hits, f"{what} holds plaintext {hits[:3]}"
 
     for dirpath, dirnames, filenames in os.walk(m.backing):
+        if Path(dirpath) == m.backing and ".envfs-journal" in dirnames:
+            dirnames.remove(".envfs-journal")  # records of changes in progress: ciphertext
+            for record in (m.backing / ".envfs-journal").iterdir():
+                clean(f"the journal record {record}", record.read_bytes())
         assert ".envfs-dir" in filenames, f"{dirpath} has no directory id file"
         here = set(dirnames) | set(filenames)
         for name in sorted(here):
