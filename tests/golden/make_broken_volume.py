@@ -41,7 +41,7 @@ def flip(raw: bytes, offset: int) -> bytes:
 
 # name -> (plaintext written through the mount, how the backing file is broken, expected).
 # Expected: (errno name, "open" or "read", a fragment of the WARNING line). A forged end of
-# a file that is not empty fails at the first read (docs/fileformat.md), before any byte.
+# a file that is not empty fails at the first read (docs/format.md), before any byte.
 Breakage = Callable[[bytes, dict[str, bytes]], bytes]
 BROKEN: dict[str, tuple[bytes, Breakage, tuple[str, str, str]]] = {
     "truncated-at-boundary.bin": (

@@ -1,6 +1,6 @@
 """Hostile storage: whoever may write the backing folder attacks a real mount.
 
-Every attack of ``docs/fileformat.md``'s list of what is detected (the test checks the list and
+Every attack of ``docs/format.md``'s list of what is detected (the test checks the list and
 this suite agree), the forged ends of files, headers naming keys the volume does not accept,
 content changes by users the key policy refuses, group removal, backing folders swapped for
 symlinks by another user, paths longer than PATH_MAX, and changes the disk cannot hold.
@@ -136,7 +136,7 @@ def _plant_record(path: Path, ctx: dict[str, Path]) -> None:
     flip(path, block_at(1) + 100)
 
 
-# Rows of docs/fileformat.md's "What is detected" table, by their first words, and the attacks
+# Rows of docs/format.md's "What is detected" table, by their first words, and the attacks
 # of this suite for each. A row without an attack here fails the suite.
 ATTACKS: dict[str, tuple[str, int, Attack]] = {
     "header-bit": ("any flipped bit in the header", 100, lambda p, c: flip(p, 200)),
@@ -209,7 +209,7 @@ ATTACKS: dict[str, tuple[str, int, Attack]] = {
 
 
 def detected_rows() -> list[str]:
-    """The first cells of the rows of docs/fileformat.md's 'What is detected' table."""
+    """The first cells of the rows of docs/format.md's 'What is detected' table."""
     text = (REPO / "docs" / "format.md").read_text()
     section = text.split("## What is detected", 1)[1].split("\n## ", 1)[0]
     table = section.split("Not detected", 1)[0]
@@ -222,9 +222,9 @@ def test_every_detected_attack_of_the_spec_is_in_this_suite() -> None:
     assert len(rows) >= 12
     covered = {prefix for prefix, _, _ in ATTACKS.values()}
     missing = [row for row in rows if not any(row.startswith(p) for p in covered)]
-    assert not missing, f"docs/fileformat.md lists attacks this suite does not try: {missing}"
+    assert not missing, f"docs/format.md lists attacks this suite does not try: {missing}"
     stale = [p for p in covered if not any(row.startswith(p) for row in rows)]
-    assert not stale, f"attacks named after no row of docs/fileformat.md: {stale}"
+    assert not stale, f"attacks named after no row of docs/format.md: {stale}"
 
 
 def plant_foreign_key_file(env: Env, volume_backing: Path, key_alias: str, dest: Path) -> None:

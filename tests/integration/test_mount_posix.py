@@ -1,7 +1,7 @@
 """POSIX behaviour of the plaintext view (issue 3, section 3), through a real mount.
 
 Plain Python file calls on one module-wide mount; each test works in its own folder.
-Contents are checked against the backing file sizes of ``docs/fileformat.md`` where that
+Contents are checked against the backing file sizes of ``docs/format.md`` where that
 proves the bytes reached the backing folder, and after a remount where it matters.
 """
 
