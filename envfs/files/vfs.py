@@ -118,7 +118,7 @@ class Vfs(OpenFiles, ExtendedAttributes):
             if volume.encrypted_names
             else PlainNames(HIDDEN_AT_ROOT)
         )
-        self._link_sizes: dict[tuple[int, int], int] = {}  # symlinks never change target
+        self._link_sizes: dict[tuple[int, int, int], int] = {}  # a symlink's target is fixed
         self.journal = Journal(self.tree.root_fd, self.root_path)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, list[tuple[bytes, bytes]]]] = {}
@@ -238,7 +238,8 @@ class Vfs(OpenFiles, ExtendedAttributes):
 
     def _link_size(self, node: Node, st: os.stat_result) -> int:
         """The length of a symlink's plaintext target (the backing one is longer)."""
-        size = self._link_sizes.get(node.key)
+        key = (*node.key, st.st_ctime_ns)  # an inode number may come back as another link
+        size = self._link_sizes.get(key)
         if size is None:
             try:
                 size = len(self.readlink(node.ino))
@@ -246,7 +247,7 @@ class Vfs(OpenFiles, ExtendedAttributes):
                 return st.st_size
             if len(self._link_sizes) >= 65536:
                 self._link_sizes.clear()
-            self._link_sizes[node.key] = size
+            self._link_sizes[key] = size
         return size
 
     def _view_name(self, folder: int, dir_fd: int, backing: bytes) -> bytes | None:
