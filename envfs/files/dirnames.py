@@ -232,6 +232,10 @@ class EncryptedNames:
         if len(self._to_plain) >= CACHE_SIZE:
             self._to_plain.clear()
         self._to_plain[(dir_id, backing)] = name
+        # A name just listed is usually looked up next (ls -l, cp -r, cat *).
+        if len(self._to_backing) >= CACHE_SIZE:
+            self._to_backing.clear()
+        self._to_backing[(dir_id, name)] = Entry(backing, encoded if is_long else None)
         return name
 
     def add_name_file(self, dir_fd: int, entry: Entry) -> None:
