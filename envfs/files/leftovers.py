@@ -40,7 +40,11 @@ def remove_stale_temporaries(root_fd: int, root_path: bytes, *, encrypted_names:
             present = {name for name, _ in listed}
             for name, is_dir in listed:
                 if name.startswith(TEMP_PREFIX) and is_dir:
-                    _remove_new_dir(fd, name, os.path.join(root_path, where, name))
+                    path = os.path.join(root_path, where, name)
+                    if remove_new_dir(fd, name):
+                        log.info("removed the leftover of an interrupted mkdir: %r", path)
+                    else:
+                        log.warning("leftover directory %r is not empty: left as it is", path)
                 elif (
                     encrypted_names  # else a user's own name
                     and name.startswith(names.LONG_PREFIX)
@@ -71,23 +75,22 @@ def remove_stale_temporaries(root_fd: int, root_path: bytes, *, encrypted_names:
             os.close(fd)
 
 
-def _remove_new_dir(dir_fd: int, name: bytes, path: bytes) -> None:
-    """Remove a directory an interrupted ``mkdir`` left under a temporary name, if it
-    holds nothing but its id file (anything else: left alone, with a warning)."""
+def remove_new_dir(dir_fd: int, name: bytes) -> bool:
+    """Remove the directory ``name`` of ``dir_fd`` that a ``mkdir`` made under a temporary
+    name (:meth:`.vfs.Vfs._make_dir`), with its id file, if it holds nothing else; False
+    if it holds something else (it is then left as it is). Never follows a symlink."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError:
-        return
+        return True  # gone, or not a directory: nothing of a mkdir's left
     try:
-        inside = [os.fsencode(n) for n in os.listdir(fd)]
-        if any(n != names.DIR_FILE for n in inside):
-            log.warning("leftover directory %r is not empty: left as it is", path)
-            return
-        log.info("removing the leftover of an interrupted mkdir: %r", path)
+        if any(os.fsencode(n) != names.DIR_FILE for n in os.listdir(fd)):
+            return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(names.DIR_FILE, dir_fd=fd)
     finally:
         os.close(fd)
     with contextlib.suppress(OSError):
         os.rmdir(name, dir_fd=dir_fd)
+    return True

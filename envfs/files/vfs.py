@@ -46,7 +46,7 @@ from envfs.files.journal import JOURNAL_DIR, Journal
 from envfs.files.keyaccess import KeyAccess
 from envfs.files.keycache import DataKeyCache
 from envfs.files.keypool import DataKeyPool
-from envfs.files.leftovers import remove_stale_temporaries
+from envfs.files.leftovers import remove_new_dir, remove_stale_temporaries
 from envfs.files.openfiles import Handle, OpenFiles, new_gid
 from envfs.files.readahead import FolderReadAhead
 from envfs.files.tree import BackingTree, DirFd, open_path
@@ -417,7 +417,7 @@ class Vfs(OpenFiles, ExtendedAttributes):
             self.names.add_name_file(dir_fd, entry)
             renameat2(dir_fd, temp, dir_fd, entry.backing, RENAME_NOREPLACE)
         except BaseException:
-            _remove_new_dir(dir_fd, temp)
+            remove_new_dir(dir_fd, temp)
             raise
 
     def rmdir(self, parent: int, name: bytes) -> None:
@@ -687,19 +687,6 @@ class Vfs(OpenFiles, ExtendedAttributes):
         self.read_ahead.close()
         self.journal.close()
         self.tree.close()
-
-
-def _remove_new_dir(dir_fd: int, name: bytes) -> None:
-    """Remove a directory :meth:`Vfs._make_dir` made, with its id file if written."""
-    with contextlib.suppress(OSError):
-        fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name_format.DIR_FILE, dir_fd=fd)
-        finally:
-            os.close(fd)
-    with contextlib.suppress(OSError):
-        os.rmdir(name, dir_fd=dir_fd)
 
 
 __all__ = ["ROOT_INODE", "EnvfsError", "Handle", "Node", "Stat", "Vfs"]

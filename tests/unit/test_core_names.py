@@ -9,54 +9,20 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from envfs.errors import EnvfsError, VolumeError
+from envfs.errors import VolumeError
 from envfs.files import info, names
 from envfs.files.backing import TEMP_PREFIX
 from envfs.files.inodes import ROOT_INODE
 from envfs.files.vfs import RENAME_EXCHANGE, RENAME_NOREPLACE, Vfs
 from envfs.files.volume import VOLUME_FILE, Volume
 from tests.unit.fakekeys import KEY_USER, ROOT, STRANGER, FakeKeyProvider
+from tests.unit.test_core_vfs import errno_of, listing, read_file, write_file
 
 SECRET = b"secret-Name"
-
-
-def errno_of(call: Callable[[], object]) -> int:
-    try:
-        call()
-    except (OSError, EnvfsError) as exc:
-        assert exc.errno is not None
-        return exc.errno
-    raise AssertionError("no error")
-
-
-def write_file(vfs: Vfs, name: bytes, data: bytes = b"", *, parent: int = ROOT_INODE) -> int:
-    fh, st = vfs.create(parent, name, 0o644, os.O_WRONLY | os.O_CREAT, KEY_USER)
-    try:
-        vfs.write(fh, 0, data)
-    finally:
-        vfs.release(fh)
-    return st.ino
-
-
-def read_file(vfs: Vfs, ino: int) -> bytes:
-    fh = vfs.open(ino, os.O_RDONLY, KEY_USER)
-    try:
-        return vfs.read(fh, 0, 1 << 20)
-    finally:
-        vfs.release(fh)
-
-
-def listing(vfs: Vfs, ino: int = ROOT_INODE) -> list[bytes]:
-    fh = vfs.opendir(ino)
-    try:
-        return [name for name, _, _ in vfs.readdir(fh, 0)]
-    finally:
-        vfs.releasedir(fh)
 
 
 def backing(vfs: Vfs, ino: int) -> Path:
@@ -140,7 +106,7 @@ def test_names_of_every_length_up_to_255_bytes_work(names_vfs: Vfs, length: int)
 
 def test_a_name_over_255_bytes_is_too_long_and_bad_names_are_invalid(names_vfs: Vfs) -> None:
     vfs = names_vfs
-    assert errno_of(lambda: write_file(vfs, b"n" * 256)) == errno.ENAMETOOLONG
+    assert errno_of(lambda: write_file(vfs, b"n" * 256, b"")) == errno.ENAMETOOLONG
     assert errno_of(lambda: vfs.lookup(ROOT_INODE, b"n" * 256)) == errno.ENAMETOOLONG
     for bad in (b"", b"a/b", b"a\0b"):
         assert errno_of(lambda bad=bad: vfs.lookup(ROOT_INODE, bad)) == errno.EINVAL
@@ -362,7 +328,7 @@ def test_symlink_targets_are_encrypted_and_their_size_is_the_plaintext_s(names_v
 
 def test_xattrs_are_encrypted_bound_to_their_name_and_long_ones_refused(names_vfs: Vfs) -> None:
     vfs = names_vfs
-    ino = write_file(vfs, b"f")
+    ino = write_file(vfs, b"f", b"")
     vfs.setxattr(ino, b"user.a", b"alpha", ROOT)
     vfs.setxattr(ino, b"user.b", b"beta", ROOT)
     vfs.setxattr(ino, b"user." + b"n" * 159, b"", ROOT)
@@ -516,7 +482,7 @@ def test_files_opened_in_the_view_s_name_order_are_read_ahead(names_vfs: Vfs) ->
 
 def test_with_encrypted_names_no_user_xattr_name_is_reserved(names_vfs: Vfs) -> None:
     vfs = names_vfs
-    ino = write_file(vfs, b"f")
+    ino = write_file(vfs, b"f", b"")
     for name in (b"user.envfs.acl_access", b"user.envfs.x.abc"):
         vfs.setxattr(ino, name, b"mine", ROOT)
         assert vfs.getxattr(ino, name) == b"mine"
