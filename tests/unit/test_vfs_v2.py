@@ -20,30 +20,13 @@ from envfs.files.fileformat import HEADER_SIZE, MAC_OFFSET, FileHeader, FileKeys
 from envfs.files.inodes import ROOT_INODE
 from envfs.files.vfs import Vfs
 from envfs.files.volume import Volume
-from envfs.identity import Caller
 from envfs.keys.embedded import EmbeddedKeyProvider
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 from tests.unit.fakekeys import KEY_USER, ROOT, FakeKeyProvider
+from tests.unit.test_core_vfs import read_file, write_file
 
 MIB = 1 << 20
-
-
-def write_file(vfs: Vfs, name: bytes, data: bytes, caller: Caller = KEY_USER) -> int:
-    fh, st = vfs.create(ROOT_INODE, name, 0o644, os.O_WRONLY | os.O_CREAT, caller)
-    try:
-        assert vfs.write(fh, 0, data) == len(data)
-    finally:
-        vfs.release(fh)
-    return st.ino
-
-
-def read_file(vfs: Vfs, ino: int, caller: Caller = KEY_USER) -> bytes:
-    fh = vfs.open(ino, os.O_RDONLY, caller)
-    try:
-        return vfs.read(fh, 0, vfs.file_size(fh) + 1)
-    finally:
-        vfs.release(fh)
 
 
 @contextlib.contextmanager
