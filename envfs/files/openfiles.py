@@ -103,18 +103,21 @@ class OpenFiles:
         self.access.decide(caller)  # before the name: it may need the volume's name keys
         with self.tree.dir(parent) as dir_fd:
             entry = self._entry(parent, dir_fd, name)
-        name = entry.backing
-        file_id, data_key = self.access.new_data_key(caller, self.path(parent) + b"/" + name)
-        version = self.volume.format_version
-        header = FileHeader(
-            file_id, self.volume.block_shift, data_key.key_arn, data_key.wrapped, version=version
-        )
-        keys = FileKeys.derive(data_key.plaintext, file_id, version)
-        with self.tree.dir(parent) as dir_fd:
+            name = entry.backing
+            path = self.path(parent) + b"/" + name
+            file_id, data_key = self.access.new_data_key(caller, path)
+            version = self.volume.format_version
+            header = FileHeader(
+                file_id,
+                self.volume.block_shift,
+                data_key.key_arn,
+                data_key.wrapped,
+                version=version,
+            )
+            keys = FileKeys.derive(data_key.plaintext, file_id, version)
             new = self._inherited(parent, dir_fd, stat.S_IFREG | (mode & 0o7777), umask)
             fd, temp = open_unnamed(dir_fd, new.mode & 0o7777)
             try:
-                path = self.path(parent) + b"/" + name
                 cfile = CryptFile.create(fd, header, keys, self.journal.for_file(file_id, path))
                 if new.access is not None:  # before it has a name
                     assert self.acls is not None
