@@ -15,6 +15,7 @@ import getpass
 import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -60,6 +61,21 @@ _EXAMPLES: dict[str, str] = {
       --destination-key-id alias/other --output text --query CiphertextBlob | base64 -d""",
     "generate-data-key": """examples:
   envfs kms generate-data-key --key-id alias/demo --key-spec AES_256""",
+    "create-access-key": """examples:
+  envfs kms create-access-key --user alice
+  envfs kms create-access-key --user 1001 --output text \
+      --query 'AccessKey.[AccessKeyId,SecretAccessKey]'
+
+The secret access key is shown this once and cannot be read again: keep it (e.g. in
+~/.aws/credentials as aws_secret_access_key). Root and members of the key creators group
+may create keys for any user; any other user only for themselves (at most 2 per user).""",
+    "list-access-keys": """examples:
+  envfs kms list-access-keys
+  envfs kms list-access-keys --user alice --output table""",
+    "update-access-key": """examples:
+  envfs kms update-access-key --access-key-id EKIAJ5QW2LBVXZ3HK4MA --status Inactive""",
+    "delete-access-key": """examples:
+  envfs kms delete-access-key --access-key-id EKIAJ5QW2LBVXZ3HK4MA""",
     "put-key-policy": """examples:
   envfs kms put-key-policy --key-id alias/demo --policy file://policy.json""",
     "audit": """examples:
@@ -231,6 +247,7 @@ def _add_param(group: argparse._ArgumentGroup, param: Param) -> None:
     else:
         group.add_argument(
             param.flag,
+            *param.aliases,
             dest=param.name,
             metavar=_metavar(param),
             required=param.required,
@@ -238,8 +255,25 @@ def _add_param(group: argparse._ArgumentGroup, param: Param) -> None:
         )
 
 
+def _check_user(request: Mapping[str, Any]) -> None:
+    """Refuse an unknown ``--user`` before calling (the service would refuse it too)."""
+    name = request.get("UserName")
+    if name is None:
+        return
+    try:
+        if name.isdecimal():
+            pwd.getpwuid(int(name))
+        else:
+            pwd.getpwnam(name)
+    except (KeyError, OverflowError, ValueError):
+        raise ArgumentError(
+            "--user", f"no such user {name!r}", "give a user name or a numeric uid"
+        ) from None
+
+
 def _run_operation(operation: Operation, args: argparse.Namespace) -> int:
     request = build_request(operation, vars(args))
+    _check_user(request)
     with open_backend(args) as backend:
         response = backend.call(operation.name, request)
     print_answer(args, response, operation.name)

@@ -84,6 +84,7 @@ AUDIT_ONLY_OPERATIONS = BATCHED_OPERATIONS | {
     "GetKeyPolicy",
     "ListAuditRecords",
     "VerifyAudit",
+    "ListAccessKeys",
 }
 SWEEP_INTERVAL = 1.0  # seconds between checks for due rotations and deletions in handle()
 MAX_PLAINTEXT = 4096
@@ -112,6 +113,7 @@ class _Call:
     destination_key_arn: str | None = None
     context: EncryptionContext | None = None
     request: dict[str, Any] = field(default_factory=dict)
+    access_key_id: str | None = None  # the access key a call created or named
 
     def record(self, error: KMSError | None) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -130,6 +132,8 @@ class _Call:
             rec["via"] = {"service": self.caller.via, "uid": self.caller.via_uid}
         if self.destination_key_arn is not None:
             rec["destination_key_arn"] = self.destination_key_arn
+        if self.access_key_id is not None:
+            rec["access_key_id"] = self.access_key_id
         if self.context is not None:
             rec["encryption_context"] = self.context
         if self.request:

@@ -4,6 +4,8 @@ Callers are :class:`envfs.identity.Caller`, shared with the file side.
 
 Identifiers
     key id      ``1234abcd-12ab-34cd-56ef-1234567890ab`` (a random UUID, lowercase)
+    access key  ``EKIA`` + 16 base32 characters (``EKIAJ5QW2LBVXZ3HK4MA``); its secret is
+                40 characters of base64
     key ARN     ``arn:envfs:kms:<region>:<account>:key/<key id>``
     alias name  ``alias/<name>``, name of ``[A-Za-z0-9/_-]``, at most 256 characters in all
     alias ARN   ``arn:envfs:kms:<region>:<account>:alias/<name>``
@@ -19,6 +21,7 @@ because every string carries its own length.
 
 from __future__ import annotations
 
+import base64
 import enum
 import re
 import struct
@@ -55,6 +58,35 @@ class KeyState(enum.StrEnum):
     ENABLED = "Enabled"
     DISABLED = "Disabled"
     PENDING_DELETION = "PendingDeletion"
+
+
+class AccessKeyStatus(enum.StrEnum):
+    """An access key's status (IAM's): only Active keys authenticate."""
+
+    ACTIVE = "Active"
+    INACTIVE = "Inactive"
+
+
+# Access key ids: "EKIA" and 16 characters of base32 (80 random bits); 20 characters in
+# all, AWS's shape with envfs's own prefix. Secrets: 40 characters of base64 (240 bits).
+ACCESS_KEY_ID_PREFIX = "EKIA"
+ACCESS_KEY_ID_RE = re.compile(r"^EKIA[A-Z2-7]{16}$")
+ACCESS_KEY_SECRET_CHARS = 40
+MAX_ACCESS_KEYS_PER_USER = 2  # as IAM
+
+
+def new_access_key_id(random_bytes: bytes) -> str:
+    """An access key id made of 10 random bytes."""
+    if len(random_bytes) != 10:
+        raise ValueError("an access key id takes 10 random bytes")
+    return ACCESS_KEY_ID_PREFIX + base64.b32encode(random_bytes).decode()
+
+
+def new_access_key_secret(random_bytes: bytes) -> str:
+    """A secret access key made of 30 random bytes: 40 characters of standard base64."""
+    if len(random_bytes) != 30:
+        raise ValueError("an access key secret takes 30 random bytes")
+    return base64.b64encode(random_bytes).decode()
 
 
 def new_key_id() -> str:

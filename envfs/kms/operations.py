@@ -35,6 +35,7 @@ class Param:
     type: ParamType
     required: bool = False
     help: str = ""
+    aliases: tuple[str, ...] = ()  # more CLI flags for it (``--user`` for ``--user-name``)
 
     @property
     def flag(self) -> str:
@@ -75,6 +76,13 @@ _NUMBER_OF_BYTES = Param("NumberOfBytes", INT, help="data key length, 1-1024")
 _NOTE = Param(
     "AuditNote", S, help="envfs: text kept in the audit record (e.g. a file's path), not bound"
 )
+_USER_NAME = Param(
+    "UserName",
+    S,
+    help="the Unix user (name or uid) the key belongs to (default: you)",
+    aliases=("--user",),
+)
+_ACCESS_KEY_ID = Param("AccessKeyId", S, True, "the access key's id (EKIA...)")
 _BYPASS = Param(
     "BypassPolicyLockoutSafetyCheck", BOOL, help="skip the check that you keep PutKeyPolicy"
 )
@@ -279,6 +287,35 @@ OPERATIONS: dict[str, Operation] = {
             "list audit records",
         ),
         Operation("VerifyAudit", None, (), "verify the audit log's hash chain"),
+        # envfs's own, in IAM's shapes: access keys of Unix users (for the HTTP endpoint).
+        # Root and the key creators group manage anyone's; a user manages their own.
+        Operation(
+            "CreateAccessKey",
+            None,
+            (_USER_NAME,),
+            "create an access key for a Unix user; its secret is shown this once",
+        ),
+        Operation(
+            "ListAccessKeys",
+            None,
+            (
+                Param(
+                    "UserName",
+                    S,
+                    help="only this user's keys: a user name or uid (default: yours; root"
+                    " and the key creators group: everyone's)",
+                    aliases=("--user",),
+                ),
+            ),
+            "list access keys (never their secrets)",
+        ),
+        Operation(
+            "UpdateAccessKey",
+            None,
+            (_ACCESS_KEY_ID, Param("Status", S, True, "Active or Inactive")),
+            "activate or deactivate an access key",
+        ),
+        Operation("DeleteAccessKey", None, (_ACCESS_KEY_ID,), "delete an access key for good"),
     )
 }
 

@@ -1,7 +1,8 @@
 """``KeyService``: every key-service operation, performed for a given caller.
 
 The machinery (validation, audit, transactions, checks) is in :mod:`envfs.kms.core`; the
-operations are grouped in :mod:`.manage`, :mod:`.usage` and :mod:`.listing`.
+operations are grouped in :mod:`.manage`, :mod:`.usage`, :mod:`.listing` and
+:mod:`.accesskeys`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
+from envfs.kms.accesskeys import AccessKeyOps
 from envfs.kms.core import DAY, OperationHandler, ServiceCore
 from envfs.kms.listing import ListingOps
 from envfs.kms.manage import ManagementOps
@@ -17,7 +19,7 @@ from envfs.kms.usage import CryptoOps
 __all__ = ["DAY", "KeyService", "ServiceCore"]
 
 
-class KeyService(ManagementOps, CryptoOps, ListingOps):
+class KeyService(ManagementOps, CryptoOps, ListingOps, AccessKeyOps):
     """The key service of one region, over one :class:`~envfs.kms.store.KeyStore`.
 
     ``handle(caller, operation, params)`` performs one AWS-named operation with AWS
@@ -58,4 +60,8 @@ class KeyService(ManagementOps, CryptoOps, ListingOps):
         "PutKeyPolicy": ManagementOps._op_put_key_policy,
         "ListAuditRecords": ListingOps._op_list_audit_records,
         "VerifyAudit": ListingOps._op_verify_audit,
+        "CreateAccessKey": AccessKeyOps._op_create_access_key,
+        "ListAccessKeys": AccessKeyOps._op_list_access_keys,
+        "UpdateAccessKey": AccessKeyOps._op_update_access_key,
+        "DeleteAccessKey": AccessKeyOps._op_delete_access_key,
     }

@@ -19,8 +19,11 @@ once a call returns, its change survives a crash, and a crash never leaves half 
 The audit log's archiving and repair are such transactions too, with the archive file
 written and fsynced inside them, before the commit (``docs/kms.md`` §8.2, §8.3).
 
-Schema versions: 1 (the first), 2 (the audit checkpoint). A store of version 1 is
-upgraded to 2 when opened (:meth:`KeyStore._upgrade`).
+Access keys (``docs/kms.md`` §7.1) live in the store too: each secret is sealed like key
+material, under its own HKDF sub-key, with AAD = region and access key id.
+
+Schema versions: 1 (the first), 2 (the audit checkpoint), 3 (access keys). An older store
+is upgraded to 3 when opened (:meth:`KeyStore._upgrade`).
 """
 
 from __future__ import annotations
@@ -57,18 +60,34 @@ from envfs.kms.audit import (
     Verification,
 )
 from envfs.kms.auditbatch import AuditBatching
-from envfs.kms.model import DEFAULT_KEY_CREATORS_GROUP, KeyState
+from envfs.kms.model import DEFAULT_KEY_CREATORS_GROUP, AccessKeyStatus, KeyState
 from envfs.kms.paths import check_private
 from envfs.kms.retention import AuditRetention
 
 logger = logging.getLogger(__name__)
 
 # 2: the audit checkpoint (meta "audit_checkpoint"), so that archived records can leave
-# the log. Stores of version 1 are upgraded when opened (KeyStore._upgrade).
-SCHEMA_VERSION = 2
+# the log. 3: the access_keys table. Older stores are upgraded when opened
+# (KeyStore._upgrade).
+SCHEMA_VERSION = 3
 DB_NAME = "keys.db"
 
-_SCHEMA = """
+# Added by schema 3 (also part of a new store's schema).
+_ACCESS_KEYS_SCHEMA = """
+CREATE TABLE access_keys (
+    access_key_id TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL,
+    user_name TEXT,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL,
+    secret BLOB NOT NULL
+);
+CREATE INDEX access_keys_by_uid ON access_keys(uid);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE keys (
     key_id TEXT PRIMARY KEY,
@@ -104,6 +123,8 @@ CREATE TABLE tags (
 );
 CREATE TABLE audit (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, mac BLOB NOT NULL);
 """
+    + _ACCESS_KEYS_SCHEMA
+)
 
 
 def _lp(data: bytes) -> bytes:
@@ -123,6 +144,19 @@ class KeyRecord:
     rotation_period_days: int | None  # None: automatic rotation is off
     next_rotation: float | None
     policy: str
+
+
+@dataclass(frozen=True)
+class AccessKeyRecord:
+    """An access key's row, without its secret (which only :meth:`KeyStore.access_key_secret`
+    opens)."""
+
+    access_key_id: str
+    uid: int
+    user_name: str | None  # the user's name when the key was created, for display
+    status: AccessKeyStatus
+    created: float
+    last_used: float | None
 
 
 @dataclass(frozen=True)
@@ -171,6 +205,9 @@ class KeyStore(AuditBatching, AuditRetention):
         # call (VerifyAudit) told its caller, so its own record may be left out.
         self._damage_reported = False
         self._material = crypto.Aead(crypto.hkdf(root_key, b"envfs-kms v1 material seal"))
+        self._access_secret = crypto.Aead(
+            crypto.hkdf(root_key, b"envfs-kms v1 access key secret seal")
+        )
         self._audit_key = crypto.hkdf(root_key, b"envfs-kms v1 audit chain")
         self.audit = AuditLog(conn, self._audit_key)
         self._journal_key = crypto.hkdf(root_key, b"envfs-kms v1 audit journal")
@@ -324,13 +361,25 @@ class KeyStore(AuditBatching, AuditRetention):
         """Bring a store of an older schema to :data:`SCHEMA_VERSION`, in one transaction.
 
         1 -> 2: the audit checkpoint, at record 0 (nothing archived yet).
+        2 -> 3: the ``access_keys`` table, empty.
         """
         with self.transaction():
+            # Read again under the write lock: another opener may have upgraded it meanwhile.
             row = self._conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
-            if row[0] == 1:  # (another opener may have upgraded it meanwhile)
+            schema = row[0]
+            if schema == 1:
                 self.audit.write_checkpoint(0, ZERO_MAC)
-                self._conn.execute("UPDATE meta SET value=? WHERE name='schema'", (2,))
-        logger.info("upgraded the key store %s to schema version %d", self.directory, 2)
+                schema = 2
+            if schema == 2:
+                # executescript() would commit the transaction: one statement at a time.
+                for statement in _ACCESS_KEYS_SCHEMA.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                schema = 3
+            self._conn.execute("UPDATE meta SET value=? WHERE name='schema'", (schema,))
+        logger.info(
+            "upgraded the key store %s to schema version %d", self.directory, SCHEMA_VERSION
+        )
         self.schema = SCHEMA_VERSION
 
     def close(self) -> None:
@@ -599,6 +648,87 @@ class KeyStore(AuditBatching, AuditRetention):
     def remove_tag(self, key_id: str, tag_key: str) -> None:
         self._conn.execute("DELETE FROM tags WHERE key_id=? AND tag_key=?", (key_id, tag_key))
 
+    # --- access keys -------------------------------------------------------------------
+
+    def _access_secret_aad(self, access_key_id: str) -> bytes:
+        return (
+            b"envfs-kms v1 access key secret"
+            + _lp(self.region.encode())
+            + _lp(access_key_id.encode())
+        )
+
+    def insert_access_key(self, key: AccessKeyRecord, secret: bytes) -> None:
+        """Add an access key, its secret sealed (inside the caller's transaction)."""
+        sealed = self._access_secret.seal(secret, self._access_secret_aad(key.access_key_id))
+        self._conn.execute(
+            "INSERT INTO access_keys VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                key.access_key_id,
+                key.uid,
+                key.user_name,
+                key.status.value,
+                key.created,
+                key.last_used,
+                sealed,
+            ),
+        )
+
+    def get_access_key(self, access_key_id: str) -> AccessKeyRecord | None:
+        row = self._conn.execute(
+            "SELECT access_key_id, uid, user_name, status, created, last_used"
+            " FROM access_keys WHERE access_key_id=?",
+            (access_key_id,),
+        ).fetchone()
+        return None if row is None else _access_key_record(row)
+
+    def list_access_keys(self, uid: int | None) -> list[AccessKeyRecord]:
+        """Every access key (of ``uid`` only, if given), oldest first."""
+        sql = "SELECT access_key_id, uid, user_name, status, created, last_used FROM access_keys"
+        args: tuple[int, ...] = ()
+        if uid is not None:
+            sql += " WHERE uid=?"
+            args = (uid,)
+        rows = self._conn.execute(sql + " ORDER BY created, access_key_id", args).fetchall()
+        return [_access_key_record(r) for r in rows]
+
+    def set_access_key_status(self, access_key_id: str, status: AccessKeyStatus) -> None:
+        self._conn.execute(
+            "UPDATE access_keys SET status=? WHERE access_key_id=?", (status.value, access_key_id)
+        )
+
+    def mark_access_key_used(self, access_key_id: str, when: float) -> None:
+        """Record a use (for the HTTP endpoint; inside the caller's transaction)."""
+        self._conn.execute(
+            "UPDATE access_keys SET last_used=? WHERE access_key_id=?", (when, access_key_id)
+        )
+
+    def delete_access_key(self, access_key_id: str) -> None:
+        """Delete an access key and its sealed secret (``secure_delete`` is on)."""
+        self._conn.execute("DELETE FROM access_keys WHERE access_key_id=?", (access_key_id,))
+
+    def access_key_secret(self, access_key_id: str) -> tuple[bytes, int] | None:
+        """The secret and uid of an *Active* access key, or None (unknown or Inactive).
+
+        For the HTTP endpoint's signature check; no operation returns a secret.
+
+        Raises:
+            StoreCorruptError: the sealed secret does not open (altered, or moved from
+                another row).
+        """
+        row = self._conn.execute(
+            "SELECT uid, status, secret FROM access_keys WHERE access_key_id=?",
+            (access_key_id,),
+        ).fetchone()
+        if row is None or row[1] != AccessKeyStatus.ACTIVE.value:
+            return None
+        try:
+            secret = self._access_secret.open(bytes(row[2]), self._access_secret_aad(access_key_id))
+        except IntegrityError:
+            raise StoreCorruptError(
+                f"sealed secret of access key {access_key_id!r} does not verify"
+            ) from None
+        return secret, int(row[0])
+
     # --- audit log (envfs.kms.audit) ----------------------------------------------------
 
     def _chain(self, records: list[EncodedRecord]) -> int:
@@ -654,6 +784,10 @@ def damaged_log_message(problem: Problem) -> str:
         " served until it is repaired: see 'envfs kms audit --verify', then run 'envfs kms"
         " audit --repair --archive FILE' as the store's owner to move the damage aside"
     )
+
+
+def _access_key_record(row: tuple[Any, ...]) -> AccessKeyRecord:
+    return AccessKeyRecord(row[0], int(row[1]), row[2], AccessKeyStatus(row[3]), row[4], row[5])
 
 
 def _connect(path: Path) -> sqlite3.Connection:

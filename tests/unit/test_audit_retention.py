@@ -708,8 +708,10 @@ def test_a_record_put_back_before_the_checkpoint_is_named_and_repaired(
 
 
 def make_schema_1(directory: Path) -> None:
-    """A store as envfs wrote it before the checkpoint: schema 1, no checkpoint row."""
+    """A store as envfs wrote it before the checkpoint: schema 1, no checkpoint row (and
+    no access keys table, which came with schema 3)."""
     with raw_db(directory) as conn:
+        conn.execute("DROP TABLE access_keys")
         conn.execute("DELETE FROM meta WHERE name='audit_checkpoint'")
         conn.execute("UPDATE meta SET value=1 WHERE name='schema'")
 
@@ -719,12 +721,12 @@ def test_a_schema_1_store_is_upgraded_when_opened(service: KeyService, store_dir
     make_schema_1(store_dir)
     store = KeyStore.open(store_dir, REGION)
     try:
-        assert store.schema == SCHEMA_VERSION == 2
+        assert store.schema == SCHEMA_VERSION == 3
         assert store.verify_audit() == (5, None)
     finally:
         store.close()
     with raw_db(store_dir) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone() == (2,)
+        assert conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone() == (3,)
 
 
 GOLDEN_STORE = Path(__file__).resolve().parents[1] / "golden" / "volume-v1" / "kms" / REGION
@@ -749,14 +751,14 @@ def test_the_golden_schema_1_store_is_upgraded_and_its_log_verifies(tmp_path: Pa
         store.close()
 
 
-@pytest.mark.parametrize(("value", "shown"), [(3, "3"), ("'two'", "'two'"), (0, "0")])
+@pytest.mark.parametrize(("value", "shown"), [(4, "4"), ("'two'", "'two'"), (0, "0")])
 def test_a_store_of_an_unknown_schema_is_refused(
     store_dir: Path, value: object, shown: str
 ) -> None:
     with raw_db(store_dir) as conn:
         conn.execute(f"UPDATE meta SET value={value} WHERE name='schema'")
     with pytest.raises(
-        StoreError, match=rf"has schema version {shown}, this envfs reads versions 1 to 2$"
+        StoreError, match=rf"has schema version {shown}, this envfs reads versions 1 to 3$"
     ):
         KeyStore.open(store_dir, REGION)
 

@@ -356,6 +356,7 @@ def test_a_store_made_by_envfs_reads_as_documented(tmp_path: Path) -> None:
     context = {"purpose": "vectors"}
     params = {"KeyId": key_id, "Plaintext": b"documented", "EncryptionContext": context}
     data = service.handle(root, "Encrypt", params)["CiphertextBlob"]
+    access_key = service.handle(root, "CreateAccessKey", {"UserName": "0"})["AccessKey"]
     service.close()
 
     root_key = base64.b64decode((directory / "root.key").read_bytes())
@@ -387,6 +388,15 @@ def test_a_store_made_by_envfs_reads_as_documented(tmp_path: Path) -> None:
         checkpoint = values["audit_checkpoint"]
         zero = bytes(32)
         assert checkpoint == u64(0) + zero + hmac_sha256(audit_key, b"checkpoint" + u64(0) + zero)
-        assert values["schema"] == 2 and seq == 2
+        assert values["schema"] == 3 and seq == 3
+        access_key_id = access_key["AccessKeyId"]
+        (sealed,) = conn.execute(
+            "SELECT secret FROM access_keys WHERE access_key_id=?", (access_key_id,)
+        ).fetchone()
+        aad = b"envfs-kms v1 access key secret" + u32(7) + b"local-1" + u32(20)
+        secret = AESGCM(hkdf(root_key, b"envfs-kms v1 access key secret seal")).decrypt(
+            sealed[:12], sealed[12:], aad + access_key_id.encode()
+        )
+        assert secret == access_key["SecretAccessKey"].encode()
     finally:
         conn.close()
