@@ -10,6 +10,7 @@ import sqlite3
 import pytest
 
 from tests.integration.conftest import Env
+from tests.integration.test_kms_scenario import running_daemon
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="managing others' keys needs root")
 
@@ -76,3 +77,20 @@ def test_a_bad_status_is_a_validation_error(kms_env: Env) -> None:
 def test_help_says_the_secret_is_shown_once(kms_env: Env) -> None:
     text = kms_env.run("kms", "create-access-key", "--help").stdout
     assert "--user USER_NAME" in text and "shown this once" in text
+
+
+@needs_root
+def test_the_operations_are_served_by_the_daemon(kms_env: Env) -> None:
+    """Over the Unix socket the caller is the kernel's (root here), as for every call."""
+    sock = kms_env.root / "kms.sock"
+    env = {**kms_env.env, "ENVFS_KMS_SOCKET": str(sock)}
+    with running_daemon(env, sock, kms_env.root / "daemon.log") as daemon:
+        over_socket = Env(kms_env.root, env)
+        created = kms_json(over_socket, "create-access-key", "--user", "nobody")["AccessKey"]
+        assert isinstance(created, dict)
+        listed = kms_json(over_socket, "list-access-keys", "--user", "nobody")
+        assert listed["AccessKeyMetadata"][0]["AccessKeyId"] == created["AccessKeyId"]  # type: ignore[index]
+        over_socket.run("kms", "delete-access-key", "--access-key-id", created["AccessKeyId"])
+        assert daemon.process.poll() is None
+        assert created["SecretAccessKey"] not in daemon.output()
+    assert kms_json(kms_env, "list-access-keys", "--embedded")["AccessKeyMetadata"] == []
