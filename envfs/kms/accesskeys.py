@@ -123,8 +123,12 @@ class AccessKeyOps(ServiceCore):
             uid: int | None = self._target_user(call, req)[0]
         elif self._account_right(call.caller):
             uid = None  # root and key creators: every user's keys
-        else:
+        elif self._may_manage(call, call.caller.uid):
             uid = call.caller.uid
+        else:
+            raise AccessDeniedException(
+                f"a service ({call.caller.via!r}) may not list access keys on a user's behalf"
+            )
         keys = self.store.list_access_keys(uid)
         return {
             "AccessKeyMetadata": [self._access_key_metadata(k) for k in keys],

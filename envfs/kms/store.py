@@ -363,20 +363,26 @@ class KeyStore(AuditBatching, AuditRetention):
         1 -> 2: the audit checkpoint, at record 0 (nothing archived yet).
         2 -> 3: the ``access_keys`` table, empty.
         """
-        with self.transaction():
-            # Read again under the write lock: another opener may have upgraded it meanwhile.
-            row = self._conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
-            schema = row[0]
-            if schema == 1:
-                self.audit.write_checkpoint(0, ZERO_MAC)
-                schema = 2
-            if schema == 2:
-                # executescript() would commit the transaction: one statement at a time.
-                for statement in _ACCESS_KEYS_SCHEMA.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
-                schema = 3
-            self._conn.execute("UPDATE meta SET value=? WHERE name='schema'", (schema,))
+        try:
+            with self.transaction():
+                # Read again under the write lock: another opener may have upgraded it.
+                row = self._conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+                schema = row[0]
+                if schema == 1:
+                    self.audit.write_checkpoint(0, ZERO_MAC)
+                    schema = 2
+                if schema == 2:
+                    # executescript() would commit the transaction: one statement at a time.
+                    for statement in _ACCESS_KEYS_SCHEMA.split(";"):
+                        if statement.strip():
+                            self._conn.execute(statement)
+                    schema = 3
+                self._conn.execute("UPDATE meta SET value=? WHERE name='schema'", (schema,))
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorruptError(
+                f"key store {str(self.directory)!r} could not be upgraded to schema version"
+                f" {SCHEMA_VERSION} (it is left as it was): {exc}"
+            ) from None
         logger.info(
             "upgraded the key store %s to schema version %d", self.directory, SCHEMA_VERSION
         )

@@ -217,15 +217,13 @@ def test_a_schema_2_store_is_upgraded_and_takes_access_keys(store_dir: Path) -> 
         assert conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone() == (3,)
 
 
-def test_a_failed_upgrade_leaves_the_store_as_it_was(
-    store_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_upgrade_leaves_the_store_as_it_was(store_dir: Path) -> None:
     with raw(store_dir) as conn:
         conn.execute("DROP TABLE access_keys")
         conn.execute("UPDATE meta SET value=2 WHERE name='schema'")
         # A table in the way makes the upgrade's second statement (the index) fail.
         conn.execute("CREATE TABLE access_keys_by_uid (x)")
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreCorruptError, match=r"could not be upgraded to schema version 3"):
         KeyStore.open(store_dir, REGION)
     with raw(store_dir) as conn:
         assert conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone() == (2,)
@@ -285,6 +283,8 @@ def test_a_service_on_a_users_behalf_may_not_manage_their_keys(service: KeyServi
     )
     with pytest.raises(AccessDeniedException):
         create(service, via)
+    with pytest.raises(AccessDeniedException):
+        listed(service, via)
     kid = create(service, UserName="nobody")["AccessKeyId"]
     with pytest.raises(NotFoundException):
         service.handle(via, "DeleteAccessKey", {"AccessKeyId": kid})
@@ -335,3 +335,13 @@ def test_every_change_is_audited_and_no_secret_is(service: KeyService) -> None:
     assert records[3]["caller"]["uid"] == STRANGER.uid
     assert key["SecretAccessKey"] not in json.dumps(records)
     assert service.store.verify_audit() == (5, None)
+
+
+def test_a_use_is_shown_as_last_used_date(service: KeyService) -> None:
+    kid = create(service, UserName="nobody")["AccessKeyId"]
+    (meta,) = service.handle(ROOT, "ListAccessKeys", {})["AccessKeyMetadata"]
+    assert "LastUsedDate" not in meta
+    with service.store.transaction():
+        service.store.mark_access_key_used(kid, NOW + 5)
+    (meta,) = service.handle(ROOT, "ListAccessKeys", {})["AccessKeyMetadata"]
+    assert meta["LastUsedDate"] == NOW + 5
