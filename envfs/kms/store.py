@@ -656,16 +656,21 @@ class KeyStore(AuditBatching, AuditRetention):
 
     # --- access keys -------------------------------------------------------------------
 
-    def _access_secret_aad(self, access_key_id: str) -> bytes:
+    def _access_secret_aad(self, access_key_id: str, uid: int) -> bytes:
+        """The secret is bound to its key id and to the user it belongs to: a row whose
+        uid was changed (a key given to root, say) no longer opens."""
         return (
             b"envfs-kms v1 access key secret"
             + _lp(self.region.encode())
             + _lp(access_key_id.encode())
+            + _lp(str(uid).encode())
         )
 
     def insert_access_key(self, key: AccessKeyRecord, secret: bytes) -> None:
         """Add an access key, its secret sealed (inside the caller's transaction)."""
-        sealed = self._access_secret.seal(secret, self._access_secret_aad(key.access_key_id))
+        sealed = self._access_secret.seal(
+            secret, self._access_secret_aad(key.access_key_id, key.uid)
+        )
         self._conn.execute(
             "INSERT INTO access_keys VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
@@ -728,7 +733,8 @@ class KeyStore(AuditBatching, AuditRetention):
         if row is None or row[1] != AccessKeyStatus.ACTIVE.value:
             return None
         try:
-            secret = self._access_secret.open(bytes(row[2]), self._access_secret_aad(access_key_id))
+            aad = self._access_secret_aad(access_key_id, int(row[0]))
+            secret = self._access_secret.open(bytes(row[2]), aad)
         except IntegrityError:
             raise StoreCorruptError(
                 f"sealed secret of access key {access_key_id!r} does not verify"

@@ -151,6 +151,18 @@ def test_a_sealed_secret_moved_to_another_row_does_not_open(
     assert service.store.access_key_secret(b) is not None
 
 
+def test_an_access_key_given_to_another_user_does_not_open(
+    service: KeyService, store_dir: Path
+) -> None:
+    """Whoever can write the store's rows cannot hand a user's key to root: the uid is
+    bound to the sealed secret."""
+    kid = create(service, UserName="nobody")["AccessKeyId"]
+    with raw(store_dir) as conn:
+        conn.execute("UPDATE access_keys SET uid=0 WHERE access_key_id=?", (kid,))
+    with pytest.raises(StoreCorruptError, match=rf"^sealed secret of access key '{kid}'"):
+        service.store.access_key_secret(kid)
+
+
 def test_a_store_with_another_root_key_does_not_open_the_secret(
     service: KeyService, tmp_path: Path
 ) -> None:
