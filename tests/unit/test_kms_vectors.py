@@ -390,12 +390,13 @@ def test_a_store_made_by_envfs_reads_as_documented(tmp_path: Path) -> None:
         assert checkpoint == u64(0) + zero + hmac_sha256(audit_key, b"checkpoint" + u64(0) + zero)
         assert values["schema"] == 3 and seq == 3
         access_key_id = access_key["AccessKeyId"]
-        (sealed,) = conn.execute(
-            "SELECT secret FROM access_keys WHERE access_key_id=?", (access_key_id,)
+        (sealed, uid) = conn.execute(
+            "SELECT secret, uid FROM access_keys WHERE access_key_id=?", (access_key_id,)
         ).fetchone()
         aad = b"envfs-kms v1 access key secret" + u32(7) + b"local-1" + u32(20)
+        aad += access_key_id.encode() + u32(len(str(uid))) + str(uid).encode()
         secret = AESGCM(hkdf(root_key, b"envfs-kms v1 access key secret seal")).decrypt(
-            sealed[:12], sealed[12:], aad + access_key_id.encode()
+            sealed[:12], sealed[12:], aad
         )
         assert secret == access_key["SecretAccessKey"].encode()
     finally:
