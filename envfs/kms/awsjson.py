@@ -1,0 +1,116 @@
+"""AWS KMS's own wire protocol, JSON 1.1, as aws-cli and boto3 speak it (issue 13, in part).
+
+A request is an HTTP ``POST`` whose ``X-Amz-Target`` header names the operation
+(``TrentService.Encrypt``) and whose body is a JSON object of the operation's parameters,
+with ``Content-Type: application/x-amz-json-1.1``. Binary parameters and results (a
+``Plaintext``, a ``CiphertextBlob``) are base64 strings (standard alphabet, padded). A
+success is ``200`` with the result as a JSON object; a failure is ``400`` (``500`` for the
+service's own faults) with ``{"__type": "<AWS error name>", "message": "..."}``.
+
+This module only translates, bytes in and bytes out: the operation names and parameter
+types are :mod:`envfs.kms.operations`'s (the same table the Unix-socket protocol and the
+CLI use), the decisions are the key service's, and the HTTP listener that frames these
+bodies and authenticates callers (AWS Signature Version 4) is separate.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from envfs.errors import KMSError
+from envfs.kms.operations import OPERATIONS, ParamType
+
+CONTENT_TYPE = "application/x-amz-json-1.1"
+TARGET_PREFIX = "TrentService."
+MAX_BODY = 1 << 20  # as the Unix-socket protocol's frames
+
+# The service's own faults; everything else is the caller's (AWS answers those with 400).
+_SERVER_STATUS = {
+    "KMSInternalException": 500,
+    "DependencyTimeoutException": 503,
+    "KMSUnavailableException": 500,
+}
+
+
+class WireError(Exception):
+    """A request that is not one of the protocol's (no operation, a body that is not a
+    JSON object, a binary parameter that is not base64): answered with ``aws_name``."""
+
+    def __init__(self, aws_name: str, message: str) -> None:
+        super().__init__(message)
+        self.aws_name = aws_name
+        self.message = message
+
+
+def parse_request(target: str | None, body: bytes) -> tuple[str, dict[str, Any]]:
+    """The operation and parameters of a request (binary ones decoded to bytes); the
+    parameters' other types and values are checked by the key service.
+
+    Raises:
+        WireError: ``UnknownOperationException`` (no or an unknown ``X-Amz-Target``),
+            ``SerializationException`` (a body that is not a JSON object of at most
+            :data:`MAX_BODY` bytes, or a binary parameter that is not base64).
+    """
+    if target is None or not target.startswith(TARGET_PREFIX):
+        raise WireError("UnknownOperationException", "no TrentService operation was named")
+    name = target[len(TARGET_PREFIX) :]
+    operation = OPERATIONS.get(name)
+    if operation is None:
+        raise WireError("UnknownOperationException", f"unknown operation {name!r}")
+    if len(body) > MAX_BODY:
+        raise WireError("SerializationException", f"the body is larger than {MAX_BODY} bytes")
+    try:
+        params = json.loads(body or b"{}", object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError("SerializationException", f"the body is not JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise WireError("SerializationException", "the body must be a JSON object")
+    for param in operation.params:
+        value = params.get(param.name)
+        if param.type is ParamType.BLOB and value is not None:
+            params[param.name] = _blob(param.name, value)
+    return name, params
+
+
+def encode_result(result: Mapping[str, Any]) -> bytes:
+    """A success's body: the result as JSON, bytes as base64."""
+    return json.dumps(_jsonable(result), separators=(",", ":")).encode()
+
+
+def encode_error(error: KMSError | WireError) -> tuple[int, bytes]:
+    """A failure's HTTP status and body."""
+    name = error.aws_name
+    body = {"__type": name, "message": error.message}
+    return _SERVER_STATUS.get(name, 400), json.dumps(body, separators=(",", ":")).encode()
+
+
+def _blob(name: str, value: object) -> bytes:
+    if not isinstance(value, str):
+        raise WireError("SerializationException", f"{name} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise WireError("SerializationException", f"{name} is not valid base64") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
