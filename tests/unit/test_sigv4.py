@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import time
 from collections.abc import Callable
 from unittest import mock
 from urllib.parse import urlsplit
@@ -484,3 +485,27 @@ def test_the_replay_cache_drops_the_oldest_at_its_bound() -> None:
 def test_the_replay_cache_needs_room() -> None:
     with pytest.raises(ValueError, match=r"^max_entries must be at least 1, not 0$"):
         ReplayCache(max_entries=0)
+
+
+def test_an_expired_signature_behind_a_live_one_is_not_a_replay() -> None:
+    cache = ReplayCache()
+    assert cache.check_and_add("live", expires_at=1000.0, now=0.0)
+    assert cache.check_and_add("short", expires_at=100.0, now=0.0)
+    assert cache.check_and_add("short", expires_at=500.0, now=200.0)
+
+
+def test_the_method_is_signed_in_upper_case_as_botocore_does() -> None:
+    request = sign()
+    assert check(dataclasses.replace(request, method="post")) == AKID
+
+
+def test_a_date_header_is_gmt_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    request = sign(headers={"Date": "x", "X-Amz-Target": "TrentService.Encrypt"})
+    assert request.header_values("Date")[0].endswith("-0000")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert check(request) == AKID
+    finally:
+        monkeypatch.undo()
+        time.tzset()
