@@ -61,9 +61,10 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 class SignatureAuthError(errors.KMSError):
     """A request whose signature could not be accepted; nothing was done.
 
-    ``name`` is the AWS error name (``__type`` on the wire), ``status`` the HTTP status.
-    AWS's JSON 1.1 services (KMS among them) answer each of these with 400. Messages
-    never hold a secret access key, a derived key or the expected signature.
+    ``name`` is the AWS error name (``__type`` on the wire), ``status`` the HTTP status:
+    400 as AWS's JSON 1.1 services (KMS, DynamoDB, Kinesis) are seen to answer, except a
+    missing token, 403 as AWS's list of common errors gives it. Messages never hold a
+    secret access key, a derived key or the expected signature.
     """
 
     aws_name = "InvalidSignatureException"
@@ -82,6 +83,7 @@ class MissingAuthenticationTokenException(SignatureAuthError):
     """No ``Authorization`` header at all."""
 
     aws_name = "MissingAuthenticationTokenException"
+    status = 403
 
 
 class IncompleteSignatureException(SignatureAuthError):

@@ -16,6 +16,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from envfs import errors
 from envfs.kms import sigv4
 from envfs.kms.sigv4 import (
     IncompleteSignatureException,
@@ -368,7 +369,7 @@ def test_no_authorization_header() -> None:
         MissingAuthenticationTokenException, match=r"^Missing Authentication Token$"
     ) as caught:
         check(without_header(sign(), "Authorization"))
-    assert (caught.value.name, caught.value.status) == ("MissingAuthenticationTokenException", 400)
+    assert (caught.value.name, caught.value.status) == ("MissingAuthenticationTokenException", 403)
 
 
 @pytest.mark.parametrize(
@@ -510,3 +511,20 @@ def test_a_date_header_is_gmt_whatever_the_local_zone(monkeypatch: pytest.Monkey
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("cls", "status"),
+    [
+        (MissingAuthenticationTokenException, 403),
+        (IncompleteSignatureException, 400),
+        (UnrecognizedClientException, 400),
+        (InvalidSignatureException, 400),
+    ],
+)
+def test_the_errors_are_key_service_errors_known_by_their_aws_names(
+    cls: type[sigv4.SignatureAuthError], status: int
+) -> None:
+    rebuilt = errors.KMSError.from_wire(cls.__name__, "m")
+    assert type(rebuilt) is cls
+    assert (rebuilt.name, rebuilt.status, rebuilt.exit_code) == (cls.__name__, status, 12)
