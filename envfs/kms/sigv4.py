@@ -145,8 +145,9 @@ class SignedRequest:
 class ReplayCache:
     """Signatures accepted recently, so that each is accepted once.
 
-    A signature is remembered until its request's time plus :data:`MAX_SKEW`, after which
-    the request would be refused as expired anyway. At most ``max_entries`` are kept: at
+    A signature is remembered until its request's time plus :data:`MAX_SKEW` (that instant
+    included, as :func:`verify` accepts it), after which the request is refused as expired
+    anyway. At most ``max_entries`` are kept: at
     the bound the oldest remembered signature is forgotten first, and a replay of it
     within its window would then be accepted; size the cache above the signed requests
     the service takes in ten minutes. Thread-safe.
@@ -167,17 +168,18 @@ class ReplayCache:
         return len(self._seen)
 
     def check_and_add(self, signature: str, expires_at: float, now: float) -> bool:
-        """Remember ``signature`` until ``expires_at``; False if it is remembered already."""
+        """Remember ``signature`` until ``expires_at`` (inclusive); False if it is remembered
+        already."""
         with self._lock:
             # Drop expired entries from the front; entries behind a live one wait their turn
             # (they are few: request times are all within the skew window of each other).
             while self._seen:
                 oldest, expiry = next(iter(self._seen.items()))
-                if expiry > now:
+                if expiry >= now:
                     break
                 del self._seen[oldest]
             known = self._seen.get(signature)
-            if known is not None and known > now:
+            if known is not None and known >= now:
                 return False
             self._seen.pop(signature, None)
             while len(self._seen) >= self.max_entries:

@@ -453,6 +453,10 @@ def test_a_replay_is_refused_only_with_a_cache() -> None:
         match=r"^Signature already used: this request was replayed \(signed at 20260314T150926Z\)",
     ):
         check(request, replay_cache=cache, now=SIGNED_AT + dt.timedelta(seconds=299))
+    with pytest.raises(InvalidSignatureException, match=r"replayed"):
+        check(request, replay_cache=cache, now=SIGNED_AT + dt.timedelta(seconds=300))
+    with pytest.raises(InvalidSignatureException, match=r"^Signature expired"):
+        check(request, replay_cache=cache, now=SIGNED_AT + dt.timedelta(seconds=301))
     assert check(sign(body=b"{}"), replay_cache=cache) == AKID
 
 
@@ -469,6 +473,7 @@ def test_the_replay_cache_forgets_expired_signatures() -> None:
     cache = ReplayCache()
     assert cache.check_and_add("a", expires_at=100.0, now=0.0)
     assert not cache.check_and_add("a", expires_at=100.0, now=99.0)
+    assert not cache.check_and_add("a", expires_at=100.0, now=100.0)
     assert cache.check_and_add("b", expires_at=300.0, now=150.0)
     assert len(cache) == 1
     assert cache.check_and_add("a", expires_at=400.0, now=150.0)
