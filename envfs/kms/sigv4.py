@@ -157,8 +157,8 @@ class ReplayCache:
     """
 
     max_entries: int = 100_000
-    _seen: OrderedDict[str, float] = field(default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _seen: OrderedDict[str, float] = field(default_factory=OrderedDict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_entries < 1:
