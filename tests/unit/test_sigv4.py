@@ -533,3 +533,12 @@ def test_the_errors_are_key_service_errors_known_by_their_aws_names(
     rebuilt = errors.KMSError.from_wire(cls.__name__, "m")
     assert type(rebuilt) is cls
     assert (rebuilt.name, rebuilt.status, rebuilt.exit_code) == (cls.__name__, status, 12)
+
+
+@pytest.mark.parametrize("name", ["Authorization", "X-Amz-Date"])
+def test_a_repeated_authorization_or_date_header_is_incomplete(name: str) -> None:
+    request = sign()
+    (value,) = request.header_values(name)
+    repeated = dataclasses.replace(request, headers=[*request.headers, (name, value)])
+    with pytest.raises(IncompleteSignatureException, match=rf"^more than one {name} header$"):
+        check(repeated)
