@@ -657,7 +657,7 @@ def documented_imports() -> dict[str, set[str]]:
     text = ARCHITECTURE_DOC.read_text()
     section = text[text.index("\n## Modules") : text.index("\n## Import rules")]
     rows: dict[str, set[str]] = {}
-    for row in re.finditer(r"^\| `([a-z_/]+\.py)` \| .*? \| (.*?) \|$", section, re.M):
+    for row in re.finditer(r"^\| `([a-z0-9_/]+\.py)` \| .*? \| (.*?) \|$", section, re.M):
         cell = row[2].strip()
         rows[row[1]] = set() if cell in ("—", "stdlib") else {n.strip() for n in cell.split(",")}
     return rows
