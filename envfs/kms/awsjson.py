@@ -23,6 +23,7 @@ from typing import Any
 
 from envfs.errors import KMSError
 from envfs.kms.operations import OPERATIONS, ParamType
+from envfs.kms.protocol import loads_strict
 
 CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "TrentService."
@@ -64,8 +65,10 @@ def parse_request(target: str | None, body: bytes) -> tuple[str, dict[str, Any]]
     if len(body) > MAX_BODY:
         raise WireError("SerializationException", f"the body is larger than {MAX_BODY} bytes")
     try:
-        params = json.loads(body or b"{}", object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as exc:
+        params = loads_strict(body or b"{}")
+    except RecursionError:
+        raise WireError("SerializationException", "the body is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError is one
         raise WireError("SerializationException", f"the body is not JSON: {exc}") from None
     if not isinstance(params, dict):
         raise WireError("SerializationException", "the body must be a JSON object")
@@ -95,15 +98,6 @@ def _blob(name: str, value: object) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise WireError("SerializationException", f"{name} is not valid base64") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"the key {key!r} appears twice")
-        out[key] = value
-    return out
 
 
 def _jsonable(value: Any) -> Any:

@@ -129,6 +129,17 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def loads_strict(text: str | bytes) -> Any:
+    """JSON as this service reads it from the wire: no object key twice, no ``NaN`` or
+    ``Infinity``.
+
+    Raises:
+        ValueError: not such JSON (``json.JSONDecodeError`` is one).
+        RecursionError: nested too deeply.
+    """
+    return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_refuse_constant)
+
+
 def decode_payload(payload: bytes) -> dict[str, Any]:
     """Parse a frame's payload into a JSON object (still in wire form).
 
@@ -140,7 +151,7 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise InvalidRequestException("frame payload is not valid UTF-8") from None
     try:
-        value = json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_refuse_constant)
+        value = loads_strict(text)
     except RecursionError:
         raise InvalidRequestException("frame payload is nested too deeply") from None
     except ValueError as exc:

@@ -98,6 +98,8 @@ def test_errors_carry_aws_names_that_botocore_reads(service: KeyService) -> None
         ("TrentService.Encrypt", b'{"Plaintext":"not base64!"}', "SerializationException"),
         ("TrentService.Encrypt", b'{"Plaintext":7}', "SerializationException"),
         ("TrentService.Encrypt", b"\xff\xfe", "SerializationException"),
+        ("TrentService.Encrypt", b'{"KeyId": NaN}', "SerializationException"),
+        ("TrentService.Encrypt", b"[" * 100000 + b"]" * 100000, "SerializationException"),
         ("TrentService.Encrypt", b" " * (1 << 20) + b"{}", "SerializationException"),
     ],
 )
