@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 from envfs import crypto
 from envfs.errors import IntegrityError
-from envfs.files import names
+from envfs.files import acl, names
 from envfs.files.backing import TEMP_PREFIX, renameat2
 from envfs.files.names import NameKeys
 
@@ -101,6 +101,21 @@ class PlainNames:
 
     def forget_dir(self, dir_key: tuple[int, int]) -> None:
         """Nothing cached."""
+
+    def xattr_name(self, name: bytes) -> bytes:
+        return name
+
+    def view_xattr_name(self, stored: bytes) -> bytes | None:
+        """The view's name of a backing xattr: ``user.`` ones but envfs's private names."""
+        if stored.startswith(b"user.") and not acl.is_private(stored):
+            return stored
+        return None
+
+    def seal_xattr(self, stored: bytes, value: bytes) -> bytes:
+        return value
+
+    def open_xattr(self, stored: bytes, sealed: bytes) -> bytes:
+        return sealed
 
 
 class EncryptedNames:
@@ -287,9 +302,16 @@ class EncryptedNames:
         _, siv, _ = self._unlocked()
         return names.encrypt_xattr_name(siv, name)
 
-    def plain_xattr_name(self, backing: bytes) -> bytes:
+    def view_xattr_name(self, stored: bytes) -> bytes | None:
+        """The view's name of a backing xattr: only envfs's encrypted ones have one.
+
+        Raises:
+            IntegrityError: one of envfs's names that does not decrypt.
+        """
+        if not stored.startswith(names.XATTR_PREFIX):
+            return None
         _, siv, _ = self._unlocked()
-        return names.decrypt_xattr_name(siv, backing)
+        return names.decrypt_xattr_name(siv, stored)
 
     def seal_xattr(self, backing_name: bytes, value: bytes) -> bytes:
         _, _, meta = self._unlocked()

@@ -41,9 +41,8 @@ from envfs.errors import IntegrityError
 from envfs.files import acl
 from envfs.files.acl import Acl, AclStore, MalformedAcl
 from envfs.files.backing import proc_path
-from envfs.files.dirnames import EncryptedNames, Names
+from envfs.files.dirnames import Names
 from envfs.files.inodes import InodeTable, Node
-from envfs.files.names import XATTR_PREFIX
 from envfs.files.tree import DirFd
 from envfs.identity import Caller
 
@@ -126,17 +125,14 @@ class ExtendedAttributes:
         if acl.is_private(name) and not self.names.encrypted:
             raise OSError(errno.ENODATA, "no such attribute")
         node = self.inodes.node(ino)
-        if isinstance(self.names, EncryptedNames):
-            stored = self.names.xattr_name(name)
-            with self._entry_fd(node) as fd:
-                sealed = os.getxattr(proc_path(fd), stored)
-            try:
-                return self.names.open_xattr(stored, sealed)
-            except IntegrityError as exc:
-                log.warning("backing entry %r: an xattr: %s", self._safe_path(node), exc.message)
-                raise
+        stored = self.names.xattr_name(name)
         with self._entry_fd(node) as fd:
-            return os.getxattr(proc_path(fd), name)
+            sealed = os.getxattr(proc_path(fd), stored)
+        try:
+            return self.names.open_xattr(stored, sealed)
+        except IntegrityError as exc:
+            log.warning("backing entry %r: an xattr: %s", self._safe_path(node), exc.message)
+            raise
 
     def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
         """Set an xattr; an ACL as ext4 sets it (the mode follows an access ACL).
@@ -148,11 +144,9 @@ class ExtendedAttributes:
             self._set_acl(self.inodes.node(ino), name, value, caller)
             return
         _check_user_name(name, encrypted=self.names.encrypted)
-        if isinstance(self.names, EncryptedNames):
-            name = self.names.xattr_name(name)
-            value = self.names.seal_xattr(name, value)
+        stored = self.names.xattr_name(name)
         with self._entry_fd(self.inodes.node(ino)) as fd:
-            os.setxattr(proc_path(fd), name, value)
+            os.setxattr(proc_path(fd), stored, self.names.seal_xattr(stored, value))
 
     def _set_acl(self, node: Node, kind: bytes, value: bytes, caller: Caller) -> None:
         store = self._acl_store()
@@ -185,30 +179,17 @@ class ExtendedAttributes:
         with self._entry_fd(self.inodes.node(ino)) as fd:
             names = os.listxattr(proc_path(fd))
             mode = os.fstat(fd).st_mode
-        if isinstance(self.names, EncryptedNames):
-            listed = self._plain_xattr_names(ino, names)
-        else:
-            listed = [
-                os.fsencode(n)
-                for n in names
-                if n.startswith("user.") and not acl.is_private(os.fsencode(n))
-            ]
-        return listed if self.acls is None else self.acls.listed(names, mode) + listed
-
-    def _plain_xattr_names(self, ino: int, stored: list[str]) -> list[bytes]:
-        """The view's names of a node's encrypted xattrs; any other backing xattr (one
-        planted in the backing folder) is not shown."""
-        assert isinstance(self.names, EncryptedNames)
         listed = []
-        for name in map(os.fsencode, stored):
-            if not name.startswith(XATTR_PREFIX):
-                continue
+        for stored in map(os.fsencode, names):  # envfs's own and planted ones are not shown
             try:
-                listed.append(self.names.plain_xattr_name(name))
+                name = self.names.view_xattr_name(stored)
             except IntegrityError as exc:
                 node = self.inodes.node(ino)
                 log.warning("backing entry %r: an xattr: %s", self._safe_path(node), exc.message)
-        return listed
+                continue
+            if name is not None:
+                listed.append(name)
+        return listed if self.acls is None else self.acls.listed(names, mode) + listed
 
     def removexattr(self, ino: int, name: bytes) -> None:
         if name in acl.NAMES:
@@ -217,10 +198,8 @@ class ExtendedAttributes:
                 store.remove(proc_path(fd), name)
             return
         _check_user_name(name, encrypted=self.names.encrypted)
-        if isinstance(self.names, EncryptedNames):
-            name = self.names.xattr_name(name)
         with self._entry_fd(self.inodes.node(ino)) as fd:
-            os.removexattr(proc_path(fd), name)
+            os.removexattr(proc_path(fd), self.names.xattr_name(name))
 
     # --- the ACLs of new nodes ---------------------------------------------------------
 
