@@ -262,7 +262,7 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     OnlyImports(
         "declared-dependencies-only",
         modules=("envfs",),
-        allowed=("envfs", "cryptography", "jmespath", "pyfuse3", "trio"),
+        allowed=("envfs", "cryptography", "jmespath", "pyfuse3", "trio", "botocore"),
         stdlib=True,
         why="third-party imports are the dependencies pyproject.toml declares",
     ),
