@@ -19,8 +19,9 @@ off. Plain ``http`` only to a loopback address (``127.0.0.0/8``, ``::1``, ``loca
 checked again on the connected socket. Connecting is bounded by ``connect_timeout``,
 each wait for the answer by ``read_timeout`` (``None``: no bound, as aws-cli's ``0``).
 
-Retries, at most ``max_attempts`` attempts in all, after ``0..2**n`` seconds of random
-backoff (capped at :data:`MAX_BACKOFF`), only when a repeat cannot do harm:
+Retries, at most ``max_attempts`` attempts in all, the n-th retry after a random
+``0..2**(n-1)`` seconds (botocore's standard mode; capped at :data:`MAX_BACKOFF`), only
+when a repeat cannot do harm:
 
 - a connection that could not be made (nothing was sent): any operation;
 - ``ThrottlingException`` (the service refused before doing anything): any operation;
@@ -385,7 +386,7 @@ class HTTPKMSClient:
                 error, retry = exc, True
             if not retry or attempt >= self.max_attempts:
                 raise error
-            delay = min(MAX_BACKOFF, random.random() * 2**attempt)  # noqa: S311 (jitter)
+            delay = min(MAX_BACKOFF, random.random() * 2 ** (attempt - 1))  # noqa: S311 (jitter)
             log.info(
                 "%s to %s failed (%s), attempt %d of %d; again in %.1f s",
                 operation,

@@ -396,7 +396,7 @@ def test_throttling_is_retried_for_any_operation_up_to_the_attempts(
     delays: list[float] = []
     client = client_for(server.url, root_key, sleep=delays.append)
     assert client.call("CreateKey", {})["KeyMetadata"]["Enabled"] is True
-    assert len(delays) == 2 and all(0 <= d <= 4 for d in delays)
+    assert len(delays) == 2 and 0 <= delays[0] <= 1 and 0 <= delays[1] <= 2
     server.canned.extend([_THROTTLED] * 3)
     with pytest.raises(errors.ThrottlingException, match=r"^slow down$"):
         client.call("CreateKey", {})
