@@ -24,8 +24,12 @@ What keeps a client from stalling or flooding the service:
   computed or key looked up;
 - once signed, the per-uid call limits of :mod:`envfs.kms.limits` apply to the access
   key's user, as on the Unix socket;
-- each accepted signature is accepted once (a replay within the five minutes a signature
-  is valid is refused): aws-cli and boto3 sign a new invocation id into every call.
+- a request that may change a key (anything but reads and cryptographic operations,
+  :data:`~envfs.kms.core.AUDIT_ONLY_OPERATIONS`) is accepted once: its replay within the
+  five minutes a signature is valid is refused. A repeat of a read or a cryptographic
+  request is served (and audited) again: it yields only what the first one did, and
+  clients repeat such requests within one second with the same signature (boto3 signs
+  the time to the second, and by default nothing else that changes between calls).
 
 A request signed with an access key never acts *on behalf of* another user, and may not
 create, activate, deactivate or delete access keys (:mod:`envfs.kms.accesskeys`).
@@ -61,6 +65,7 @@ from envfs.errors import (
 )
 from envfs.identity import Caller
 from envfs.kms import awsjson, sigv4
+from envfs.kms.core import AUDIT_ONLY_OPERATIONS
 from envfs.kms.dispatch import Dispatcher, Request
 from envfs.kms.limits import Rate, TokenBucket
 
@@ -363,7 +368,7 @@ class _HttpServer:
                 continue
             if isinstance(event, h11.Request):
                 request = event
-                _check_length(event)
+                _check_head(event)
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > awsjson.MAX_BODY:
@@ -426,6 +431,8 @@ class _HttpServer:
             operation, params = awsjson.parse_request(
                 _header(received.headers, "x-amz-target"), received.body
             )
+            if operation not in AUDIT_ONLY_OPERATIONS:
+                sigv4.check_replay(_signed(received), self._replays)
         except (KMSError, awsjson.WireError) as exc:
             return _error(exc)
         try:
@@ -458,8 +465,7 @@ class _HttpServer:
             raise ThrottlingException(
                 "too many requests with failed signatures from this address; slow down"
             )
-        path, _, query = received.target.partition("?")
-        signed = sigv4.SignedRequest(received.method, path, query, received.headers, received.body)
+        signed = _signed(received)
         owner: list[int] = []
 
         def check() -> str:
@@ -475,7 +481,6 @@ class _HttpServer:
                 secret,
                 region=endpoint.region,
                 now=_dt.datetime.now(_dt.UTC),
-                replay_cache=self._replays,
             )
 
         try:
@@ -548,10 +553,25 @@ def _too_large() -> awsjson.WireError:
     )
 
 
-def _check_length(request: h11.Request) -> None:
+def _check_head(request: h11.Request) -> None:
+    """Refuse a head over :data:`MAX_HEAD` (h11 bounds only one that arrives in parts) or
+    a declared body over the limit."""
+    size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers)
+    if size > MAX_HEAD:
+        raise _Refused(
+            431,
+            awsjson.WireError(
+                "SerializationException", f"the request head is larger than {MAX_HEAD} bytes"
+            ),
+        )
     for name, value in request.headers:
         if name == b"content-length" and int(value) > awsjson.MAX_BODY:
             raise _Refused(413, _too_large())
+
+
+def _signed(received: _Received) -> sigv4.SignedRequest:
+    path, _, query = received.target.partition("?")
+    return sigv4.SignedRequest(received.method, path, query, received.headers, received.body)
 
 
 def _header(headers: list[tuple[str, str]], name: str) -> str | None:
