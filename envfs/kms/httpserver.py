@@ -24,12 +24,12 @@ What keeps a client from stalling or flooding the service:
   computed or key looked up;
 - once signed, the per-uid call limits of :mod:`envfs.kms.limits` apply to the access
   key's user, as on the Unix socket;
-- a request that may change a key (anything but reads and cryptographic operations,
-  :data:`~envfs.kms.core.AUDIT_ONLY_OPERATIONS`) is accepted once: its replay within the
-  five minutes a signature is valid is refused. A repeat of a read or a cryptographic
-  request is served (and audited) again: it yields only what the first one did, and
-  clients repeat such requests within one second with the same signature (boto3 signs
-  the time to the second, and by default nothing else that changes between calls).
+- each signature is accepted once: a replay within the five minutes it is valid is
+  refused, except within :data:`REPEAT_GRACE` seconds of its first use, since a client
+  that sends the same request twice within one second signs it the same way (SigV4's
+  time has whole seconds; boto3 and aws-cli, by default, sign nothing else that changes
+  between calls). Behind TLS a replay needs the request itself, and then it must come
+  within that grace of the original.
 
 A request signed with an access key never acts *on behalf of* another user, and may not
 create, activate, deactivate or delete access keys (:mod:`envfs.kms.accesskeys`).
@@ -65,7 +65,6 @@ from envfs.errors import (
 )
 from envfs.identity import Caller
 from envfs.kms import awsjson, sigv4
-from envfs.kms.core import AUDIT_ONLY_OPERATIONS
 from envfs.kms.dispatch import Dispatcher, Request
 from envfs.kms.limits import Rate, TokenBucket
 
@@ -78,6 +77,7 @@ _ACCEPT_RETRY_DELAY = 0.1
 _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _MAX_SOURCES = 4096  # client addresses whose failed signatures are counted
 _LAST_USED_INTERVAL = 60.0  # an access key's LastUsedDate is written at most this often
+REPEAT_GRACE = 2.0  # seconds in which a signature is accepted again (see the module's doc)
 DEFAULT_FAILURE_RATE = Rate(5.0, 50.0)  # failed signatures a second per client address
 
 SecretFor = Callable[[str], "tuple[bytes, int] | None"]
@@ -240,7 +240,7 @@ class _HttpServer:
         self._dispatcher = dispatcher
         self._endpoint = endpoint
         self._slots = trio.Semaphore(endpoint.max_connections)
-        self._replays = sigv4.ReplayCache()
+        self._replays = sigv4.ReplayCache(repeat_grace=REPEAT_GRACE)
         self._failures: OrderedDict[str, TokenBucket] = OrderedDict()
         self._failure_logged: dict[str, float] = {}
         self._last_used: dict[str, float] = {}
@@ -431,8 +431,6 @@ class _HttpServer:
             operation, params = awsjson.parse_request(
                 _header(received.headers, "x-amz-target"), received.body
             )
-            if operation not in AUDIT_ONLY_OPERATIONS:
-                sigv4.check_replay(_signed(received), self._replays)
         except (KMSError, awsjson.WireError) as exc:
             return _error(exc)
         try:
@@ -481,6 +479,7 @@ class _HttpServer:
                 secret,
                 region=endpoint.region,
                 now=_dt.datetime.now(_dt.UTC),
+                replay_cache=self._replays,
             )
 
         try:
