@@ -154,10 +154,11 @@ class ReplayCache:
 
     A client that sends an identical request twice within the same second (same time,
     same body) makes the same signature: SigV4's time has whole seconds, and clients such
-    as boto3 sign nothing else that changes between calls by default. ``repeat_grace``
-    seconds after a signature was first accepted, it is accepted again (strictly less), so that such
-    repeats are served; 0 (the default) refuses every repeat. A replay by someone who
-    captured a request must then come within that grace of the original's arrival.
+    as boto3 sign nothing else that changes between calls by default. Less than
+    ``repeat_grace`` seconds after a signature was first accepted, it is accepted again,
+    so that such repeats are served; 0 (the default) refuses every repeat. A replay by
+    someone who captured a request must then come within that grace of the original's
+    arrival.
     """
 
     max_entries: int = 100_000
