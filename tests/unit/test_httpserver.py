@@ -500,6 +500,48 @@ async def test_keep_alive_serves_many_requests_on_one_connection(endpoint: Endpo
     assert await in_thread(two_on_one) == [200, 200]
 
 
+async def test_one_address_holds_a_bounded_number_of_connections(tmp_path: Path) -> None:
+    async with serving(tmp_path, max_connections_per_address=2, request_timeout=30) as ep:
+
+        def hold_three() -> tuple[list[bytes], int]:
+            # A silent connection is kept for 30 s: the third is closed only by the bound.
+            conns = [socket.create_connection(("127.0.0.1", ep.port), timeout=5) for _ in range(3)]
+            try:
+                third = conns[2].recv(10)  # closed as it was accepted
+                headers, body = sign(ep, ep.root, "ListKeys", {})
+                request = (
+                    b"POST / HTTP/1.1\r\n"
+                    + b"".join(f"{n}: {v}\r\n".encode() for n, v in headers)
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                conns[0].sendall(request)
+                first = conns[0].recv(65536)
+            finally:
+                for conn in conns:
+                    conn.close()
+            time.sleep(0.2)
+            status, _ = send(ep, *sign(ep, ep.root, "GenerateRandom", {"NumberOfBytes": 1}))
+            return [third, first[:12]], status
+
+        (third, first), status = await in_thread(hold_three)
+        assert third == b""
+        assert first == b"HTTP/1.1 200"
+        assert status == 200  # the closed connections' places were given back
+
+
+async def test_a_new_connection_must_send_within_the_request_timeout(tmp_path: Path) -> None:
+    async with serving(tmp_path, request_timeout=0.3, idle_timeout=30) as ep:
+
+        def silent() -> bytes:
+            with socket.create_connection(("127.0.0.1", ep.port), timeout=10) as conn:
+                return conn.recv(10)
+
+        started = time.monotonic()
+        assert await in_thread(silent) == b""
+        assert time.monotonic() - started < 5
+
+
 async def test_failed_signatures_from_one_address_are_throttled(tmp_path: Path) -> None:
     async with serving(tmp_path, failure_rate=Rate(0.1, 3)) as ep:
         wrong = Key(ep.root.access_key_id, "y" * 40)
