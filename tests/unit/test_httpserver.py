@@ -717,3 +717,12 @@ def _snake(name: str) -> str:
     import re
 
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+async def test_a_request_cannot_ask_to_act_for_another_user(endpoint: Endpoint) -> None:
+    # The Unix socket's on_behalf_of is a field of its frames, not a parameter: in an HTTP
+    # body it is an unknown parameter, refused, and the call is not made for uid 0.
+    for params in ({"on_behalf_of": {"uid": 0, "gid": 0}}, {"OnBehalfOf": 0}):
+        status, body = await call_raw(endpoint, endpoint.nobody, "CreateKey", params)
+        assert (status, body["__type"]) == (400, "ValidationException"), body
+    assert endpoint.service.handle(ROOT, "ListKeys", {})["Keys"] == []
