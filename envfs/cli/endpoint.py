@@ -135,8 +135,8 @@ def open_endpoint(args: argparse.Namespace) -> EndpointConnection:
         raise UsageError(f"argument --endpoint-url: {exc}") from None
     session = _session(args.profile)
     credentials = _credentials(session, args.profile)
-    ca_bundle = args.ca_bundle or _config(session, "ca_bundle")
-    attempts = _config(session, "max_attempts")
+    ca_bundle = args.ca_bundle or _config(session, "ca_bundle", args.profile)
+    attempts = _config(session, "max_attempts", args.profile)
     client = HTTPKMSClient(
         endpoint,
         credentials,
@@ -160,13 +160,18 @@ def _session(profile: str | None) -> Any:
         raise UsageError(f"cannot read the AWS configuration: {_safe(exc)}") from None
 
 
-def _config(session: Any, name: str) -> Any:
+def _profile_source(profile: str | None) -> str:
+    """Where the profile came from, for a message: the flag or ``AWS_PROFILE``."""
+    return "argument --profile" if profile is not None else "AWS_PROFILE"
+
+
+def _config(session: Any, name: str, profile: str | None) -> Any:
     import botocore.exceptions
 
     try:
         return session.get_config_variable(name)
     except botocore.exceptions.ProfileNotFound as exc:
-        raise UsageError(f"argument --profile: {exc}") from None
+        raise UsageError(f"{_profile_source(profile)}: {exc}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise UsageError(f"cannot read the AWS configuration: {_safe(exc)}") from None
 
@@ -192,7 +197,7 @@ def _credentials(session: Any, profile: str | None) -> Credentials:
         found = session.get_credentials()
         frozen = found.get_frozen_credentials() if found is not None else None
     except botocore.exceptions.ProfileNotFound as exc:
-        raise UsageError(f"argument --profile: {exc}") from None
+        raise UsageError(f"{_profile_source(profile)}: {exc}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise UsageError(f"cannot get AWS credentials: {_safe(exc)}") from None
     if frozen is None or not frozen.access_key or not frozen.secret_key:

@@ -327,8 +327,7 @@ class _NotSent(Exception):
 class HTTPKMSClient:
     """Calls to the key service at ``endpoint`` with ``credentials``, signed for ``region``.
 
-    Synchronous; one connection per attempt, closed after it. Not shared between threads
-    (each call is independent, so a client may be, but it keeps no lock).
+    Synchronous and thread-safe: each attempt opens its own connection and closes it.
     """
 
     def __init__(

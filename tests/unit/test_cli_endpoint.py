@@ -198,6 +198,15 @@ def test_usage_errors_before_any_call(
     assert err.startswith("envfs: error: ") and message in err, err
 
 
+def test_an_unknown_profile_from_the_environment_is_named_so(
+    aws_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "nope")
+    code, _, err = run(capsys, "list-keys", "--endpoint-url", "https://127.0.0.1:1")
+    assert code == 2
+    assert err.startswith("envfs: error: AWS_PROFILE: The config profile (nope) could not")
+
+
 def test_the_environment_s_url_conflicts_with_embedded_by_name(
     aws_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
