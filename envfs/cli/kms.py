@@ -281,7 +281,8 @@ def _check_user(request: Mapping[str, Any]) -> None:
 
 def _run_operation(operation: Operation, args: argparse.Namespace) -> int:
     request = build_request(operation, vars(args))
-    _check_user(request)
+    if not endpoint.wanted(args):  # an endpoint's users are its machine's, not ours
+        _check_user(request)
     with open_backend(args) as backend:
         response = backend.call(operation.name, request)
     print_answer(args, response, operation.name)

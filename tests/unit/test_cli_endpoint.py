@@ -228,6 +228,18 @@ def test_aws_s_endpoint_variables_are_not_read(
     assert code == 32, err  # the store was looked for: no endpoint was used
 
 
+def test_a_user_is_the_endpoint_s_to_know(
+    server: Endpointd, env_key: Credentials, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The endpoint's machine has its own users: no local check of --user first."""
+    argv = ("list-access-keys", "--user", "no-such-user-here", "--endpoint-url", server.url)
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (18, "")
+    assert err.startswith("envfs: error: ValidationException: ")
+    code, _, err = run(capsys, "list-access-keys", "--user", "no-such-user-here", "--embedded")
+    assert code == 2 and "no such user 'no-such-user-here'" in err
+
+
 def test_owner_only_audit_jobs_are_refused_with_an_endpoint(
     env_key: Credentials, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
