@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,9 +135,11 @@ def open_endpoint(args: argparse.Namespace) -> EndpointConnection:
     except ValueError as exc:
         raise UsageError(f"argument --endpoint-url: {exc}") from None
     session = _session(args.profile)
-    credentials = _credentials(session, args.profile)
     ca_bundle = args.ca_bundle or _config(session, "ca_bundle", args.profile)
+    if ca_bundle:
+        _check_ca_bundle(str(ca_bundle), "argument --ca-bundle" if args.ca_bundle else None)
     attempts = _config(session, "max_attempts", args.profile)
+    credentials = _credentials(session, args.profile)
     client = HTTPKMSClient(
         endpoint,
         credentials,
@@ -170,10 +173,29 @@ def _config(session: Any, name: str, profile: str | None) -> Any:
 
     try:
         return session.get_config_variable(name)
+    except ValueError:  # a number that is not one (AWS_MAX_ATTEMPTS=abc)
+        raise UsageError(
+            f"{name} (AWS_{name.upper()} or the profile's) is not a valid value"
+        ) from None
     except botocore.exceptions.ProfileNotFound as exc:
         raise UsageError(f"{_profile_source(profile)}: {exc}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise UsageError(f"cannot read the AWS configuration: {_safe(exc)}") from None
+
+
+def _check_ca_bundle(path: str, flag: str | None) -> None:
+    """Refuse a CA bundle that cannot be used, as a usage error naming where it was given."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        where = flag or "the CA bundle (AWS_CA_BUNDLE or the profile's ca_bundle)"
+        if isinstance(exc, ssl.SSLError) or not exc.strerror:  # SSLError is an OSError
+            reason = "not PEM"
+        else:
+            reason = exc.strerror.lower()
+        raise UsageError(
+            f"{where}: {path!r} cannot be used: {reason} (a PEM file of CA certificates)"
+        ) from None
 
 
 def _attempts(value: Any) -> int:

@@ -565,6 +565,8 @@ class HTTPKMSClient:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):  # an OSError whose strerror is OpenSSL's whole line
+        return str(exc.reason or "TLS error").lower().replace("_", " ")
     if isinstance(exc, socket.gaierror):
         return f"no such host ({exc.strerror})" if exc.strerror else "no such host"
     if isinstance(exc, OSError) and exc.strerror:

@@ -12,6 +12,7 @@ import base64
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,6 +185,14 @@ def test_a_stopped_endpoint_is_a_clear_error(
         ),
         (("--endpoint-url", "https://127.0.0.1:1", "--cli-read-timeout", "-1"), "-1"),
         (
+            ("--endpoint-url", "https://127.0.0.1:1", "--ca-bundle", "/nonexistent"),
+            "argument --ca-bundle: '/nonexistent' cannot be used: no such file or directory",
+        ),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1", "--ca-bundle", __file__),
+            f"argument --ca-bundle: {__file__!r} cannot be used: not PEM",
+        ),
+        (
             ("--endpoint-url", "https://127.0.0.1:1"),
             "--endpoint-url needs AWS credentials and the environment or the default profile"
             " has none",
@@ -226,6 +235,49 @@ def test_aws_s_endpoint_variables_are_not_read(
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", "http://kms.example.org")
     code, _, err = run(capsys, "list-keys", "--embedded", "--kms-dir", str(tmp_path / "none"))
     assert code == 32, err  # the store was looked for: no endpoint was used
+
+
+def test_aws_max_attempts_bounds_the_attempts(
+    env_key: Credentials, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[float] = []
+    monkeypatch.setattr("envfs.kms.httpclient.random.random", lambda: 0.0)
+    monkeypatch.setattr("time.sleep", attempts.append)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    import envfs.kms.httpclient as httpclient
+
+    real_init = httpclient.HTTPKMSClient.__init__
+
+    def no_real_sleep(self: httpclient.HTTPKMSClient, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **{**kwargs, "sleep": attempts.append})
+
+    monkeypatch.setattr(httpclient.HTTPKMSClient, "__init__", no_real_sleep)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
+    assert run(capsys, "list-keys", "--endpoint-url", url)[0] == 27
+    assert len(attempts) == 4
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert run(capsys, "list-keys", "--endpoint-url", url)[0] == 27
+    assert len(attempts) == 4
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "abc")
+    code, _, err = run(capsys, "list-keys", "--endpoint-url", url)
+    assert code == 2 and "max_attempts (AWS_MAX_ATTEMPTS or the profile's) is not" in err
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "0")
+    code, _, err = run(capsys, "list-keys", "--endpoint-url", url)
+    assert (
+        code == 2
+        and "max_attempts (AWS_MAX_ATTEMPTS or the profile) must be 1 or more, not 0" in err
+    )
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0", None), ("2.5", 2.5), ("30", 30.0)])
+def test_timeouts_as_aws_cli_reads_them(text: str, seconds: float | None) -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["kms", "list-keys", "--cli-connect-timeout", text, "--cli-read-timeout", text]
+    )
+    assert args.cli_connect_timeout == seconds and args.cli_read_timeout == seconds
 
 
 def test_a_user_is_the_endpoint_s_to_know(
