@@ -471,12 +471,13 @@ class HTTPKMSClient:
             ) from None
         except OSError as exc:
             connection.close()
-            raise _NotSent(
-                EndpointUnavailableException(
-                    f"cannot reach the key service at '{endpoint}': {_reason(exc)}",
-                    "check the URL, and that 'envfs kms serve --listen-http' runs there",
-                )
-            ) from None
+            error = EndpointUnavailableException(
+                f"cannot reach the key service at '{endpoint}': {_reason(exc)}",
+                "check the URL, and that 'envfs kms serve --listen-http' runs there",
+            )
+            if isinstance(exc, socket.gaierror) and exc.errno != socket.EAI_AGAIN:
+                raise error from None  # no such host: asking again will not make one
+            raise _NotSent(error) from None
         sock = connection.sock
         if endpoint.scheme == "http" and sock is not None:
             # "localhost" is resolved by the system: never send plaintext off this machine.

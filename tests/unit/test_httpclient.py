@@ -422,6 +422,24 @@ def test_a_stopped_endpoint_cannot_be_reached_after_bounded_retries(
     assert err.value.exit_code == 27 and "envfs kms serve --listen-http" in err.value.hint
 
 
+def test_no_such_host_is_not_tried_again(
+    root_key: Credentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_host(*args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_host)
+    delays: list[float] = []
+    client = client_for("https://kms.invalid:8443", root_key, sleep=delays.append)
+    with pytest.raises(
+        EndpointUnavailableException,
+        match=r"^cannot reach the key service at 'https://kms\.invalid:8443': no such host"
+        r" \(Name or service not known\)$",
+    ):
+        client.call("ListKeys", {})
+    assert delays == []
+
+
 def test_no_answer_in_time_is_a_timeout_and_a_create_is_not_repeated(
     root_key: Credentials,
 ) -> None:
