@@ -93,7 +93,7 @@ def wanted(args: argparse.Namespace) -> bool:
                 option = "--" + flag.replace("_", "-")
                 raise UsageError(f"argument {option}: only with --endpoint-url URL")
         return False
-    source = "--endpoint-url" if os.environ.get(ENV_URL) != url else f"{ENV_URL}"
+    source = "--endpoint-url" if os.environ.get(ENV_URL) != url else ENV_URL
     if getattr(args, "embedded", False):
         raise UsageError(
             f"argument --embedded: not allowed with {source} (the store or the endpoint, not both)"
