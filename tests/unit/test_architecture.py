@@ -81,6 +81,13 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         why="cli/output.py is the only importer of jmespath: --query is evaluated in one place",
     ),
     ForbiddenImport(
+        "botocore-in-awskms-only",
+        modules=("envfs",),
+        except_for=("envfs.keys.awskms",),
+        forbidden=("botocore", "boto3"),
+        why="keys/awskms.py is the only importer of the AWS SDK: one place speaks to AWS KMS",
+    ),
+    ForbiddenImport(
         "cryptography-in-crypto-only",
         modules=("envfs",),
         except_for=("envfs.crypto",),
@@ -262,7 +269,7 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     OnlyImports(
         "declared-dependencies-only",
         modules=("envfs",),
-        allowed=("envfs", "cryptography", "jmespath", "pyfuse3", "trio"),
+        allowed=("envfs", "cryptography", "jmespath", "pyfuse3", "trio", "botocore"),
         stdlib=True,
         why="third-party imports are the dependencies pyproject.toml declares",
     ),
