@@ -22,6 +22,7 @@ response bodies at DEBUG, so its loggers are held at WARNING whatever the daemon
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -49,7 +50,8 @@ from envfs.keys.provider import DataKey, EncryptionContext, WrappedKey
 
 log = logging.getLogger(__name__)
 
-# Codes that mean "these credentials are not accepted": for the caller, a refusal.
+# Codes that mean "these credentials are not accepted": for the caller, a refusal (so is
+# any other answer with HTTP status 401 or 403).
 _REFUSED = frozenset(
     {
         "AccessDenied",
@@ -333,7 +335,7 @@ def _clean_session() -> Any:
     session = botocore.session.Session()
     session.set_config_variable("config_file", "/dev/null")
     session.set_config_variable("credentials_file", "/dev/null")
-    session.set_config_variable("profile", "default")
+    session.set_config_variable("profile", None)  # not AWS_PROFILE's
     session.set_config_variable("ignore_configured_endpoint_urls", True)
     return session
 
@@ -344,7 +346,11 @@ def _from_client_error(
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
     message = str(error.get("Message", "")) or code
-    if code in _REFUSED:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if message.lstrip().startswith("<"):  # an XML error body (an IAM refusal, from moto)
+        found = re.search(r"<Message>([^<]{1,500})</Message>", message)
+        message = found.group(1) if found else f"HTTP status {status}"
+    if code in _REFUSED or (code not in KMSError.registry and status in (401, 403)):
         return AccessDeniedException(f"{operation} refused for {entry.describe()}: {message}")
     kind = KMSError.registry.get(code)
     if kind is None:

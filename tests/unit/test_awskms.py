@@ -1,0 +1,261 @@
+"""The AWS KMS key provider against a real HTTP endpoint on loopback: moto's server mode
+standing in for AWS KMS, IAM and STS. No test needs the internet."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from envfs.errors import (
+    AccessDeniedException,
+    DependencyTimeoutException,
+    InvalidCiphertextException,
+    KMSUnavailableException,
+    NotFoundException,
+)
+from envfs.identity import Caller
+from envfs.keys.awscreds import load_mapping
+from envfs.keys.awskms import AwsKmsProvider
+from tests.unit.motokms import REGION, Moto, free_port, moto_server, no_home_aws, write_mapping
+
+ALICE = Caller(5001, 5001, frozenset({5001, 6000}), "alice", frozenset({"alice", "staff"}))
+BOB = Caller(5002, 5002, frozenset({5002, 6000}), "bob", frozenset({"bob", "staff"}))
+CAROL = Caller(5003, 5003, frozenset({5003}), "carol", frozenset({"carol"}))
+CONTEXT = {"envfs:volume": "v", "envfs:file": "00" * 16}
+
+
+@pytest.fixture
+def moto(tmp_path: Path) -> Iterator[Moto]:
+    with no_home_aws(tmp_path), moto_server() as server:
+        yield server
+
+
+def provider_for(moto: Moto, tmp_path: Path, entries: str, **kwargs: object) -> AwsKmsProvider:
+    creds = moto.write_credentials(tmp_path, {name: name for name in moto.users})
+    mapping = load_mapping(
+        write_mapping(tmp_path, creds, entries, f'sts_endpoint_url = "{moto.url}"')
+    )
+    return AwsKmsProvider(REGION, mapping, endpoint_url=moto.url, **kwargs)  # type: ignore[arg-type]
+
+
+TWO_USERS = """
+[[map]]
+principal = "user:alice"
+profile = "alice"
+
+[[map]]
+principal = "uid:5002"
+profile = "bob"
+"""
+
+
+def test_data_key_round_trip_with_the_context_bound(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    made = provider.generate_data_key(key, CONTEXT, ALICE, "note")
+    assert made.key_arn == key and len(made.plaintext) == 32
+    assert provider.decrypt(made.wrapped, key, CONTEXT, BOB, "n") == made.plaintext
+    with pytest.raises(InvalidCiphertextException):
+        provider.decrypt(made.wrapped, key, {**CONTEXT, "envfs:file": "11" * 16}, ALICE, "n")
+    assert provider.describe_key(key, ALICE) == key
+    # AWS's blobs are opaque: never parsed, and the volume's early check is left to Decrypt.
+    assert provider.read_wrapped(made.wrapped) is None and provider.reads_wrapped is False
+    provider.close()
+
+
+def test_an_unmapped_user_is_refused_without_a_call(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("alice")
+    provider = provider_for(
+        moto, tmp_path, '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n'
+    )
+    with pytest.raises(
+        AccessDeniedException,
+        match=r"^carol\(5003\) has no AWS identity in '.*aws-users.toml': not allowed to use"
+        r" the key service$",
+    ):
+        provider.generate_data_key(key, CONTEXT, CAROL, "n")
+    assert provider._clients.keys() == set()  # no client, so no request, for carol
+
+
+def test_iam_decides_per_user(moto: Moto, tmp_path: Path) -> None:
+    """Two users, two AWS identities: IAM allows one and refuses the other (moto enforcing
+    IAM policies, as AWS does)."""
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob", policy=None)  # no permission at all
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    moto.enforce_iam()
+    made = provider.generate_data_key(key, CONTEXT, ALICE, "n")
+    with pytest.raises(
+        AccessDeniedException,
+        match=r"^Decrypt refused for mapping 'uid:5002' \(profile 'bob'\): User:"
+        r" arn:aws:iam::[0-9]+:user/bob is not authorized to perform: kms:Decrypt",
+    ):
+        provider.decrypt(made.wrapped, key, CONTEXT, BOB, "n")
+    assert provider.decrypt(made.wrapped, key, CONTEXT, ALICE, "n") == made.plaintext
+    assert set(provider._clients) == {0, 1}  # one client per mapping entry, reused
+
+
+def test_a_role_assumed_from_a_profile(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("base", policy={"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]})  # fmt: skip
+    role = moto.create_role("envfs-staff")
+    provider = provider_for(
+        moto,
+        tmp_path,
+        f'[[map]]\nprincipal = "group:staff"\nprofile = "base"\nrole_arn = "{role}"\n'
+        'role_session_name = "envfs-test"\n',
+    )
+    moto.enforce_iam()
+    made = provider.generate_data_key(key, CONTEXT, BOB, "n")  # as the role, not as "base"
+    assert provider.decrypt(made.wrapped, key, CONTEXT, ALICE, "n") == made.plaintext
+    # "base" itself may not use KMS: the role's permission is what allowed it.
+    access, secret = moto.users["base"]
+    kms = moto.client("kms", aws_access_key_id=access, aws_secret_access_key=secret)
+    with pytest.raises(Exception, match="not authorized"):
+        kms.describe_key(KeyId=key)
+
+
+def test_user_entries_come_before_group_entries(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("team")
+    moto.create_user("alice", policy=None)
+    provider = provider_for(
+        moto,
+        tmp_path,
+        '[[map]]\nprincipal = "group:staff"\nprofile = "team"\n'
+        '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n',
+    )
+    assert provider.mapping.source_for(ALICE).profile == "alice"  # type: ignore[union-attr]
+    assert provider.mapping.source_for(BOB).profile == "team"  # type: ignore[union-attr]
+    moto.enforce_iam()
+    provider.generate_data_key(key, CONTEXT, BOB, "n")
+    with pytest.raises(AccessDeniedException):  # alice's own entry wins: no KMS for her
+        provider.generate_data_key(key, CONTEXT, ALICE, "n")
+
+
+def test_decrypt_requires_the_named_key(moto: Moto, tmp_path: Path) -> None:
+    key, other = moto.create_key(), moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    made = provider.generate_data_key(key, CONTEXT, ALICE, "n")
+    # AWS answers IncorrectKeyException, moto AccessDeniedException: either way, refused.
+    with pytest.raises((AccessDeniedException, InvalidCiphertextException)):
+        provider.decrypt(made.wrapped, other, CONTEXT, ALICE, "n")
+    with pytest.raises(NotFoundException):
+        provider.describe_key(
+            key.rsplit("/", 1)[0] + "/" + "0" * 8 + "-0000-0000-0000-" + "0" * 12, ALICE
+        )
+
+
+def test_an_unreachable_endpoint_fails_fast_then_recovers(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there yet
+    with no_home_aws(tmp_path):
+        creds = tmp_path / "credentials"
+        creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+        creds.chmod(0o600)
+        mapping = load_mapping(
+            write_mapping(tmp_path, creds, TWO_USERS.split('[[map]]\nprincipal = "uid')[0])
+        )
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{port}", timeout=2, max_backoff=0.5
+        )
+        start = time.monotonic()
+        with pytest.raises(
+            KMSUnavailableException,
+            match=r"^the key service at 'http://127.0.0.1:[0-9]+' cannot be reached: ",
+        ):
+            provider.describe_key("alias/x", ALICE)
+        assert time.monotonic() - start < 5  # bounded retries, no hang
+        with pytest.raises(
+            KMSUnavailableException, match=r"unavailable \(next try in 0\.[0-9] s\)$"
+        ):
+            provider.describe_key("alias/x", ALICE)  # failing fast, no attempt
+        with moto_server(port) as moto:
+            key = moto.create_key()
+            moto.create_user("alice")
+            creds.write_text(
+                f"[alice]\naws_access_key_id = {moto.users['alice'][0]}\n"
+                f"aws_secret_access_key = {moto.users['alice'][1]}\n"
+            )
+            provider._clients.clear()  # keys read again (a new client)
+            time.sleep(0.2)
+            assert provider.describe_key(key, ALICE) == key
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_a_silent_endpoint_times_out(tmp_path: Path) -> None:
+    with no_home_aws(tmp_path), silent_server() as port:
+        creds = tmp_path / "credentials"
+        creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+        creds.chmod(0o600)
+        mapping = load_mapping(
+            write_mapping(tmp_path, creds, '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n')
+        )
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{port}", timeout=0.5, max_attempts=2
+        )
+        start = time.monotonic()
+        with pytest.raises(DependencyTimeoutException, match=r"did not answer in time"):
+            provider.describe_key("alias/x", ALICE)
+        assert time.monotonic() - start < 4  # two attempts of 0.5 s and a backoff
+
+
+def test_the_log_holds_no_secret(
+    moto: Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore logs bodies and headers at DEBUG: the provider keeps them out even when the
+    daemon logs at DEBUG (ENVFS_DEBUG=1)."""
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("botocore").setLevel(logging.NOTSET)  # as a fresh daemon has it
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    made = provider.generate_data_key(key, CONTEXT, ALICE, "n")
+    provider.decrypt(made.wrapped, key, CONTEXT, ALICE, "n")
+    secret = moto.users["alice"][1]
+    text = caplog.text
+    assert "AWS KMS client made for mapping 'user:alice' (profile 'alice')" in text
+    for forbidden in (secret, base64.b64encode(made.plaintext).decode(), made.plaintext.hex()):
+        assert forbidden not in text
+    assert secret not in repr(provider.mapping.static_keys(provider.mapping.entries[0]))
