@@ -384,7 +384,7 @@ def _daemonize(args: argparse.Namespace) -> int:
         ("--key-cache-seconds", args.key_cache_seconds),
         ("--key-pool-size", args.key_pool_size),
     ):
-        if value:
+        if value is not None and value != "":  # 0 too: --key-cache-seconds 0 means "none"
             command += [flag, str(value)]
     if args.busy_poll is not None:  # 0 too
         command += ["--busy-poll", str(args.busy_poll)]

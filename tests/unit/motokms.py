@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,18 @@ class Moto:
     url: str
     port: int
     users: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> keys
+    server: ThreadedMotoServer | None = None
+
+    def start(self) -> None:
+        """Serve on the port (again: moto's state is kept in this process)."""
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        """Close the port; the state stays."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def client(self, service: str, **keys: str) -> Any:
         return boto3.client(
@@ -114,17 +127,18 @@ def moto_server(port: int | None = None) -> Iterator[Moto]:
     """moto on 127.0.0.1 (a free port unless given), stopped however the block ends; IAM
     is not enforced until :meth:`Moto.enforce_iam`."""
     port = port or free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     moto = Moto(f"http://127.0.0.1:{port}", port)
+    moto.start()
     try:
         moto.post("/moto-api/reset")  # moto's state is the process's, shared by servers
         yield moto
     finally:
+        if moto.server is None:
+            moto.start()
         with contextlib.suppress(OSError):
             moto.enforce_iam(False)
             moto.post("/moto-api/reset")
-        server.stop()
+        moto.stop()
 
 
 @contextlib.contextmanager
@@ -144,3 +158,70 @@ def no_home_aws(directory: Path) -> Iterator[None]:
         for name in [k for k in os.environ if k.startswith("AWS_")]:
             del os.environ[name]
         os.environ.update(saved)
+
+
+class Outage:
+    """A TCP relay to ``target_port`` on loopback, which can be taken down (its port closed
+    and every open connection cut, as when the service's machine goes away) and brought up
+    again on the same port. A stopped moto server would keep serving its open keep-alive
+    connections, so tests cut them here."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._thread.start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -17,10 +19,16 @@ import pytest
 from envfs.errors import (
     AccessDeniedException,
     DependencyTimeoutException,
+    IntegrityError,
     InvalidCiphertextException,
     KMSUnavailableException,
     NotFoundException,
+    VolumeError,
 )
+from envfs.files import fileformat
+from envfs.files.inodes import ROOT_INODE
+from envfs.files.vfs import Vfs
+from envfs.files.volume import VOLUME_FILE, Volume
 from envfs.identity import Caller
 from envfs.keys.awscreds import load_mapping
 from envfs.keys.awskms import AwsKmsProvider
@@ -259,3 +267,42 @@ def test_the_log_holds_no_secret(
     for forbidden in (secret, base64.b64encode(made.plaintext).decode(), made.plaintext.hex()):
         assert forbidden not in text
     assert secret not in repr(provider.mapping.static_keys(provider.mapping.entries[0]))
+
+
+def test_a_volume_on_an_aws_key(moto: Moto, tmp_path: Path) -> None:
+    """The volume file's checks hold with an AWS key ARN (whose blobs envfs cannot read):
+    authentic, an edited or re-keyed volume file refused, a header naming another key
+    refused without asking AWS."""
+    key, other = moto.create_key(), moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    backing = tmp_path / "backing"
+    volume = Volume.create(backing, key, provider, ALICE, format_version=1, encrypted_names=False)
+    assert (volume.key_arn, volume.region) == (key, REGION)
+    loaded = Volume.load(backing)
+    loaded.check_region(provider)
+    vfs = Vfs(loaded, provider, chown_new=False)
+    try:
+        fh, st = vfs.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, ALICE)
+        vfs.write(fh, 0, b"under AWS")
+        vfs.release(fh)
+        fh = vfs.open(st.ino, os.O_RDONLY, BOB)
+        assert vfs.read(fh, 0, 100) == b"under AWS"
+        vfs.release(fh)
+        # A file planted by someone who may use another key: refused, AWS not asked.
+        file_id = os.urandom(16)
+        planted = provider.generate_data_key(other, loaded.file_context(file_id), ALICE, "x")
+        header = fileformat.FileHeader(file_id, loaded.block_shift, other, planted.wrapped)
+        keys = fileformat.FileKeys.derive(planted.plaintext, file_id)
+        (backing / "planted").write_bytes(fileformat.encrypt_file(header, keys, b"bait"))
+        ino = vfs.lookup(ROOT_INODE, b"planted").ino
+        with pytest.raises(IntegrityError, match=r"^the header names a key the volume does not"):
+            vfs.open(ino, os.O_RDONLY, BOB)
+    finally:
+        vfs.close()
+    doc = json.loads((backing / VOLUME_FILE).read_text())
+    for field, value in (("key_arn", other), ("block_shift", 13)):
+        (backing / VOLUME_FILE).write_text(json.dumps({**doc, field: value}))
+        with pytest.raises((VolumeError, AccessDeniedException)):  # AWS: IncorrectKey
+            Volume.load(backing).verify(provider, ALICE)
