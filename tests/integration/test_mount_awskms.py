@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Env, Mount, live
+from tests.integration.conftest import Env, Mount, is_mounted, live
+from tests.integration.test_kms_http import _env, _self_signed, envfs, serving
+from tests.integration.test_kms_scenario import Account, accounts  # noqa: F401 (a fixture)
 from tests.unit.motokms import Moto, Outage, moto_server, no_home_aws, write_mapping
 
 pytestmark = [
@@ -181,3 +183,91 @@ def test_init_refuses_without_a_mapping_for_the_user(tmp_path: Path) -> None:
         assert result.returncode == 62 and "not trusted" in result.stderr, result.stderr
         assert not backing.exists()
         assert "Traceback" not in result.stderr
+
+
+def test_a_volume_on_another_machines_envfs_key_service(
+    accounts: tuple[str, dict[str, Account]],  # noqa: F811
+) -> None:
+    """The same provider pointed at envfs's own key service over HTTPS (``envfs kms serve
+    --listen-http`` with TLS): each user's opens are signed with that user's access key
+    and decided and audited by the key service as that user; mounted through a volume
+    configuration."""
+    _, people = accounts
+    usr, oth = people["usr"], people["oth"]
+    base = Path(tempfile.mkdtemp(prefix="envfs-fleet-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        env = _env(base / "kms", base / "kms.sock")
+        assert envfs(env, "kms", "init").returncode == 0
+        cert, tls_key = _self_signed(base)
+        tls = ("--tls-cert", str(cert), "--tls-key", str(tls_key))
+        with serving(env, base / "serve.log", "--listen-http", "127.0.0.1:0", *tls) as service:
+            assert service.url.startswith("https://127.0.0.1:")
+            made = envfs(env, "kms", "create-key", "--key-users", f"uid:0,user:{usr.name}")
+            key_arn = json.loads(made.stdout)["KeyMetadata"]["Arn"]
+            secrets = base / "secrets"
+            secrets.mkdir(mode=0o700)
+            lines, entries = [], []
+            for profile, who in (("root", "root"), ("usr", usr.name), ("oth", oth.name)):
+                out = envfs(env, "kms", "create-access-key", "--user", who, "--output", "json")
+                access = json.loads(out.stdout)["AccessKey"]
+                lines += [f"[{profile}]", f"aws_access_key_id = {access['AccessKeyId']}"]
+                lines += [f"aws_secret_access_key = {access['SecretAccessKey']}"]
+                uid = 0 if who == "root" else (usr.uid if profile == "usr" else oth.uid)
+                entries.append(f'[[map]]\nprincipal = "uid:{uid}"\nprofile = "{profile}"\n')
+            creds = secrets / "credentials"
+            creds.write_text("\n".join(lines) + "\n")
+            creds.chmod(0o600)
+            mapping = write_mapping(secrets, creds, "".join(entries))
+            kms = ("--kms", service.url, "--kms-credentials", str(mapping))
+            mount_env = env_for(base)
+            backing = base / "backing"
+            untrusted = mount_env.run("init", str(backing), "--key-id", key_arn, *kms, check=False)
+            assert untrusted.returncode == 27 and "cannot be reached" in untrusted.stderr
+            assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
+            mount_env.run(
+                "init", str(backing), "--key-id", key_arn, *kms, "--kms-ca-bundle", str(cert)
+            )
+            info = json.loads(mount_env.run("info", str(backing)).stdout)
+            assert (info["KeyArn"], info["KeyService"]) == (key_arn, "envfs")
+
+            mnt = base / "mnt"
+            mnt.mkdir()
+            volumes = base / "volumes"
+            volumes.mkdir()
+            (volumes / "fleet.toml").write_text(
+                f'backing = "{backing}"\nmountpoint = "{mnt}"\nallow_other = true\n'
+                f'log_file = "{base / "mount.log"}"\n'
+                f'[kms]\nservice = "{service.url}"\ncredentials = "{mapping}"\n'
+                f'ca_bundle = "{cert}"\n'
+            )
+            mount_env.run(  # every open a decision of the key service, for the audit
+                "mount", "--config", "fleet", "--config-dir", str(volumes),
+                "--key-cache-seconds", "0",
+            )  # fmt: skip
+            try:
+                assert is_mounted(mnt)
+                mnt.chmod(0o777)
+                mine = as_user(usr.uid, f"echo fleet > {mnt}/f.txt && chmod 666 {mnt}/f.txt")
+                assert mine.returncode == 0, mine.stderr
+                assert as_user(usr.uid, f"cat {mnt}/f.txt").stdout == "fleet\n"
+                for uid in (oth.uid, STRANGER):  # refused by the key policy; no mapping
+                    refused = as_user(uid, f"cat {mnt}/f.txt")
+                    assert "Permission denied" in refused.stderr, refused.stderr
+            finally:
+                if is_mounted(mnt):
+                    mount_env.run("umount", str(mnt), check=False)
+                if is_mounted(mnt):
+                    subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+            audit = envfs(env, "kms", "audit", "--key-id", key_arn)
+            records = json.loads(audit.stdout)["Records"]
+            seen = {(r["operation"], r["caller"]["uid"], r["outcome"]) for r in records}
+            assert ("Decrypt", usr.uid, "Success") in seen
+            assert ("GenerateDataKey", usr.uid, "Success") in seen
+            assert ("Decrypt", oth.uid, "AccessDeniedException") in seen
+            assert not any(r["caller"]["uid"] == STRANGER for r in records)
+            for secret_line in lines:
+                if secret_line.startswith("aws_secret_access_key"):
+                    assert secret_line.split(" = ")[1] not in (base / "mount.log").read_text()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
