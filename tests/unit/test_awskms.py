@@ -306,3 +306,32 @@ def test_a_volume_on_an_aws_key(moto: Moto, tmp_path: Path) -> None:
         (backing / VOLUME_FILE).write_text(json.dumps({**doc, field: value}))
         with pytest.raises((VolumeError, AccessDeniedException)):  # AWS: IncorrectKey
             Volume.load(backing).verify(provider, ALICE)
+
+
+def test_a_volume_made_through_an_alias_arn_records_the_key(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.client("kms").create_alias(AliasName="alias/vol", TargetKeyId=key)
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    alias_arn = key.split(":key/")[0] + ":alias/vol"
+    volume = Volume.create(tmp_path / "backing", alias_arn, provider, ALICE)
+    assert volume.key_arn == key  # the key the alias named then, not the alias
+    Volume.load(tmp_path / "backing").verify(provider, BOB)
+
+
+def test_init_refuses_a_key_of_another_region_than_region(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from envfs import cli
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    code = cli.main(["init", str(tmp_path / "b"), "--key-id", key, "--region", "us-east-1"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"envfs: error: --key-id {key!r} is in region 'eu-west-1', not --region 'us-east-1'\n"
+    )
+    code = cli.main(["init", str(tmp_path / "b"), "--key-id", key, "--kms", "aws"])
+    assert code == 2
+    assert "needs a credential mapping: --kms-credentials FILE" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
