@@ -335,3 +335,21 @@ def test_init_refuses_a_key_of_another_region_than_region(
     assert code == 2
     assert "needs a credential mapping: --kms-credentials FILE" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_mount_by_an_unmapped_root_waits_for_a_mapped_user(moto: Moto, tmp_path: Path) -> None:
+    from envfs.files import mount
+
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    Volume.create(tmp_path / "backing", key, provider, ALICE)
+    root = Caller(0, 0, frozenset({0}), "root", frozenset({"root"}))
+    vfs = mount.prepare(Volume.load(tmp_path / "backing"), provider, root, multi_user=True)
+    try:
+        assert not vfs.access.volume_verified  # root has no AWS identity: deferred
+        vfs.access.decide(BOB)
+        assert vfs.access.volume_verified and vfs.access.name_keys is not None
+    finally:
+        vfs.close()
