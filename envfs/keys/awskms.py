@@ -37,6 +37,7 @@ import botocore.session
 
 from envfs.errors import (
     AccessDeniedException,
+    ConfigError,
     DependencyTimeoutException,
     KMSError,
     KMSInternalException,
@@ -274,7 +275,14 @@ class AwsKmsProvider:
         with self._lock:
             client = self._clients.get(entry.index)
             if client is None:
-                client = self._new_client("kms", self._credentials(entry), self.endpoint_url)
+                try:
+                    credentials = self._credentials(entry)
+                except ConfigError as exc:  # the files changed since the mount started
+                    log.error("%s", exc.message)
+                    raise AccessDeniedException(
+                        f"{entry.describe()} has no usable AWS credentials: {exc.message}"
+                    ) from None
+                client = self._new_client("kms", credentials, self.endpoint_url)
                 self._clients[entry.index] = client
                 log.info("AWS KMS client made for %s", entry.describe())
             return client

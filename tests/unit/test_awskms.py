@@ -353,3 +353,17 @@ def test_a_mount_by_an_unmapped_root_waits_for_a_mapped_user(moto: Moto, tmp_pat
         assert vfs.access.volume_verified and vfs.access.name_keys is not None
     finally:
         vfs.close()
+
+
+def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    (tmp_path / "credentials").write_text("[alice]\naws_access_key_id = A\n")
+    with pytest.raises(
+        AccessDeniedException,
+        match=r"^mapping 'user:alice' \(profile 'alice'\) has no usable AWS credentials: .*"
+        r"lacks aws_access_key_id or aws_secret_access_key",
+    ):
+        provider.generate_data_key(key, CONTEXT, ALICE, "n")
