@@ -39,6 +39,7 @@ from envfs.errors import (
     AccessDeniedException,
     ConfigError,
     DependencyTimeoutException,
+    IncorrectKeyException,
     KMSError,
     KMSInternalException,
     KMSUnavailableException,
@@ -189,6 +190,12 @@ class AwsKmsProvider:
         plaintext = out.get("Plaintext")
         if not isinstance(plaintext, bytes):
             raise KMSInternalException("the key service answered Decrypt without a plaintext")
+        if key_id.startswith("arn:") and out.get("KeyId") != key_id:
+            # AWS refuses this itself (KeyId is required to match); an endpoint that does
+            # not is not trusted with it.
+            raise IncorrectKeyException(
+                f"the key service decrypted under {out.get('KeyId')!r}, not {key_id!r}"
+            )
         return plaintext
 
     def describe_key(self, key_id: str, caller: Caller) -> str:

@@ -19,8 +19,10 @@ import pytest
 from envfs.errors import (
     AccessDeniedException,
     DependencyTimeoutException,
+    IncorrectKeyException,
     IntegrityError,
     InvalidCiphertextException,
+    KMSInternalException,
     KMSUnavailableException,
     NotFoundException,
     VolumeError,
@@ -367,3 +369,57 @@ def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path)
         r"lacks aws_access_key_id or aws_secret_access_key",
     ):
         provider.generate_data_key(key, CONTEXT, ALICE, "n")
+
+
+@contextlib.contextmanager
+def lying_endpoint(answer: dict[str, object]) -> Iterator[str]:
+    """An HTTP endpoint on loopback that answers every call with ``answer``."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_answers_that_do_not_hold_are_refused(tmp_path: Path) -> None:
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    other = key[:-1] + "c"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(
+        write_mapping(tmp_path, creds, '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n')
+    )
+    with no_home_aws(tmp_path), lying_endpoint(
+        {"Plaintext": base64.b64encode(bytes(32)).decode(), "KeyId": other,
+         "CiphertextBlob": base64.b64encode(b"x").decode()}
+    ) as url:  # fmt: skip
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=url)
+        with pytest.raises(IncorrectKeyException, match=r"^the key service decrypted under"):
+            provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
+    with no_home_aws(tmp_path), lying_endpoint(
+        {"Plaintext": base64.b64encode(bytes(16)).decode(), "KeyId": key,
+         "CiphertextBlob": base64.b64encode(b"x").decode()}
+    ) as url:  # fmt: skip
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=url)
+        with pytest.raises(KMSInternalException, match=r"without a 256-bit key$"):
+            provider.generate_data_key(key, CONTEXT, ALICE, "n")
