@@ -56,6 +56,7 @@ def provider_for(moto: Moto, tmp_path: Path, entries: str, **kwargs: object) -> 
     return AwsKmsProvider(REGION, mapping, endpoint_url=moto.url, **kwargs)  # type: ignore[arg-type]
 
 
+ALICE_ONLY = '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n'
 TWO_USERS = """
 [[map]]
 principal = "user:alice"
@@ -177,9 +178,7 @@ def test_an_unreachable_endpoint_fails_fast_then_recovers(tmp_path: Path) -> Non
         creds = tmp_path / "credentials"
         creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
         creds.chmod(0o600)
-        mapping = load_mapping(
-            write_mapping(tmp_path, creds, TWO_USERS.split('[[map]]\nprincipal = "uid')[0])
-        )
+        mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
         provider = AwsKmsProvider(
             REGION, mapping, endpoint_url=f"http://127.0.0.1:{port}", timeout=2, max_backoff=0.5
         )
