@@ -196,10 +196,12 @@ def _connect(
     *,
     batch_audit: bool = False,
     key_arn: str | None = None,
+    backing: Path | None = None,
 ) -> KeyServiceConnection:
     """The key service of ``region`` that ``--kms`` names; ``batch_audit``: an embedded
     service batches its audit records (the mount); ``key_arn``: the volume's key, whose
-    partition says whether an AWS KMS API is an envfs key service (``arn:envfs:``).
+    partition says whether an AWS KMS API is an envfs key service (``arn:envfs:``);
+    ``backing``: the volume's folder, where no credential mapping may be.
 
     Raises:
         UsageError: --kms-credentials or --kms-ca-bundle without a key service that uses it.
@@ -221,6 +223,7 @@ def _connect(
         credentials=args.kms_credentials,
         ca_bundle=args.kms_ca_bundle,
         envfs_blobs=key_arn is not None and _partition(key_arn) == "envfs",
+        backing=backing,
     )
 
 
@@ -242,7 +245,7 @@ def _init(args: argparse.Namespace) -> int:
             f"--key-id {args.key_id!r} is in region {key_region!r}, not --region {args.region!r}"
         )
     region = key_region or args.region or os.environ.get("ENVFS_REGION") or DEFAULT_REGION
-    with _connect(args, region, key_arn=args.key_id) as kms:
+    with _connect(args, region, key_arn=args.key_id, backing=Path(args.backing)) as kms:
         volume = Volume.create(
             Path(args.backing),
             args.key_id,
@@ -334,7 +337,9 @@ def _mount(args: argparse.Namespace) -> int:
         mount.check_mountpoint(mountpoint, nonempty=options.nonempty)
         volume = Volume.load(backing)
         region = args.region or volume.region
-        with _connect(args, region, batch_audit=True, key_arn=volume.key_arn) as kms:
+        with _connect(
+            args, region, batch_audit=True, key_arn=volume.key_arn, backing=backing
+        ) as kms:
             vfs = mount.prepare(
                 volume,
                 kms.provider,

@@ -140,17 +140,19 @@ class CredentialMapping:
         )
 
 
-def load_mapping(path: Path | str) -> CredentialMapping:
-    """Read and check a credential mapping file and the files it names.
+def load_mapping(path: Path | str, *, outside: Path | None = None) -> CredentialMapping:
+    """Read and check a credential mapping file and the files it names; none of them may
+    be under ``outside`` (the volume's backing folder, if given).
 
     Raises:
         ConfigError: the file or a file it names is missing, not trusted (see the module's
-            docstring), not valid TOML, or has an unknown key or a bad value; or an entry
-            names a profile that is not there.
+            docstring), in the backing folder, not valid TOML, or has an unknown key or a
+            bad value; or an entry names a profile that is not there.
     """
     path = Path(path)
     if not path.is_absolute():
         raise ConfigError(f"credential mapping {str(path)!r}: expected an absolute path")
+    _refuse_under(path, outside)
     raw = check_trusted(path, secret=False).decode(errors="replace")
     try:
         data = tomllib.loads(raw)
@@ -165,6 +167,7 @@ def load_mapping(path: Path | str) -> CredentialMapping:
         if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
             raise _error(path, key, f"expected an absolute path, got {_describe(value)}")
         files[key] = Path(value) if value else None
+        _refuse_under(files[key], outside)
     if files["shared_credentials_file"] is None and files["shared_config_file"] is None:
         raise _error(path, "shared_credentials_file", "missing (where the profiles' keys are)")
     sts = data.get("sts_endpoint_url")
@@ -224,6 +227,19 @@ def _entry(path: Path, index: int, entry: Any) -> CredentialSource:
     if "role_session_name" in entry and role_arn is None:
         raise _error(path, f"{shown}.role_session_name", "applies only with role_arn")
     return CredentialSource(index, principal, profile, role_arn, session)
+
+
+def _refuse_under(path: Path | None, folder: Path | None) -> None:
+    """Whoever may write the backing store may forge files there, even root-owned ones (a
+    removable disk, a network share): the mapping and its keys never come from it."""
+    if path is None or folder is None:
+        return
+    real, inside = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([real, inside]) == inside:
+        raise ConfigError(
+            f"{path}: not trusted: it is in the volume's backing folder {str(folder)!r},"
+            " which whoever writes the backing store controls"
+        )
 
 
 def check_trusted(path: Path, *, secret: bool) -> bytes:

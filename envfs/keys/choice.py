@@ -148,6 +148,7 @@ def connect(
     credentials: Path | None = None,
     ca_bundle: Path | None = None,
     envfs_blobs: bool = False,
+    backing: Path | None = None,
 ) -> KeyServiceConnection:
     """Open the chosen key service of ``region``.
 
@@ -157,14 +158,15 @@ def connect(
     take ``timeout`` seconds (None: the client's default); nothing is sent until the first
     call. An AWS KMS API: ``credentials`` (required) maps users to AWS identities,
     ``ca_bundle`` the CA certificates to trust, ``envfs_blobs`` says the endpoint is an
-    envfs key service (its blobs are readable); nothing is sent until the first call.
+    envfs key service (its blobs are readable), and the mapping's files may not be under
+    ``backing`` (the volume's backing folder); nothing is sent until the first call.
 
     Raises:
         UsageError: an AWS KMS API without a credential mapping.
         ConfigError: the credential mapping is not usable.
     """
     if choice.aws:
-        return _aws(choice, region, credentials, ca_bundle, timeout, envfs_blobs)
+        return _aws(choice, region, credentials, ca_bundle, timeout, envfs_blobs, backing)
     if choice.socket is not None:
         return _daemon(choice.socket, region, timeout)
     return _embedded(open_store(), batch_audit=batch_audit, due_tasks=due_tasks)
@@ -177,6 +179,7 @@ def _aws(
     ca_bundle: Path | None,
     timeout: float | None,
     envfs_blobs: bool,
+    backing: Path | None,
 ) -> KeyServiceConnection:
     from envfs.identity import Caller
     from envfs.keys.awscreds import load_mapping
@@ -189,7 +192,7 @@ def _aws(
         )
     provider = AwsKmsProvider(
         region,
-        load_mapping(credentials),
+        load_mapping(credentials, outside=backing),
         endpoint_url=choice.endpoint,
         ca_bundle=ca_bundle,
         timeout=10.0 if timeout is None else timeout,

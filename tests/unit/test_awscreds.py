@@ -250,3 +250,26 @@ def test_aws_choices(text: str, expected: KeyServiceChoice) -> None:
 def test_bad_aws_choices(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         KeyServiceChoice.parse(text)
+
+
+def test_nothing_of_the_mapping_may_come_from_the_backing_folder(folder: Path) -> None:
+    path = mapping_file(folder, OK)
+    assert load_mapping(path, outside=folder.parent / "elsewhere").entries
+    assert refusal_outside(path, folder) == (
+        "DIR/users.toml: not trusted: it is in the volume's backing folder 'DIR', which"
+        " whoever writes the backing store controls"
+    )
+    backing = folder / "backing"
+    backing.mkdir()
+    (folder / "credentials").rename(backing / "credentials")
+    moved = folder / "moved.toml"
+    moved.write_text(f'shared_credentials_file = "{folder}/./backing/credentials"\n{OK}')
+    moved.chmod(0o600)
+    with pytest.raises(ConfigError, match=r"credentials: not trusted: it is in the volume's"):
+        load_mapping(moved, outside=backing)
+
+
+def refusal_outside(path: Path, outside: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_mapping(path, outside=outside)
+    return info.value.message.replace(str(path.parent), "DIR")
