@@ -371,15 +371,20 @@ def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path)
 
 
 @contextlib.contextmanager
-def lying_endpoint(answer: dict[str, object]) -> Iterator[str]:
-    """An HTTP endpoint on loopback that answers every call with ``answer``."""
+def lying_endpoint(answer: dict[str, object], failures: int = 0) -> Iterator[list[int]]:
+    """An HTTP endpoint on loopback that answers its first ``failures`` calls with HTTP 503,
+    then every call with ``answer``; yields [port, calls so far]."""
     import http.server
+
+    seen = [0, 0]
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            body = json.dumps(answer).encode()
-            self.send_response(200)
+            seen[1] += 1
+            failing = seen[1] <= failures
+            body = json.dumps({"__type": "ServiceUnavailable"} if failing else answer).encode()
+            self.send_response(503 if failing else 200)
             self.send_header("Content-Type", "application/x-amz-json-1.1")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -391,8 +396,9 @@ def lying_endpoint(answer: dict[str, object]) -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    seen[0] = server.server_address[1]
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield seen
     finally:
         server.shutdown()
         server.server_close()
@@ -411,14 +417,32 @@ def test_answers_that_do_not_hold_are_refused(tmp_path: Path) -> None:
     with no_home_aws(tmp_path), lying_endpoint(
         {"Plaintext": base64.b64encode(bytes(32)).decode(), "KeyId": other,
          "CiphertextBlob": base64.b64encode(b"x").decode()}
-    ) as url:  # fmt: skip
-        provider = AwsKmsProvider(REGION, mapping, endpoint_url=url)
+    ) as seen:  # fmt: skip
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
         with pytest.raises(IncorrectKeyException, match=r"^the key service decrypted under"):
             provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
     with no_home_aws(tmp_path), lying_endpoint(
         {"Plaintext": base64.b64encode(bytes(16)).decode(), "KeyId": key,
          "CiphertextBlob": base64.b64encode(b"x").decode()}
-    ) as url:  # fmt: skip
-        provider = AwsKmsProvider(REGION, mapping, endpoint_url=url)
+    ) as seen:  # fmt: skip
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
         with pytest.raises(KMSInternalException, match=r"without a 256-bit key$"):
             provider.generate_data_key(key, CONTEXT, ALICE, "n")
+
+
+def test_transient_failures_are_retried_a_bounded_number_of_times(tmp_path: Path) -> None:
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer, failures=2) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        assert provider.describe_key(key, ALICE) == key
+        assert seen[1] == 3  # two 503s retried, with backoff
+    with no_home_aws(tmp_path), lying_endpoint(answer, failures=5) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        with pytest.raises(KMSInternalException, match=r"^DescribeKey failed: ServiceUnavailable"):
+            provider.describe_key(key, ALICE)
+        assert seen[1] == 3  # three attempts in all, then the error
