@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from envfs.errors import (
 from envfs.identity import Caller
 from envfs.keys import envfskms
 from envfs.keys.awscreds import CredentialMapping, CredentialSource
+from envfs.keys.failfast import FailFast
 from envfs.keys.provider import DataKey, EncryptionContext, WrappedKey
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,7 @@ class AwsKmsProvider:
         self._envfs_blobs = envfs_blobs
         self._clients: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self._max_backoff = max_backoff
-        self._backoff = 0.0
-        self._retry_at = 0.0
+        self._fail_fast = FailFast(self.where(), max_backoff=max_backoff)
 
     # --- KeyProvider ----------------------------------------------------------------------
 
@@ -224,12 +222,7 @@ class AwsKmsProvider:
                 f"{caller.describe()} has no AWS identity in {str(self.mapping.source)!r}:"
                 " not allowed to use the key service"
             )
-        now = time.monotonic()
-        if now < self._retry_at:
-            raise KMSUnavailableException(
-                f"the key service at {self.where()!r} is unavailable (next try in"
-                f" {self._retry_at - now:.1f} s)"
-            )
+        self._fail_fast.check()
         client = self._client(entry)
         method = getattr(client, botocore.xform_name(operation), None)
         if method is None:
@@ -242,7 +235,7 @@ class AwsKmsProvider:
             botocore.exceptions.ReadTimeoutError,
             botocore.exceptions.ConnectTimeoutError,
         ) as exc:
-            raise self._unreachable(
+            raise self._fail_fast.failed(
                 DependencyTimeoutException(
                     f"the key service at {self.where()!r} did not answer in time: {_short(exc)}"
                 )
@@ -251,7 +244,7 @@ class AwsKmsProvider:
             botocore.exceptions.ConnectionError,
             botocore.exceptions.HTTPClientError,
         ) as exc:
-            raise self._unreachable(
+            raise self._fail_fast.failed(
                 KMSUnavailableException(
                     f"the key service at {self.where()!r} cannot be reached: {_short(exc)}"
                 )
@@ -266,17 +259,8 @@ class AwsKmsProvider:
             ) from None
         except botocore.exceptions.BotoCoreError as exc:
             raise KMSInternalException(f"{operation} failed: {_short(exc)}") from None
-        if self._backoff:
-            log.info("key service at %r reachable again", self.where())
-            self._backoff = 0.0
-            self._retry_at = 0.0
+        self._fail_fast.succeeded()
         return out
-
-    def _unreachable(self, exc: KMSError) -> KMSError:
-        self._backoff = min(self._max_backoff, max(0.1, self._backoff * 2))
-        self._retry_at = time.monotonic() + self._backoff
-        log.warning("key service unavailable: %s (retrying in %.1f s)", exc.message, self._backoff)
-        return exc
 
     def _client(self, entry: CredentialSource) -> Any:
         with self._lock:

@@ -7,17 +7,14 @@ The daemon accepts such calls only from a process it trusts for that (``envfs km
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from envfs.errors import DependencyTimeoutException, KMSUnavailableException
 from envfs.identity import Caller
 from envfs.keys.envfskms import KeyServiceCalls
+from envfs.keys.failfast import FailFast
 from envfs.kms.client import KMSClient
-
-log = logging.getLogger(__name__)
 
 
 class DaemonKeyProvider(KeyServiceCalls):
@@ -32,9 +29,7 @@ class DaemonKeyProvider(KeyServiceCalls):
     def __init__(self, client: KMSClient, region: str, *, max_backoff: float = 5.0) -> None:
         self.client = client
         self._region = region
-        self._max_backoff = max_backoff
-        self._backoff = 0.0
-        self._retry_at = 0.0
+        self._fail_fast = FailFast(str(client.socket_path), max_backoff=max_backoff)
 
     @property
     def region(self) -> str:
@@ -48,20 +43,10 @@ class DaemonKeyProvider(KeyServiceCalls):
         pass
 
     def _call(self, operation: str, params: Mapping[str, Any], caller: Caller) -> dict[str, Any]:
-        now = time.monotonic()
-        if now < self._retry_at:
-            raise KMSUnavailableException(
-                f"the key service at '{self.client.socket_path}' is unavailable (next try in"
-                f" {self._retry_at - now:.1f} s)"
-            )
+        self._fail_fast.check()
         try:
             out = self.client.call(operation, params, on_behalf_of=(caller.uid, caller.gid))
         except (KMSUnavailableException, DependencyTimeoutException) as exc:
-            self._backoff = min(self._max_backoff, max(0.1, self._backoff * 2))
-            self._retry_at = time.monotonic() + self._backoff
-            log.warning("key service unavailable: %s (retrying in %.1f s)", exc, self._backoff)
-            raise
-        if self._backoff:
-            log.info("key service at '%s' reachable again", self.client.socket_path)
-            self._backoff = 0.0
+            raise self._fail_fast.failed(exc) from None
+        self._fail_fast.succeeded()
         return out
