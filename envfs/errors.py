@@ -265,3 +265,18 @@ class ConfigError(EnvfsError):
 
     errno = _errno.EINVAL
     exit_code = 62
+
+    @staticmethod
+    def describe(value: object) -> str:
+        """A TOML value as a message quotes it: strings quoted, other types named."""
+        if isinstance(value, str):
+            return repr(value)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return f"the number {value}"
+        if isinstance(value, list):
+            return "a list"
+        if isinstance(value, dict):
+            return "a table"
+        return "nothing" if value is None else f"a {type(value).__name__}"

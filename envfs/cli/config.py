@@ -40,6 +40,8 @@ from envfs.errors import ConfigError, ValidationException
 from envfs.files.mountopts import BUSY_POLL_MAX_US
 from envfs.keys.choice import EMBEDDED, KeyServiceChoice
 
+_describe = ConfigError.describe  # a value as messages quote it
+
 DEFAULT_CONFIG_DIR = Path("/etc/envfs/volumes")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -230,7 +232,8 @@ class _Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(
-                "busy_poll", f"expected a whole number of microseconds, got {_describe(value)}"
+                "busy_poll",
+                f"expected a whole number of microseconds, got {_describe(value)}",
             )
         if not 0 <= value <= BUSY_POLL_MAX_US:
             raise self.error(
@@ -250,18 +253,3 @@ class _Reader:
                 "expected lowercase letters, digits and dashes, starting with a letter, like"
                 f" 'eu-west-1', got {value!r}",
             ) from None
-
-
-def _describe(value: object) -> str:
-    """A value as the message quotes it: strings quoted, other types named."""
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"

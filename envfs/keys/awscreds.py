@@ -52,6 +52,8 @@ _ENTRY_KEYS = ("principal", "profile", "role_arn", "role_session_name")
 _PRINCIPAL_RE = re.compile(
     r"(user|group):[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\$?|(uid|gid):[0-9]{1,10}"
 )
+
+_describe = ConfigError.describe  # a value as messages quote it
 _PROFILE_RE = re.compile(r"[A-Za-z0-9_.+=@-]{1,128}")
 _ROLE_ARN_RE = re.compile(r"arn:[a-z][a-z0-9-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}")
 _SESSION_RE = re.compile(r"[\w+=,.@-]{2,64}")
@@ -209,13 +211,19 @@ def _entry(path: Path, index: int, entry: Any) -> CredentialSource:
         )
     profile = entry.get("profile")
     if not isinstance(profile, str) or not _PROFILE_RE.fullmatch(profile):
-        raise _error(path, f"{shown}.profile", f"expected a profile name, got {_describe(profile)}")
+        raise _error(
+            path,
+            f"{shown}.profile",
+            f"expected a profile name, got {_describe(profile)}",
+        )
     role_arn = entry.get("role_arn")
     if role_arn is not None and (
         not isinstance(role_arn, str) or not _ROLE_ARN_RE.fullmatch(role_arn)
     ):
         raise _error(
-            path, f"{shown}.role_arn", f"expected an IAM role ARN, got {_describe(role_arn)}"
+            path,
+            f"{shown}.role_arn",
+            f"expected an IAM role ARN, got {_describe(role_arn)}",
         )
     session = entry.get("role_session_name", "envfs")
     if not isinstance(session, str) or not _SESSION_RE.fullmatch(session):
@@ -305,17 +313,3 @@ def _read_ini(path: Path, *, secret: bool) -> dict[str, dict[str, str]]:
 
 def _error(path: Path, key: str, reason: str) -> ConfigError:
     return ConfigError(f"{path}: key {key!r}: {reason}")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a table"
-    return "nothing" if value is None else f"a {type(value).__name__}"

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime as _dt
-import ipaddress
 import json
 import os
 import re
@@ -38,12 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.integration.test_kms_scenario import Account, accounts  # noqa: F401 (a fixture)
+from tests.tlscert import make_certificate
 
 pytestmark = [pytest.mark.integration]
 
@@ -361,42 +356,10 @@ def test_the_origin_walkthrough_with_the_aws_cli(
             assert key["SecretAccessKey"] not in log
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "envfs kms test")])
-    now = _dt.datetime.now(_dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_file.chmod(0o600)
-    return cert_file, key_file
-
-
 def test_tls_for_the_aws_cli_and_no_plain_http_off_loopback(tmp_path: Path) -> None:
     env = _env(tmp_path / "kms", tmp_path / "kms.sock")
     assert envfs(env, "kms", "init").returncode == 0
-    cert_file, key_file = _self_signed(tmp_path)
+    cert_file, key_file = make_certificate(tmp_path)
 
     refused = envfs(env, "kms", "serve", "--listen-http", "0.0.0.0:0")
     assert refused.returncode == 2

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Env, Mount, is_mounted, live
-from tests.integration.test_kms_http import _env, _self_signed, envfs, serving
+from tests.integration.test_kms_http import _env, envfs, serving
 from tests.integration.test_kms_scenario import Account, accounts  # noqa: F401 (a fixture)
+from tests.tlscert import make_certificate
 from tests.unit.motokms import Moto, Outage, moto_server, no_home_aws, write_mapping
 
 pytestmark = [
@@ -199,7 +200,7 @@ def test_a_volume_on_another_machines_envfs_key_service(
     try:
         env = _env(base / "kms", base / "kms.sock")
         assert envfs(env, "kms", "init").returncode == 0
-        cert, tls_key = _self_signed(base)
+        cert, tls_key = make_certificate(base)
         tls = ("--tls-cert", str(cert), "--tls-key", str(tls_key))
         with serving(env, base / "serve.log", "--listen-http", "127.0.0.1:0", *tls) as service:
             assert service.url.startswith("https://127.0.0.1:")

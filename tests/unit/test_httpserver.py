@@ -25,10 +25,6 @@ import botocore.config
 import botocore.exceptions
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from envfs.errors import UsageError
 from envfs.identity import Caller
@@ -44,6 +40,7 @@ from envfs.kms.httpserver import (
 from envfs.kms.limits import Rate
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
+from tests.tlscert import make_certificate
 
 REGION = "local-1"
 ROOT = Caller(0, 0, frozenset({0}), "root", frozenset({"root"}))
@@ -558,41 +555,8 @@ async def test_failed_signatures_from_one_address_are_throttled(tmp_path: Path) 
 # --- TLS ----------------------------------------------------------------------------------
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "envfs test")])
-    now = _dt.datetime.now(_dt.UTC)
-    import ipaddress
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 async def test_tls_serves_clients_that_trust_the_certificate(tmp_path: Path) -> None:
-    cert_file, key_file = _self_signed(tmp_path)
+    cert_file, key_file = make_certificate(tmp_path)
     async with serving(tmp_path, tls=tls_context(cert_file, key_file)) as ep:
         assert ep.url.startswith("https://127.0.0.1:")
         session = boto3.session.Session(
@@ -616,8 +580,8 @@ async def test_tls_serves_clients_that_trust_the_certificate(tmp_path: Path) -> 
 
 
 def test_tls_files_that_do_not_load_are_clear_errors(tmp_path: Path) -> None:
-    cert_file, key_file = _self_signed(tmp_path)
-    other_cert, other_key = _self_signed(tmp_path / ".." / tmp_path.name)  # same dir, new pair
+    cert_file, key_file = make_certificate(tmp_path)
+    other_cert, other_key = make_certificate(tmp_path / ".." / tmp_path.name)  # same dir, new pair
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     with pytest.raises(UsageError, match="no such file"):
         tls_context(tmp_path / "missing.crt", key_file)
@@ -625,7 +589,7 @@ def test_tls_files_that_do_not_load_are_clear_errors(tmp_path: Path) -> None:
         tls_context(tmp_path / "junk.pem", key_file)
     second = tmp_path / "second"
     second.mkdir()
-    _cert2, key2 = _self_signed(second)
+    _cert2, key2 = make_certificate(second)
     with pytest.raises(UsageError, match="cannot load the certificate") as caught:
         tls_context(cert_file, key2)
     assert "PRIVATE KEY" not in str(caught.value)
