@@ -259,17 +259,12 @@ def check_trusted(path: Path, *, secret: bool) -> bytes:
         ConfigError: otherwise (the message says which and why).
     """
     me = os.geteuid()
+    real_parent = Path(os.path.realpath(path.parent))
+    _check_folders(path, real_parent, me)
     try:
-        folder = os.stat(path.parent)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    if folder.st_uid not in (0, me) or folder.st_mode & 0o022:
-        raise ConfigError(
-            f"{path}: not trusted: its folder {str(path.parent)!r} must belong to root (or you)"
-            " and be writable by no one else"
+        fd = os.open(
+            real_parent / path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         )
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
@@ -296,6 +291,28 @@ def check_trusted(path: Path, *, secret: bool) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _check_folders(path: Path, real_parent: Path, me: int) -> None:
+    """Refuse ``path`` unless every folder above it (symlinks resolved) belongs to root or
+    ``me`` and is writable by no one else, or is sticky (as ``/tmp``: others may add
+    entries but not move ours): anyone who could rename a folder on the way could put a
+    mapping of their own in its place."""
+    folder = real_parent
+    while True:
+        try:
+            st = os.stat(folder)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+        if st.st_uid not in (0, me) or writable_by_others:
+            raise ConfigError(
+                f"{path}: not trusted: the folder {str(folder)!r} on its way must belong to"
+                " root (or you) and be writable by no one else"
+            )
+        if folder.parent == folder:
+            return
+        folder = folder.parent
 
 
 def _read_ini(path: Path, *, secret: bool) -> dict[str, dict[str, str]]:

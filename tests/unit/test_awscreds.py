@@ -187,9 +187,39 @@ def test_a_mapping_in_an_open_folder_is_refused(folder: Path) -> None:
     path = mapping_file(folder, OK)
     folder.chmod(0o777)
     assert refusal(path) == (
-        "DIR/users.toml: not trusted: its folder 'DIR' must belong to root (or you) and be"
-        " writable by no one else"
+        "DIR/users.toml: not trusted: the folder 'DIR' on its way must belong to root (or"
+        " you) and be writable by no one else"
     )
+
+
+def test_a_mapping_below_an_open_folder_is_refused(folder: Path) -> None:
+    # Whoever may write a folder on the way may rename ours and put theirs in its place.
+    path = mapping_file(folder, OK)
+    above = folder.parent
+    above.chmod(0o777)
+    try:
+        with pytest.raises(ConfigError) as info:
+            load_mapping(path)
+        assert info.value.message == (
+            f"{path}: not trusted: the folder {str(above)!r} on its way must belong to root"
+            " (or you) and be writable by no one else"
+        )
+        above.chmod(0o1777)  # sticky, as /tmp: others may not move our folder
+        load_mapping(path)
+    finally:
+        above.chmod(0o755)
+
+
+def test_a_mapping_reached_through_a_symlinked_folder_is_checked_where_it_is(
+    folder: Path, tmp_path: Path
+) -> None:
+    path = mapping_file(folder, OK)
+    link = tmp_path / "via"
+    link.symlink_to(folder)
+    assert load_mapping(link / path.name).source_for is not None
+    folder.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"the folder '.*/etc' on its way"):
+        load_mapping(link / path.name)
 
 
 def test_a_symlinked_mapping_is_refused(folder: Path) -> None:
