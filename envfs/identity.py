@@ -20,7 +20,9 @@ class Caller:
 
     ``groups`` holds every group id the caller is counted in (primary included).
     ``via`` names the trusted service acting on the caller's behalf, if any, and
-    ``via_uid`` is that service's own uid.
+    ``via_uid`` is that service's own uid. ``access_key_id`` is set when the caller was
+    known by a signature made with one of their access keys (the key service's HTTP
+    endpoint) rather than by the kernel, and ``source`` is then the address it came from.
     """
 
     uid: int
@@ -30,6 +32,8 @@ class Caller:
     group_names: frozenset[str] = field(default_factory=frozenset)
     via: str | None = None
     via_uid: int | None = None
+    access_key_id: str | None = None
+    source: str | None = None
 
     @classmethod
     def from_ids(

@@ -432,6 +432,53 @@ def _listener(args: argparse.Namespace) -> tuple[socket.socket, Path | None]:
     return sock, None
 
 
+def _address(text: str) -> tuple[str, int]:
+    """argparse type of ``--listen-http``: ``HOST:PORT``."""
+    from envfs.kms.httpserver import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _http_endpoint(args: argparse.Namespace, service: Any) -> Any:
+    """The HTTP endpoint ``--listen-http`` asks for (an ``HttpEndpoint``), or None.
+
+    Raises:
+        UsageError: TLS half given, plain HTTP on an address that is not a loopback one,
+            or an address or certificate that cannot be used.
+    """
+    from envfs.kms import httpserver
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.listen_http is None:
+        if args.tls_cert is not None:
+            raise UsageError("--tls-cert and --tls-key need --listen-http")
+        return None
+    tls = None
+    if args.tls_cert is not None:
+        tls = httpserver.tls_context(args.tls_cert, args.tls_key)
+    sock = httpserver.bind_tcp(*args.listen_http)
+    if tls is None and not httpserver.is_loopback(sock):
+        sock.close()
+        raise UsageError(
+            f"--listen-http {args.listen_http[0]}:{args.listen_http[1]} is not a loopback"
+            " address: give --tls-cert and --tls-key (plain HTTP only on 127.0.0.1 or ::1)"
+        )
+    return httpserver.HttpEndpoint(
+        sock,
+        args.region,
+        secret_for=service.signing_secret,
+        key_used=service.access_key_used,
+        tls=tls,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        failure_rate=args.http_failure_rate,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
@@ -461,7 +508,11 @@ def _serve(args: argparse.Namespace) -> int:
                 limits.call_rate or "off",
                 limits.failure_rate or "off",
             )
+            http = None
             try:
+                http = _http_endpoint(args, service)
+                if http is not None:
+                    address = f"{address} and {http.url}"
                 serve = partial(
                     server.serve,
                     service.handle,
@@ -473,11 +524,14 @@ def _serve(args: argparse.Namespace) -> int:
                     trusted_services=_trusted_services(args.trust_on_behalf_of),
                     on_refused=service.record_refusal,
                     on_throttled=service.record_throttled,
+                    http=http,
                 )
                 status = f"serving region {args.region} on {address}"
                 trio.run(_serve_until_signalled, serve, status)
             finally:
                 listener.close()
+                if http is not None:
+                    http.sock.close()
                 if socket_path is not None:
                     with contextlib.suppress(FileNotFoundError):
                         socket_path.unlink()
@@ -810,6 +864,41 @@ def add_parser(commands: Any) -> None:
         type=_seconds,
         default=60.0,
         help="close a connection idle this long between requests (default 60)",
+    )
+    http = serve.add_argument_group(
+        "HTTP endpoint",
+        "Also serve AWS KMS's own protocol (JSON 1.1 over HTTP/1.1, as 'aws kms' and boto3"
+        " speak it, with --endpoint-url) for requests signed (AWS Signature Version 4) with"
+        " an access key of a Unix user (envfs kms create-access-key): each is decided and"
+        " audited as that user. The signing region is the store's region.",
+    )
+    http.add_argument(
+        "--listen-http",
+        metavar="HOST:PORT",
+        type=_address,
+        help="listen on HOST:PORT ([::1]:PORT for IPv6; port 0 picks one, logged); TLS is"
+        " required unless HOST is a loopback address",
+    )
+    http.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        type=Path,
+        help="the server's certificate chain, PEM (e.g. a systemd credential: %%d/tls.crt)",
+    )
+    http.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        type=Path,
+        help="the certificate's private key, PEM, unencrypted (e.g. %%d/tls.key)",
+    )
+    http.add_argument(
+        "--http-failure-rate",
+        metavar="RATE[:BURST]",
+        type=_rate,
+        default=Rate(5.0, 50.0),
+        help="requests with a failed signature a second per client address; past it the"
+        " address's requests are refused (ThrottlingException) before any check (default"
+        " 5:50)",
     )
     _add_store_options(serve)
     serve.set_defaults(handler=_serve)

@@ -6,6 +6,11 @@ other user manages only their own (as IAM lets users manage their own access key
 key of another user answers such a caller as a key that does not exist. The secret is
 returned once, by CreateAccessKey, and is kept sealed in the store
 (:meth:`envfs.kms.store.KeyStore.access_key_secret`).
+
+A request signed with an access key may list access keys but never create, activate,
+deactivate or delete one, whoever's it is: a stolen key must not be able to mint a second
+that outlives it, nor switch its owner's other key off. Those changes are made on the key
+service's machine, over its Unix socket, where the kernel says who calls.
 """
 
 from __future__ import annotations
@@ -95,7 +100,38 @@ class AccessKeyOps(ServiceCore):
             meta["LastUsedDate"] = key.last_used
         return meta
 
+    # --- for the HTTP endpoint (run in the daemon's worker thread) ------------------------
+
+    def signing_secret(self, access_key_id: str) -> tuple[bytes, int] | None:
+        """The secret and uid of an *Active* access key (to check a request's signature),
+        or None if the key is unknown or Inactive. Reads only; not audited (the call the
+        request makes is).
+
+        Raises:
+            StoreCorruptError: the sealed secret does not open.
+        """
+        if not ACCESS_KEY_ID_RE.fullmatch(access_key_id):
+            return None
+        with self.store.reading():
+            return self.store.access_key_secret(access_key_id)
+
+    def access_key_used(self, access_key_id: str) -> None:
+        """Record that ``access_key_id`` signed a request now (its ``LastUsedDate``)."""
+        with self.store.transaction(durable=False):
+            self.store.mark_access_key_used(access_key_id, self._clock())
+
+    # --- operations ------------------------------------------------------------------
+
+    @staticmethod
+    def _refuse_signed(call: _Call, operation: str) -> None:
+        if call.caller.access_key_id is not None:
+            raise AccessDeniedException(
+                f"{operation} is not allowed with a request signed by an access key: manage"
+                " access keys on the key service's machine (envfs kms ... over its Unix socket)"
+            )
+
     def _op_create_access_key(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
+        self._refuse_signed(call, "CreateAccessKey")
         uid, user_name = self._target_user(call, req)
         if call.caller.via is not None and not self._account_right(call.caller):
             raise AccessDeniedException(
@@ -136,6 +172,7 @@ class AccessKeyOps(ServiceCore):
         }
 
     def _op_update_access_key(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
+        self._refuse_signed(call, "UpdateAccessKey")
         try:
             status = AccessKeyStatus(req["Status"])
         except ValueError:
@@ -147,6 +184,7 @@ class AccessKeyOps(ServiceCore):
         return {}
 
     def _op_delete_access_key(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
+        self._refuse_signed(call, "DeleteAccessKey")
         key = self._access_key(call, req)
         self.store.delete_access_key(key.access_key_id)
         return {}

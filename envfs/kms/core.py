@@ -130,6 +130,11 @@ class _Call:
         }
         if self.caller.via is not None:
             rec["via"] = {"service": self.caller.via, "uid": self.caller.via_uid}
+        if self.caller.access_key_id is not None:
+            rec["signed_with"] = {
+                "access_key_id": self.caller.access_key_id,
+                "source": self.caller.source,
+            }
         if self.destination_key_arn is not None:
             rec["destination_key_arn"] = self.destination_key_arn
         if self.access_key_id is not None:

@@ -99,6 +99,12 @@ class Dispatcher:
         async with self._turns.turn(key):
             return await trio.to_thread.run_sync(fn, *args, limiter=self._worker)
 
+    async def in_worker(self, key: int, fn: Callable[..., _T], *args: object) -> _T:
+        """Run ``fn(*args)`` in the worker thread, in the turn of ``key`` (a uid, or a
+        negative number for work done for nobody known yet, such as checking a signature):
+        for a transport's own reads and writes of the store."""
+        return await self._in_worker(key, fn, *args)
+
     # --- calls -----------------------------------------------------------------------
 
     def admit(self, peer: Caller) -> Admitted:

@@ -45,6 +45,7 @@ from envfs.errors import (
 from envfs.identity import Caller
 from envfs.kms import protocol
 from envfs.kms.dispatch import Dispatcher, Handler, Request
+from envfs.kms.httpserver import HttpEndpoint, serve_http
 from envfs.kms.limits import Limits, UidLimiter
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ async def serve(
     on_refused: Callable[[Caller, str, KMSError], object] | None = None,
     on_throttled: Callable[[Caller, int, int, float, float], object] | None = None,
     summary_interval: float = 10.0,
+    http: HttpEndpoint | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve key-service requests on ``listener`` until cancelled.
@@ -215,7 +217,10 @@ async def serve(
             when the service stops, of what was refused per uid for its limits:
             ``(caller, calls, connections, first, last)``, e.g.
             ``KeyService.record_throttled``.
-        task_status: ``started`` is given the socket's address (for ``nursery.start``).
+        http: an HTTP endpoint (:mod:`envfs.kms.httpserver`) served beside the socket,
+            by the same dispatcher: the same worker thread, limits and handler.
+        task_status: ``started`` is given the socket's address, and the endpoint's URL
+            after it (for ``nursery.start``).
     """
     if isinstance(listener, trio.SocketListener):
         listener = listener.socket
@@ -245,12 +250,17 @@ async def serve(
                 nursery.start_soon(dispatcher.run_periodic, periodic, periodic_interval)
             nursery.start_soon(dispatcher.run_summaries, summary_interval)
             logger.info("key service listening on %s", address)
+            if http is not None:
+                url = await nursery.start(serve_http, dispatcher, http)
+                address = f"{address} and {url}"
             task_status.started(address)
             await server.accept_forever(sock, nursery)
     finally:
         with trio.CancelScope(shield=True):
             trio.lowlevel.notify_closing(sock)
             sock.close()
+            if http is not None:
+                http.sock.close()  # if it was never served
             with trio.move_on_after(_FINAL_SUMMARY_TIMEOUT):
                 await dispatcher.report_throttled()
         logger.info("key service on %s stopped", address)

@@ -257,13 +257,43 @@ def verify(
     if not hmac.compare_digest(expected.encode(), auth.signature.encode()):
         raise InvalidSignatureException(_BAD_SIGNATURE)
     if replay_cache is not None:
-        expires_at = (when + MAX_SKEW).timestamp()
-        if not replay_cache.check_and_add(auth.signature, expires_at, current.timestamp()):
-            raise InvalidSignatureException(
-                "Signature already used: this request was replayed (signed at "
-                f"{amz_date}); sign each request anew"
-            )
+        _check_replay(auth.signature, amz_date, when, replay_cache, current)
     return auth.access_key_id
+
+
+def check_replay(
+    request: SignedRequest, replay_cache: ReplayCache, *, now: _dt.datetime | None = None
+) -> None:
+    """Refuse ``request`` if ``replay_cache`` accepted its signature before, else remember
+    it: for a transport that refuses replays of some requests only, after :func:`verify`
+    (without a cache) accepted this one.
+
+    Raises:
+        InvalidSignatureException: a replay.
+        IncompleteSignatureException: a request :func:`verify` would not have accepted.
+    """
+    auth_values = request.header_values("authorization")
+    if len(auth_values) != 1:
+        raise IncompleteSignatureException("expected one Authorization header")
+    auth = _parse_authorization(auth_values[0])
+    amz_date, when = _request_time(request)
+    current = now if now is not None else _dt.datetime.now(_dt.UTC)
+    _check_replay(auth.signature, amz_date, when, replay_cache, current)
+
+
+def _check_replay(
+    signature: str,
+    amz_date: str,
+    when: _dt.datetime,
+    replay_cache: ReplayCache,
+    now: _dt.datetime,
+) -> None:
+    expires_at = (when + MAX_SKEW).timestamp()
+    if not replay_cache.check_and_add(signature, expires_at, now.timestamp()):
+        raise InvalidSignatureException(
+            "Signature already used: this request was replayed (signed at "
+            f"{amz_date}); sign each request anew"
+        )
 
 
 def _parse_authorization(value: str) -> _Authorization:

@@ -147,7 +147,7 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     OnlyImports(
         "kms-knows-no-files",
         modules=(KMS,),
-        allowed=(KMS, *SHARED, "trio"),
+        allowed=(KMS, *SHARED, "trio", "h11"),
         stdlib=True,
         why="the key service imports only its own package and the shared vocabulary: it knows"
         " nothing of files, key providers, FUSE or the command line and is usable alone",
@@ -155,9 +155,14 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     ForbiddenImport(
         "sync-core-no-trio",
         modules=("envfs.files.fileformat", "envfs.crypto", KMS),
-        except_for=("envfs.kms.server", "envfs.kms.dispatch", "envfs.kms.client"),
-        forbidden=("trio",),
-        why="format, crypto and kms (except server/dispatch/client) are synchronous",
+        except_for=(
+            "envfs.kms.server",
+            "envfs.kms.httpserver",
+            "envfs.kms.dispatch",
+            "envfs.kms.client",
+        ),
+        forbidden=("trio", "h11"),
+        why="format, crypto and kms (except server/httpserver/dispatch/client) are synchronous",
     ),
     ForbiddenImport(
         "library-knows-no-cli",
@@ -262,7 +267,16 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     OnlyImports(
         "declared-dependencies-only",
         modules=("envfs",),
-        allowed=("envfs", "cryptography", "jmespath", "pyfuse3", "trio"),
+        allowed=(
+            "envfs",
+            "cryptography",
+            "jmespath",
+            "pyfuse3",
+            "trio",
+            "h11",
+            "boto3",
+            "botocore",
+        ),
         stdlib=True,
         why="third-party imports are the dependencies pyproject.toml declares",
     ),
@@ -274,8 +288,8 @@ OUTPUT_AND_EXIT_WHY = "only envfs/cli/* prints, writes to stdout/stderr or exits
 
 # Synchronous modules: no ``async def``, ``await``, ``async for`` or ``async with``.
 SYNC_MODULES = ("envfs.files.fileformat", "envfs.crypto", KMS)
-SYNC_EXCEPT = ("envfs.kms.server", "envfs.kms.dispatch")
-SYNC_WHY = "format, crypto and kms (except the daemon's server and dispatch) are synchronous"
+SYNC_EXCEPT = ("envfs.kms.server", "envfs.kms.httpserver", "envfs.kms.dispatch")
+SYNC_WHY = "format, crypto and kms (except the daemon's transports and dispatch) are synchronous"
 
 
 # --- scanning ----------------------------------------------------------------------------
@@ -629,8 +643,8 @@ def test_violation_message_names_module_and_import() -> None:
     rule = next(r for r in IMPORT_RULES if r.name == "sync-core-no-trio")
     assert import_violations(rule, modules) == [
         "envfs/fake.py:2 (envfs.kms.store): imports 'trio' (import trio);"
-        " rule 'sync-core-no-trio': format, crypto and kms (except server/dispatch/client)"
-        " are synchronous"
+        " rule 'sync-core-no-trio': format, crypto and kms"
+        " (except server/httpserver/dispatch/client) are synchronous"
     ]
     only = OnlyImports("only", ("envfs.kms.store",), ("envfs.errors",), True, "why")
     assert import_violations(only, modules) == [
