@@ -577,7 +577,7 @@ def test_alias_lifecycle(service: KeyService) -> None:
     service.handle(MANAGER, "CreateAlias", {"AliasName": "alias/app", "TargetKeyId": key})
     with pytest.raises(AlreadyExistsException):
         service.handle(MANAGER, "CreateAlias", {"AliasName": "alias/app", "TargetKeyId": key})
-    for bad in ("app", "alias/aws/x", "alias/bad name", "alias/" + "x" * 251):
+    for bad in ("app", "alias/aws/x", "alias/a:b", "alias/"):
         with pytest.raises(InvalidAliasNameException):
             service.handle(MANAGER, "CreateAlias", {"AliasName": bad, "TargetKeyId": key})
     with pytest.raises(ValidationException, match="is an alias"):
@@ -594,6 +594,25 @@ def test_alias_lifecycle(service: KeyService) -> None:
     service.handle(MANAGER, "DeleteAlias", {"AliasName": "alias/app"})
     with pytest.raises(NotFoundException):
         service.handle(MANAGER, "DeleteAlias", {"AliasName": "alias/app"})
+
+
+@pytest.mark.parametrize(
+    "bad", ["alias/bad name", "alias/x!", "alias/\u00e9", "", "alias/" + "x" * 251]
+)
+@pytest.mark.parametrize("operation", ["CreateAlias", "UpdateAlias", "DeleteAlias"])
+def test_an_alias_name_outside_awss_pattern_is_a_validation_error(
+    service: KeyService, operation: str, bad: str
+) -> None:
+    # AWS checks AliasName against its model's pattern ^[a-zA-Z0-9:/_-]+$ (1-256
+    # characters) before anything else: ValidationException, not InvalidAliasNameException.
+    key = scenario_key(service)
+    params = (
+        {"AliasName": bad} if operation == "DeleteAlias" else {"AliasName": bad, "TargetKeyId": key}
+    )
+    with pytest.raises(
+        ValidationException, match=r"^AliasName '.*' is not valid: expected 1 to 256"
+    ):
+        service.handle(MANAGER, operation, params)
 
 
 def test_tags(service: KeyService) -> None:
