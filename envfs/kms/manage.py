@@ -55,6 +55,10 @@ class ManagementOps(ServiceCore):
             raise UnsupportedOperationException(
                 f"Origin {req['Origin']!r} is not supported: only {ORIGIN!r}"
             )
+        if req.get("MultiRegion", False):
+            raise UnsupportedOperationException(
+                "MultiRegion true is not supported: envfs keys are single-region"
+            )
         description = req.get("Description", "")
         if len(description) > MAX_DESCRIPTION:
             raise ValidationException(f"Description is longer than {MAX_DESCRIPTION} characters")

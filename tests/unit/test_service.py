@@ -23,6 +23,7 @@ from envfs.errors import (
     MalformedPolicyDocumentException,
     NotFoundException,
     TagException,
+    UnsupportedOperationException,
     ValidationException,
 )
 from envfs.identity import Caller
@@ -171,6 +172,17 @@ def test_malformed_policy_is_refused_at_create(service: KeyService) -> None:
 def test_unsupported_key_specs(service: KeyService) -> None:
     with pytest.raises(ValidationException, match="KeySpec 'RSA_2048' is not supported"):
         create(service, ROOT, KeySpec="RSA_2048")
+
+
+def test_multi_region_false_is_accepted_and_true_unsupported(service: KeyService) -> None:
+    # AWS's CreateKey takes MultiRegion; false asks for what every envfs key is.
+    meta = service.handle(ROOT, "CreateKey", {"MultiRegion": False})["KeyMetadata"]
+    assert meta["MultiRegion"] is False
+    with pytest.raises(
+        UnsupportedOperationException,
+        match=r"^MultiRegion true is not supported: envfs keys are single-region$",
+    ):
+        create(service, ROOT, MultiRegion=True)
 
 
 def test_request_shape_is_validated(service: KeyService) -> None:
