@@ -37,6 +37,8 @@ the temporary folder removed, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import contextlib
 import grp
 import http.client
@@ -290,7 +292,7 @@ def markdown(summary: dict[str, Any]) -> str:
                 lines[-1] = lines[-1][:-2] + f": {_cell(row['message'])} |"
     lines.append("")
     for name, (kind, why, n) in sorted(reasons.items(), key=lambda kv: (kv[1][0], kv[0])):
-        lines.append(f"- **{name}** ({kind}; {n} tests): {why}")
+        lines.append(f"- **{name}** ({kind}; {n} test{'s' if n > 1 else ''}): {why}")
     na: dict[str, int] = {}
     for row in summary["tests"].values():
         if row["category"] == "not applicable":
@@ -404,32 +406,39 @@ class KeyService:
 
 
 class Region:
-    """A region's current key service; a reset replaces it if it was used."""
+    """A region's key service and its spares; a reset retires the service if it was used.
 
-    def __init__(self, envfs: str, template: Template, work: Path) -> None:
+    ``spares`` fresh services wait, started, behind the current one, so that a reset
+    rarely waits for one to start (each takes about half a second).
+    """
+
+    def __init__(self, envfs: str, template: Template, work: Path, spares: int) -> None:
         self.envfs, self.template, self.work = envfs, template, work
         self.lock = threading.Lock()
-        self.current = KeyService(envfs, template, work)  # starts while the tests load
+        # They start while moto's tests load.
+        self.queue = collections.deque(KeyService(envfs, template, work) for _ in range(1 + spares))
         self.used = False
         self.retired: list[KeyService] = []
 
     def service(self) -> KeyService:
         with self.lock:
             self.used = True
-            self.current.wait_ready()
-            return self.current
+            self.queue[0].wait_ready()
+            return self.queue[0]
 
     def reset(self) -> None:
         with self.lock:
             if not self.used:
                 return
-            old, self.used = self.current, False
-            self.current = KeyService(self.envfs, self.template, self.work)
+            old, self.used = self.queue.popleft(), False
+            self.queue.append(KeyService(self.envfs, self.template, self.work))
+            self.retired.append(old)
         threading.Thread(target=old.stop, daemon=True).start()
-        self.retired.append(old)
 
     def close(self) -> None:
-        for service in [*self.retired, self.current]:
+        with self.lock:
+            services = [*self.retired, *self.queue]
+        for service in services:
             service.stop()
 
 
@@ -548,14 +557,16 @@ def regions_named(tests: Path) -> list[str]:
 
 @contextlib.contextmanager
 def key_services(
-    envfs: str, regions: list[str], work: Path, user: str
+    envfs: str, regions: list[str], work: Path, user: str, spares: int
 ) -> Iterator[tuple[Router, dict[str, Template]]]:
-    templates = {r: Template.make(envfs, r, work / "templates", user) for r in regions}
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        made = pool.map(lambda r: Template.make(envfs, r, work / "templates", user), regions)
+        templates = dict(zip(regions, made, strict=True))
     served: dict[str, Region] = {}
     router: Router | None = None
     try:
         for r in regions:
-            served[r] = Region(envfs, templates[r], work)
+            served[r] = Region(envfs, templates[r], work, spares)
         default = "us-east-1" if "us-east-1" in served else regions[0]
         router = Router(served, default)
         thread = threading.Thread(target=router.serve_forever, daemon=True)
@@ -577,7 +588,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         regions = regions_named(root / TESTS)
         report = work / "report.json"
         started = time.monotonic()
-        with key_services(args.envfs, regions, work, args.user) as (router, templates):
+        with key_services(args.envfs, regions, work, args.user, args.spares) as (
+            router,
+            templates,
+        ):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
             env.update(
                 TEST_SERVER_MODE="true",
@@ -662,6 +676,12 @@ def main(argv: list[str] | None = None) -> int:
         "--check",
         action="store_true",
         help="exit 1 if an applicable test fails unexplained, or an explained one passes",
+    )
+    parser.add_argument(
+        "--spares",
+        type=int,
+        default=2,
+        help="fresh key services kept started per region, for the resets (default 2)",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for moto's tests")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
