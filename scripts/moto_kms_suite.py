@@ -209,6 +209,9 @@ def classify(tests: dict[str, dict[str, Any]], table: dict[str, Explanation]) ->
                 why=explanation.why,
                 flaky=explanation.flaky,
             )
+        if outcome == "skipped":  # by moto's test itself (none is, in server mode)
+            row["category"] = "skipped"
+            continue
         if outcome == "passed":
             row["category"] = "passed"
             if found is not None and not found[1].flaky:
@@ -231,6 +234,7 @@ def classify(tests: dict[str, dict[str, Any]], table: dict[str, Explanation]) ->
         lambda r: r["category"] == "explained failure" and not r.get("flaky")
     )
     counts["unexplained"] = count(lambda r: r["category"] == "unexplained failure")
+    counts["skipped"] = count(lambda r: r["category"] == "skipped")
     # This run's.
     counts["passed_this_run"] = count(lambda r: r["category"] == "passed")
     counts["timing_dependent_failed"] = count(
@@ -268,6 +272,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"| timing-dependent | {c['timing_dependent']} |",
         f"| failed, explained | {c['explained']} |",
         f"| failed, unexplained | {c['unexplained']} |",
+        f"| skipped by the test itself | {c['skipped']} |",
         "",
         f"Pass rate among applicable tests: **{c['passed']}/{c['applicable']}"
         f" = {100 * summary['pass_rate']:.1f} %**; with the timing-dependent tests,"
@@ -502,8 +507,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # no region the suite serves goes to the default one, whose answer (a signature
         # error) is envfs's own.
         match = _SCOPE.search(self.headers.get("Authorization", ""))
-        region = match.group(1) if match else self.server.default
-        target = self.server.regions.get(region) or self.server.regions[self.server.default]
+        name = match.group(1) if match else self.server.default
+        target = self.server.regions.get(name) or self.server.regions[self.server.default]
         service = target.service()
         conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
         try:

@@ -130,7 +130,7 @@ def _patch_create_client() -> None:
                 kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"] = _CREDENTIALS[region]
         return original(self, service_name, *args, **kwargs)
 
-    botocore.session.Session.create_client = create_client  # type: ignore[method-assign]
+    botocore.session.Session.create_client = create_client
 
 
 def _patch_api_calls() -> None:
@@ -152,7 +152,7 @@ def _patch_api_calls() -> None:
             call["error"] = exc.response.get("Error", {}).get("Code")
             raise
 
-    botocore.client.BaseClient._make_api_call = make_api_call  # type: ignore[method-assign]
+    botocore.client.BaseClient._make_api_call = make_api_call
 
 
 _patch_create_client()
@@ -193,15 +193,18 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     elif report.when == "teardown" and report.failed and entry["outcome"] == "passed":
         entry["outcome"] = "error"
     if report.failed or report.skipped:
-        crash = getattr(report.longrepr, "reprcrash", None)
-        if crash is not None:
-            text = crash.message
-        elif isinstance(report.longrepr, tuple):  # a skip: (file, line, reason)
-            text = str(report.longrepr[2])
-        else:
-            text = str(report.longrepr).strip().splitlines()[-1:]
-            text = text[0] if text else ""
-        entry["message"] = text[:1000]
+        entry["message"] = _message(report)[:1000]
+
+
+def _message(report: pytest.TestReport) -> str:
+    """The line that says why a test failed or was skipped."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        return str(crash.message)
+    if isinstance(report.longrepr, tuple):  # a skip: (file, line, reason)
+        return str(report.longrepr[2])
+    lines = str(report.longrepr).strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def pytest_sessionfinish() -> None:
