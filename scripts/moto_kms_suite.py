@@ -467,6 +467,12 @@ class Router(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # One line, not a traceback: a client gone (the suite stopping) is no news.
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError):
+            print(f"moto-kms-suite: router: {error!r}", file=sys.stderr)
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: Router
@@ -694,9 +700,15 @@ def main(argv: list[str] | None = None) -> int:
         "pytest_args", nargs="*", help="more arguments for pytest (after --), e.g. -k NAME"
     )
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the key services are stopped, the folder removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.user is None:
         args.user = pwd.getpwuid(os.geteuid()).pw_name
-    summary = run(args)
+    try:
+        summary = run(args)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"moto-kms-suite: error: {exc}", file=sys.stderr)
+        return 1
     text = markdown(summary)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

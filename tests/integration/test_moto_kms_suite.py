@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.integration]
 def summary(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     out = tmp_path_factory.mktemp("moto-kms-suite") / "summary.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "moto-kms-suite"), "--json", str(out)],
+        # The harness's own timeout comes first, so that it stops its servers itself.
+        [sys.executable, str(SCRIPTS / "moto-kms-suite"), "--json", str(out), "--timeout", "600"],
         capture_output=True,
         text=True,
         timeout=900,
