@@ -475,6 +475,7 @@ def _http_endpoint(args: argparse.Namespace, service: Any) -> Any:
         tls=tls,
         idle_timeout=args.idle_timeout,
         max_connections=args.max_connections,
+        max_connections_per_address=args.http_connections_per_address,
         failure_rate=args.http_failure_rate,
     )
 
@@ -890,6 +891,13 @@ def add_parser(commands: Any) -> None:
         metavar="FILE",
         type=Path,
         help="the certificate's private key, PEM, unencrypted (e.g. %%d/tls.key)",
+    )
+    http.add_argument(
+        "--http-connections-per-address",
+        metavar="N",
+        type=_count,
+        default=32,
+        help="connections one client address may hold at once; more are closed (default 32)",
     )
     http.add_argument(
         "--http-failure-rate",

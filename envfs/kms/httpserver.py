@@ -13,10 +13,12 @@ What keeps a client from stalling or flooding the service:
 
 - TLS (from a certificate and key file) wherever the address is not a loopback one: the
   command line refuses plain HTTP elsewhere;
-- at most ``max_connections`` connections at once, more wait in the listen backlog; a
-  connection idle between requests is closed after ``idle_timeout``; a TLS handshake and
-  a whole request (head and body) must arrive within ``request_timeout`` of its first
-  byte, an answer must be taken within it too;
+- at most ``max_connections`` connections at once, more wait in the listen backlog, and
+  at most ``max_connections_per_address`` from one client address (more are closed as
+  they are accepted); a new connection's TLS handshake and first request must start
+  within ``request_timeout``, and a connection idle between requests is closed after
+  ``idle_timeout``; a whole request (head and body) must arrive within
+  ``request_timeout`` of its first byte, and an answer must be taken within it too;
 - a request head of at most :data:`MAX_HEAD` bytes and a body of at most
   :data:`~envfs.kms.awsjson.MAX_BODY` (``413`` and the connection closed otherwise);
 - requests whose signature fails are counted per client address: past
@@ -24,12 +26,12 @@ What keeps a client from stalling or flooding the service:
   computed or key looked up;
 - once signed, the per-uid call limits of :mod:`envfs.kms.limits` apply to the access
   key's user, as on the Unix socket;
-- a request that may change a key (anything but reads and cryptographic operations,
-  :data:`~envfs.kms.core.AUDIT_ONLY_OPERATIONS`) is accepted once: its replay within the
-  five minutes a signature is valid is refused. A repeat of a read or a cryptographic
-  request is served (and audited) again: it yields only what the first one did, and
-  clients repeat such requests within one second with the same signature (boto3 signs
-  the time to the second, and by default nothing else that changes between calls).
+- each signature is accepted once: a replay within the five minutes it is valid is
+  refused, except within :data:`REPEAT_GRACE` seconds of its first use, since a client
+  that sends the same request twice within one second signs it the same way (SigV4's
+  time has whole seconds; boto3 and aws-cli, by default, sign nothing else that changes
+  between calls). Behind TLS a replay needs the request itself, and then it must come
+  within that grace of the original.
 
 A request signed with an access key never acts *on behalf of* another user, and may not
 create, activate, deactivate or delete access keys (:mod:`envfs.kms.accesskeys`).
@@ -65,7 +67,6 @@ from envfs.errors import (
 )
 from envfs.identity import Caller
 from envfs.kms import awsjson, sigv4
-from envfs.kms.core import AUDIT_ONLY_OPERATIONS
 from envfs.kms.dispatch import Dispatcher, Request
 from envfs.kms.limits import Rate, TokenBucket
 
@@ -78,6 +79,8 @@ _ACCEPT_RETRY_DELAY = 0.1
 _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _MAX_SOURCES = 4096  # client addresses whose failed signatures are counted
 _LAST_USED_INTERVAL = 60.0  # an access key's LastUsedDate is written at most this often
+_LOG_INTERVAL = 60.0  # a refusal per client address is logged at most this often
+REPEAT_GRACE = 2.0  # seconds in which a signature is accepted again (see the module's doc)
 DEFAULT_FAILURE_RATE = Rate(5.0, 50.0)  # failed signatures a second per client address
 
 SecretFor = Callable[[str], "tuple[bytes, int] | None"]
@@ -105,6 +108,7 @@ class HttpEndpoint:
     idle_timeout: float = 60.0
     request_timeout: float = 10.0
     max_connections: int = 256
+    max_connections_per_address: int = 32
     failure_rate: Rate | None = DEFAULT_FAILURE_RATE
 
     @property
@@ -240,10 +244,12 @@ class _HttpServer:
         self._dispatcher = dispatcher
         self._endpoint = endpoint
         self._slots = trio.Semaphore(endpoint.max_connections)
-        self._replays = sigv4.ReplayCache()
+        self._replays = sigv4.ReplayCache(repeat_grace=REPEAT_GRACE)
         self._failures: OrderedDict[str, TokenBucket] = OrderedDict()
         self._failure_logged: dict[str, float] = {}
         self._last_used: dict[str, float] = {}
+        self._per_address: dict[str, int] = {}
+        self._cap_logged: dict[str, float] = {}
 
     # --- connections -----------------------------------------------------------------
 
@@ -251,13 +257,37 @@ class _HttpServer:
         while True:
             await self._slots.acquire()
             try:
-                conn = await self._accept(sock)
+                conn, source = await self._accept(sock)
             except BaseException:
                 self._slots.release()
                 raise
-            nursery.start_soon(self._run_connection, conn)
+            nursery.start_soon(self._run_connection, conn, source)
 
-    async def _accept(self, sock: socket.socket) -> socket.socket:
+    def _admit(self, conn: socket.socket) -> str | None:
+        """The client address of a new connection, or None (and the connection closed)
+        if that address holds as many connections as it may."""
+        source = _source(conn)
+        host = _host(source)
+        held = self._per_address.get(host, 0)
+        if held < self._endpoint.max_connections_per_address:
+            self._per_address[host] = held + 1
+            return source
+        conn.close()
+        now = time.monotonic()
+        if now - self._cap_logged.get(host, -_LOG_INTERVAL) >= _LOG_INTERVAL:
+            if len(self._cap_logged) >= _MAX_SOURCES:
+                self._cap_logged.clear()
+            self._cap_logged[host] = now
+            logger.warning("closing connections from %s: it holds %d already", host, held)
+        return None
+
+    def _release(self, source: str) -> None:
+        host = _host(source)
+        held = self._per_address.pop(host, 1) - 1
+        if held > 0:
+            self._per_address[host] = held
+
+    async def _accept(self, sock: socket.socket) -> tuple[socket.socket, str]:
         while True:
             try:
                 conn, _address = sock.accept()
@@ -270,10 +300,12 @@ class _HttpServer:
                 logger.error("cannot accept an HTTP connection: %s; retrying", exc.strerror)
                 await trio.sleep(_ACCEPT_RETRY_DELAY)
                 continue
-            return conn
+            source = self._admit(conn)
+            if source is not None:
+                return conn, source
+            await trio.lowlevel.checkpoint()
 
-    async def _run_connection(self, conn: socket.socket) -> None:
-        source = _source(conn)
+    async def _run_connection(self, conn: socket.socket, source: str) -> None:
         stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
         try:
             if self._endpoint.tls is not None:
@@ -300,13 +332,15 @@ class _HttpServer:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
+            self._release(source)
             self._slots.release()
 
     async def _converse(self, stream: trio.abc.Stream, source: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        wait = self._endpoint.request_timeout  # for the first request
         while True:
             try:
-                received = await self._read_request(conn, stream)
+                received = await self._read_request(conn, stream, wait)
             except _Refused as refused:
                 body = awsjson.encode_error(refused.error)[1]
                 await self._send(conn, stream, refused.status, body, close=True)
@@ -322,18 +356,20 @@ class _HttpServer:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+            wait = self._endpoint.idle_timeout
 
     async def _read_request(
-        self, conn: h11.Connection, stream: trio.abc.Stream
+        self, conn: h11.Connection, stream: trio.abc.Stream, wait: float
     ) -> _Received | None:
-        """The next whole request, or None when the client closed or stayed idle.
+        """The next whole request, or None when the client closed or sent nothing for
+        ``wait`` seconds.
 
         Raises:
             _Refused: a request that is not well-formed HTTP/1.1, too large, or too slow.
         """
         if not conn.trailing_data[0]:
             data = b""
-            with trio.move_on_after(self._endpoint.idle_timeout):
+            with trio.move_on_after(wait):
                 data = bytes(await stream.receive_some(_RECEIVE_SIZE))
             if not data:
                 return None  # closed by the client, or idle for too long
@@ -431,8 +467,6 @@ class _HttpServer:
             operation, params = awsjson.parse_request(
                 _header(received.headers, "x-amz-target"), received.body
             )
-            if operation not in AUDIT_ONLY_OPERATIONS:
-                sigv4.check_replay(_signed(received), self._replays)
         except (KMSError, awsjson.WireError) as exc:
             return _error(exc)
         try:
@@ -481,6 +515,7 @@ class _HttpServer:
                 secret,
                 region=endpoint.region,
                 now=_dt.datetime.now(_dt.UTC),
+                replay_cache=self._replays,
             )
 
         try:
@@ -504,7 +539,7 @@ class _HttpServer:
         rate = self._endpoint.failure_rate
         if rate is None:
             return None
-        host = source.rpartition(":")[0]
+        host = _host(source)
         bucket = self._failures.get(host)
         if bucket is None:
             if len(self._failures) >= _MAX_SOURCES:
@@ -516,9 +551,9 @@ class _HttpServer:
 
     def _log_failure(self, source: str, exc: KMSError) -> None:
         """Log a refused signature, at most once a minute per address."""
-        host = source.rpartition(":")[0]
+        host = _host(source)
         now = time.monotonic()
-        if now - self._failure_logged.get(host, -_LAST_USED_INTERVAL) < _LAST_USED_INTERVAL:
+        if now - self._failure_logged.get(host, -_LOG_INTERVAL) < _LOG_INTERVAL:
             return
         if len(self._failure_logged) >= _MAX_SOURCES:
             self._failure_logged.clear()
@@ -584,6 +619,10 @@ def _source(conn: socket.socket) -> str:
         host, port = conn.getpeername()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return "an unknown address"
+
+
+def _host(source: str) -> str:
+    return source.rpartition(":")[0]
 
 
 def _caller_of(uid: int) -> Caller | None:

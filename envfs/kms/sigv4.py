@@ -152,39 +152,50 @@ class ReplayCache:
     within its window would then be accepted; size the cache above the signed requests
     the service takes in ten minutes. Thread-safe.
 
-    A client that resends an identical request within the same second (same time, same
-    body) makes the same signature, and the resend is refused as a replay.
+    A client that sends an identical request twice within the same second (same time,
+    same body) makes the same signature: SigV4's time has whole seconds, and clients such
+    as boto3 sign nothing else that changes between calls by default. Less than
+    ``repeat_grace`` seconds after a signature was first accepted, it is accepted again,
+    so that such repeats are served; 0 (the default) refuses every repeat. A replay by
+    someone who captured a request must then come within that grace of the original's
+    arrival.
     """
 
     max_entries: int = 100_000
-    _seen: OrderedDict[str, float] = field(default_factory=OrderedDict, init=False, repr=False)
+    repeat_grace: float = 0.0
+    # signature -> (when it expires, when it was first accepted)
+    _seen: OrderedDict[str, tuple[float, float]] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, not {self.max_entries}")
+        if not 0 <= self.repeat_grace <= MAX_SKEW.total_seconds():
+            raise ValueError(f"repeat_grace must be 0 to 300 seconds, not {self.repeat_grace}")
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def check_and_add(self, signature: str, expires_at: float, now: float) -> bool:
         """Remember ``signature`` until ``expires_at`` (inclusive); False if it is remembered
-        already."""
+        already and was first accepted more than ``repeat_grace`` seconds ago."""
         with self._lock:
             # Drop expired entries from the front; entries behind a live one wait their turn
             # (they are few: request times are all within the skew window of each other).
             while self._seen:
-                oldest, expiry = next(iter(self._seen.items()))
+                oldest, (expiry, _first) = next(iter(self._seen.items()))
                 if expiry >= now:
                     break
                 del self._seen[oldest]
             known = self._seen.get(signature)
-            if known is not None and known >= now:
-                return False
+            if known is not None and known[0] >= now:
+                return now - known[1] < self.repeat_grace
             self._seen.pop(signature, None)
             while len(self._seen) >= self.max_entries:
                 self._seen.popitem(last=False)
-            self._seen[signature] = expires_at
+            self._seen[signature] = (expires_at, now)
             return True
 
 
@@ -259,26 +270,6 @@ def verify(
     if replay_cache is not None:
         _check_replay(auth.signature, amz_date, when, replay_cache, current)
     return auth.access_key_id
-
-
-def check_replay(
-    request: SignedRequest, replay_cache: ReplayCache, *, now: _dt.datetime | None = None
-) -> None:
-    """Refuse ``request`` if ``replay_cache`` accepted its signature before, else remember
-    it: for a transport that refuses replays of some requests only, after :func:`verify`
-    (without a cache) accepted this one.
-
-    Raises:
-        InvalidSignatureException: a replay.
-        IncompleteSignatureException: a request :func:`verify` would not have accepted.
-    """
-    auth_values = request.header_values("authorization")
-    if len(auth_values) != 1:
-        raise IncompleteSignatureException("expected one Authorization header")
-    auth = _parse_authorization(auth_values[0])
-    amz_date, when = _request_time(request)
-    current = now if now is not None else _dt.datetime.now(_dt.UTC)
-    _check_replay(auth.signature, amz_date, when, replay_cache, current)
 
 
 def _check_replay(

@@ -22,6 +22,7 @@ is wrong is set up early and checked late, so that its 15 s of retries overlap t
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shlex
 import shutil
@@ -459,6 +460,38 @@ def test_after_a_reboot_with_a_file_open_the_volume_is_mounted_again_with_its_da
     assert as_alice(box, "cat /srv/fs/hello.txt") == "fstab"
 
 
+LIST_KEYS = """import sys, boto3
+kms = boto3.client("kms", endpoint_url="https://127.0.0.1:8443", region_name="eu-west-1",
+                   aws_access_key_id=sys.argv[1], aws_secret_access_key=sys.argv[2],
+                   verify="/etc/envfs/tls/kms.crt")
+print(len(kms.list_keys()["Keys"]), len(kms.generate_random(NumberOfBytes=8)["Plaintext"]))
+"""
+
+
+def test_the_key_service_serves_https_to_alice_with_the_docs_drop_in(
+    installed: Container,
+) -> None:
+    box = installed
+    blocks = doc_blocks()
+    run_block(box, blocks["tls"])
+    run_block(box, blocks["file /etc/systemd/system/envfs-kms@eu-west-1.service.d/http.conf"])
+    access_key_id, secret = run_block(box, blocks["http"]).split()[-2:]
+    assert state(box, SERVICE) == "active"
+    journal = box.out(f"journalctl -u {SERVICE} --no-pager -o cat")
+    assert "HTTP endpoint listening on https://0.0.0.0:8443" in journal
+    assert secret not in journal
+    # Alice, who may use the volume's key (group staff), lists it over HTTPS.
+    out = as_alice(
+        box,
+        f"/opt/envfs/bin/python -c {shlex.quote(LIST_KEYS)} {access_key_id} {secret}",
+    )
+    assert out.split() == ["1", "8"]
+    audit = box.out("envfs kms audit --region eu-west-1 --output json")
+    signed = [r for r in json.loads(audit)["Records"] if "signed_with" in r]
+    assert {r["caller"]["user"] for r in signed} == {ALICE}
+    assert {r["operation"] for r in signed} == {"ListKeys", "GenerateRandom"}
+
+
 def test_every_marked_block_of_the_docs_is_run() -> None:
     """No container needed: the blocks the tests above run are all the marked ones."""
     run = {
@@ -473,5 +506,8 @@ def test_every_marked_block_of_the_docs_is_run() -> None:
         "rotation",
         "socket-activate",
         "fstab",
+        "tls",
+        "file /etc/systemd/system/envfs-kms@eu-west-1.service.d/http.conf",
+        "http",
     }
     assert set(doc_blocks()) == run

@@ -542,3 +542,20 @@ def test_a_repeated_authorization_or_date_header_is_incomplete(name: str) -> Non
     repeated = dataclasses.replace(request, headers=[*request.headers, (name, value)])
     with pytest.raises(IncompleteSignatureException, match=rf"^more than one {name} header$"):
         check(repeated)
+
+
+def test_a_repeat_within_the_grace_of_the_first_use_is_accepted() -> None:
+    cache = sigv4.ReplayCache(repeat_grace=2.0)
+    assert cache.check_and_add("a" * 64, 400.0, 100.0)
+    assert cache.check_and_add("a" * 64, 400.0, 101.5)  # the same call again in its second
+    assert cache.check_and_add("a" * 64, 400.0, 101.99)
+    assert not cache.check_and_add("a" * 64, 400.0, 102.0)  # measured from the first use
+    strict = sigv4.ReplayCache()
+    assert strict.check_and_add("b" * 64, 400.0, 100.0)
+    assert not strict.check_and_add("b" * 64, 400.0, 100.0)
+
+
+@pytest.mark.parametrize("grace", [-0.1, 300.1])
+def test_a_repeat_grace_outside_the_skew_window_is_refused(grace: float) -> None:
+    with pytest.raises(ValueError, match="repeat_grace"):
+        sigv4.ReplayCache(repeat_grace=grace)
