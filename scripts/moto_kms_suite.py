@@ -50,7 +50,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -315,12 +314,6 @@ def markdown(summary: dict[str, Any]) -> str:
 # --- key services --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _envfs_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ENVFS_", "AWS_"))}
     env.pop("CREDENTIALS_DIRECTORY", None)
@@ -360,42 +353,46 @@ class Template:
         return cls(region, kms_dir, key["AccessKeyId"], key["SecretAccessKey"])
 
 
+# What ``envfs kms serve`` logs once its HTTP endpoint listens (on the port it picked).
+_LISTENING = re.compile(r"HTTP endpoint listening on http://127\.0\.0\.1:(\d+)")
+
+
 class KeyService:
-    """``envfs kms serve --listen-http`` on a fresh copy of a region's template."""
+    """``envfs kms serve --listen-http`` on a fresh copy of a region's template.
+
+    It listens on a port of its own choosing (``127.0.0.1:0``), read from its log: a port
+    chosen here and bound there later could be taken in between by anything else.
+    """
 
     def __init__(self, envfs: str, template: Template, work: Path) -> None:
         self.region = template.region
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.region}-", dir=work))
         shutil.copytree(template.kms_dir / self.region, self.dir / self.region)
         self.log = self.dir / "serve.log"
-        self.port = free_port()
+        self.port = 0
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [
                     envfs, "kms", "serve", "--kms-dir", str(self.dir), "--region", self.region,
-                    "--socket", str(self.dir / "kms.sock"),
-                    "--listen-http", f"127.0.0.1:{self.port}",
+                    "--socket", str(self.dir / "kms.sock"), "--listen-http", "127.0.0.1:0",
                 ],
                 env=_envfs_env(), stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        self._ready = False
         self._stopped = False
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while not self._ready:
+        while not self.port:
+            found = _LISTENING.search(self.log.read_text(errors="replace"))
+            if found:
+                self.port = int(found.group(1))
+                return
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"envfs kms serve ({self.region}) exited {self.process.returncode}:"
                     f" {self.log.read_text(errors='replace')[-2000:]}"
                 )
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1),
-            ):
-                self._ready = True
-                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"envfs kms serve ({self.region}) did not listen in time")
             time.sleep(0.02)
@@ -466,6 +463,7 @@ class Router(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.regions, self.default = regions, default
         self.resets = 0
+        self.errors: list[str] = []  # the harness's own failures, for the summary
 
     @property
     def url(self) -> str:
@@ -476,6 +474,7 @@ class Router(http.server.ThreadingHTTPServer):
         error = sys.exc_info()[1]
         if not isinstance(error, ConnectionError):
             print(f"moto-kms-suite: router: {error!r}", file=sys.stderr)
+            self.errors.append(repr(error)[:2000])
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -519,6 +518,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         match = _SCOPE.search(self.headers.get("Authorization", ""))
         name = match.group(1) if match else self.server.default
         target = self.server.regions.get(name) or self.server.regions[self.server.default]
+        try:
+            status, data, headers = self._relay(target, body)
+        except (RuntimeError, OSError, http.client.HTTPException) as exc:
+            # The harness's own failure, told as such (502), not as envfs's answer.
+            print(f"moto-kms-suite: router: {exc}", file=sys.stderr)
+            self.server.errors.append(f"{exc}"[:2000])
+            error = {"__type": "MotoKmsSuiteRouterError", "message": str(exc)}
+            status, data, headers = 502, json.dumps(error).encode(), []
+        self._answer(status, data, headers)
+
+    def _relay(self, target: Region, body: bytes) -> tuple[int, bytes, list[tuple[str, str]]]:
         service = target.service()
         conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
         try:
@@ -528,8 +538,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     conn.putheader(name, value)
             conn.endheaders(body)
             response = conn.getresponse()
-            data = response.read()
-            self._answer(response.status, data, response.getheaders())
+            return response.status, response.read(), response.getheaders()
         finally:
             conn.close()
 
@@ -636,12 +645,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"moto's tests did not run (pytest exited {result.returncode}):\n"
                     + log.read_text(errors="replace")[-3000:]
                 )
-            resets = router.resets
+            resets, router_errors = router.resets, list(router.errors)
         summary = classify(json.loads(report.read_text()), load_explanations(args.explained))
         summary.update(
             moto_version=version,
             regions=regions,
             resets=resets,
+            router_errors=router_errors,
             duration_s=round(time.monotonic() - started, 1),
         )
         return summary

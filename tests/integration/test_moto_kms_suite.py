@@ -51,6 +51,7 @@ def test_the_failing_applicable_tests_are_exactly_the_explained_ones(
     steady = {t: r for t, r in applicable.items() if not r.get("flaky")}
     failing = {t for t, r in steady.items() if r["category"].endswith("failure")}
     explained = {t for t in steady if explanation_for(t, table) is not None}
+    assert summary["router_errors"] == [], "the harness failed, not envfs"
     new = {t: steady[t]["message"] for t in sorted(failing - explained)}
     fixed = sorted(explained - failing)
     assert not new, f"applicable tests fail without an explanation: {new}"
