@@ -39,9 +39,13 @@ class KMSError(EnvfsError):
     exit_code = 10
     registry: ClassVar[dict[str, type[KMSError]]] = {}
 
-    def __init_subclass__(cls, **kwargs: object) -> None:
+    def __init_subclass__(cls, *, wire: bool = True, **kwargs: object) -> None:
+        # ``wire=False``: a class that must not become what ``from_wire`` rebuilds for its
+        # name (the HTTP client's classes for names envfs does not know, or an error that
+        # shares its parent's name but not its meaning).
         super().__init_subclass__(**kwargs)
-        KMSError.registry[cls.aws_name] = cls
+        if wire:
+            KMSError.registry[cls.aws_name] = cls
 
     @classmethod
     def from_wire(cls, aws_name: str, message: str) -> KMSError:

@@ -25,6 +25,7 @@ from envfs.cli import fstab, kms, volume
 from envfs.cli.common import stderr_is_journal
 from envfs.cli.params import ArgumentError
 from envfs.errors import EnvfsError, KMSError, KMSUnavailableException, UsageError
+from envfs.kms.httpclient import EndpointUnavailableException
 
 PROG = "envfs"
 
@@ -80,6 +81,8 @@ def _hint(error: EnvfsError) -> str | None:
     if isinstance(error, _ParseError):
         return f"see '{error.prog} --help'"
     if isinstance(error, ArgumentError):
+        return error.hint
+    if isinstance(error, EndpointUnavailableException):
         return error.hint
     if isinstance(error, KMSUnavailableException):
         return (

@@ -13,9 +13,13 @@ One file per volume, named after it. The directory is ``$ENVFS_CONFIG_DIR`` when
 
     [kms]                            # optional table
     region = "eu-west-1"             # default: the volume's region
-    service = "embedded"             # or "unix:/run/envfs/kms-eu-west-1.sock"
+    service = "embedded"             # or "unix:/run/envfs/kms-eu-west-1.sock", "aws",
+                                     # "https://kms.example.org:8443" (AWS KMS's API)
     dir = "/var/lib/envfs/kms"       # embedded only: where region stores live
     passphrase_file = "/etc/envfs/pass"  # embedded only: the store's passphrase
+    credentials = "/etc/envfs/aws-users.toml"  # aws/https only, required: who is which
+                                     # AWS identity (keys/awscreds.py; docs/fleet.md)
+    ca_bundle = "/etc/envfs/fleet-ca.pem"  # https only: the CA certificates to trust
 
 Anything else is refused, never ignored: an unknown key, a value of the wrong type, a
 relative path, a malformed region, a key service that is neither form. Each refusal is a
@@ -40,7 +44,7 @@ DEFAULT_CONFIG_DIR = Path("/etc/envfs/volumes")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TOP_KEYS = ("backing", "mountpoint", "allow_other", "options", "log_file", "busy_poll", "kms")
-_KMS_KEYS = ("region", "service", "dir", "passphrase_file")
+_KMS_KEYS = ("region", "service", "dir", "passphrase_file", "credentials", "ca_bundle")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class VolumeConfig:
     options: tuple[str, ...]  # FUSE -o options
     log_file: Path | None
     busy_poll: int | None = None  # µs; None: the mount's default
+    kms_credentials: Path | None = None  # aws/https: the credential mapping file
+    kms_ca_bundle: Path | None = None  # https: CA certificates to trust
 
     @property
     def kms_socket(self) -> Path | None:
@@ -124,12 +130,23 @@ def parse(name: str, path: Path, data: dict[str, Any]) -> VolumeConfig:
     assert backing is not None and mountpoint is not None
     kms = reader.string(kms_table, "kms.service", "service") or EMBEDDED
     try:
-        KeyServiceChoice.parse(kms)
+        choice = KeyServiceChoice.parse(kms)
     except ValueError:
         raise reader.error(
             "kms.service",
-            f"expected 'embedded' or 'unix:' and an absolute socket path, got {kms!r}",
+            "expected 'embedded', 'unix:' and an absolute socket path, 'aws' or"
+            f" 'https://HOST[:PORT]', got {kms!r}",
         ) from None
+    credentials = reader.path(kms_table, "kms.credentials", key="credentials")
+    ca_bundle = reader.path(kms_table, "kms.ca_bundle", key="ca_bundle")
+    if choice.aws and credentials is None:
+        raise reader.error(
+            "kms.credentials", f"missing: service = {kms!r} needs a credential mapping file"
+        )
+    if not choice.aws and credentials is not None:
+        raise reader.error("kms.credentials", "applies only to service = 'aws' or an https URL")
+    if choice.endpoint is None and ca_bundle is not None:
+        raise reader.error("kms.ca_bundle", "applies only to service = an https URL")
     kms_dir = reader.path(kms_table, "kms.dir", key="dir")
     passphrase_file = reader.path(kms_table, "kms.passphrase_file", key="passphrase_file")
     if kms != EMBEDDED:
@@ -149,6 +166,8 @@ def parse(name: str, path: Path, data: dict[str, Any]) -> VolumeConfig:
         options=reader.options(data),
         log_file=reader.path(data, "log_file"),
         busy_poll=reader.busy_poll(data),
+        kms_credentials=credentials,
+        kms_ca_bundle=ca_bundle,
     )
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from envfs import notify
+from envfs.cli import endpoint
 from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.params import ArgumentError, build_request, read_file_bytes
 from envfs.errors import AuditVerificationError, UsageError
@@ -153,6 +154,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="never use the daemon: open the region's store in this process",
     )
+    endpoint.add_options(group)
     add_output_options(parser)
 
 
@@ -198,10 +200,16 @@ def open_store(args: argparse.Namespace) -> KeyStore:
 @contextlib.contextmanager
 def open_backend(
     args: argparse.Namespace, *, due_tasks: bool = True
-) -> Iterator[KeyServiceConnection]:
-    """The daemon if its socket exists and ``--embedded`` was not given, else the store
-    (carrying out due rotations and deletions first, unless ``due_tasks`` is False)."""
+) -> Iterator[KeyServiceConnection | endpoint.EndpointConnection]:
+    """The HTTP endpoint if ``--endpoint-url`` was given; else the daemon if its socket
+    exists and ``--embedded`` was not given, else the store (carrying out due rotations
+    and deletions first, unless ``due_tasks`` is False)."""
     from envfs.kms.paths import default_socket_path
+
+    if endpoint.wanted(args):
+        with endpoint.open_endpoint(args) as remote:
+            yield remote
+        return
 
     socket_path: Path = args.socket or default_socket_path(args.region)
     daemon = not args.embedded and socket_path.exists()
@@ -273,7 +281,8 @@ def _check_user(request: Mapping[str, Any]) -> None:
 
 def _run_operation(operation: Operation, args: argparse.Namespace) -> int:
     request = build_request(operation, vars(args))
-    _check_user(request)
+    if not endpoint.wanted(args):  # an endpoint's users are its machine's, not ours
+        _check_user(request)
     with open_backend(args) as backend:
         response = backend.call(operation.name, request)
     print_answer(args, response, operation.name)
@@ -592,6 +601,11 @@ def _audit_mode(args: argparse.Namespace) -> str:
 def _owner_call(args: argparse.Namespace, run: Callable[[Any, Any], dict[str, Any]]) -> Any:
     """Archive, repair, verify archives: always on the store itself (never the daemon),
     as the current user, without due tasks (they could not be audited on a damaged log)."""
+    if endpoint.wanted(args):
+        raise UsageError(
+            "--archive, --repair and --verify-archive work on the store itself, as its owner:"
+            " not with --endpoint-url"
+        )
     from envfs.identity import Caller
     from envfs.kms.service import KeyService
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from envfs import notify
+from envfs.arn import parse_arn
 from envfs.cli import config
 from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
 from envfs.cli.kms import open_store
@@ -70,9 +71,26 @@ def _add_kms_options(parser: argparse.ArgumentParser, *, region_help: str) -> No
         metavar="SERVICE",
         type=kms_service_type,
         default=os.environ.get("ENVFS_KMS") or "embedded",
-        help="'embedded' (open the region's store in this process; default) or"
-        " 'unix:PATH' (a key-service daemon's socket, called on behalf of each user;"
-        " env ENVFS_KMS)",
+        help="'embedded' (open the region's store in this process; default),"
+        " 'unix:PATH' (a key-service daemon's socket, called on behalf of each user),"
+        " 'aws' (AWS KMS) or 'https://HOST[:PORT]' (AWS KMS's API elsewhere: another"
+        " machine's envfs key service), called with each user's AWS identity from"
+        " --kms-credentials (env ENVFS_KMS)",
+    )
+    group.add_argument(
+        "--kms-credentials",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="with --kms aws or https://...: the file mapping Unix users and groups to AWS"
+        " identities (owned by root or you, writable by no one else; see docs/fleet.md)",
+    )
+    group.add_argument(
+        "--kms-ca-bundle",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="with --kms https://...: the CA certificates to trust (default: the system's)",
     )
     group.add_argument(
         "--key-cache-seconds",
@@ -97,7 +115,7 @@ def _add_kms_options(parser: argparse.ArgumentParser, *, region_help: str) -> No
         metavar="SECONDS",
         type=float,
         default=10.0,
-        help="how long a call to a key-service daemon may take (default 10)",
+        help="how long a call to a key-service daemon or AWS KMS may take (default 10)",
     )
 
 
@@ -107,19 +125,19 @@ DEFAULT_KEY_CACHE_SECONDS = 30.0  # with a key-service daemon; 0 with the embedd
 def _key_cache_seconds(args: argparse.Namespace) -> float:
     if args.key_cache_seconds is not None:
         return float(args.key_cache_seconds)
-    return DEFAULT_KEY_CACHE_SECONDS if KeyServiceChoice.parse(args.kms).daemon else 0.0
+    return DEFAULT_KEY_CACHE_SECONDS if KeyServiceChoice.parse(args.kms).remote else 0.0
 
 
 DEFAULT_KEY_POOL_SIZE = 4  # per user, with a key-service daemon; none with the embedded store
 
 
 def _key_pool_size(args: argparse.Namespace) -> int:
-    daemon = KeyServiceChoice.parse(args.kms).daemon
+    daemon = KeyServiceChoice.parse(args.kms).remote
     if args.key_pool_size is not None:
         if args.key_pool_size and not daemon:
             raise UsageError(
-                "argument --key-pool-size: only a key-service daemon (--kms unix:PATH) can"
-                " make data keys in advance"
+                "argument --key-pool-size: only a key-service daemon (--kms unix:PATH) or"
+                " AWS KMS can make data keys in advance"
             )
         return int(args.key_pool_size)
     return DEFAULT_KEY_POOL_SIZE if daemon else 0
@@ -173,28 +191,61 @@ def _add_busy_poll_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _connect(
-    args: argparse.Namespace, region: str, *, batch_audit: bool = False
+    args: argparse.Namespace,
+    region: str,
+    *,
+    batch_audit: bool = False,
+    key_arn: str | None = None,
+    backing: Path | None = None,
 ) -> KeyServiceConnection:
     """The key service of ``region`` that ``--kms`` names; ``batch_audit``: an embedded
-    service batches its audit records (the mount)."""
+    service batches its audit records (the mount); ``key_arn``: the volume's key, whose
+    partition says whether an AWS KMS API is an envfs key service (``arn:envfs:``);
+    ``backing``: the volume's folder, where no credential mapping may be.
+
+    Raises:
+        UsageError: --kms-credentials or --kms-ca-bundle without a key service that uses it.
+    """
+    choice = KeyServiceChoice.parse(args.kms)
+    if args.kms_credentials is not None and not choice.aws:
+        raise UsageError("argument --kms-credentials: only with --kms aws or https://...")
+    if args.kms_ca_bundle is not None and choice.endpoint is None:
+        raise UsageError("argument --kms-ca-bundle: only with --kms https://...")
     store_args = argparse.Namespace(
         region=region, kms_dir=args.kms_dir, passphrase_file=args.passphrase_file
     )
     return connect(
-        KeyServiceChoice.parse(args.kms),
+        choice,
         region,
         open_store=lambda: open_store(store_args),
         timeout=args.kms_timeout,
         batch_audit=batch_audit,
+        credentials=args.kms_credentials,
+        ca_bundle=args.kms_ca_bundle,
+        envfs_blobs=key_arn is not None and _partition(key_arn) == "envfs",
+        backing=backing,
     )
+
+
+def _partition(key_arn: str) -> str | None:
+    """The partition of a key ARN (``envfs``, ``aws``...), None if it is not one."""
+    try:
+        return parse_arn(key_arn).partition
+    except KMSError:
+        return None
 
 
 # --- init ----------------------------------------------------------------------------------
 
 
 def _init(args: argparse.Namespace) -> int:
-    region = args.region or os.environ.get("ENVFS_REGION") or DEFAULT_REGION
-    with _connect(args, region) as kms:
+    key_region = _key_region(args.key_id)
+    if key_region is not None and args.region and args.region != key_region:
+        raise UsageError(
+            f"--key-id {args.key_id!r} is in region {key_region!r}, not --region {args.region!r}"
+        )
+    region = key_region or args.region or os.environ.get("ENVFS_REGION") or DEFAULT_REGION
+    with _connect(args, region, key_arn=args.key_id, backing=Path(args.backing)) as kms:
         volume = Volume.create(
             Path(args.backing),
             args.key_id,
@@ -211,6 +262,14 @@ def _init(args: argparse.Namespace) -> int:
         f"mount it with: envfs mount {args.backing} MOUNTPOINT\n"
     )
     return 0
+
+
+def _key_region(key_id: str) -> str | None:
+    """The region an ARN names (a key's or an alias's); None for an id or alias name."""
+    try:
+        return parse_arn(key_id).region
+    except KMSError:
+        return None
 
 
 # --- mount ---------------------------------------------------------------------------------
@@ -240,6 +299,8 @@ def _apply_config(args: argparse.Namespace, *, positionals: tuple[str, ...]) -> 
     args.kms = cfg.kms
     args.region = cfg.region or args.region
     args.kms_dir = cfg.kms_dir or args.kms_dir
+    args.kms_credentials = cfg.kms_credentials or args.kms_credentials
+    args.kms_ca_bundle = cfg.kms_ca_bundle or args.kms_ca_bundle
     args.passphrase_file = str(cfg.passphrase_file or "") or args.passphrase_file
     args.log_file = str(cfg.log_file or "") or args.log_file
     args.busy_poll = args.busy_poll if cfg.busy_poll is None else cfg.busy_poll
@@ -276,7 +337,9 @@ def _mount(args: argparse.Namespace) -> int:
         mount.check_mountpoint(mountpoint, nonempty=options.nonempty)
         volume = Volume.load(backing)
         region = args.region or volume.region
-        with _connect(args, region, batch_audit=True) as kms:
+        with _connect(
+            args, region, batch_audit=True, key_arn=volume.key_arn, backing=backing
+        ) as kms:
             vfs = mount.prepare(
                 volume,
                 kms.provider,
@@ -320,11 +383,13 @@ def _daemonize(args: argparse.Namespace) -> int:
         ("--passphrase-file", args.passphrase_file),
         ("--log-file", args.log_file),
         ("--kms", args.kms),
+        ("--kms-credentials", args.kms_credentials),
+        ("--kms-ca-bundle", args.kms_ca_bundle),
         ("--kms-timeout", args.kms_timeout),
         ("--key-cache-seconds", args.key_cache_seconds),
         ("--key-pool-size", args.key_pool_size),
     ):
-        if value:
+        if value is not None and value != "":  # 0 too: --key-cache-seconds 0 means "none"
             command += [flag, str(value)]
     if args.busy_poll is not None:  # 0 too
         command += ["--busy-poll", str(args.busy_poll)]
@@ -415,7 +480,8 @@ def _inspect(args: argparse.Namespace) -> int:
         "BackingSize": backing,
         "WrappedKeySize": len(header.wrapped_key),
     }
-    wrapped = read_wrapped(header.wrapped_key)
+    opaque = _partition(header.key_arn) != "envfs"  # AWS KMS's blobs are not parsed
+    wrapped = None if opaque else read_wrapped(header.wrapped_key)
     info["KeyVersion"] = None if wrapped is None else wrapped.key_version
     try:
         info["PlaintextSize"] = fileformat.plaintext_size(backing, header.block_shift)
@@ -433,13 +499,15 @@ def _info(args: argparse.Namespace) -> int:
     from envfs.files import info
     from envfs.keys.envfskms import read_wrapped
 
-    summary = info.summarize(Path(args.backing), read_wrapped)
+    partition = _partition(Volume.load(Path(args.backing)).key_arn)
+    summary = info.summarize(Path(args.backing), read_wrapped if partition == "envfs" else None)
     volume = summary.volume
     answer: dict[str, Any] = {
         "Backing": str(volume.backing),
         "VolumeId": volume.volume_id,
         "Region": volume.region,
         "KeyArn": volume.key_arn,
+        "KeyService": "envfs" if partition == "envfs" else f"AWS KMS (partition {partition})",
         "PreviousKeyArns": list(volume.previous_key_arns),
         "FormatVersion": volume.format_version,
         "BlockSize": volume.block_size,

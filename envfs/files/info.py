@@ -53,7 +53,8 @@ class VolumeSummary:
     """A volume's settings (from its volume file) and what its backing folder holds."""
 
     volume: Volume
-    read_wrapped: Callable[[bytes], WrappedKey | None] = field(repr=False, compare=False)
+    # None: the key service's wrapped keys are opaque (AWS KMS), their key is not checked
+    read_wrapped: Callable[[bytes], WrappedKey | None] | None = field(repr=False, compare=False)
     files: int = 0  # regular files the plaintext view shows, usable or not
     directories: int = 0  # below the root
     symlinks: int = 0
@@ -72,10 +73,13 @@ class VolumeSummary:
             self.problems.append(Problem(path, problem))
 
 
-def summarize(backing: Path, read_wrapped: Callable[[bytes], WrappedKey | None]) -> VolumeSummary:
+def summarize(
+    backing: Path, read_wrapped: Callable[[bytes], WrappedKey | None] | None
+) -> VolumeSummary:
     """Read ``backing``'s volume file and walk its folder, decrypting nothing;
     ``read_wrapped`` reads a wrapped data key's master key id and version (the key
-    provider's format: :meth:`~envfs.keys.provider.KeyProvider.read_wrapped`).
+    provider's format: :meth:`~envfs.keys.provider.KeyProvider.read_wrapped`), None where
+    the key service's wrapped keys are opaque (AWS KMS: versions unknown, not checked).
 
     Raises:
         VolumeError: ``backing`` is not a volume (no volume file, or a malformed one, or
@@ -219,13 +223,15 @@ def _file_problem(raw: bytes, size: int, summary: VolumeSummary) -> str | None:
         return exc.message
     if header.sparse:
         summary.sparse_files += 1
-    wrapped = summary.read_wrapped(header.wrapped_key)
+    wrapped = None if summary.read_wrapped is None else summary.read_wrapped(header.wrapped_key)
     summary.key_versions[header.key_arn, None if wrapped is None else wrapped.key_version] += 1
     if header.version != volume.format_version:
         return f"its format version {header.version} is not the volume's {volume.format_version}"
     if not volume.accepts_key(header.key_arn):
         return f"its header names key {header.key_arn!r}, which the volume does not accept"
-    if wrapped is None or not header.key_arn.endswith(f":key/{wrapped.key_id}"):
+    if summary.read_wrapped is not None and (
+        wrapped is None or not header.key_arn.endswith(f":key/{wrapped.key_id}")
+    ):
         return "its wrapped data key was made under another key than its header names"
     if header.block_shift != volume.block_shift:
         return f"its block size {header.block_size} is not the volume's {volume.block_size}"

@@ -386,8 +386,11 @@ class Volume:
             )
         # The authentication key's blob names the key it is under: a volume file whose key
         # ARN was swapped is refused here, before any key-service call or permission.
+        # (A service whose blobs are opaque, AWS KMS, is left to Decrypt requiring the key.)
         blob = provider.read_wrapped(self.auth_key)
-        if blob is None or not self.key_arn.endswith(f":key/{blob.key_id}"):
+        if provider.reads_wrapped and (
+            blob is None or not self.key_arn.endswith(f":key/{blob.key_id}")
+        ):
             raise VolumeError(
                 f"the volume file of {str(self.backing)!r} is not authentic: it names key"
                 f" {self.key_arn!r} but was made under another key"

@@ -1,21 +1,27 @@
 """Which key service a command talks to, chosen once, at the top.
 
-A volume names its key service as ``embedded`` (the region's store, opened in this process)
-or ``unix:/PATH`` (an envfs key-service daemon's socket): ``envfs mount --kms``, ``envfs
-init --kms``, ``service =`` in a volume configuration file. ``envfs kms <verb>`` chooses for
-itself: the daemon if its socket exists, else the store. :func:`connect` opens the chosen
-one as a :class:`KeyServiceConnection`: a key provider for the file side, and calls as the
-current user for the command line.
+A volume names its key service as ``embedded`` (the region's store, opened in this process),
+``unix:/PATH`` (an envfs key-service daemon's socket), ``aws`` (AWS KMS at the region's own
+endpoint) or ``https://HOST[:PORT]`` (an endpoint speaking AWS KMS's API: another machine's
+envfs key service; ``http://`` only on loopback, since answers carry plaintext data keys):
+``envfs mount --kms``, ``envfs init --kms``, ``service =`` in a volume configuration file.
+The last two call with each user's mapped AWS identity (:mod:`envfs.keys.awscreds`).
+``envfs kms <verb>`` chooses for itself: the daemon if its socket exists, else the store.
+:func:`connect` opens the chosen one as a :class:`KeyServiceConnection`: a key provider for
+the file side, and calls as the current user for the command line.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from envfs.errors import UsageError
 from envfs.keys.provider import KeyProvider
 
 if TYPE_CHECKING:
@@ -25,34 +31,86 @@ if TYPE_CHECKING:
 
 EMBEDDED = "embedded"
 UNIX_PREFIX = "unix:"
+AWS = "aws"
 
 
 @dataclass(frozen=True)
 class KeyServiceChoice:
-    """``embedded`` (``socket`` None) or a daemon's Unix socket."""
+    """``embedded`` (nothing set), a daemon's Unix ``socket``, or an AWS KMS API (``aws``
+    true), at AWS's endpoint (``endpoint`` None) or at ``endpoint``."""
 
     socket: Path | None = None
+    aws: bool = False
+    endpoint: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> KeyServiceChoice:
-        """Read ``embedded`` or ``unix:/ABSOLUTE/PATH``.
+        """Read ``embedded``, ``unix:/ABSOLUTE/PATH``, ``aws``, ``https://HOST[:PORT]`` or
+        ``http://LOOPBACK:PORT``.
 
         Raises:
             ValueError: anything else (the caller says where it was written).
         """
         if text == EMBEDDED:
             return cls()
+        if text == AWS:
+            return cls(aws=True)
+        if text.startswith(("https://", "http://")):
+            return cls(aws=True, endpoint=_endpoint(text))
         path = text[len(UNIX_PREFIX) :] if text.startswith(UNIX_PREFIX) else ""
         if not os.path.isabs(path) or path == "/":
-            raise ValueError(f"{text!r} is neither 'embedded' nor 'unix:/PATH/TO/SOCKET'")
+            raise ValueError(
+                f"{text!r} is none of 'embedded', 'unix:/PATH/TO/SOCKET', 'aws' or"
+                " 'https://HOST[:PORT]'"
+            )
         return cls(Path(path))
 
     @property
     def daemon(self) -> bool:
         return self.socket is not None
 
+    @property
+    def remote(self) -> bool:
+        """Every call is a round trip (a daemon or an AWS KMS API): worth caching."""
+        return self.socket is not None or self.aws
+
     def __str__(self) -> str:
+        if self.aws:
+            return self.endpoint or AWS
         return EMBEDDED if self.socket is None else f"{UNIX_PREFIX}{self.socket}"
+
+
+def _endpoint(text: str) -> str:
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid URL") from None
+    if (
+        not url.hostname
+        or url.username
+        or url.password
+        or url.query
+        or url.fragment
+        or url.path not in ("", "/")
+    ):
+        raise ValueError(f"{text!r}: expected https://HOST[:PORT], without user, query or path")
+    if url.scheme == "http" and not _loopback(url.hostname):
+        raise ValueError(
+            f"{text!r}: plain http only on loopback (the answers carry plaintext data keys);"
+            " use https://"
+        )
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    return f"{url.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class KeyServiceConnection:
@@ -87,6 +145,10 @@ def connect(
     timeout: float | None = None,
     batch_audit: bool = False,
     due_tasks: bool = True,
+    credentials: Path | None = None,
+    ca_bundle: Path | None = None,
+    envfs_blobs: bool = False,
+    backing: Path | None = None,
 ) -> KeyServiceConnection:
     """Open the chosen key service of ``region``.
 
@@ -94,11 +156,54 @@ def connect(
     service that batches its audit records if ``batch_audit`` (the mount) and carries out
     due rotations and deletions first if ``due_tasks``. A daemon: a client whose calls may
     take ``timeout`` seconds (None: the client's default); nothing is sent until the first
-    call.
+    call. An AWS KMS API: ``credentials`` (required) maps users to AWS identities,
+    ``ca_bundle`` the CA certificates to trust, ``envfs_blobs`` says the endpoint is an
+    envfs key service (its blobs are readable), and the mapping's files may not be under
+    ``backing`` (the volume's backing folder); nothing is sent until the first call.
+
+    Raises:
+        UsageError: an AWS KMS API without a credential mapping.
+        ConfigError: the credential mapping is not usable.
     """
+    if choice.aws:
+        return _aws(choice, region, credentials, ca_bundle, timeout, envfs_blobs, backing)
     if choice.socket is not None:
         return _daemon(choice.socket, region, timeout)
     return _embedded(open_store(), batch_audit=batch_audit, due_tasks=due_tasks)
+
+
+def _aws(
+    choice: KeyServiceChoice,
+    region: str,
+    credentials: Path | None,
+    ca_bundle: Path | None,
+    timeout: float | None,
+    envfs_blobs: bool,
+    backing: Path | None,
+) -> KeyServiceConnection:
+    from envfs.identity import Caller
+    from envfs.keys.awscreds import load_mapping
+    from envfs.keys.awskms import AwsKmsProvider
+
+    if credentials is None:
+        raise UsageError(
+            f"key service {str(choice)!r} needs a credential mapping: --kms-credentials FILE,"
+            " or credentials = in the volume configuration's [kms] table"
+        )
+    provider = AwsKmsProvider(
+        region,
+        load_mapping(credentials, outside=backing),
+        endpoint_url=choice.endpoint,
+        ca_bundle=ca_bundle,
+        timeout=10.0 if timeout is None else timeout,
+        envfs_blobs=envfs_blobs,
+    )
+    caller = Caller.current()
+
+    def call(operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        return provider.call_as(caller, operation, params)
+
+    return KeyServiceConnection(provider, call, provider.close)
 
 
 def _daemon(socket: Path, region: str, timeout: float | None) -> KeyServiceConnection:

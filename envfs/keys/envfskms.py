@@ -25,6 +25,10 @@ def read_wrapped(wrapped: bytes) -> WrappedKey | None:
 class KeyServiceCalls:
     """The KeyProvider calls, as key-service requests; subclasses say how to send them."""
 
+    @property
+    def reads_wrapped(self) -> bool:
+        return True
+
     def read_wrapped(self, wrapped: bytes) -> WrappedKey | None:
         return read_wrapped(wrapped)
 

@@ -4,7 +4,7 @@ it imports.
 The file side makes and unwraps data keys *for the user who opens a file*; every call is
 therefore made on behalf of a :class:`~envfs.identity.Caller`, and every call is one access
 decision in the key service's policy and audit log. Which key service answers (the embedded
-store, an envfs key-service daemon, later AWS KMS) is chosen once, at the top
+store, an envfs key-service daemon, AWS KMS or another envfs over HTTPS) is chosen once, at the top
 (:mod:`envfs.keys.choice`); nothing below asks which one it got.
 """
 
@@ -52,6 +52,14 @@ class KeyProvider(Protocol):
     def batches_audit(self) -> bool:
         """True if audit records wait in a batch until :meth:`flush_audit` (the mount then
         calls it periodically)."""
+        ...
+
+    @property
+    def reads_wrapped(self) -> bool:
+        """True if :meth:`read_wrapped` reads this service's wrapped keys (envfs's blobs);
+        False where their format is not documented (AWS KMS): it then always answers None,
+        and only Decrypt, which requires the key a header names, checks which key a wrapped
+        key is under."""
         ...
 
     def generate_data_key(

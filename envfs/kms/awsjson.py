@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from envfs.errors import KMSError
+from envfs.errors import InvalidRequestException, KMSError, KMSInternalException
 from envfs.kms.operations import OPERATIONS, ParamType
 from envfs.kms.protocol import loads_strict
 
@@ -108,3 +108,66 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+# --- the client's side (``envfs kms --endpoint-url``) ------------------------------------
+
+# The results' binary fields, by operation: base64 on the wire, bytes to the caller, as the
+# Unix-socket client returns them. ``operations`` describes parameters only; these are AWS
+# KMS's output shapes for the operations envfs has (its own operations return no bytes).
+RESULT_BLOBS: dict[str, tuple[str, ...]] = {
+    "Encrypt": ("CiphertextBlob",),
+    "Decrypt": ("Plaintext",),
+    "ReEncrypt": ("CiphertextBlob",),
+    "GenerateDataKey": ("CiphertextBlob", "Plaintext"),
+    "GenerateDataKeyWithoutPlaintext": ("CiphertextBlob",),
+    "GenerateRandom": ("Plaintext",),
+}
+
+
+def encode_request(operation: str, params: Mapping[str, Any]) -> bytes:
+    """A request's body: the parameters as a JSON object, bytes as base64; ``None`` values
+    left out (as the service drops them). The parameters' types are the service's to check.
+
+    Raises:
+        InvalidRequestException: an unknown operation, a value JSON cannot carry, or a body
+            over :data:`MAX_BODY` bytes; nothing is to be sent.
+    """
+    if operation not in OPERATIONS:
+        raise InvalidRequestException(f"unknown operation {operation!r}")
+    present = {name: value for name, value in params.items() if value is not None}
+    try:
+        body = json.dumps(_jsonable(present), separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestException(f"{operation}: a parameter cannot be sent: {exc}") from None
+    if len(body) > MAX_BODY:
+        raise InvalidRequestException(
+            f"{operation}: the request is {len(body)} bytes, over the limit of {MAX_BODY}"
+        )
+    return body
+
+
+def decode_result(operation: str, body: bytes) -> dict[str, Any]:
+    """A success's result: the JSON object, its binary fields (:data:`RESULT_BLOBS`) as bytes.
+
+    Raises:
+        KMSInternalException: the body is not a JSON object, or a binary field is not
+            base64 text (the service's fault, as the socket client reports a bad answer).
+    """
+    try:
+        result = loads_strict(body or b"{}")
+    except (ValueError, RecursionError):
+        raise KMSInternalException(f"{operation}: the answer is not JSON") from None
+    if not isinstance(result, dict):
+        raise KMSInternalException(f"{operation}: the answer is not a JSON object")
+    for name in RESULT_BLOBS.get(operation, ()):
+        value = result.get(name)
+        if value is None:
+            continue
+        try:
+            result[name] = _blob(name, value)
+        except WireError:
+            raise KMSInternalException(
+                f"{operation}: the answer's {name} is not base64 text"
+            ) from None
+    return result

@@ -175,6 +175,10 @@ class FakeKeyProvider:
 
         return self._recorded("DescribeKey", key_id, caller, "", describe)
 
+    @property
+    def reads_wrapped(self) -> bool:
+        return True
+
     def read_wrapped(self, wrapped: bytes) -> WrappedKey | None:
         if len(wrapped) != WRAPPED_SIZE or not wrapped.startswith(MAGIC):
             return None

@@ -81,6 +81,14 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
         why="cli/output.py is the only importer of jmespath: --query is evaluated in one place",
     ),
     ForbiddenImport(
+        "aws-sdk-in-awskms-or-cli-only",
+        modules=("envfs",),
+        except_for=("envfs.keys.awskms", "envfs.cli"),
+        forbidden=("botocore", "boto3"),
+        why="the AWS SDK stays out of the file side and the key service: keys/awskms.py speaks"
+        " to AWS KMS for mounts (the command line may use it too)",
+    ),
+    ForbiddenImport(
         "cryptography-in-crypto-only",
         modules=("envfs",),
         except_for=("envfs.crypto",),

@@ -72,6 +72,30 @@ def test_daemon_socket(tmp_path: Path) -> None:
     assert cfg.kms_socket == Path("/run/envfs/kms-eu-west-1.sock")
 
 
+def test_aws_and_https_services(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        MINIMAL + '[kms]\nservice = "aws"\ncredentials = "/etc/envfs/aws-users.toml"\n',
+    )
+    cfg = config.load("data", tmp_path)
+    assert (cfg.kms, cfg.kms_socket) == ("aws", None)
+    assert cfg.kms_credentials == Path("/etc/envfs/aws-users.toml")
+    assert cfg.kms_ca_bundle is None
+    write(
+        tmp_path,
+        MINIMAL + '[kms]\nservice = "https://kms.example.org:8443"\n'
+        'credentials = "/etc/envfs/aws-users.toml"\nca_bundle = "/etc/envfs/ca.pem"\n',
+    )
+    cfg = config.load("data", tmp_path)
+    assert cfg.kms == "https://kms.example.org:8443"
+    assert cfg.kms_ca_bundle == Path("/etc/envfs/ca.pem")
+    write(
+        tmp_path,
+        MINIMAL + '[kms]\nservice = "http://127.0.0.1:5000"\ncredentials = "/etc/u.toml"\n',
+    )
+    assert config.load("data", tmp_path).kms == "http://127.0.0.1:5000"
+
+
 def test_config_is_frozen(tmp_path: Path) -> None:
     write(tmp_path, MINIMAL)
     cfg = config.load("data", tmp_path)
@@ -130,7 +154,8 @@ REFUSALS = [
     ),
     pytest.param(
         MINIMAL + "[kms]\nsocket = '/x'\n",
-        "FILE: key 'kms.socket': unknown key (known: region, service, dir, passphrase_file)",
+        "FILE: key 'kms.socket': unknown key (known: region, service, dir, passphrase_file,"
+        " credentials, ca_bundle)",
         id="unknown-kms-key",
     ),
     pytest.param(
@@ -209,14 +234,14 @@ REFUSALS = [
     ),
     pytest.param(
         MINIMAL + "[kms]\nservice = 'daemon'\n",
-        "FILE: key 'kms.service': expected 'embedded' or 'unix:' and an absolute socket path,"
-        " got 'daemon'",
+        "FILE: key 'kms.service': expected 'embedded', 'unix:' and an absolute socket path,"
+        " 'aws' or 'https://HOST[:PORT]', got 'daemon'",
         id="kms-neither-form",
     ),
     pytest.param(
         MINIMAL + "[kms]\nservice = 'unix:kms.sock'\n",
-        "FILE: key 'kms.service': expected 'embedded' or 'unix:' and an absolute socket path,"
-        " got 'unix:kms.sock'",
+        "FILE: key 'kms.service': expected 'embedded', 'unix:' and an absolute socket path,"
+        " 'aws' or 'https://HOST[:PORT]', got 'unix:kms.sock'",
         id="kms-relative-socket",
     ),
     pytest.param(
@@ -244,6 +269,38 @@ REFUSALS = [
         "passphrase_file = '/etc/p'\n",
         "FILE: key 'kms.passphrase_file': applies only to service = 'embedded'",
         id="passphrase-with-daemon",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'aws'\n",
+        "FILE: key 'kms.credentials': missing: service = 'aws' needs a credential mapping file",
+        id="aws-without-credentials",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'https://kms.example.org'\ncredentials = 'users.toml'\n",
+        "FILE: key 'kms.credentials': expected an absolute path, got 'users.toml'",
+        id="aws-relative-credentials",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\ncredentials = '/etc/envfs/users.toml'\n",
+        "FILE: key 'kms.credentials': applies only to service = 'aws' or an https URL",
+        id="credentials-with-embedded",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'aws'\ncredentials = '/etc/u.toml'\nca_bundle = '/etc/ca'\n",
+        "FILE: key 'kms.ca_bundle': applies only to service = an https URL",
+        id="ca-bundle-with-aws",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'http://kms.example.org:8443'\n",
+        "FILE: key 'kms.service': expected 'embedded', 'unix:' and an absolute socket path,"
+        " 'aws' or 'https://HOST[:PORT]', got 'http://kms.example.org:8443'",
+        id="plain-http-off-loopback",
+    ),
+    pytest.param(
+        MINIMAL + "[kms]\nservice = 'https://kms.example.org/kms?x=1'\n",
+        "FILE: key 'kms.service': expected 'embedded', 'unix:' and an absolute socket path,"
+        " 'aws' or 'https://HOST[:PORT]', got 'https://kms.example.org/kms?x=1'",
+        id="url-with-path",
     ),
 ]
 

@@ -37,6 +37,7 @@ def test_golden_volume(capsys: pytest.CaptureFixture[str]) -> None:
         "VolumeId": expected["volume_id"],
         "Region": expected["region"],
         "KeyArn": expected["key_arn"],
+        "KeyService": "envfs",
         "PreviousKeyArns": [],
         "FormatVersion": 1,
         "BlockSize": 16384,

@@ -1,0 +1,377 @@
+"""``AwsKmsProvider``: master keys in AWS KMS, or behind any endpoint that speaks its API
+(AWS's JSON 1.1 protocol signed with SigV4), such as another machine's envfs key service.
+
+Each call is made *with the AWS identity of the calling Unix user*, as the credential
+mapping (:mod:`.awscreds`) says; AWS (or the remote service) decides it with its own
+policies and records it in its own audit trail. A user without a mapping gets
+AccessDeniedException without any call. One botocore client per mapping entry, made at the
+entry's first use and kept (so at most as many as the mapping has entries); clients are
+thread-safe, so the key pool's worker threads share them.
+
+Bounded in time: each attempt has a connect and a read timeout, botocore retries transient
+failures (throttling, 5xx, lost connections) with exponential backoff and jitter up to a
+fixed number of attempts; after the endpoint could not be reached the provider fails fast
+(KMSUnavailableException) for a while, 0.1 s doubling up to ``max_backoff``, as
+:class:`~envfs.keys.daemon.DaemonKeyProvider` does. AWS's error codes become envfs's
+:class:`~envfs.errors.KMSError` of the same name.
+
+Never logged: credentials, plaintext data keys, response bodies. botocore logs request and
+response bodies at DEBUG, so its loggers are held at WARNING whatever the daemon's level.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import botocore
+import botocore.config
+import botocore.credentials
+import botocore.exceptions
+import botocore.session
+
+from envfs.errors import (
+    AccessDeniedException,
+    ConfigError,
+    DependencyTimeoutException,
+    IncorrectKeyException,
+    KMSError,
+    KMSInternalException,
+    KMSUnavailableException,
+    UnsupportedOperationException,
+)
+from envfs.identity import Caller
+from envfs.keys import envfskms
+from envfs.keys.awscreds import CredentialMapping, CredentialSource
+from envfs.keys.provider import DataKey, EncryptionContext, WrappedKey
+
+log = logging.getLogger(__name__)
+
+# Codes that mean "these credentials are not accepted": for the caller, a refusal (so is
+# any other answer with HTTP status 401 or 403).
+_REFUSED = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredToken",
+        "ExpiredTokenException",
+    }
+)
+# Loggers that would show request or response bodies (plaintext keys) at DEBUG.
+_QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
+# envfs-only parameters the key service's own protocol has and AWS's has not.
+_ENVFS_ONLY_PARAMS = ("AuditNote",)
+
+
+class _Given(botocore.credentials.CredentialProvider):  # type: ignore[misc]
+    """Exactly these credentials: no environment, no files, no instance metadata."""
+
+    METHOD = "envfs-mapping"
+    CANONICAL_NAME = "customEnvfsMapping"
+
+    def __init__(self, credentials: botocore.credentials.Credentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> botocore.credentials.Credentials:
+        return self._credentials
+
+
+class AwsKmsProvider:
+    """A :class:`~envfs.keys.provider.KeyProvider` over the AWS KMS API, calling with each
+    user's mapped AWS identity.
+
+    Args:
+        region: the region of the volume's key (the SigV4 region).
+        mapping: who acts as which AWS identity.
+        endpoint_url: None for AWS's own endpoint of the region; else an endpoint speaking
+            the same API (another envfs key service over HTTPS; moto in the tests).
+        ca_bundle: the CA certificates to trust for the endpoint (default: the system's).
+        timeout: seconds an attempt may wait for an answer (connecting: at most 3 s).
+        max_attempts: attempts per call, the first included (botocore's standard retries).
+        envfs_blobs: the endpoint is an envfs key service, whose ciphertext blobs are
+            documented (``docs/kms.md``) and so readable by :meth:`read_wrapped`; AWS's
+            are not, and are never parsed.
+        max_backoff: the longest fail-fast period after the endpoint could not be reached.
+    """
+
+    def __init__(
+        self,
+        region: str,
+        mapping: CredentialMapping,
+        *,
+        endpoint_url: str | None = None,
+        ca_bundle: Path | None = None,
+        timeout: float = 10.0,
+        max_attempts: int = 3,
+        envfs_blobs: bool = False,
+        max_backoff: float = 5.0,
+    ) -> None:
+        for name in _QUIET_LOGGERS:
+            if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        self._region = region
+        self.mapping = mapping
+        self.endpoint_url = endpoint_url
+        self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
+        self._config = botocore.config.Config(
+            connect_timeout=min(3.0, timeout),
+            read_timeout=timeout,
+            retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
+            user_agent_extra="envfs",
+        )
+        self._envfs_blobs = envfs_blobs
+        self._clients: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._max_backoff = max_backoff
+        self._backoff = 0.0
+        self._retry_at = 0.0
+
+    # --- KeyProvider ----------------------------------------------------------------------
+
+    @property
+    def region(self) -> str:
+        return self._region
+
+    @property
+    def batches_audit(self) -> bool:
+        return False  # AWS (or the remote service) keeps its own audit trail
+
+    @property
+    def reads_wrapped(self) -> bool:
+        return self._envfs_blobs
+
+    def flush_audit(self) -> None:
+        pass
+
+    def read_wrapped(self, wrapped: bytes) -> WrappedKey | None:
+        """An envfs key service's blob, read as such; None for AWS's, whose format is not
+        documented (Decrypt requiring the named key is then the only check)."""
+        return envfskms.read_wrapped(wrapped) if self._envfs_blobs else None
+
+    def generate_data_key(
+        self, key_id: str, context: EncryptionContext, caller: Caller, note: str
+    ) -> DataKey:
+        out = self._call(
+            "GenerateDataKey",
+            {"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context},
+            caller,
+        )
+        plaintext, wrapped, arn = out.get("Plaintext"), out.get("CiphertextBlob"), out.get("KeyId")
+        if not (isinstance(plaintext, bytes) and len(plaintext) == 32):
+            raise KMSInternalException(
+                "the key service answered GenerateDataKey without a 256-bit key"
+            )
+        if not (isinstance(wrapped, bytes) and wrapped and isinstance(arn, str) and arn):
+            raise KMSInternalException(
+                "the key service answered GenerateDataKey without a blob or key ARN"
+            )
+        return DataKey(plaintext, wrapped, arn)
+
+    def decrypt(
+        self, wrapped: bytes, key_id: str, context: EncryptionContext, caller: Caller, note: str
+    ) -> bytes:
+        out = self._call(
+            "Decrypt",
+            {"CiphertextBlob": wrapped, "KeyId": key_id, "EncryptionContext": context},
+            caller,
+        )
+        plaintext = out.get("Plaintext")
+        if not isinstance(plaintext, bytes):
+            raise KMSInternalException("the key service answered Decrypt without a plaintext")
+        if key_id.startswith("arn:") and out.get("KeyId") != key_id:
+            # AWS refuses this itself (KeyId is required to match); an endpoint that does
+            # not is not trusted with it.
+            raise IncorrectKeyException(
+                f"the key service decrypted under {out.get('KeyId')!r}, not {key_id!r}"
+            )
+        return plaintext
+
+    def describe_key(self, key_id: str, caller: Caller) -> str:
+        out = self._call("DescribeKey", {"KeyId": key_id}, caller)
+        arn = out.get("KeyMetadata", {}).get("Arn")
+        if not isinstance(arn, str):
+            raise KMSInternalException("the key service answered DescribeKey without an ARN")
+        return arn
+
+    # --- calls ----------------------------------------------------------------------------
+
+    def call_as(self, caller: Caller, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Any KMS operation for ``caller`` (the command line's calls); envfs-only
+        parameters are left out."""
+        return self._call(
+            operation, {k: v for k, v in params.items() if k not in _ENVFS_ONLY_PARAMS}, caller
+        )
+
+    def where(self) -> str:
+        return self.endpoint_url or f"AWS KMS in {self._region}"
+
+    def _call(self, operation: str, params: Mapping[str, Any], caller: Caller) -> dict[str, Any]:
+        entry = self.mapping.source_for(caller)
+        if entry is None:
+            raise AccessDeniedException(
+                f"{caller.describe()} has no AWS identity in {str(self.mapping.source)!r}:"
+                " not allowed to use the key service"
+            )
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise KMSUnavailableException(
+                f"the key service at {self.where()!r} is unavailable (next try in"
+                f" {self._retry_at - now:.1f} s)"
+            )
+        client = self._client(entry)
+        method = getattr(client, botocore.xform_name(operation), None)
+        if method is None:
+            raise UnsupportedOperationException(f"operation {operation!r} is not in AWS KMS's API")
+        try:
+            out: dict[str, Any] = method(**params)
+        except botocore.exceptions.ClientError as exc:
+            raise _from_client_error(exc, operation, entry) from None
+        except (
+            botocore.exceptions.ReadTimeoutError,
+            botocore.exceptions.ConnectTimeoutError,
+        ) as exc:
+            raise self._unreachable(
+                DependencyTimeoutException(
+                    f"the key service at {self.where()!r} did not answer in time: {_short(exc)}"
+                )
+            ) from None
+        except (
+            botocore.exceptions.ConnectionError,
+            botocore.exceptions.HTTPClientError,
+        ) as exc:
+            raise self._unreachable(
+                KMSUnavailableException(
+                    f"the key service at {self.where()!r} cannot be reached: {_short(exc)}"
+                )
+            ) from None
+        except (
+            botocore.exceptions.NoCredentialsError,
+            botocore.exceptions.PartialCredentialsError,
+            botocore.exceptions.CredentialRetrievalError,
+        ):
+            raise AccessDeniedException(
+                f"{entry.describe()} has no usable AWS credentials"
+            ) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise KMSInternalException(f"{operation} failed: {_short(exc)}") from None
+        if self._backoff:
+            log.info("key service at %r reachable again", self.where())
+            self._backoff = 0.0
+            self._retry_at = 0.0
+        return out
+
+    def _unreachable(self, exc: KMSError) -> KMSError:
+        self._backoff = min(self._max_backoff, max(0.1, self._backoff * 2))
+        self._retry_at = time.monotonic() + self._backoff
+        log.warning("key service unavailable: %s (retrying in %.1f s)", exc.message, self._backoff)
+        return exc
+
+    def _client(self, entry: CredentialSource) -> Any:
+        with self._lock:
+            client = self._clients.get(entry.index)
+            if client is None:
+                try:
+                    credentials = self._credentials(entry)
+                except ConfigError as exc:  # the files changed since the mount started
+                    log.error("%s", exc.message)
+                    raise AccessDeniedException(
+                        f"{entry.describe()} has no usable AWS credentials: {exc.message}"
+                    ) from None
+                client = self._new_client("kms", credentials, self.endpoint_url)
+                self._clients[entry.index] = client
+                log.info("AWS KMS client made for %s", entry.describe())
+            return client
+
+    def _credentials(self, entry: CredentialSource) -> botocore.credentials.Credentials:
+        keys = self.mapping.static_keys(entry)
+        base = botocore.credentials.Credentials(keys.access_key, keys.secret_key, keys.token)
+        if entry.role_arn is None:
+            return base
+
+        def sts_client(service: str, **kwargs: Any) -> Any:
+            # botocore's fetcher passes the source credentials as keyword arguments.
+            session = _clean_session()
+            return session.create_client(
+                service,
+                region_name=self._region,
+                endpoint_url=self.mapping.sts_endpoint_url,
+                verify=self._verify,
+                config=self._config,
+                **kwargs,
+            )
+
+        fetcher = botocore.credentials.AssumeRoleCredentialFetcher(
+            sts_client,
+            base,
+            entry.role_arn,
+            extra_args={"RoleSessionName": entry.role_session_name},
+        )
+        return botocore.credentials.DeferredRefreshableCredentials(
+            refresh_using=fetcher.fetch_credentials, method="assume-role"
+        )
+
+    def _new_client(
+        self, service: str, credentials: botocore.credentials.Credentials, endpoint_url: str | None
+    ) -> Any:
+        session = _clean_session()
+        session.register_component(
+            "credential_provider", botocore.credentials.CredentialResolver([_Given(credentials)])
+        )
+        return session.create_client(
+            service,
+            region_name=self._region,
+            endpoint_url=endpoint_url,
+            verify=self._verify,
+            config=self._config,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+
+def _clean_session() -> Any:
+    """A botocore session that reads nothing of the environment it runs in: no config or
+    credentials file of whoever started the daemon, no endpoint override."""
+    session = botocore.session.Session()
+    session.set_config_variable("config_file", "/dev/null")
+    session.set_config_variable("credentials_file", "/dev/null")
+    session.set_config_variable("profile", None)  # not AWS_PROFILE's
+    session.set_config_variable("ignore_configured_endpoint_urls", True)
+    return session
+
+
+def _from_client_error(
+    exc: botocore.exceptions.ClientError, operation: str, entry: CredentialSource
+) -> KMSError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    message = str(error.get("Message", "")) or code
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if message.lstrip().startswith("<"):  # an XML error body (an IAM refusal, from moto)
+        found = re.search(r"<Message>([^<]{1,500})</Message>", message)
+        message = found.group(1) if found else f"HTTP status {status}"
+    if code in _REFUSED or (code not in KMSError.registry and status in (401, 403)):
+        return AccessDeniedException(f"{operation} refused for {entry.describe()}: {message}")
+    kind = KMSError.registry.get(code)
+    if kind is None:
+        return KMSInternalException(f"{operation} failed: {code or 'unknown error'}: {message}")
+    return kind(message)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__

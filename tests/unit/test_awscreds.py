@@ -1,0 +1,275 @@
+"""Credential mapping files of AWS KMS mounts: what is read, who matches, every refusal
+(ownership and permissions included), and the key-service choices that use them."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from envfs.errors import ConfigError
+from envfs.identity import Caller
+from envfs.keys.awscreds import load_mapping
+from envfs.keys.choice import KeyServiceChoice
+
+CREDS = "[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = sekrit\n\n[team]\n"
+CREDS += "aws_access_key_id = AKIATEAM\naws_secret_access_key = sekrit2\naws_session_token = t\n"
+ALICE = Caller(5001, 5001, frozenset({5001, 6000}), "alice", frozenset({"alice", "staff"}))
+BOB = Caller(5002, 6000, frozenset({6000}), "bob", frozenset({"staff"}))
+CAROL = Caller(5003, 5003, frozenset({5003}), None, frozenset())
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    directory = tmp_path / "etc"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    creds = directory / "credentials"
+    creds.write_text(CREDS)
+    creds.chmod(0o600)
+    return directory
+
+
+def mapping_file(folder: Path, body: str, *, header: bool = True) -> Path:
+    path = folder / "users.toml"
+    text = f'shared_credentials_file = "{folder / "credentials"}"\n' if header else ""
+    path.write_text(text + body)
+    path.chmod(0o600)
+    return path
+
+
+def refusal(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_mapping(path)
+    return info.value.message.replace(str(path.parent), "DIR")
+
+
+def test_a_mapping_and_who_matches(folder: Path) -> None:
+    path = mapping_file(
+        folder,
+        '[[map]]\nprincipal = "gid:6000"\nprofile = "team"\n'
+        '[[map]]\nprincipal = "group:staff"\nprofile = "alice"\n'
+        '[[map]]\nprincipal = "uid:5001"\nprofile = "alice"\n'
+        'role_arn = "arn:aws:iam::111122223333:role/envfs-alice"\n',
+    )
+    mapping = load_mapping(path)
+    assert [e.principal for e in mapping.entries] == ["gid:6000", "group:staff", "uid:5001"]
+    alice = mapping.source_for(ALICE)
+    assert alice is not None and (alice.index, alice.role_arn) == (
+        2,
+        "arn:aws:iam::111122223333:role/envfs-alice",
+    )
+    assert alice.role_session_name == "envfs"
+    bob = mapping.source_for(BOB)  # two group entries match: the first in the file
+    assert bob is not None and bob.index == 0
+    assert mapping.source_for(CAROL) is None
+    keys = mapping.static_keys(bob)
+    assert (keys.access_key, keys.secret_key, keys.token) == ("AKIATEAM", "sekrit2", "t")
+    assert "sekrit" not in repr(keys)
+
+
+def test_profiles_from_a_config_file(folder: Path) -> None:
+    config = folder / "config"
+    config.write_text(
+        "[profile alice]\naws_access_key_id = AKIAC\naws_secret_access_key = s\nregion = x\n"
+    )
+    config.chmod(0o600)
+    path = mapping_file(
+        folder,
+        f'shared_config_file = "{config}"\n[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n',
+        header=False,
+    )
+    mapping = load_mapping(path)
+    assert mapping.static_keys(mapping.entries[0]).access_key == "AKIAC"
+
+
+REFUSALS = [
+    pytest.param(
+        '[[map]]\nprincipal = "*"\nprofile = "alice"\n',
+        "DIR/users.toml: key 'map[0].principal': expected 'user:NAME', 'uid:N', 'group:NAME'"
+        " or 'gid:N' (no '*': map a group to map many users), got '*'",
+        id="everyone",
+    ),
+    pytest.param(
+        '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\nregion = "x"\n',
+        "DIR/users.toml: key 'map[0].region': unknown key (known: principal, profile,"
+        " role_arn, role_session_name)",
+        id="unknown-entry-key",
+    ),
+    pytest.param(
+        'endpoint = "x"\n[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n',
+        "DIR/users.toml: key 'endpoint': unknown key (known: shared_credentials_file,"
+        " shared_config_file, sts_endpoint_url, map)",
+        id="unknown-top-key",
+    ),
+    pytest.param(
+        '[[map]]\nprincipal = "user:alice"\nprofile = 3\n',
+        "DIR/users.toml: key 'map[0].profile': expected a profile name, got the number 3",
+        id="profile-not-a-string",
+    ),
+    pytest.param(
+        '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\nrole_arn = "arn:aws:s3:::b"\n',
+        "DIR/users.toml: key 'map[0].role_arn': expected an IAM role ARN, got 'arn:aws:s3:::b'",
+        id="not-a-role",
+    ),
+    pytest.param(
+        '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\nrole_session_name = "s1"\n',
+        "DIR/users.toml: key 'map[0].role_session_name': applies only with role_arn",
+        id="session-without-role",
+    ),
+    pytest.param(
+        '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n'
+        '[[map]]\nprincipal = "user:alice"\nprofile = "team"\n',
+        "DIR/users.toml: key 'map.principal': 'user:alice' is mapped twice",
+        id="twice",
+    ),
+    pytest.param(
+        '[[map]]\nprincipal = "user:bob"\nprofile = "bob"\n',
+        "DIR/users.toml: mapping 'user:bob' (profile 'bob'): no such profile in DIR/credentials",
+        id="no-such-profile",
+    ),
+    pytest.param("", "DIR/users.toml: key 'map': expected one or more [[map]] tables", id="empty"),
+    pytest.param(
+        "map = 'x'\n", "DIR/users.toml: key 'map': expected one or more [[map]] tables", id="map"
+    ),
+    pytest.param(
+        'sts_endpoint_url = "ftp://x"\n[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n',
+        "DIR/users.toml: key 'sts_endpoint_url': expected an http(s) URL, got 'ftp://x'",
+        id="sts-url",
+    ),
+    pytest.param("[[map]\n", None, id="not-toml"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), REFUSALS)
+def test_refusal(folder: Path, body: str, message: str | None) -> None:
+    got = refusal(mapping_file(folder, body))
+    if message is None:
+        assert got.startswith("DIR/users.toml: not valid TOML: ")
+    else:
+        assert got == message
+
+
+def test_no_credentials_file_named(folder: Path) -> None:
+    path = mapping_file(folder, '[[map]]\nprincipal = "user:a"\nprofile = "a"\n', header=False)
+    assert refusal(path) == (
+        "DIR/users.toml: key 'shared_credentials_file': missing (where the profiles' keys are)"
+    )
+
+
+OK = '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n'
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_a_mapping_others_may_write_is_refused(folder: Path, mode: int) -> None:
+    path = mapping_file(folder, OK)
+    path.chmod(mode)
+    assert refusal(path) == (
+        "DIR/users.toml: not trusted: it must belong to root (or you) and be writable by no one"
+        f" else (owner uid {os.geteuid()}, mode {mode:04o})"
+    )
+
+
+def test_a_mapping_of_another_user_is_refused(folder: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    path = mapping_file(folder, OK)
+    os.chown(path, 4321, 4321)
+    assert refusal(path) == (
+        "DIR/users.toml: not trusted: it must belong to root (or you) and be writable by no one"
+        " else (owner uid 4321, mode 0600)"
+    )
+
+
+def test_a_mapping_in_an_open_folder_is_refused(folder: Path) -> None:
+    path = mapping_file(folder, OK)
+    folder.chmod(0o777)
+    assert refusal(path) == (
+        "DIR/users.toml: not trusted: its folder 'DIR' must belong to root (or you) and be"
+        " writable by no one else"
+    )
+
+
+def test_a_symlinked_mapping_is_refused(folder: Path) -> None:
+    real = mapping_file(folder, OK)
+    link = folder / "link.toml"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError, match=r"link.toml: cannot read: Too many levels of symbolic"):
+        load_mapping(link)
+
+
+def test_a_world_readable_credentials_file_is_refused(folder: Path) -> None:
+    path = mapping_file(folder, OK)
+    (folder / "credentials").chmod(0o644)
+    assert refusal(path) == (
+        "DIR/credentials: holds secret keys but is readable by everyone (mode 0644); chmod o-r it"
+    )
+    (folder / "credentials").chmod(0o660)  # group-writable: anyone in it could swap keys
+    assert refusal(path).startswith("DIR/credentials: not trusted: it must belong to root")
+
+
+def test_a_relative_mapping_path_is_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^credential mapping 'users.toml': expected an absolute"
+    ):
+        load_mapping("users.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("aws", KeyServiceChoice(aws=True)),
+        ("https://kms.example.org", KeyServiceChoice(aws=True, endpoint="https://kms.example.org")),
+        (
+            "https://KMS.example.org:8443/",
+            KeyServiceChoice(aws=True, endpoint="https://kms.example.org:8443"),
+        ),
+        ("http://127.0.0.1:5000", KeyServiceChoice(aws=True, endpoint="http://127.0.0.1:5000")),
+        ("http://[::1]:5000", KeyServiceChoice(aws=True, endpoint="http://[::1]:5000")),
+        ("http://localhost:5000", KeyServiceChoice(aws=True, endpoint="http://localhost:5000")),
+    ],
+)
+def test_aws_choices(text: str, expected: KeyServiceChoice) -> None:
+    choice = KeyServiceChoice.parse(text)
+    assert choice == expected and choice.remote and not choice.daemon
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("http://10.0.0.1:5000", "plain http only on loopback"),
+        ("https://user:pw@kms.example.org", "without user, query or path"),
+        ("https://kms.example.org/x", "without user, query or path"),
+        ("https://kms.example.org:99999", "is not a valid URL"),
+        ("https://", "without user, query or path"),
+        ("AWS", "is none of"),
+    ],
+)
+def test_bad_aws_choices(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        KeyServiceChoice.parse(text)
+
+
+def test_nothing_of_the_mapping_may_come_from_the_backing_folder(folder: Path) -> None:
+    path = mapping_file(folder, OK)
+    assert load_mapping(path, outside=folder.parent / "elsewhere").entries
+    assert refusal_outside(path, folder) == (
+        "DIR/users.toml: not trusted: it is in the volume's backing folder 'DIR', which"
+        " whoever writes the backing store controls"
+    )
+    backing = folder / "backing"
+    backing.mkdir()
+    (folder / "credentials").rename(backing / "credentials")
+    moved = folder / "moved.toml"
+    moved.write_text(f'shared_credentials_file = "{folder}/./backing/credentials"\n{OK}')
+    moved.chmod(0o600)
+    with pytest.raises(ConfigError, match=r"credentials: not trusted: it is in the volume's"):
+        load_mapping(moved, outside=backing)
+
+
+def refusal_outside(path: Path, outside: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_mapping(path, outside=outside)
+    return info.value.message.replace(str(path.parent), "DIR")

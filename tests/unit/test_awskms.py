@@ -1,0 +1,448 @@
+"""The AWS KMS key provider against a real HTTP endpoint on loopback: moto's server mode
+standing in for AWS KMS, IAM and STS. No test needs the internet."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from envfs.errors import (
+    AccessDeniedException,
+    DependencyTimeoutException,
+    IncorrectKeyException,
+    IntegrityError,
+    InvalidCiphertextException,
+    KMSInternalException,
+    KMSUnavailableException,
+    NotFoundException,
+    VolumeError,
+)
+from envfs.files import fileformat
+from envfs.files.inodes import ROOT_INODE
+from envfs.files.vfs import Vfs
+from envfs.files.volume import VOLUME_FILE, Volume
+from envfs.identity import Caller
+from envfs.keys.awscreds import load_mapping
+from envfs.keys.awskms import AwsKmsProvider
+from tests.unit.motokms import REGION, Moto, free_port, moto_server, no_home_aws, write_mapping
+
+ALICE = Caller(5001, 5001, frozenset({5001, 6000}), "alice", frozenset({"alice", "staff"}))
+BOB = Caller(5002, 5002, frozenset({5002, 6000}), "bob", frozenset({"bob", "staff"}))
+CAROL = Caller(5003, 5003, frozenset({5003}), "carol", frozenset({"carol"}))
+CONTEXT = {"envfs:volume": "v", "envfs:file": "00" * 16}
+
+
+@pytest.fixture
+def moto(tmp_path: Path) -> Iterator[Moto]:
+    with no_home_aws(tmp_path), moto_server() as server:
+        yield server
+
+
+def provider_for(moto: Moto, tmp_path: Path, entries: str, **kwargs: object) -> AwsKmsProvider:
+    creds = moto.write_credentials(tmp_path, {name: name for name in moto.users})
+    mapping = load_mapping(
+        write_mapping(tmp_path, creds, entries, f'sts_endpoint_url = "{moto.url}"')
+    )
+    return AwsKmsProvider(REGION, mapping, endpoint_url=moto.url, **kwargs)  # type: ignore[arg-type]
+
+
+ALICE_ONLY = '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n'
+TWO_USERS = """
+[[map]]
+principal = "user:alice"
+profile = "alice"
+
+[[map]]
+principal = "uid:5002"
+profile = "bob"
+"""
+
+
+def test_data_key_round_trip_with_the_context_bound(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    made = provider.generate_data_key(key, CONTEXT, ALICE, "note")
+    assert made.key_arn == key and len(made.plaintext) == 32
+    assert provider.decrypt(made.wrapped, key, CONTEXT, BOB, "n") == made.plaintext
+    with pytest.raises(InvalidCiphertextException):
+        provider.decrypt(made.wrapped, key, {**CONTEXT, "envfs:file": "11" * 16}, ALICE, "n")
+    assert provider.describe_key(key, ALICE) == key
+    # AWS's blobs are opaque: never parsed, and the volume's early check is left to Decrypt.
+    assert provider.read_wrapped(made.wrapped) is None and provider.reads_wrapped is False
+    provider.close()
+
+
+def test_an_unmapped_user_is_refused_without_a_call(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("alice")
+    provider = provider_for(
+        moto, tmp_path, '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n'
+    )
+    with pytest.raises(
+        AccessDeniedException,
+        match=r"^carol\(5003\) has no AWS identity in '.*aws-users.toml': not allowed to use"
+        r" the key service$",
+    ):
+        provider.generate_data_key(key, CONTEXT, CAROL, "n")
+    assert provider._clients.keys() == set()  # no client, so no request, for carol
+
+
+def test_iam_decides_per_user(moto: Moto, tmp_path: Path) -> None:
+    """Two users, two AWS identities: IAM allows one and refuses the other (moto enforcing
+    IAM policies, as AWS does)."""
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob", policy=None)  # no permission at all
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    moto.enforce_iam()
+    made = provider.generate_data_key(key, CONTEXT, ALICE, "n")
+    with pytest.raises(
+        AccessDeniedException,
+        match=r"^Decrypt refused for mapping 'uid:5002' \(profile 'bob'\): User:"
+        r" arn:aws:iam::[0-9]+:user/bob is not authorized to perform: kms:Decrypt",
+    ):
+        provider.decrypt(made.wrapped, key, CONTEXT, BOB, "n")
+    assert provider.decrypt(made.wrapped, key, CONTEXT, ALICE, "n") == made.plaintext
+    assert set(provider._clients) == {0, 1}  # one client per mapping entry, reused
+
+
+def test_a_role_assumed_from_a_profile(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("base", policy={"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]})  # fmt: skip
+    role = moto.create_role("envfs-staff")
+    provider = provider_for(
+        moto,
+        tmp_path,
+        f'[[map]]\nprincipal = "group:staff"\nprofile = "base"\nrole_arn = "{role}"\n'
+        'role_session_name = "envfs-test"\n',
+    )
+    moto.enforce_iam()
+    made = provider.generate_data_key(key, CONTEXT, BOB, "n")  # as the role, not as "base"
+    assert provider.decrypt(made.wrapped, key, CONTEXT, ALICE, "n") == made.plaintext
+    # "base" itself may not use KMS: the role's permission is what allowed it.
+    access, secret = moto.users["base"]
+    kms = moto.client("kms", aws_access_key_id=access, aws_secret_access_key=secret)
+    with pytest.raises(Exception, match="not authorized"):
+        kms.describe_key(KeyId=key)
+
+
+def test_user_entries_come_before_group_entries(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("team")
+    moto.create_user("alice", policy=None)
+    provider = provider_for(
+        moto,
+        tmp_path,
+        '[[map]]\nprincipal = "group:staff"\nprofile = "team"\n'
+        '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n',
+    )
+    assert provider.mapping.source_for(ALICE).profile == "alice"  # type: ignore[union-attr]
+    assert provider.mapping.source_for(BOB).profile == "team"  # type: ignore[union-attr]
+    moto.enforce_iam()
+    provider.generate_data_key(key, CONTEXT, BOB, "n")
+    with pytest.raises(AccessDeniedException):  # alice's own entry wins: no KMS for her
+        provider.generate_data_key(key, CONTEXT, ALICE, "n")
+
+
+def test_decrypt_requires_the_named_key(moto: Moto, tmp_path: Path) -> None:
+    key, other = moto.create_key(), moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    made = provider.generate_data_key(key, CONTEXT, ALICE, "n")
+    # AWS answers IncorrectKeyException, moto AccessDeniedException: either way, refused.
+    with pytest.raises((AccessDeniedException, InvalidCiphertextException)):
+        provider.decrypt(made.wrapped, other, CONTEXT, ALICE, "n")
+    with pytest.raises(NotFoundException):
+        provider.describe_key(
+            key.rsplit("/", 1)[0] + "/" + "0" * 8 + "-0000-0000-0000-" + "0" * 12, ALICE
+        )
+
+
+def test_an_unreachable_endpoint_fails_fast_then_recovers(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there yet
+    with no_home_aws(tmp_path):
+        creds = tmp_path / "credentials"
+        creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+        creds.chmod(0o600)
+        mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{port}", timeout=2, max_backoff=0.5
+        )
+        start = time.monotonic()
+        with pytest.raises(
+            KMSUnavailableException,
+            match=r"^the key service at 'http://127.0.0.1:[0-9]+' cannot be reached: ",
+        ):
+            provider.describe_key("alias/x", ALICE)
+        assert time.monotonic() - start < 5  # bounded retries, no hang
+        with pytest.raises(
+            KMSUnavailableException, match=r"unavailable \(next try in 0\.[0-9] s\)$"
+        ):
+            provider.describe_key("alias/x", ALICE)  # failing fast, no attempt
+        with moto_server(port) as moto:
+            key = moto.create_key()
+            moto.create_user("alice")
+            creds.write_text(
+                f"[alice]\naws_access_key_id = {moto.users['alice'][0]}\n"
+                f"aws_secret_access_key = {moto.users['alice'][1]}\n"
+            )
+            provider._clients.clear()  # keys read again (a new client)
+            time.sleep(0.2)
+            assert provider.describe_key(key, ALICE) == key
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_a_silent_endpoint_times_out(tmp_path: Path) -> None:
+    with no_home_aws(tmp_path), silent_server() as port:
+        creds = tmp_path / "credentials"
+        creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+        creds.chmod(0o600)
+        mapping = load_mapping(
+            write_mapping(tmp_path, creds, '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n')
+        )
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{port}", timeout=0.5, max_attempts=2
+        )
+        start = time.monotonic()
+        with pytest.raises(DependencyTimeoutException, match=r"did not answer in time"):
+            provider.describe_key("alias/x", ALICE)
+        assert time.monotonic() - start < 4  # two attempts of 0.5 s and a backoff
+
+
+def test_the_log_holds_no_secret(
+    moto: Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore logs bodies and headers at DEBUG: the provider keeps them out even when the
+    daemon logs at DEBUG (ENVFS_DEBUG=1)."""
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("botocore").setLevel(logging.NOTSET)  # as a fresh daemon has it
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    made = provider.generate_data_key(key, CONTEXT, ALICE, "n")
+    provider.decrypt(made.wrapped, key, CONTEXT, ALICE, "n")
+    secret = moto.users["alice"][1]
+    text = caplog.text
+    assert "AWS KMS client made for mapping 'user:alice' (profile 'alice')" in text
+    for forbidden in (secret, base64.b64encode(made.plaintext).decode(), made.plaintext.hex()):
+        assert forbidden not in text
+    assert secret not in repr(provider.mapping.static_keys(provider.mapping.entries[0]))
+
+
+def test_a_volume_on_an_aws_key(moto: Moto, tmp_path: Path) -> None:
+    """The volume file's checks hold with an AWS key ARN (whose blobs envfs cannot read):
+    authentic, an edited or re-keyed volume file refused, a header naming another key
+    refused without asking AWS."""
+    key, other = moto.create_key(), moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    backing = tmp_path / "backing"
+    volume = Volume.create(backing, key, provider, ALICE, format_version=1, encrypted_names=False)
+    assert (volume.key_arn, volume.region) == (key, REGION)
+    loaded = Volume.load(backing)
+    loaded.check_region(provider)
+    vfs = Vfs(loaded, provider, chown_new=False)
+    try:
+        fh, st = vfs.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, ALICE)
+        vfs.write(fh, 0, b"under AWS")
+        vfs.release(fh)
+        fh = vfs.open(st.ino, os.O_RDONLY, BOB)
+        assert vfs.read(fh, 0, 100) == b"under AWS"
+        vfs.release(fh)
+        # A file planted by someone who may use another key: refused, AWS not asked.
+        file_id = os.urandom(16)
+        planted = provider.generate_data_key(other, loaded.file_context(file_id), ALICE, "x")
+        header = fileformat.FileHeader(file_id, loaded.block_shift, other, planted.wrapped)
+        keys = fileformat.FileKeys.derive(planted.plaintext, file_id)
+        (backing / "planted").write_bytes(fileformat.encrypt_file(header, keys, b"bait"))
+        ino = vfs.lookup(ROOT_INODE, b"planted").ino
+        with pytest.raises(IntegrityError, match=r"^the header names a key the volume does not"):
+            vfs.open(ino, os.O_RDONLY, BOB)
+    finally:
+        vfs.close()
+    doc = json.loads((backing / VOLUME_FILE).read_text())
+    for field, value in (("key_arn", other), ("block_shift", 13)):
+        (backing / VOLUME_FILE).write_text(json.dumps({**doc, field: value}))
+        with pytest.raises((VolumeError, AccessDeniedException)):  # AWS: IncorrectKey
+            Volume.load(backing).verify(provider, ALICE)
+
+
+def test_a_volume_made_through_an_alias_arn_records_the_key(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.client("kms").create_alias(AliasName="alias/vol", TargetKeyId=key)
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    alias_arn = key.split(":key/")[0] + ":alias/vol"
+    volume = Volume.create(tmp_path / "backing", alias_arn, provider, ALICE)
+    assert volume.key_arn == key  # the key the alias named then, not the alias
+    Volume.load(tmp_path / "backing").verify(provider, BOB)
+
+
+def test_init_refuses_a_key_of_another_region_than_region(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from envfs import cli
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    code = cli.main(["init", str(tmp_path / "b"), "--key-id", key, "--region", "us-east-1"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"envfs: error: --key-id {key!r} is in region 'eu-west-1', not --region 'us-east-1'\n"
+    )
+    code = cli.main(["init", str(tmp_path / "b"), "--key-id", key, "--kms", "aws"])
+    assert code == 2
+    assert "needs a credential mapping: --kms-credentials FILE" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_mount_by_an_unmapped_root_waits_for_a_mapped_user(moto: Moto, tmp_path: Path) -> None:
+    from envfs.files import mount
+
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    Volume.create(tmp_path / "backing", key, provider, ALICE)
+    root = Caller(0, 0, frozenset({0}), "root", frozenset({"root"}))
+    vfs = mount.prepare(Volume.load(tmp_path / "backing"), provider, root, multi_user=True)
+    try:
+        assert not vfs.access.volume_verified  # root has no AWS identity: deferred
+        vfs.access.decide(BOB)
+        assert vfs.access.volume_verified and vfs.access.name_keys is not None
+    finally:
+        vfs.close()
+
+
+def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path) -> None:
+    key = moto.create_key()
+    moto.create_user("alice")
+    moto.create_user("bob")
+    provider = provider_for(moto, tmp_path, TWO_USERS)
+    (tmp_path / "credentials").write_text("[alice]\naws_access_key_id = A\n")
+    with pytest.raises(
+        AccessDeniedException,
+        match=r"^mapping 'user:alice' \(profile 'alice'\) has no usable AWS credentials: .*"
+        r"lacks aws_access_key_id or aws_secret_access_key",
+    ):
+        provider.generate_data_key(key, CONTEXT, ALICE, "n")
+
+
+@contextlib.contextmanager
+def lying_endpoint(answer: dict[str, object], failures: int = 0) -> Iterator[list[int]]:
+    """An HTTP endpoint on loopback that answers its first ``failures`` calls with HTTP 503,
+    then every call with ``answer``; yields [port, calls so far]."""
+    import http.server
+
+    seen = [0, 0]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            seen[1] += 1
+            failing = seen[1] <= failures
+            body = json.dumps({"__type": "ServiceUnavailable"} if failing else answer).encode()
+            self.send_response(503 if failing else 200)
+            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    seen[0] = server.server_address[1]
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_answers_that_do_not_hold_are_refused(tmp_path: Path) -> None:
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    other = key[:-1] + "c"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(
+        write_mapping(tmp_path, creds, '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n')
+    )
+    with no_home_aws(tmp_path), lying_endpoint(
+        {"Plaintext": base64.b64encode(bytes(32)).decode(), "KeyId": other,
+         "CiphertextBlob": base64.b64encode(b"x").decode()}
+    ) as seen:  # fmt: skip
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        with pytest.raises(IncorrectKeyException, match=r"^the key service decrypted under"):
+            provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
+    with no_home_aws(tmp_path), lying_endpoint(
+        {"Plaintext": base64.b64encode(bytes(16)).decode(), "KeyId": key,
+         "CiphertextBlob": base64.b64encode(b"x").decode()}
+    ) as seen:  # fmt: skip
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        with pytest.raises(KMSInternalException, match=r"without a 256-bit key$"):
+            provider.generate_data_key(key, CONTEXT, ALICE, "n")
+
+
+def test_transient_failures_are_retried_a_bounded_number_of_times(tmp_path: Path) -> None:
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer, failures=2) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        assert provider.describe_key(key, ALICE) == key
+        assert seen[1] == 3  # two 503s retried, with backoff
+    with no_home_aws(tmp_path), lying_endpoint(answer, failures=5) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        with pytest.raises(KMSInternalException, match=r"^DescribeKey failed: ServiceUnavailable"):
+            provider.describe_key(key, ALICE)
+        assert seen[1] == 3  # three attempts in all, then the error

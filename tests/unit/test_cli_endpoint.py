@@ -1,0 +1,302 @@
+"""``envfs kms <verb> --endpoint-url URL`` (``envfs.cli.endpoint``): the verbs against an HTTP
+endpoint, with credentials found as aws-cli finds them, printing what the other paths print.
+
+The endpoint is the test server of ``test_httpclient`` (signatures checked by
+``envfs.kms.sigv4``, answers by a real ``KeyService``); the integration tests use the real
+listener (``envfs kms serve --listen-http``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from envfs import cli
+from envfs.kms.httpclient import Credentials
+from envfs.kms.service import KeyService
+from tests.unit.endpointd import (  # noqa: F401 (fixtures)
+    ROOT,
+    Endpointd,
+    root_key_fixture,
+    server_fixture,
+    service_fixture,
+)
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No AWS configuration but what a test writes: empty config and credentials files in
+    ``tmp_path / "aws"``, no AWS variables, no instance metadata."""
+    directory = tmp_path / "aws"
+    directory.mkdir()
+    for name in list(__import__("os").environ):
+        if name.startswith(("AWS_", "ENVFS_")):
+            monkeypatch.delenv(name)
+    (directory / "config").write_text("")
+    (directory / "credentials").write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(directory / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(directory / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return directory
+
+
+@pytest.fixture
+def env_key(aws_env: Path, root_key: Credentials, monkeypatch: pytest.MonkeyPatch) -> Credentials:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", root_key.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", root_key.secret_access_key)
+    return root_key
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["kms", *argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_the_answer_prints_as_the_embedded_store_s(
+    server: Endpointd,
+    env_key: Credentials,
+    service: KeyService,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key_id = service.handle(ROOT, "CreateKey", {"Description": "same"})["KeyMetadata"]["KeyId"]
+    for output in ("json", "text", "table"):
+        argv = ("describe-key", "--key-id", key_id, "--output", output)
+        code, over_http, err = run(capsys, *argv, "--endpoint-url", server.url)
+        assert (code, err) == (0, "")
+        code, embedded, err = run(capsys, *argv, "--embedded", "--kms-dir", str(tmp_path))
+        assert (code, err) == (0, "")
+        assert over_http == embedded
+
+
+def test_encrypt_and_decrypt_with_blobs_and_queries(
+    server: Endpointd,
+    env_key: Credentials,
+    service: KeyService,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key_id = service.handle(ROOT, "CreateKey", {})["KeyMetadata"]["KeyId"]
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x00\xffsecret")
+    url = ("--endpoint-url", server.url)
+    code, out, _ = run(
+        capsys, "encrypt", "--key-id", key_id, "--plaintext", f"fileb://{secret}",
+        "--encryption-context", "a=b", "--output", "text", "--query", "CiphertextBlob", *url,
+    )  # fmt: skip
+    assert code == 0
+    sealed = tmp_path / "secret.enc"
+    sealed.write_bytes(base64.b64decode(out))
+    code, out, _ = run(
+        capsys, "decrypt", "--ciphertext-blob", f"fileb://{sealed}", "--encryption-context",
+        "a=b", "--output", "text", "--query", "Plaintext", *url,
+    )  # fmt: skip
+    assert (code, base64.b64decode(out)) == (0, b"\x00\xffsecret")
+    code, out, _ = run(capsys, "list-keys", "--query", "length(Keys)", *url)
+    assert (code, out) == (0, "1\n")
+
+
+def test_audit_listing_through_the_endpoint_shows_the_access_key(
+    server: Endpointd, env_key: Credentials, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, _ = run(capsys, "list-keys", "--endpoint-url", server.url)
+    code, out, err = run(capsys, "audit", "--endpoint-url", server.url, "--output", "json")
+    assert (code, err) == (0, "")
+    records = json.loads(out)["Records"]
+    assert records[-1]["operation"] == "ListKeys"
+    assert env_key.access_key_id in json.dumps(records[-1])
+
+
+def test_credentials_from_a_profile_of_the_shared_credentials_file(
+    server: Endpointd,
+    aws_env: Path,
+    root_key: Credentials,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (aws_env / "credentials").write_text(
+        f"[envfs]\naws_access_key_id = {root_key.access_key_id}\n"
+        f"aws_secret_access_key = {root_key.secret_access_key}\n"
+    )
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url, "--profile", "envfs")
+    assert (code, err) == (0, "") and "Keys" in json.loads(out)
+    monkeypatch.setenv("AWS_PROFILE", "envfs")
+    monkeypatch.setenv("ENVFS_KMS_ENDPOINT_URL", server.url)
+    code, out, err = run(capsys, "list-keys")
+    assert (code, err) == (0, "") and "Keys" in json.loads(out)
+
+
+def test_a_wrong_secret_exits_as_an_auth_failure_with_aws_s_name(
+    server: Endpointd,
+    aws_env: Path,
+    root_key: Credentials,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", root_key.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "B" * 40)
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url)
+    assert (code, out) == (12, "")
+    assert err.startswith("envfs: error: InvalidSignatureException: The request signature")
+    assert "B" * 40 not in err
+
+
+def test_a_stopped_endpoint_is_a_clear_error(
+    env_key: Credentials, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("envfs.kms.httpclient.random.random", lambda: 0.0)  # no backoff
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", f"http://127.0.0.1:{port}")
+    assert (code, out) == (27, "")
+    assert err == (
+        f"envfs: error: KMSUnavailableException: cannot reach the key service at"
+        f" 'http://127.0.0.1:{port}': connection refused\n"
+        "envfs: hint: check the URL, and that 'envfs kms serve --listen-http' runs there\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ("--endpoint-url", "http://kms.example.org:8080"),
+            "argument --endpoint-url: 'http://kms.example.org:8080' is plain http to a host",
+        ),
+        (("--endpoint-url", "kms.example.org"), "is not an https:// URL"),
+        (("--endpoint-url", "https://h:99999"), "is not a URL: Port out of range"),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1", "--embedded"),
+            "argument --embedded: not allowed with --endpoint-url",
+        ),
+        (("--profile", "x"), "argument --profile: only with --endpoint-url URL"),
+        (("--ca-bundle", "x"), "argument --ca-bundle: only with --endpoint-url URL"),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1", "--profile", "nope"),
+            "argument --profile: The config profile (nope) could not be found",
+        ),
+        (("--endpoint-url", "https://127.0.0.1:1", "--cli-read-timeout", "-1"), "-1"),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1", "--ca-bundle", "/nonexistent"),
+            "argument --ca-bundle: '/nonexistent' cannot be used: no such file or directory",
+        ),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1", "--ca-bundle", __file__),
+            f"argument --ca-bundle: {__file__!r} cannot be used: not PEM",
+        ),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1"),
+            "--endpoint-url needs AWS credentials and the environment or the default profile"
+            " has none",
+        ),
+    ],
+)
+def test_usage_errors_before_any_call(
+    aws_env: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    code, out, err = run(capsys, "list-keys", *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith("envfs: error: ") and message in err, err
+
+
+def test_an_unknown_profile_from_the_environment_is_named_so(
+    aws_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "nope")
+    code, _, err = run(capsys, "list-keys", "--endpoint-url", "https://127.0.0.1:1")
+    assert code == 2
+    assert err.startswith("envfs: error: AWS_PROFILE: The config profile (nope) could not")
+
+
+def test_the_environment_s_url_conflicts_with_embedded_by_name(
+    aws_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENVFS_KMS_ENDPOINT_URL", "https://127.0.0.1:1")
+    code, _, err = run(capsys, "list-keys", "--embedded")
+    assert code == 2
+    assert "argument --embedded: not allowed with ENVFS_KMS_ENDPOINT_URL" in err
+
+
+def test_aws_s_endpoint_variables_are_not_read(
+    aws_env: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://kms.example.org")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", "http://kms.example.org")
+    code, _, err = run(capsys, "list-keys", "--embedded", "--kms-dir", str(tmp_path / "none"))
+    assert code == 32, err  # the store was looked for: no endpoint was used
+
+
+def test_aws_max_attempts_bounds_the_attempts(
+    env_key: Credentials, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[float] = []
+    monkeypatch.setattr("envfs.kms.httpclient.random.random", lambda: 0.0)
+    monkeypatch.setattr("time.sleep", attempts.append)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    import envfs.kms.httpclient as httpclient
+
+    real_init = httpclient.HTTPKMSClient.__init__
+
+    def no_real_sleep(self: httpclient.HTTPKMSClient, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **{**kwargs, "sleep": attempts.append})
+
+    monkeypatch.setattr(httpclient.HTTPKMSClient, "__init__", no_real_sleep)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
+    assert run(capsys, "list-keys", "--endpoint-url", url)[0] == 27
+    assert len(attempts) == 4
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert run(capsys, "list-keys", "--endpoint-url", url)[0] == 27
+    assert len(attempts) == 4
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "abc")
+    code, _, err = run(capsys, "list-keys", "--endpoint-url", url)
+    assert code == 2 and "max_attempts (AWS_MAX_ATTEMPTS or the profile's) is not" in err
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "0")
+    code, _, err = run(capsys, "list-keys", "--endpoint-url", url)
+    assert (
+        code == 2
+        and "max_attempts (AWS_MAX_ATTEMPTS or the profile) must be 1 or more, not 0" in err
+    )
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0", None), ("2.5", 2.5), ("30", 30.0)])
+def test_timeouts_as_aws_cli_reads_them(text: str, seconds: float | None) -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["kms", "list-keys", "--cli-connect-timeout", text, "--cli-read-timeout", text]
+    )
+    assert args.cli_connect_timeout == seconds and args.cli_read_timeout == seconds
+
+
+def test_a_user_is_the_endpoint_s_to_know(
+    server: Endpointd, env_key: Credentials, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The endpoint's machine has its own users: no local check of --user first."""
+    argv = ("list-access-keys", "--user", "no-such-user-here", "--endpoint-url", server.url)
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (18, "")
+    assert err.startswith("envfs: error: ValidationException: ")
+    code, _, err = run(capsys, "list-access-keys", "--user", "no-such-user-here", "--embedded")
+    assert code == 2 and "no such user 'no-such-user-here'" in err
+
+
+def test_owner_only_audit_jobs_are_refused_with_an_endpoint(
+    env_key: Credentials, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(
+        capsys, "audit", "--archive", str(tmp_path / "a"), "--keep", "1",
+        "--endpoint-url", "https://127.0.0.1:1",
+    )  # fmt: skip
+    assert code == 2 and "not with --endpoint-url" in err
