@@ -29,7 +29,7 @@ from envfs.kms.model import (
     KeyState,
     alias_arn,
     new_key_id,
-    validate_alias_name,
+    validate_alias_name_param,
 )
 from envfs.kms.policy import KeyPolicy, default_policy
 from envfs.kms.store import KeyRecord
@@ -54,6 +54,10 @@ class ManagementOps(ServiceCore):
         if req.get("Origin", ORIGIN) != ORIGIN:
             raise UnsupportedOperationException(
                 f"Origin {req['Origin']!r} is not supported: only {ORIGIN!r}"
+            )
+        if req.get("MultiRegion", False):
+            raise UnsupportedOperationException(
+                "MultiRegion true is not supported: envfs keys are single-region"
             )
         description = req.get("Description", "")
         if len(description) > MAX_DESCRIPTION:
@@ -146,7 +150,7 @@ class ManagementOps(ServiceCore):
         return {}
 
     def _op_create_alias(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
-        name = validate_alias_name(req["AliasName"])
+        name = validate_alias_name_param(req["AliasName"])
         key = self._key(call, req["TargetKeyId"], allow_alias=False)
         self._authorize(call, "kms:CreateAlias", key)
         self._require_not_pending(key)
@@ -158,7 +162,7 @@ class ManagementOps(ServiceCore):
         return {}
 
     def _existing_alias(self, call: _Call, name: str) -> KeyRecord:
-        validate_alias_name(name)
+        validate_alias_name_param(name)
         alias = self.store.get_alias(name)
         if alias is None:
             raise NotFoundException(f"alias {name!r} is not found in region {self.region!r}")

@@ -44,6 +44,9 @@ DEFAULT_KEY_CREATORS_GROUP = "envfs-kms"
 KEY_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ALIAS_RE = re.compile(r"^alias/[A-Za-z0-9/_-]+$")
 ALIAS_MAX = 256
+# AWS's constraint on an AliasName parameter (its API model's pattern and length): a name
+# outside it is a malformed request (ValidationException) before it is judged as an alias.
+ALIAS_NAME_PARAM_RE = re.compile(r"^[a-zA-Z0-9:/_-]{1,256}$")
 RESERVED_ALIAS_PREFIX = "alias/aws/"
 MAX_CONTEXT_BYTES = 8192
 
@@ -170,6 +173,26 @@ def validate_alias_name(name: str) -> str:
     if name.startswith(RESERVED_ALIAS_PREFIX) or name == "alias/aws":
         raise InvalidAliasNameException(f"alias {name!r} uses the reserved prefix 'alias/aws/'")
     return name
+
+
+def validate_alias_name_param(name: str) -> str:
+    """Return an ``AliasName`` parameter (CreateAlias, UpdateAlias, DeleteAlias) if valid.
+
+    As AWS: a name outside the parameter's pattern ``^[a-zA-Z0-9:/_-]+$`` or longer than
+    256 characters fails the request's validation; one inside it that is no alias of a
+    customer key (no ``alias/`` prefix, a ``:``, the reserved ``alias/aws/``) is an invalid
+    alias name.
+
+    Raises:
+        ValidationException: outside the parameter's pattern or length.
+        InvalidAliasNameException: not a valid alias name for a customer key.
+    """
+    if not isinstance(name, str) or not ALIAS_NAME_PARAM_RE.fullmatch(name):
+        raise ValidationException(
+            f"AliasName {name!r} is not valid: expected 1 to {ALIAS_MAX} of the characters"
+            " A-Z, a-z, 0-9, ':', '/', '_' and '-'"
+        )
+    return validate_alias_name(name)
 
 
 # --- encryption context ------------------------------------------------------------------

@@ -102,6 +102,7 @@ OPERATIONS: dict[str, Operation] = {
                 Param("KeyUsage", S, help="ENCRYPT_DECRYPT (the only one)"),
                 Param("KeySpec", S, help="SYMMETRIC_DEFAULT (the only one)"),
                 Param("Origin", S, help="ENVFS_KMS (the only one)"),
+                Param("MultiRegion", BOOL, help="false only: envfs keys are single-region"),
                 _BYPASS,
             ),
             "create a master key",

@@ -23,6 +23,7 @@ from envfs.errors import (
     MalformedPolicyDocumentException,
     NotFoundException,
     TagException,
+    UnsupportedOperationException,
     ValidationException,
 )
 from envfs.identity import Caller
@@ -171,6 +172,17 @@ def test_malformed_policy_is_refused_at_create(service: KeyService) -> None:
 def test_unsupported_key_specs(service: KeyService) -> None:
     with pytest.raises(ValidationException, match="KeySpec 'RSA_2048' is not supported"):
         create(service, ROOT, KeySpec="RSA_2048")
+
+
+def test_multi_region_false_is_accepted_and_true_unsupported(service: KeyService) -> None:
+    # AWS's CreateKey takes MultiRegion; false asks for what every envfs key is.
+    meta = service.handle(ROOT, "CreateKey", {"MultiRegion": False})["KeyMetadata"]
+    assert meta["MultiRegion"] is False
+    with pytest.raises(
+        UnsupportedOperationException,
+        match=r"^MultiRegion true is not supported: envfs keys are single-region$",
+    ):
+        create(service, ROOT, MultiRegion=True)
 
 
 def test_request_shape_is_validated(service: KeyService) -> None:
@@ -577,7 +589,7 @@ def test_alias_lifecycle(service: KeyService) -> None:
     service.handle(MANAGER, "CreateAlias", {"AliasName": "alias/app", "TargetKeyId": key})
     with pytest.raises(AlreadyExistsException):
         service.handle(MANAGER, "CreateAlias", {"AliasName": "alias/app", "TargetKeyId": key})
-    for bad in ("app", "alias/aws/x", "alias/bad name", "alias/" + "x" * 251):
+    for bad in ("app", "alias/aws/x", "alias/a:b", "alias/"):
         with pytest.raises(InvalidAliasNameException):
             service.handle(MANAGER, "CreateAlias", {"AliasName": bad, "TargetKeyId": key})
     with pytest.raises(ValidationException, match="is an alias"):
@@ -594,6 +606,25 @@ def test_alias_lifecycle(service: KeyService) -> None:
     service.handle(MANAGER, "DeleteAlias", {"AliasName": "alias/app"})
     with pytest.raises(NotFoundException):
         service.handle(MANAGER, "DeleteAlias", {"AliasName": "alias/app"})
+
+
+@pytest.mark.parametrize(
+    "bad", ["alias/bad name", "alias/x!", "alias/\u00e9", "", "alias/" + "x" * 251]
+)
+@pytest.mark.parametrize("operation", ["CreateAlias", "UpdateAlias", "DeleteAlias"])
+def test_an_alias_name_outside_awss_pattern_is_a_validation_error(
+    service: KeyService, operation: str, bad: str
+) -> None:
+    # AWS checks AliasName against its model's pattern ^[a-zA-Z0-9:/_-]+$ (1-256
+    # characters) before anything else: ValidationException, not InvalidAliasNameException.
+    key = scenario_key(service)
+    params = (
+        {"AliasName": bad} if operation == "DeleteAlias" else {"AliasName": bad, "TargetKeyId": key}
+    )
+    with pytest.raises(
+        ValidationException, match=r"^AliasName '.*' is not valid: expected 1 to 256"
+    ):
+        service.handle(MANAGER, operation, params)
 
 
 def test_tags(service: KeyService) -> None:
