@@ -1,7 +1,11 @@
 """Key-service throughput: GenerateDataKey and Decrypt calls per second.
 
-Measured on a temporary key store, twice: embedded (a ``KeyService`` in this process) and
-through the daemon (``envfs kms serve`` on a temporary socket, called with ``KMSClient``).
+Measured on a temporary key store, four ways: embedded (a ``KeyService`` in this process),
+through the daemon (``envfs kms serve`` on a temporary socket, called with ``KMSClient``),
+and through the same daemon's HTTP endpoint on loopback (``--listen-http``, AWS's protocol
+signed with an access key), called with envfs's own client (``HTTPKMSClient``, as
+``envfs kms --endpoint-url``) and with boto3 (as the mount's provider for a remote envfs
+key service, and aws-cli).
 Every call is one durable SQLite transaction (its audit record at least), so the numbers
 depend mostly on how fast the disk under the temporary folder syncs.
 
@@ -29,11 +33,13 @@ from typing import Any
 from envfs.errors import KMSError
 from envfs.identity import Caller
 from envfs.kms.client import KMSClient
+from envfs.kms.httpclient import Credentials, Endpoint, HTTPKMSClient
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
 
 REGION = "bench-1"
 OPERATIONS = ("GenerateDataKey", "Decrypt")
+MODES = ("embedded", "daemon", "http", "http-boto3")
 DAEMON_START_TIMEOUT = 15.0
 
 Call = Callable[[str, dict[str, Any]], dict[str, Any]]
@@ -76,10 +82,12 @@ def measure_embedded(kms_dir: Path, seconds: float) -> dict[str, float]:
 
 @contextlib.contextmanager
 def running_daemon(kms_dir: Path, socket_path: Path, log_path: Path) -> Iterator[KMSClient]:
-    """``envfs kms serve`` on ``socket_path``, and a client connected to it."""
+    """``envfs kms serve`` on ``socket_path`` (and HTTP on loopback), and a client connected
+    to the socket."""
     command = [sys.executable, "-m", "envfs", "kms", "serve", "--region", REGION]
     command += ["--kms-dir", str(kms_dir), "--socket", str(socket_path)]
     command += ["--uid-call-rate", "off"]  # the service's speed, not its per-uid limit
+    command += ["--listen-http", "127.0.0.1:0"]
     with log_path.open("wb") as log:
         daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
@@ -110,6 +118,34 @@ def running_daemon(kms_dir: Path, socket_path: Path, log_path: Path) -> Iterator
             daemon.wait()
 
 
+def http_url(log_path: Path) -> str:
+    """The HTTP endpoint's URL, from the daemon's log."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "HTTP endpoint listening on " in line:
+            return line.rsplit(" ", 1)[1]
+    raise SystemExit("kms_bench: the daemon did not say where its HTTP endpoint listens")
+
+
+def boto3_call(url: str, key: dict[str, str]) -> Call:
+    import boto3
+    import botocore.config
+
+    session = boto3.session.Session(
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+        region_name=REGION,
+    )
+    kms = session.client(
+        "kms", endpoint_url=url, config=botocore.config.Config(retries={"max_attempts": 1})
+    )
+
+    def call(operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = getattr(kms, botocore.xform_name(operation))(**params)
+        return out
+
+    return call
+
+
 def run(seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="envfs-bench-") as tmp:
         base = Path(tmp)
@@ -118,11 +154,23 @@ def run(seconds: float) -> dict[str, Any]:
         group = grp.getgrgid(os.getegid()).gr_name
         KeyStore.init(kms_dir / REGION, REGION, key_creators_group=group).close()
         embedded = measure_embedded(kms_dir, seconds)
-        with running_daemon(kms_dir, base / "kms.sock", base / "daemon.log") as client:
+        service = KeyService(KeyStore.open(kms_dir / REGION, REGION))
+        try:
+            key = service.handle(Caller.current(), "CreateAccessKey", {})["AccessKey"]
+        finally:
+            service.close()
+        log_path = base / "daemon.log"
+        with running_daemon(kms_dir, base / "kms.sock", log_path) as client:
             daemon = measure(client.call, seconds)
+            url = http_url(log_path)
+            credentials = Credentials(key["AccessKeyId"], key["SecretAccessKey"])
+            http = HTTPKMSClient(Endpoint.parse(url), credentials, REGION)
+            over_http = measure(http.call, seconds)
+            over_boto3 = measure(boto3_call(url, key), seconds)
+    measured = (embedded, daemon, over_http, over_boto3)
     rounded = {
         mode: {op: round(rate, 1) for op, rate in rates.items()}
-        for mode, rates in (("embedded", embedded), ("daemon", daemon))
+        for mode, rates in zip(MODES, measured, strict=True)
     }
     return {"seconds": seconds, **rounded}
 
@@ -130,7 +178,8 @@ def run(seconds: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Print the key service's GenerateDataKey and Decrypt calls per second,"
-        " embedded and through the daemon, measured on a temporary store."
+        " embedded, through the daemon's socket and through its HTTP endpoint (envfs's"
+        " client and boto3), measured on a temporary store."
     )
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="length of each measurement (default 3)"
@@ -143,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{'mode':<10}{'operation':<18}{'calls/s':>10}")
-    for mode in ("embedded", "daemon"):
+    print(f"{'mode':<12}{'operation':<18}{'calls/s':>10}")
+    for mode in MODES:
         for operation in OPERATIONS:
-            print(f"{mode:<10}{operation:<18}{results[mode][operation]:>10.1f}")
+            print(f"{mode:<12}{operation:<18}{results[mode][operation]:>10.1f}")
     return 0
 
 
