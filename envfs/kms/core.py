@@ -82,6 +82,7 @@ AUDIT_ONLY_OPERATIONS = BATCHED_OPERATIONS | {
     "GetKeyRotationStatus",
     "ListKeyRotations",
     "GetKeyPolicy",
+    "ListKeyPolicies",
     "ListAuditRecords",
     "VerifyAudit",
     "ListAccessKeys",

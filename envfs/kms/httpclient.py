@@ -87,6 +87,7 @@ REPEATABLE = frozenset(
         "ListKeyRotations",
         "GetKeyRotationStatus",
         "GetKeyPolicy",
+        "ListKeyPolicies",
         "ListAuditRecords",
         "VerifyAudit",
         "ListAccessKeys",

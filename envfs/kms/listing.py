@@ -141,6 +141,14 @@ class ListingOps(ServiceCore):
             lambda v: {"KeyId": arn, "RotationDate": v.created, "RotationType": v.rotation_type},
         )
 
+    def _op_list_key_policies(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
+        key = self._key(call, req["KeyId"])
+        self._authorize(call, "kms:ListKeyPolicies", key)
+        _limit(req)  # checked as for any listing; one name fits every page
+        after = _decode_marker("policies", req.get("Marker"))
+        # A key has one policy, named default, as in AWS.
+        return {"PolicyNames": [] if after else ["default"], "Truncated": False}
+
     def _op_list_audit_records(self, call: _Call, req: dict[str, Any]) -> dict[str, Any]:
         self._require_account_right(call, "envfs:ListAuditRecords")
         since = _parse_since(req["Since"]) if "Since" in req else None

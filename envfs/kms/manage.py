@@ -23,6 +23,7 @@ from envfs.kms.core import (
     _Call,
 )
 from envfs.kms.model import (
+    AWS_ORIGIN,
     KEY_USAGE,
     ORIGIN,
     SYMMETRIC_DEFAULT,
@@ -51,9 +52,10 @@ class ManagementOps(ServiceCore):
                 raise ValidationException(
                     f"{name} {req[name]!r} is not supported: only {allowed!r}"
                 )
-        if req.get("Origin", ORIGIN) != ORIGIN:
+        if req.get("Origin", ORIGIN) not in (ORIGIN, AWS_ORIGIN):
             raise UnsupportedOperationException(
-                f"Origin {req['Origin']!r} is not supported: only {ORIGIN!r}"
+                f"Origin {req['Origin']!r} is not supported: only {ORIGIN!r} (or its AWS"
+                f" name {AWS_ORIGIN!r}): the service makes every key's material"
             )
         if req.get("MultiRegion", False):
             raise UnsupportedOperationException(

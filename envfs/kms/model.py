@@ -53,6 +53,9 @@ MAX_CONTEXT_BYTES = 8192
 SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
 KEY_USAGE = "ENCRYPT_DECRYPT"
 ORIGIN = "ENVFS_KMS"
+# AWS's name for the same origin (the service makes the key material), taken by CreateKey
+# so that requests written for AWS work; a key's metadata says ORIGIN.
+AWS_ORIGIN = "AWS_KMS"
 
 
 class KeyState(enum.StrEnum):

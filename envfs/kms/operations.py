@@ -101,7 +101,7 @@ OPERATIONS: dict[str, Operation] = {
                 Param("KeyUsers", LIST, help="user:NAME,group:NAME,uid:N,gid:N"),
                 Param("KeyUsage", S, help="ENCRYPT_DECRYPT (the only one)"),
                 Param("KeySpec", S, help="SYMMETRIC_DEFAULT (the only one)"),
-                Param("Origin", S, help="ENVFS_KMS (the only one)"),
+                Param("Origin", S, help="ENVFS_KMS (the only one; AWS_KMS, its AWS name, too)"),
                 Param("MultiRegion", BOOL, help="false only: envfs keys are single-region"),
                 _BYPASS,
             ),
@@ -263,6 +263,12 @@ OPERATIONS: dict[str, Operation] = {
             "kms:GetKeyPolicy",
             (_KEY_ID, Param("PolicyName", S, help="default (the only one)")),
             "show the key policy",
+        ),
+        Operation(
+            "ListKeyPolicies",
+            "kms:ListKeyPolicies",
+            (_KEY_ID, _LIMIT, _MARKER),
+            "list the names of the key's policies (always: default)",
         ),
         Operation(
             "PutKeyPolicy",

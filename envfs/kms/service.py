@@ -57,6 +57,7 @@ class KeyService(ManagementOps, CryptoOps, ListingOps, AccessKeyOps):
         "RotateKeyOnDemand": ManagementOps._op_rotate_key_on_demand,
         "ListKeyRotations": ListingOps._op_list_key_rotations,
         "GetKeyPolicy": ManagementOps._op_get_key_policy,
+        "ListKeyPolicies": ListingOps._op_list_key_policies,
         "PutKeyPolicy": ManagementOps._op_put_key_policy,
         "ListAuditRecords": ListingOps._op_list_audit_records,
         "VerifyAudit": ListingOps._op_verify_audit,

@@ -103,6 +103,7 @@ def every_operation(call: Callable[[str, dict[str, Any]], dict[str, Any]]) -> di
     run("RotateKeyOnDemand", KeyId=key_id)
     run("ListKeyRotations", KeyId=key_id)
     policy = run("GetKeyPolicy", KeyId=key_id)
+    assert run("ListKeyPolicies", KeyId=key_id)["PolicyNames"] == ["default"]
     run("PutKeyPolicy", KeyId=key_id, Policy=policy["Policy"])
     run("ListAuditRecords", KeyId=key_id, Limit=3)
     run("VerifyAudit")

@@ -666,6 +666,7 @@ async def test_boto3_reaches_every_operation_envfs_shares_with_aws(endpoint: End
         ("RotateKeyOnDemand", {"KeyId": key}),
         ("ListKeyRotations", {"KeyId": key}),
         ("GetKeyPolicy", {"KeyId": key}),
+        ("ListKeyPolicies", {"KeyId": key, "Limit": 5}),
         ("PutKeyPolicy", {"KeyId": key, "PolicyName": "default", "Policy": policy}),
     ]
     assert {name for name, _ in calls} == shared

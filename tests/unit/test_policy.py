@@ -40,6 +40,7 @@ ADMIN_MAY = frozenset(
         "kms:ListAliases",
         "kms:ListResourceTags",
         "kms:ListKeyRotations",
+        "kms:ListKeyPolicies",
         "kms:PutKeyPolicy",
         "kms:UpdateKeyDescription",
         "kms:UpdateAlias",
@@ -432,7 +433,13 @@ def test_default_deny() -> None:
         ("kms:*crypt", {"kms:Encrypt", "kms:Decrypt"}),
         (
             "kms:List*",
-            {"kms:ListKeys", "kms:ListAliases", "kms:ListResourceTags", "kms:ListKeyRotations"},
+            {
+                "kms:ListKeys",
+                "kms:ListAliases",
+                "kms:ListResourceTags",
+                "kms:ListKeyRotations",
+                "kms:ListKeyPolicies",
+            },
         ),
         ("KMS:DECRYPT", {"kms:Decrypt"}),
         ("kms:generatedatakey", {"kms:GenerateDataKey"}),

@@ -232,6 +232,7 @@ ADMIN_CALLS: list[tuple[str, dict[str, Any]]] = [
     ("ListResourceTags", {}),
     ("UpdateKeyDescription", {"Description": "new"}),
     ("GetKeyPolicy", {}),
+    ("ListKeyPolicies", {}),
     ("RotateKeyOnDemand", {}),
     ("ListKeyRotations", {}),
     ("DisableKey", {}),
@@ -732,3 +733,21 @@ def test_audit_filters(service: KeyService, clock: Clock) -> None:
     assert [r["operation"] for r in since] == ["Encrypt", "Encrypt", "ListAuditRecords"]
     with pytest.raises(ValidationException):
         service.handle(ROOT, "ListAuditRecords", {"Since": "yesterday"})
+
+
+def test_a_key_has_one_policy_named_default(service: KeyService) -> None:
+    key = scenario_key(service)
+    out = service.handle(MANAGER, "ListKeyPolicies", {"KeyId": key, "Limit": 1})
+    assert out == {"PolicyNames": ["default"], "Truncated": False}
+    with pytest.raises(AccessDeniedException):
+        service.handle(STRANGER, "ListKeyPolicies", {"KeyId": key})
+    with pytest.raises(InvalidMarkerException):
+        service.handle(MANAGER, "ListKeyPolicies", {"KeyId": key, "Marker": "junk"})
+
+
+def test_aws_s_name_for_the_origin_is_taken_and_others_are_refused(service: KeyService) -> None:
+    meta = service.handle(ROOT, "CreateKey", {"Origin": "AWS_KMS"})["KeyMetadata"]
+    assert meta["Origin"] == "ENVFS_KMS"
+    for origin in ("EXTERNAL", "AWS_CLOUDHSM", "aws_kms"):
+        with pytest.raises(UnsupportedOperationException, match="AWS_KMS"):
+            service.handle(ROOT, "CreateKey", {"Origin": origin})
