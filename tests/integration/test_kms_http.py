@@ -391,3 +391,76 @@ def test_tls_for_the_aws_cli_and_no_plain_http_off_loopback(tmp_path: Path) -> N
         assert untrusted.returncode != 0 and "SSL" in untrusted.stderr
         trusted = aws.run("root", "--ca-bundle", str(cert_file), "kms", "list-keys", check=True)
         assert json.loads(trusted.stdout)["Keys"] == []
+
+
+def test_the_aws_cli_reaches_every_operation_envfs_shares_with_aws(tmp_path: Path) -> None:
+    """Each ``aws kms`` verb of an operation envfs has, once, against the endpoint."""
+    import botocore.session
+
+    from envfs.kms.operations import OPERATIONS
+
+    env = _env(tmp_path / "kms", tmp_path / "kms.sock")
+    assert envfs(env, "kms", "init").returncode == 0
+    key = envfs(env, "kms", "create-access-key", "--user", "root", "--embedded", "--output", "json")
+    access_key = json.loads(key.stdout)["AccessKey"]
+    model = botocore.session.get_session().get_service_model("kms")
+    shared = set(OPERATIONS) & set(model.operation_names)
+    with serving(env, tmp_path / "serve.log", "--listen-http", "127.0.0.1:0") as service:
+        home = tmp_path / "home"
+        home.mkdir()
+        aws = Aws(home, service.url, tmp_path)
+        aws.configure("root", access_key)
+        key_id = aws.ok("root", "kms", "create-key")["KeyMetadata"]["KeyId"]
+        other = aws.ok("root", "kms", "create-key")["KeyMetadata"]["KeyId"]
+        (tmp_path / "p.txt").write_bytes(PLAINTEXT)
+        aws.shell(
+            "root",
+            f"$AWS kms encrypt --key-id {key_id} --plaintext fileb://p.txt"
+            " --output text --query CiphertextBlob | base64 -d > p.enc",
+        )
+        policy = aws.ok("root", "kms", "get-key-policy", "--key-id", key_id)["Policy"]
+        (tmp_path / "policy.json").write_text(policy)
+        k, o = ("--key-id", key_id), ("--key-id", other)
+        verbs: list[tuple[str, tuple[str, ...]]] = [
+            ("CreateKey", ("create-key", "--description", "d")),
+            ("DescribeKey", ("describe-key", *k)),
+            ("ListKeys", ("list-keys", "--limit", "5")),
+            ("DisableKey", ("disable-key", *o)),
+            ("EnableKey", ("enable-key", *o)),
+            ("ScheduleKeyDeletion", ("schedule-key-deletion", *o, "--pending-window-in-days", "7")),
+            ("CancelKeyDeletion", ("cancel-key-deletion", *o)),
+            ("EnableKey", ("enable-key", *o)),  # a cancelled deletion leaves it disabled
+            ("UpdateKeyDescription", ("update-key-description", *k, "--description", "n")),
+            ("CreateAlias", ("create-alias", "--alias-name", "alias/x", "--target-key-id", key_id)),
+            ("UpdateAlias", ("update-alias", "--alias-name", "alias/x", "--target-key-id", other)),
+            ("ListAliases", ("list-aliases",)),
+            ("DeleteAlias", ("delete-alias", "--alias-name", "alias/x")),
+            ("TagResource", ("tag-resource", *k, "--tags", "TagKey=a,TagValue=b")),
+            ("ListResourceTags", ("list-resource-tags", *k)),
+            ("UntagResource", ("untag-resource", *k, "--tag-keys", "a")),
+            ("Encrypt", ("encrypt", *k, "--plaintext", "fileb://p.txt")),
+            ("Decrypt", ("decrypt", "--ciphertext-blob", "fileb://p.enc")),
+            ("ReEncrypt", ("re-encrypt", "--ciphertext-blob", "fileb://p.enc",
+                           "--destination-key-id", other)),
+            ("GenerateDataKey", ("generate-data-key", *k, "--key-spec", "AES_256")),
+            ("GenerateDataKeyWithoutPlaintext",
+             ("generate-data-key-without-plaintext", *k, "--number-of-bytes", "16")),
+            ("GenerateRandom", ("generate-random", "--number-of-bytes", "8")),
+            ("EnableKeyRotation", ("enable-key-rotation", *k)),
+            ("GetKeyRotationStatus", ("get-key-rotation-status", *k)),
+            ("DisableKeyRotation", ("disable-key-rotation", *k)),
+            ("RotateKeyOnDemand", ("rotate-key-on-demand", *k)),
+            ("ListKeyRotations", ("list-key-rotations", *k)),
+            ("GetKeyPolicy", ("get-key-policy", *k)),
+            ("ListKeyPolicies", ("list-key-policies", *k)),
+            ("PutKeyPolicy", ("put-key-policy", *k, "--policy", "file://policy.json")),
+        ]  # fmt: skip
+        assert {name for name, _ in verbs} == shared
+        for name, args in verbs:
+            proc = aws.run("root", "kms", *args)
+            assert proc.returncode == 0, f"{name}: {proc.stderr}"
+        # aws-cli's own output formats, on one of them.
+        text = aws.run("root", "kms", "list-key-policies", *k, "--output", "text", check=True)
+        assert text.stdout.split() == ["POLICYNAMES", "default"]  # aws-cli pages for itself
+        table = aws.run("root", "kms", "list-key-policies", *k, "--output", "table", check=True)
+        assert "ListKeyPolicies" in table.stdout and "default" in table.stdout
