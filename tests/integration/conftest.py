@@ -272,3 +272,25 @@ def view_name(m: Mount, behind: Path, caller: Caller | None = None) -> str:
         encoded = long_name_file(behind).read_bytes()
         names.check_long(os.fsencode(behind.name), encoded)
     return os.fsdecode(names.decrypt_name(crypto.Siv(keys.name_key), dir_id, encoded))
+
+
+def as_user(uid: int, command: str) -> subprocess.CompletedProcess[str]:
+    """``sh -c command`` as ``uid`` (its own gid, no other groups); never raises for its
+    exit status."""
+    return subprocess.run(
+        [
+            "setpriv",
+            "--reuid",
+            str(uid),
+            "--regid",
+            str(uid),
+            "--clear-groups",
+            "sh",
+            "-c",
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

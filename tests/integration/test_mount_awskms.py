@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Env, Mount, is_mounted, live
+from tests.integration.conftest import Env, Mount, as_user, is_mounted, live
 from tests.integration.test_kms_http import _env, envfs, serving
 from tests.integration.test_kms_scenario import Account, accounts  # noqa: F401 (a fixture)
 from tests.tlscert import make_certificate
@@ -35,26 +35,6 @@ WRITER = 4242  # mapped to the IAM user "writer"
 READER = 4244  # mapped to the IAM user "reader"
 STRANGER = 4343  # no mapping at all
 DENIED = 4345  # mapped to an IAM user without any KMS permission
-
-
-def as_user(uid: int, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "setpriv",
-            "--reuid",
-            str(uid),
-            "--regid",
-            str(uid),
-            "--clear-groups",
-            "sh",
-            "-c",
-            command,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @contextlib.contextmanager

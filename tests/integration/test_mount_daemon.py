@@ -18,7 +18,16 @@ import pytest
 
 from envfs.errors import AccessDeniedException
 from envfs.kms.client import KMSClient
-from tests.integration.conftest import ENVFS, Env, Mount, backing_of, is_mounted, live, make_env
+from tests.integration.conftest import (
+    ENVFS,
+    Env,
+    Mount,
+    as_user,
+    backing_of,
+    is_mounted,
+    live,
+    make_env,
+)
 from tests.integration.flood import connection_flood
 
 KEY_USER = 4242
@@ -57,26 +66,6 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-
-
-def as_user(uid: int, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "setpriv",
-            "--reuid",
-            str(uid),
-            "--regid",
-            str(uid),
-            "--clear-groups",
-            "sh",
-            "-c",
-            command,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 @pytest.fixture
