@@ -64,6 +64,7 @@ from envfs.errors import (
     ThrottlingException,
 )
 from envfs.kms import awsjson, sigv4
+from envfs.kms.core import AUDIT_ONLY_OPERATIONS
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +76,12 @@ _TIME = "%Y%m%dT%H%M%SZ"
 _NAME_SHAPE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 
 # Operations whose repeat, when an attempt's outcome is unknown, changes nothing or only
-# makes one more random value (and one more audit record). Not here, so never repeated
-# once sent: CreateKey, CreateAccessKey, CreateAlias, DeleteAlias, DeleteAccessKey,
+# makes one more random value (and one more audit record): those that change no key (the
+# service's own list), and changes that set a state rather than add one. Not here, so never
+# repeated once sent: CreateKey, CreateAccessKey, CreateAlias, DeleteAlias, DeleteAccessKey,
 # ScheduleKeyDeletion, CancelKeyDeletion, RotateKeyOnDemand, and any operation added later.
-REPEATABLE = frozenset(
+REPEATABLE = AUDIT_ONLY_OPERATIONS | frozenset(
     {
-        "DescribeKey",
-        "ListKeys",
-        "ListAliases",
-        "ListResourceTags",
-        "ListKeyRotations",
-        "GetKeyRotationStatus",
-        "GetKeyPolicy",
-        "ListKeyPolicies",
-        "ListAuditRecords",
-        "VerifyAudit",
-        "ListAccessKeys",
-        "Encrypt",
-        "Decrypt",
-        "ReEncrypt",
-        "GenerateDataKey",
-        "GenerateDataKeyWithoutPlaintext",
-        "GenerateRandom",
         "EnableKey",
         "DisableKey",
         "EnableKeyRotation",
