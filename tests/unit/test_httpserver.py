@@ -691,3 +691,32 @@ async def test_a_request_cannot_ask_to_act_for_another_user(endpoint: Endpoint) 
         status, body = await call_raw(endpoint, endpoint.nobody, "CreateKey", params)
         assert (status, body["__type"]) == (400, "ValidationException"), body
     assert endpoint.service.handle(ROOT, "ListKeys", {})["Keys"] == []
+
+
+async def test_a_tls_handshake_that_never_comes_is_cut_off(tmp_path: Path) -> None:
+    cert_file, key_file = make_certificate(tmp_path)
+    tls = tls_context(cert_file, key_file)
+    async with serving(tmp_path, tls=tls, request_timeout=0.3, idle_timeout=30) as ep:
+
+        def silent() -> bytes:
+            with socket.create_connection(("127.0.0.1", ep.port), timeout=10) as conn:
+                return conn.recv(10)
+
+        started = time.monotonic()
+        assert await in_thread(silent) == b""  # closed, no handshake was offered
+        assert time.monotonic() - started < 5
+
+        # A client that sends something other than TLS is closed too, and the service goes on.
+        def garbage() -> bytes:
+            with socket.create_connection(("127.0.0.1", ep.port), timeout=10) as conn:
+                conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n")
+                return conn.recv(100)
+
+        assert b"200" not in await in_thread(garbage)
+        session = boto3.session.Session(
+            aws_access_key_id=ep.root.access_key_id,
+            aws_secret_access_key=ep.root.secret,
+            region_name=REGION,
+        )
+        kms = session.client("kms", endpoint_url=ep.url, verify=str(cert_file))
+        await in_thread(kms.list_keys)
