@@ -9,70 +9,33 @@ import base64
 import contextlib
 import json
 import os
-import re
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ENVFS, Env
-from tests.unit.endpointd import make_certificate
+from tests.integration.conftest import Env
+from tests.integration.test_kms_http import Service
+from tests.integration.test_kms_http import serving as http_serving
+from tests.tlscert import make_certificate
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="access keys of another user need root")
 
 USER, UID = "nobody", 65534  # a key creator: the store's key creators group is its group
-_LISTENING = re.compile(r"key service HTTP endpoint listening on (\S+)")
-
-
-@dataclass
-class Endpoint:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
 
 
 @contextlib.contextmanager
-def serving(env: Env, *tls: str) -> Iterator[Endpoint]:
+def serving(env: Env, *tls: str) -> Iterator[Service]:
     """``envfs kms serve`` on a Unix socket and on 127.0.0.1 (a port of its choosing)."""
     log = env.root / f"serve-{time.monotonic_ns()}.log"
     sock = env.root / "kms.sock"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [ENVFS, "kms", "serve", "--socket", str(sock), "--listen-http", "127.0.0.1:0", *tls],
-            env=env.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    endpoint = Endpoint(process, "", log)
     try:
-        deadline = time.monotonic() + 10
-        while not (found := _LISTENING.search(endpoint.output())):
-            if process.poll() is not None:
-                raise AssertionError(f"serve exited {process.returncode}:\n{endpoint.output()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"serve did not listen:\n{endpoint.output()}")
-            time.sleep(0.05)
-        endpoint.url = found.group(1)
-        yield endpoint
+        with http_serving(
+            env.env, log, "--socket", str(sock), "--listen-http", "127.0.0.1:0", *tls
+        ) as service:
+            yield service
     finally:
-        endpoint.stop()
         sock.unlink(missing_ok=True)
 
 

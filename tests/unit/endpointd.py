@@ -22,7 +22,6 @@ from envfs.kms import awsjson, sigv4
 from envfs.kms.httpclient import Credentials
 from envfs.kms.service import KeyService
 from envfs.kms.store import KeyStore
-from tests.tlscert import make_certificate  # noqa: F401 (for the tests that import it here)
 
 ROOT = Caller(0, 0, frozenset({0}), "root", frozenset({"root"}))
 REGION = "local-1"

@@ -37,11 +37,11 @@ from envfs.kms.httpclient import (
 )
 from envfs.kms.operations import OPERATIONS, ParamType
 from envfs.kms.service import KeyService
+from tests.tlscert import make_certificate
 from tests.unit.endpointd import (  # noqa: F401 (fixtures)
     REGION,
     ROOT,
     Endpointd,
-    make_certificate,
     root_key_fixture,
     serve,
     server_fixture,
