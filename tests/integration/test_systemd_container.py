@@ -443,11 +443,16 @@ def test_after_a_reboot_with_a_file_open_the_volume_is_mounted_again_with_its_da
     # told by SIGTERM, or saw its mount go first: systemd also unmounts every mount it
     # finds at shutdown (srv-data.mount), which succeeds once the open file's program is
     # stopped. Either way the file was flushed (checked above).
-    last_boot = box.out(f"journalctl -b -1 -u {VOLUME} --no-pager -o cat")
-    shutdown = last_boot[last_boot.rindex("Stopping envfs@data.service") :]
-    assert "unmounted /srv/data" in shutdown
-    assert "Deactivated successfully" in shutdown
-    assert "Failed" not in shutdown
+    # The journal orders lines as it reads them: the daemon's own "unmounted" (its stderr
+    # stream) may come before or after systemd's "Stopping" (PID 1's), so both are looked
+    # for after the daemon's last "mounted ... on" of that boot.
+    last_boot = box.out(f"journalctl -b -1 -u {VOLUME} --no-pager -o cat").splitlines()
+    started_at = max(n for n, line in enumerate(last_boot) if line.endswith(" on /srv/data"))
+    shutdown = "\n".join(last_boot[started_at + 1 :])
+    assert "unmounted /srv/data" in shutdown, shutdown
+    assert "Stopping envfs@data.service" in shutdown, shutdown
+    assert "Deactivated successfully" in shutdown, shutdown
+    assert "Failed" not in shutdown, shutdown
     # Ordered after its key service at boot (the drop-in's After=).
     started = int(show(box, VOLUME, "InactiveExitTimestampMonotonic"))
     assert 0 < int(show(box, SOCKET, "ActiveEnterTimestampMonotonic")) < started
