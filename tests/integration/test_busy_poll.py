@@ -92,10 +92,13 @@ def _cpu_for_paced_lookups(m: Mount, seconds: float, interval: float) -> float:
 
 def test_polling_costs_cpu_between_requests_and_0_costs_none(debug_env: Env) -> None:
     """Requests 2 ms apart: polling 10 ms after each answer keeps the daemon busy all the
-    time; with 0 it sleeps between them (a lookup costs well under 1 ms of CPU)."""
+    time; with 0 it sleeps between them (a lookup costs well under 1 ms of CPU).
+
+    Compared with each other, not with the second of wall time: on a loaded machine the
+    polling daemon gets only its share of a core (CI once measured 0.46 s against 0.11 s)."""
     spent = {}
     for value in ("10000", "0"):
         with mounted(debug_env, name=f"v{value}", extra=("--busy-poll", value)) as m:
             spent[value] = _cpu_for_paced_lookups(m, seconds=1.0, interval=0.002)
     assert spent["0"] < 0.35, spent
-    assert spent["10000"] > 0.5, spent
+    assert spent["10000"] > 3 * spent["0"] and spent["10000"] > 0.25, spent
