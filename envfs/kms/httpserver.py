@@ -83,8 +83,9 @@ _LOG_INTERVAL = 60.0  # a refusal per client address is logged at most this ofte
 REPEAT_GRACE = 2.0  # seconds in which a signature is accepted again (see the module's doc)
 DEFAULT_FAILURE_RATE = Rate(5.0, 50.0)  # failed signatures a second per client address
 
-SecretFor = Callable[[str], "tuple[bytes, int] | None"]
-"""``secret_for(access_key_id) -> (secret, uid) | None`` (run in the worker thread)."""
+SecretFor = Callable[[str], "tuple[bytes, int, str | None] | None"]
+"""``secret_for(access_key_id) -> (secret, uid, user name) | None`` (run in the worker
+thread); the name is the owner's when the key was made (None if the uid had none)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ class HttpEndpoint:
     Args:
         sock: the listening socket (:func:`bind_tcp`); ``serve_http`` closes it.
         region: the region whose store this is; a signature's scope must name it.
-        secret_for: an access key's secret and uid, e.g. ``KeyService.signing_secret``.
+        secret_for: an access key's secret, uid and owner's name, e.g.
+            ``KeyService.signing_secret``.
         key_used: told that an access key signed a request (at most once a minute per
             key), e.g. ``KeyService.access_key_used``.
         tls: the server's TLS context (:func:`tls_context`); None for plain HTTP.
@@ -489,7 +491,8 @@ class _HttpServer:
             ThrottlingException: too many failed signatures from ``source`` lately.
             SignatureAuthError: the signature is missing, malformed, wrong, stale,
                 replayed, or made with an unknown or inactive key.
-            AccessDeniedException: the key's user no longer exists.
+            AccessDeniedException: the key's user no longer exists, or its uid is now
+                another user's.
             KMSInternalException: the store could not be read.
         """
         endpoint = self._endpoint
@@ -500,14 +503,14 @@ class _HttpServer:
                 "too many requests with failed signatures from this address; slow down"
             )
         signed = _signed(received)
-        owner: list[int] = []
+        owner: list[tuple[int, str | None]] = []
 
         def check() -> str:
             def secret(access_key_id: str) -> bytes | None:
                 found = endpoint.secret_for(access_key_id)
                 if found is None:
                     return None
-                owner.append(found[1])
+                owner.append((found[1], found[2]))
                 return found[0]
 
             return sigv4.verify(
@@ -528,10 +531,25 @@ class _HttpServer:
         except EnvfsError as exc:
             logger.error("cannot check a signature from %s: %s", source, exc.message)
             raise KMSInternalException("the key service cannot check signatures now") from None
-        caller = await trio.to_thread.run_sync(_caller_of, owner[0])
+        uid, user_name = owner[0]
+        caller = await trio.to_thread.run_sync(_caller_of, uid)
         if caller is None:
             raise AccessDeniedException(
-                f"access key {access_key_id} belongs to uid {owner[0]}, which is no user here"
+                f"access key {access_key_id} belongs to uid {uid}, which is no user here"
+            )
+        if caller.user_name != user_name:
+            # The uid was freed and given to someone else (or the user renamed): the key
+            # was issued to the old name, and acting as the uid's new user would be theirs.
+            logger.warning(
+                "refused access key %s of user %r: uid %d is now user %r",
+                access_key_id,
+                user_name,
+                uid,
+                caller.user_name,
+            )
+            raise AccessDeniedException(
+                f"access key {access_key_id} belongs to user {user_name!r}, who is no longer"
+                f" uid {uid} here"
             )
         return replace(caller, access_key_id=access_key_id, source=source)
 

@@ -38,8 +38,9 @@ from envfs.kms.httpserver import (
     tls_context,
 )
 from envfs.kms.limits import Rate
+from envfs.kms.model import AccessKeyStatus
 from envfs.kms.service import KeyService
-from envfs.kms.store import KeyStore
+from envfs.kms.store import AccessKeyRecord, KeyStore
 from tests.tlscert import make_certificate
 
 REGION = "local-1"
@@ -395,6 +396,26 @@ async def test_a_user_that_no_longer_exists_is_refused(endpoint: Endpoint) -> No
     status, body = await call_raw(endpoint, key, "ListKeys", {})
     # The sealed secret is bound to its uid: a changed uid does not open.
     assert status == 500 and body["__type"] == "KMSInternalException"
+
+
+async def test_a_key_of_a_deleted_user_does_not_act_as_the_next_owner_of_its_uid(
+    endpoint: Endpoint,
+) -> None:
+    # A key made for "alice", whose uid (here nobody's) was then given to another user.
+    key = Key("EKIA" + "B" * 16, "s" * 40)
+    record = AccessKeyRecord(
+        key.access_key_id, NOBODY.uid, "alice", AccessKeyStatus.ACTIVE, time.time(), None
+    )
+    with endpoint.service.store.transaction():
+        endpoint.service.store.insert_access_key(record, key.secret.encode())
+    status, body = await call_raw(endpoint, key, "ListKeys", {})
+    assert (status, body["__type"]) == (400, "AccessDeniedException")
+    assert body["message"] == (
+        f"access key {key.access_key_id} belongs to user 'alice', who is no longer uid"
+        f" {NOBODY.uid} here"
+    )
+    records = endpoint.service.handle(ROOT, "ListAuditRecords", {})["Records"]
+    assert not [r for r in records if r["operation"] == "ListKeys"]
 
 
 async def test_the_unix_socket_is_served_beside_http(endpoint: Endpoint, tmp_path: Path) -> None:
