@@ -147,10 +147,12 @@ class ReplayCache:
 
     A signature is remembered until its request's time plus :data:`MAX_SKEW` (that instant
     included, as :func:`verify` accepts it), after which the request is refused as expired
-    anyway. At most ``max_entries`` are kept: at
-    the bound the oldest remembered signature is forgotten first, and a replay of it
-    within its window would then be accepted; size the cache above the signed requests
-    the service takes in ten minutes. Thread-safe.
+    anyway. At most ``max_entries`` are kept. At the bound a signature is forgotten, and a
+    replay of it within its window would then be accepted: the oldest of the ``owner``
+    (access key) that holds the most (the one adding, among equals). So a key that signs
+    a flood of requests makes room by forgetting its own, and cannot push another key's
+    out of the cache to replay them. Size the cache above the signed requests the service
+    takes in ten minutes. Thread-safe.
 
     A client that sends an identical request twice within the same second (same time,
     same body) makes the same signature: SigV4's time has whole seconds, and clients such
@@ -163,9 +165,13 @@ class ReplayCache:
 
     max_entries: int = 100_000
     repeat_grace: float = 0.0
-    # signature -> (when it expires, when it was first accepted)
-    _seen: OrderedDict[str, tuple[float, float]] = field(
+    # signature -> (when it expires, when it was first accepted, its owner), oldest first
+    _seen: OrderedDict[str, tuple[float, float, str]] = field(
         default_factory=OrderedDict, init=False, repr=False
+    )
+    # owner -> its signatures, oldest first
+    _by_owner: dict[str, OrderedDict[str, None]] = field(
+        default_factory=dict, init=False, repr=False
     )
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -178,25 +184,38 @@ class ReplayCache:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def check_and_add(self, signature: str, expires_at: float, now: float) -> bool:
-        """Remember ``signature`` until ``expires_at`` (inclusive); False if it is remembered
-        already and was first accepted more than ``repeat_grace`` seconds ago."""
+    def check_and_add(
+        self, signature: str, expires_at: float, now: float, *, owner: str = ""
+    ) -> bool:
+        """Remember ``signature`` of ``owner`` until ``expires_at`` (inclusive); False if it
+        is remembered already and was first accepted more than ``repeat_grace`` seconds
+        ago."""
         with self._lock:
             # Drop expired entries from the front; entries behind a live one wait their turn
             # (they are few: request times are all within the skew window of each other).
             while self._seen:
-                oldest, (expiry, _first) = next(iter(self._seen.items()))
+                oldest, (expiry, _first, _owner) = next(iter(self._seen.items()))
                 if expiry >= now:
                     break
-                del self._seen[oldest]
+                self._forget(oldest)
             known = self._seen.get(signature)
             if known is not None and known[0] >= now:
                 return now - known[1] < self.repeat_grace
-            self._seen.pop(signature, None)
+            if known is not None:
+                self._forget(signature)
             while len(self._seen) >= self.max_entries:
-                self._seen.popitem(last=False)
-            self._seen[signature] = (expires_at, now)
+                victim = max(self._by_owner, key=lambda o: (len(self._by_owner[o]), o == owner))
+                self._forget(next(iter(self._by_owner[victim])))
+            self._seen[signature] = (expires_at, now, owner)
+            self._by_owner.setdefault(owner, OrderedDict())[signature] = None
             return True
+
+    def _forget(self, signature: str) -> None:
+        owner = self._seen.pop(signature)[2]
+        signatures = self._by_owner[owner]
+        del signatures[signature]
+        if not signatures:
+            del self._by_owner[owner]
 
 
 # --- verification ------------------------------------------------------------------------
@@ -268,19 +287,20 @@ def verify(
     if not hmac.compare_digest(expected.encode(), auth.signature.encode()):
         raise InvalidSignatureException(_BAD_SIGNATURE)
     if replay_cache is not None:
-        _check_replay(auth.signature, amz_date, when, replay_cache, current)
+        _check_replay(auth.signature, auth.access_key_id, amz_date, when, replay_cache, current)
     return auth.access_key_id
 
 
 def _check_replay(
     signature: str,
+    owner: str,
     amz_date: str,
     when: _dt.datetime,
     replay_cache: ReplayCache,
     now: _dt.datetime,
 ) -> None:
     expires_at = (when + MAX_SKEW).timestamp()
-    if not replay_cache.check_and_add(signature, expires_at, now.timestamp()):
+    if not replay_cache.check_and_add(signature, expires_at, now.timestamp(), owner=owner):
         raise InvalidSignatureException(
             "Signature already used: this request was replayed (signed at "
             f"{amz_date}); sign each request anew"

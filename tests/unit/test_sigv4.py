@@ -489,6 +489,29 @@ def test_the_replay_cache_drops_the_oldest_at_its_bound() -> None:
     assert cache.check_and_add("a", expires_at=1000.0, now=1.0)
 
 
+def test_a_flood_of_one_key_s_signatures_does_not_push_out_another_key_s() -> None:
+    cache = ReplayCache(max_entries=3)
+    assert cache.check_and_add("victim", expires_at=1000.0, now=0.0, owner=OTHER_AKID)
+    for n in range(100):
+        assert cache.check_and_add(f"flood{n}", expires_at=1000.0, now=1.0, owner=AKID)
+    assert len(cache) == 3
+    assert not cache.check_and_add("victim", expires_at=1000.0, now=2.0, owner=OTHER_AKID)
+    assert not cache.check_and_add("flood99", expires_at=1000.0, now=2.0, owner=AKID)
+    assert cache.check_and_add("flood0", expires_at=1000.0, now=2.0, owner=AKID)
+
+
+def test_a_replay_is_refused_after_another_key_filled_the_cache() -> None:
+    cache = ReplayCache(max_entries=2)
+    captured = sign()
+    assert check(captured, replay_cache=cache) == AKID
+    for seconds in range(1, 4):
+        later = SIGNED_AT + dt.timedelta(seconds=seconds)
+        flood = sign(akid=OTHER_AKID, secret=OTHER_SECRET, at=later)
+        assert check(flood, replay_cache=cache, now=later) == OTHER_AKID
+    with pytest.raises(InvalidSignatureException, match=r"replayed"):
+        check(captured, replay_cache=cache, now=SIGNED_AT + dt.timedelta(seconds=4))
+
+
 def test_the_replay_cache_needs_room() -> None:
     with pytest.raises(ValueError, match=r"^max_entries must be at least 1, not 0$"):
         ReplayCache(max_entries=0)
