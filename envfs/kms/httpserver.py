@@ -14,11 +14,12 @@ What keeps a client from stalling or flooding the service:
 - TLS (from a certificate and key file) wherever the address is not a loopback one: the
   command line refuses plain HTTP elsewhere;
 - at most ``max_connections`` connections at once, more wait in the listen backlog, and
-  at most ``max_connections_per_address`` from one client address (more are closed as
-  they are accepted); a new connection's TLS handshake and first request must start
-  within ``request_timeout``, and a connection idle between requests is closed after
-  ``idle_timeout``; a whole request (head and body) must arrive within
-  ``request_timeout`` of its first byte, and an answer must be taken within it too;
+  at most ``max_connections_per_address`` from one client address (an IPv6 /64 counts
+  as one; more are closed as they are accepted); a new connection's TLS handshake and
+  first request must start within ``request_timeout``, and a connection idle between
+  requests is closed after ``idle_timeout``; a whole request (head and body) must
+  arrive within ``request_timeout`` of its first byte, and an answer must be taken
+  within it too;
 - a request head of at most :data:`MAX_HEAD` bytes and a body of at most
   :data:`~envfs.kms.awsjson.MAX_BODY` (``413`` and the connection closed otherwise);
 - requests whose signature fails are counted per client address: past
@@ -640,7 +641,21 @@ def _source(conn: socket.socket) -> str:
 
 
 def _host(source: str) -> str:
-    return source.rpartition(":")[0]
+    return client_network(source.rpartition(":")[0])
+
+
+def client_network(host: str) -> str:
+    """What the limits per client address count ``host`` (as :func:`_source` writes it) as.
+
+    An IPv4 address is itself; an IPv6 address counts as its /64, the block one machine or
+    site is given: a client holds a whole /64 and could otherwise take every connection
+    and escape its failed-signature rate by moving from one of its addresses to the next.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        with contextlib.suppress(ValueError):
+            network = ipaddress.IPv6Network((host[1:-1], 64), strict=False)
+            return f"[{network}]"
+    return host
 
 
 def _caller_of(uid: int) -> Caller | None:

@@ -33,6 +33,7 @@ from envfs.kms.httpserver import (
     REPEAT_GRACE,
     HttpEndpoint,
     bind_tcp,
+    client_network,
     is_loopback,
     parse_address,
     tls_context,
@@ -637,6 +638,15 @@ def test_addresses_parse(text: str, expected: tuple[str, int]) -> None:
 def test_bad_addresses_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_address(text)
+
+
+def test_an_ipv6_client_counts_as_its_64_and_an_ipv4_client_as_its_address() -> None:
+    one_site = {client_network(f"[2001:db8:1:2:{n:x}::{n:x}]") for n in range(1, 100)}
+    assert one_site == {"[2001:db8:1:2::/64]"}
+    assert client_network("[2001:db8:1:3::1]") == "[2001:db8:1:3::/64]"
+    assert client_network("192.0.2.7") != client_network("192.0.2.8")
+    assert client_network("192.0.2.7") == "192.0.2.7"
+    assert client_network("an unknown address") == "an unknown address"
 
 
 def test_loopback_is_told_from_other_addresses() -> None:
