@@ -480,8 +480,15 @@ def canonical_query(query: str) -> str:
 def canonical_request(
     request: SignedRequest, signed_headers: Sequence[str], payload_hash: str
 ) -> str:
-    """The canonical request over ``signed_headers`` (lowercase, sorted)."""
-    present = {name.lower() for name, _ in request.headers}
+    """The canonical request over ``signed_headers`` (lowercase, sorted).
+
+    The headers are grouped by name in one pass: looking each signed name up among all
+    headers would cost their product, a second of the worker per request for a head of
+    a thousand headers all signed, from anyone who knows an access key id (not a secret).
+    """
+    present: dict[str, list[str]] = {}
+    for name, value in request.headers:
+        present.setdefault(name.lower(), []).append(value)
     if "host" not in signed_headers:
         raise InvalidSignatureException("'Host' must be a signed header (SignedHeaders)")
     missing = [name for name in signed_headers if name not in present]
@@ -489,14 +496,15 @@ def canonical_request(
         raise InvalidSignatureException(
             f"SignedHeaders names headers the request does not have: {', '.join(missing)}"
         )
-    unsigned = sorted(n for n in present if n.startswith("x-amz-") and n not in signed_headers)
+    signed = set(signed_headers)
+    unsigned = sorted(n for n in present if n.startswith("x-amz-") and n not in signed)
     if unsigned:
         raise InvalidSignatureException(
             f"x-amz-* headers must be signed; not in SignedHeaders: {', '.join(unsigned)}"
         )
     lines = []
     for name in signed_headers:
-        values = [" ".join(v.split()) for v in request.header_values(name)]
+        values = [" ".join(v.split()) for v in present[name]]
         lines.append(f"{name}:{','.join(values)}\n")
     return "\n".join(
         [
