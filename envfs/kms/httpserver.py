@@ -310,6 +310,9 @@ class _HttpServer:
 
     async def _run_connection(self, conn: socket.socket, source: str) -> None:
         stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        # The handshake and the first request's first bytes share one request_timeout: a
+        # client must not hold its slot twice as long by handshaking late.
+        first_by = trio.current_time() + self._endpoint.request_timeout
         try:
             if self._endpoint.tls is not None:
                 tls_stream = trio.SSLStream(
@@ -321,7 +324,7 @@ class _HttpServer:
                 if handshake.cancelled_caught:
                     logger.debug("TLS handshake with %s timed out", source)
                     return
-            await self._converse(stream, source)
+            await self._converse(stream, source, first_by)
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__
             if isinstance(cause, ssl.SSLError):
@@ -338,9 +341,9 @@ class _HttpServer:
             self._release(source)
             self._slots.release()
 
-    async def _converse(self, stream: trio.abc.Stream, source: str) -> None:
+    async def _converse(self, stream: trio.abc.Stream, source: str, first_by: float) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        wait = self._endpoint.request_timeout  # for the first request
+        wait = max(0.0, first_by - trio.current_time())  # for the first request
         while True:
             try:
                 received = await self._read_request(conn, stream, wait)

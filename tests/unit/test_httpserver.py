@@ -724,6 +724,31 @@ async def test_a_request_cannot_ask_to_act_for_another_user(endpoint: Endpoint) 
     assert endpoint.service.handle(ROOT, "ListKeys", {})["Keys"] == []
 
 
+async def test_a_late_tls_handshake_leaves_only_the_rest_of_the_timeout_for_a_request(
+    tmp_path: Path,
+) -> None:
+    cert_file, key_file = make_certificate(tmp_path)
+    tls = tls_context(cert_file, key_file)
+    async with serving(tmp_path, tls=tls, request_timeout=1.0, idle_timeout=30) as ep:
+        headers, body = sign(ep, ep.root, "ListKeys", {})
+        head = "".join(f"{n}: {v}\r\n" for n, v in headers)
+        request = f"POST / HTTP/1.1\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode()
+        client = ssl.create_default_context(cafile=str(cert_file))
+
+        def late() -> bytes:
+            with socket.create_connection(("127.0.0.1", ep.port), timeout=10) as raw:
+                time.sleep(0.75)
+                with client.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+                    time.sleep(0.75)  # 1.5 s after connecting: past the request timeout
+                    try:
+                        conn.sendall(request + body)
+                        return conn.recv(100)
+                    except (ssl.SSLError, OSError):
+                        return b""
+
+        assert await in_thread(late) == b""
+
+
 async def test_a_tls_handshake_that_never_comes_is_cut_off(tmp_path: Path) -> None:
     cert_file, key_file = make_certificate(tmp_path)
     tls = tls_context(cert_file, key_file)
