@@ -381,12 +381,12 @@ def _request_time(request: SignedRequest) -> tuple[str, _dt.datetime]:
         )
     try:
         parsed = email.utils.parsedate_to_datetime(dates[0].strip())
-    except (TypeError, ValueError):
-        parsed = None
-    if parsed is None:
-        raise IncompleteSignatureException(f"Date {dates[0]!r} is not an HTTP date")
-    # HTTP dates are GMT; a "-0000" zone (as Python's formatdate writes) parses naive.
-    when = parsed.replace(tzinfo=_dt.UTC) if parsed.tzinfo is None else parsed.astimezone(_dt.UTC)
+        # HTTP dates are GMT; a "-0000" zone (as Python's formatdate writes) parses naive.
+        when = (
+            parsed.replace(tzinfo=_dt.UTC) if parsed.tzinfo is None else parsed.astimezone(_dt.UTC)
+        )
+    except (TypeError, ValueError, OverflowError):  # a year or zone off the calendar's ends
+        raise IncompleteSignatureException(f"Date {dates[0]!r} is not an HTTP date") from None
     return when.strftime(_AMZ_DATE), when
 
 

@@ -434,6 +434,17 @@ async def test_the_unix_socket_is_served_beside_http(endpoint: Endpoint, tmp_pat
 # --- HTTP framing and abuse ---------------------------------------------------------------
 
 
+async def test_a_date_off_the_calendar_is_answered_and_the_service_goes_on(
+    endpoint: Endpoint,
+) -> None:
+    headers, body = sign(endpoint, endpoint.root, "ListKeys", {})
+    dated = [(n, v) for n, v in headers if n != "X-Amz-Date"]
+    dated.append(("Date", "Fri, 31 Dec 9999 23:59:59 -2359"))
+    status, answer = await in_thread(send, endpoint, dated, body)
+    assert (status, answer["__type"]) == (400, "IncompleteSignatureException")
+    assert (await call_raw(endpoint, endpoint.root, "ListKeys", {}))[0] == 200
+
+
 async def test_only_post_is_served(endpoint: Endpoint) -> None:
     status, body = await in_thread(send, endpoint, [("Host", "x")], b"", "GET")
     assert (status, body["__type"]) == (405, "UnknownOperationException")

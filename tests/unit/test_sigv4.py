@@ -435,6 +435,20 @@ def test_a_malformed_x_amz_date_is_incomplete() -> None:
         check(with_header(sign(), "X-Amz-Date", "2026-03-14"))
 
 
+@pytest.mark.parametrize(
+    "date",
+    [
+        "Fri, 31 Dec 9999 23:59:59 -2359",  # past the calendar's end in UTC
+        "Fri, 1 Jan 99999999999999999999 00:00:00 GMT",  # a year no C long holds
+        "Mon, 32 Jan 2026 00:00:00 GMT",
+    ],
+)
+def test_a_date_header_off_the_calendar_is_incomplete(date: str) -> None:
+    request = without_header(with_header(sign(), "Date", date), "X-Amz-Date")
+    with pytest.raises(IncompleteSignatureException, match=r"^Date '.*' is not an HTTP date$"):
+        check(request)
+
+
 # --- time --------------------------------------------------------------------------------
 
 
