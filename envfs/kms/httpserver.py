@@ -13,13 +13,14 @@ What keeps a client from stalling or flooding the service:
 
 - TLS (from a certificate and key file) wherever the address is not a loopback one: the
   command line refuses plain HTTP elsewhere;
-- at most ``max_connections`` connections at once, more wait in the listen backlog, and
-  at most ``max_connections_per_address`` from one client address (an IPv6 /64 counts
-  as one; more are closed as they are accepted); a new connection's TLS handshake and
-  first request must start within ``request_timeout``, and a connection idle between
-  requests is closed after ``idle_timeout``; a whole request (head and body) must
-  arrive within ``request_timeout`` of its first byte, and an answer must be taken
-  within it too;
+- at most ``max_connections`` connections at once: when all are taken, a new one closes
+  the oldest that has not yet carried a validly signed request, or else waits in the
+  listen backlog; at most ``max_connections_per_address`` from one client address (an
+  IPv6 /64 counts as one; more are closed as they are accepted); a new connection's TLS
+  handshake and first request must start within ``request_timeout``, and a connection
+  idle between requests is closed after ``idle_timeout``; a whole request (head and
+  body) must arrive within ``request_timeout`` of its first byte, and an answer must be
+  taken within it too;
 - a request head of at most :data:`MAX_HEAD` bytes and a body of at most
   :data:`~envfs.kms.awsjson.MAX_BODY` (``413`` and the connection closed otherwise);
 - requests whose signature fails are counted per client address: past
@@ -242,6 +243,17 @@ class _Refused(Exception):
         self.error = error
 
 
+@dataclass(eq=False)
+class _Connection:
+    """An open connection, as :meth:`_HttpServer._make_room` sees it: ``scope`` closes it;
+    ``signed`` once it carried a validly signed request; ``answering`` while a request
+    received whole is being answered."""
+
+    scope: trio.CancelScope
+    signed: bool = False
+    answering: bool = False
+
+
 class _HttpServer:
     def __init__(self, dispatcher: Dispatcher, endpoint: HttpEndpoint) -> None:
         self._dispatcher = dispatcher
@@ -253,11 +265,16 @@ class _HttpServer:
         self._last_used: dict[str, float] = {}
         self._per_address: dict[str, int] = {}
         self._cap_logged: dict[str, float] = {}
+        self._open: OrderedDict[_Connection, None] = OrderedDict()  # oldest first
 
     # --- connections -----------------------------------------------------------------
 
     async def accept_forever(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         while True:
+            if self._slots.value == 0:
+                await trio.lowlevel.wait_readable(sock)  # a connection is waiting
+                if self._slots.value == 0:
+                    self._make_room()
             await self._slots.acquire()
             try:
                 conn, source = await self._accept(sock)
@@ -265,6 +282,21 @@ class _HttpServer:
                 self._slots.release()
                 raise
             nursery.start_soon(self._run_connection, conn, source)
+
+    def _make_room(self) -> None:
+        """Close the oldest connection that has not yet carried a validly signed request
+        (and is not answering one), for a new one waiting while every slot is taken.
+
+        Clients without an access key would otherwise hold every slot from a few
+        addresses, each connection kept by a refused request a minute or a slow one; a
+        client that has signed a request keeps its connection, and a request received
+        whole is answered.
+        """
+        for conn in self._open:
+            if not conn.signed and not conn.answering:
+                del self._open[conn]
+                conn.scope.cancel()
+                return
 
     def _admit(self, conn: socket.socket) -> str | None:
         """The client address of a new connection, or None (and the connection closed)
@@ -313,18 +345,24 @@ class _HttpServer:
         # The handshake and the first request's first bytes share one request_timeout: a
         # client must not hold its slot twice as long by handshaking late.
         first_by = trio.current_time() + self._endpoint.request_timeout
+        scope = trio.CancelScope()
+        connection = _Connection(scope)
+        self._open[connection] = None
         try:
-            if self._endpoint.tls is not None:
-                tls_stream = trio.SSLStream(
-                    stream, self._endpoint.tls, server_side=True, https_compatible=True
-                )
-                stream = tls_stream
-                with trio.move_on_after(self._endpoint.request_timeout) as handshake:
-                    await tls_stream.do_handshake()
-                if handshake.cancelled_caught:
-                    logger.debug("TLS handshake with %s timed out", source)
-                    return
-            await self._converse(stream, source, first_by)
+            with scope:
+                if self._endpoint.tls is not None:
+                    tls_stream = trio.SSLStream(
+                        stream, self._endpoint.tls, server_side=True, https_compatible=True
+                    )
+                    stream = tls_stream
+                    with trio.move_on_after(self._endpoint.request_timeout) as handshake:
+                        await tls_stream.do_handshake()
+                    if handshake.cancelled_caught:
+                        logger.debug("TLS handshake with %s timed out", source)
+                        return
+                await self._converse(stream, source, first_by, connection)
+            if scope.cancelled_caught:
+                logger.debug("closed HTTP connection from %s to make room", source)
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__
             if isinstance(cause, ssl.SSLError):
@@ -336,12 +374,15 @@ class _HttpServer:
         except Exception:
             logger.exception("HTTP connection from %s failed", source)
         finally:
+            self._open.pop(connection, None)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             self._release(source)
             self._slots.release()
 
-    async def _converse(self, stream: trio.abc.Stream, source: str, first_by: float) -> None:
+    async def _converse(
+        self, stream: trio.abc.Stream, source: str, first_by: float, connection: _Connection
+    ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         wait = max(0.0, first_by - trio.current_time())  # for the first request
         while True:
@@ -353,9 +394,11 @@ class _HttpServer:
                 return
             if received is None:
                 return
-            status, body = await self._answer(received, source)
+            connection.answering = True
+            status, body = await self._answer(received, source, connection)
             if not await self._send(conn, stream, status, body, close=False):
                 return
+            connection.answering = False
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -456,8 +499,10 @@ class _HttpServer:
 
     # --- requests --------------------------------------------------------------------
 
-    async def _answer(self, received: _Received, source: str) -> tuple[int, bytes]:
-        """The status and body answering one request."""
+    async def _answer(
+        self, received: _Received, source: str, connection: _Connection
+    ) -> tuple[int, bytes]:
+        """The status and body answering one request received on ``connection``."""
         if received.method != "POST":
             error = awsjson.WireError(
                 "UnknownOperationException",
@@ -468,6 +513,7 @@ class _HttpServer:
             caller = await self._authenticate(received, source)
         except KMSError as exc:
             return _error(exc)
+        connection.signed = True  # it keeps its place when the slots run out
         try:
             admitted = self._dispatcher.admit(caller)
             operation, params = awsjson.parse_request(

@@ -560,6 +560,41 @@ async def test_one_address_holds_a_bounded_number_of_connections(tmp_path: Path)
         assert status == 200  # the closed connections' places were given back
 
 
+def _signed_bytes(ep: Endpoint, operation: str, params: dict[str, Any]) -> bytes:
+    headers, body = sign(ep, ep.root, operation, params)
+    head = "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return f"POST / HTTP/1.1\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_clients_without_a_signed_request_cannot_hold_every_connection(
+    tmp_path: Path,
+) -> None:
+    settings = {"max_connections": 3, "request_timeout": 30, "idle_timeout": 30}
+    async with serving(tmp_path, **settings) as ep:
+
+        def crowd_out() -> tuple[bytes, bytes]:
+            address = ("127.0.0.1", ep.port)
+            signed = socket.create_connection(address, timeout=5)
+            signed.sendall(_signed_bytes(ep, "ListKeys", {}))
+            assert signed.recv(65536).startswith(b"HTTP/1.1 200")
+            # Two silent connections take the other slots, and would keep them 30 s.
+            silent = [socket.create_connection(address, timeout=5) for _ in range(2)]
+            time.sleep(0.2)
+            try:
+                status, _ = send(ep, *sign(ep, ep.root, "GenerateRandom", {"NumberOfBytes": 1}))
+                assert status == 200
+                closed = silent[0].recv(10)  # the oldest silent one made room
+                signed.sendall(_signed_bytes(ep, "DescribeKey", {"KeyId": "alias/none"}))
+                return closed, signed.recv(12)
+            finally:
+                for conn in (signed, *silent):
+                    conn.close()
+
+        closed, kept = await in_thread(crowd_out)
+        assert closed == b""
+        assert kept == b"HTTP/1.1 400"  # the signed connection was kept, and answered
+
+
 async def test_a_new_connection_must_send_within_the_request_timeout(tmp_path: Path) -> None:
     async with serving(tmp_path, request_timeout=0.3, idle_timeout=30) as ep:
 
