@@ -271,15 +271,16 @@ class _HttpServer:
 
     async def accept_forever(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         while True:
-            if self._slots.value == 0:
-                await trio.lowlevel.wait_readable(sock)  # a connection is waiting
+            # Accepted (within its address's bound) before a slot is found for it, so that
+            # only a connection that will be served makes another give way.
+            conn, source = await self._accept(sock)
+            try:
                 if self._slots.value == 0:
                     self._make_room()
-            await self._slots.acquire()
-            try:
-                conn, source = await self._accept(sock)
+                await self._slots.acquire()
             except BaseException:
-                self._slots.release()
+                conn.close()
+                self._release(source)
                 raise
             nursery.start_soon(self._run_connection, conn, source)
 

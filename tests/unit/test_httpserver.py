@@ -595,6 +595,37 @@ async def test_clients_without_a_signed_request_cannot_hold_every_connection(
         assert kept == b"HTTP/1.1 400"  # the signed connection was kept, and answered
 
 
+async def test_a_connection_over_its_address_s_bound_makes_no_other_give_way(
+    tmp_path: Path,
+) -> None:
+    settings = {"max_connections": 2, "max_connections_per_address": 2, "request_timeout": 30}
+    async with serving(tmp_path, **settings) as ep:
+
+        def over_the_bound() -> tuple[bytes, list[bool]]:
+            address = ("127.0.0.1", ep.port)
+            held = [socket.create_connection(address, timeout=5) for _ in range(2)]
+            time.sleep(0.2)
+            try:
+                with socket.create_connection(address, timeout=5) as third:
+                    refused = third.recv(10)
+                for conn in held:
+                    conn.settimeout(0.3)
+                still_open = []
+                for conn in held:
+                    try:
+                        still_open.append(conn.recv(10) != b"")
+                    except TimeoutError:
+                        still_open.append(True)
+                return refused, still_open
+            finally:
+                for conn in held:
+                    conn.close()
+
+        refused, still_open = await in_thread(over_the_bound)
+        assert refused == b""
+        assert still_open == [True, True]
+
+
 async def test_a_new_connection_must_send_within_the_request_timeout(tmp_path: Path) -> None:
     async with serving(tmp_path, request_timeout=0.3, idle_timeout=30) as ep:
 
