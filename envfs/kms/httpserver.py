@@ -584,25 +584,22 @@ class _HttpServer:
             raise KMSInternalException("the key service cannot check signatures now") from None
         uid, user_name = owner[0]
         caller = await trio.to_thread.run_sync(_caller_of, uid)
+        if caller is not None and caller.user_name == user_name:
+            return replace(caller, access_key_id=access_key_id, source=source)
         if caller is None:
-            raise AccessDeniedException(
-                f"access key {access_key_id} belongs to uid {uid}, which is no user here"
-            )
-        if caller.user_name != user_name:
+            message = f"access key {access_key_id} belongs to uid {uid}, which is no user here"
+        else:
             # The uid was freed and given to someone else (or the user renamed): the key
             # was issued to the old name, and acting as the uid's new user would be theirs.
-            logger.warning(
-                "refused access key %s of user %r: uid %d is now user %r",
-                access_key_id,
-                user_name,
-                uid,
-                caller.user_name,
-            )
-            raise AccessDeniedException(
+            message = (
                 f"access key {access_key_id} belongs to user {user_name!r}, who is no longer"
                 f" uid {uid} here"
             )
-        return replace(caller, access_key_id=access_key_id, source=source)
+        refusal = AccessDeniedException(message)
+        if bucket is not None:  # counted and logged as a failed signature: no one to audit
+            bucket.take(now)
+        self._log_failure(source, refusal)
+        raise refusal
 
     def _failure_bucket(self, source: str) -> TokenBucket | None:
         rate = self._endpoint.failure_rate

@@ -400,23 +400,27 @@ async def test_a_user_that_no_longer_exists_is_refused(endpoint: Endpoint) -> No
 
 
 async def test_a_key_of_a_deleted_user_does_not_act_as_the_next_owner_of_its_uid(
-    endpoint: Endpoint,
+    tmp_path: Path,
 ) -> None:
-    # A key made for "alice", whose uid (here nobody's) was then given to another user.
-    key = Key("EKIA" + "B" * 16, "s" * 40)
-    record = AccessKeyRecord(
-        key.access_key_id, NOBODY.uid, "alice", AccessKeyStatus.ACTIVE, time.time(), None
-    )
-    with endpoint.service.store.transaction():
-        endpoint.service.store.insert_access_key(record, key.secret.encode())
-    status, body = await call_raw(endpoint, key, "ListKeys", {})
-    assert (status, body["__type"]) == (400, "AccessDeniedException")
-    assert body["message"] == (
-        f"access key {key.access_key_id} belongs to user 'alice', who is no longer uid"
-        f" {NOBODY.uid} here"
-    )
-    records = endpoint.service.handle(ROOT, "ListAuditRecords", {})["Records"]
-    assert not [r for r in records if r["operation"] == "ListKeys"]
+    async with serving(tmp_path, failure_rate=Rate(0.1, 2)) as ep:
+        # A key made for "alice", whose uid (here nobody's) was then given to another user.
+        key = Key("EKIA" + "B" * 16, "s" * 40)
+        record = AccessKeyRecord(
+            key.access_key_id, NOBODY.uid, "alice", AccessKeyStatus.ACTIVE, time.time(), None
+        )
+        with ep.service.store.transaction():
+            ep.service.store.insert_access_key(record, key.secret.encode())
+        status, body = await call_raw(ep, key, "ListKeys", {})
+        assert (status, body["__type"]) == (400, "AccessDeniedException")
+        assert body["message"] == (
+            f"access key {key.access_key_id} belongs to user 'alice', who is no longer uid"
+            f" {NOBODY.uid} here"
+        )
+        records = ep.service.handle(ROOT, "ListAuditRecords", {})["Records"]
+        assert not [r for r in records if r["operation"] == "ListKeys"]
+        # Counted as a failed signature: a holder of such keys is slowed like a guesser.
+        names = [(await call_raw(ep, key, "ListKeys", {}))[1]["__type"] for _ in range(2)]
+        assert names == ["AccessDeniedException", "ThrottlingException"]
 
 
 async def test_the_unix_socket_is_served_beside_http(endpoint: Endpoint, tmp_path: Path) -> None:
