@@ -14,13 +14,13 @@ What keeps a client from stalling or flooding the service:
 - TLS (from a certificate and key file) wherever the address is not a loopback one: the
   command line refuses plain HTTP elsewhere;
 - at most ``max_connections`` connections at once: when all are taken, a new one closes
-  the oldest that has not yet carried a validly signed request, or else waits in the
-  listen backlog; at most ``max_connections_per_address`` from one client address (an
-  IPv6 /64 counts as one; more are closed as they are accepted); a new connection's TLS
-  handshake and first request must start within ``request_timeout``, and a connection
-  idle between requests is closed after ``idle_timeout``; a whole request (head and
-  body) must arrive within ``request_timeout`` of its first byte, and an answer must be
-  taken within it too;
+  the oldest that is not being answered, those that have not yet carried a validly
+  signed request first (else it waits in the listen backlog); at most
+  ``max_connections_per_address`` from one client address (an IPv6 /64 counts as one;
+  more are closed as they are accepted); a new connection's TLS handshake and first
+  request must start within ``request_timeout``, and a connection idle between requests
+  is closed after ``idle_timeout``; a whole request (head and body) must arrive within
+  ``request_timeout`` of its first byte, and an answer must be taken within it too;
 - a request head of at most :data:`MAX_HEAD` bytes and a body of at most
   :data:`~envfs.kms.awsjson.MAX_BODY` (``413`` and the connection closed otherwise);
 - requests whose signature fails are counted per client address: past
@@ -285,19 +285,22 @@ class _HttpServer:
             nursery.start_soon(self._run_connection, conn, source)
 
     def _make_room(self) -> None:
-        """Close the oldest connection that has not yet carried a validly signed request
-        (and is not answering one), for a new one waiting while every slot is taken.
+        """Close the oldest connection that is not answering a request, for a new one
+        waiting while every slot is taken: the oldest that has not yet carried a validly
+        signed request, else the oldest signed one (idle or still sending a request).
 
-        Clients without an access key would otherwise hold every slot from a few
-        addresses, each connection kept by a refused request a minute or a slow one; a
-        client that has signed a request keeps its connection, and a request received
-        whole is answered.
+        Otherwise clients without an access key could hold every slot from a few
+        addresses, each connection kept by a refused request a minute or a slow one, and
+        a user with a key by idle connections. A request received whole is answered; a
+        client whose idle connection was closed connects again, as HTTP clients do.
         """
-        for conn in self._open:
-            if not conn.signed and not conn.answering:
-                del self._open[conn]
-                conn.scope.cancel()
-                return
+        waiting = [conn for conn in self._open if not conn.answering]
+        victim = next((conn for conn in waiting if not conn.signed), None)
+        if victim is None and waiting:
+            victim = waiting[0]
+        if victim is not None:
+            del self._open[victim]
+            victim.scope.cancel()
 
     def _admit(self, conn: socket.socket) -> str | None:
         """The client address of a new connection, or None (and the connection closed)

@@ -599,6 +599,30 @@ async def test_clients_without_a_signed_request_cannot_hold_every_connection(
         assert kept == b"HTTP/1.1 400"  # the signed connection was kept, and answered
 
 
+async def test_idle_signed_connections_give_way_when_every_slot_is_taken(
+    tmp_path: Path,
+) -> None:
+    settings = {"max_connections": 2, "request_timeout": 30, "idle_timeout": 30}
+    async with serving(tmp_path, **settings) as ep:
+
+        def crowd_out() -> tuple[list[bytes], int]:
+            address = ("127.0.0.1", ep.port)
+            idle = [socket.create_connection(address, timeout=5) for _ in range(2)]
+            try:
+                for n, conn in enumerate(idle):
+                    conn.sendall(_signed_bytes(ep, "GenerateRandom", {"NumberOfBytes": n + 1}))
+                    assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+                status, _ = send(ep, *sign(ep, ep.root, "ListKeys", {}))
+                return [conn.recv(10) for conn in idle[:1]], status
+            finally:
+                for conn in idle:
+                    conn.close()
+
+        (oldest,), status = await in_thread(crowd_out)
+        assert status == 200
+        assert oldest == b""  # closed for the newcomer
+
+
 async def test_a_connection_over_its_address_s_bound_makes_no_other_give_way(
     tmp_path: Path,
 ) -> None:
