@@ -316,12 +316,16 @@ def _parse_authorization(value: str) -> _Authorization:
     parts: dict[str, str] = {}
     for item in rest.split(","):
         key, eq, val = item.strip().partition("=")
+        # A malformed part is quoted only by its start: it may hold a signature (say,
+        # "Signature:<hex>"), and these messages are logged.
         if not eq:
             raise IncompleteSignatureException(
-                f"Authorization header part {item.strip()!r} is not of the form key=value"
+                f"Authorization header part {_start(item.strip())!r} is not of the form key=value"
             )
         if key not in ("Credential", "SignedHeaders", "Signature"):
-            raise IncompleteSignatureException(f"Authorization header has an unknown part {key!r}")
+            raise IncompleteSignatureException(
+                f"Authorization header has an unknown part {_start(key)!r}"
+            )
         if key in parts:
             raise IncompleteSignatureException(f"Authorization header repeats {key!r}")
         parts[key] = val.strip()
@@ -356,6 +360,11 @@ def _parse_authorization(value: str) -> _Authorization:
         signed_headers=tuple(signed),
         signature=parts["Signature"],
     )
+
+
+def _start(text: str, shown: int = 16) -> str:
+    """``text`` cut to its first ``shown`` characters (and ``...``)."""
+    return text if len(text) <= shown else text[:shown] + "..."
 
 
 def _request_time(request: SignedRequest) -> tuple[str, _dt.datetime]:

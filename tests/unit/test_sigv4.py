@@ -425,6 +425,19 @@ def test_a_malformed_authorization_header_is_incomplete(
     assert (caught.value.name, caught.value.status) == ("IncompleteSignatureException", 400)
 
 
+@pytest.mark.parametrize("part", ["Signature:{}", "Signature{}=x"])
+def test_a_malformed_part_is_quoted_by_its_start_only(part: str) -> None:
+    # These messages are logged: a part that holds a signature must not hold it whole.
+    request = sign()
+    signature = authorization(request).rsplit("Signature=", 1)[1]
+    malformed = with_authorization(
+        request, lambda a: a.replace(f"Signature={signature}", part.format(signature))
+    )
+    with pytest.raises(IncompleteSignatureException, match=r"'Signature.{7}\.\.\.'") as caught:
+        check(malformed)
+    assert signature[:8] not in caught.value.message
+
+
 def test_no_date_header_is_incomplete() -> None:
     with pytest.raises(IncompleteSignatureException, match=r"either a 'X-Amz-Date' or a 'Date'"):
         check(without_header(sign(), "X-Amz-Date"))
