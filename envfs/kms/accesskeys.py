@@ -102,10 +102,13 @@ class AccessKeyOps(ServiceCore):
 
     # --- for the HTTP endpoint (run in the daemon's worker thread) ------------------------
 
-    def signing_secret(self, access_key_id: str) -> tuple[bytes, int] | None:
-        """The secret and uid of an *Active* access key (to check a request's signature),
-        or None if the key is unknown or Inactive. Reads only; not audited (the call the
-        request makes is).
+    def signing_secret(self, access_key_id: str) -> tuple[bytes, int, str | None] | None:
+        """The secret, uid and owner's name (as at its creation) of an *Active* access key
+        (to check a request's signature), or None if the key is unknown or Inactive. Reads
+        only; not audited (the call the request makes is).
+
+        The name is for the HTTP endpoint to see that the uid is still that user's: a uid
+        freed by a deleted user and given to a new one must not carry the old user's keys.
 
         Raises:
             StoreCorruptError: the sealed secret does not open.
@@ -113,7 +116,11 @@ class AccessKeyOps(ServiceCore):
         if not ACCESS_KEY_ID_RE.fullmatch(access_key_id):
             return None
         with self.store.reading():
-            return self.store.access_key_secret(access_key_id)
+            found = self.store.access_key_secret(access_key_id)
+            key = self.store.get_access_key(access_key_id) if found is not None else None
+        if found is None or key is None:
+            return None
+        return found[0], found[1], key.user_name
 
     def access_key_used(self, access_key_id: str) -> None:
         """Record that ``access_key_id`` signed a request now (its ``LastUsedDate``)."""

@@ -13,11 +13,13 @@ What keeps a client from stalling or flooding the service:
 
 - TLS (from a certificate and key file) wherever the address is not a loopback one: the
   command line refuses plain HTTP elsewhere;
-- at most ``max_connections`` connections at once, more wait in the listen backlog, and
-  at most ``max_connections_per_address`` from one client address (more are closed as
-  they are accepted); a new connection's TLS handshake and first request must start
-  within ``request_timeout``, and a connection idle between requests is closed after
-  ``idle_timeout``; a whole request (head and body) must arrive within
+- at most ``max_connections`` connections at once: when all are taken, a new one closes
+  the oldest that is not being answered, those that have not yet carried a validly
+  signed request first (else it waits in the listen backlog); at most
+  ``max_connections_per_address`` from one client address (an IPv6 /64 counts as one;
+  more are closed as they are accepted); a new connection's TLS handshake and first
+  request must start within ``request_timeout``, and a connection idle between requests
+  is closed after ``idle_timeout``; a whole request (head and body) must arrive within
   ``request_timeout`` of its first byte, and an answer must be taken within it too;
 - a request head of at most :data:`MAX_HEAD` bytes and a body of at most
   :data:`~envfs.kms.awsjson.MAX_BODY` (``413`` and the connection closed otherwise);
@@ -83,8 +85,9 @@ _LOG_INTERVAL = 60.0  # a refusal per client address is logged at most this ofte
 REPEAT_GRACE = 2.0  # seconds in which a signature is accepted again (see the module's doc)
 DEFAULT_FAILURE_RATE = Rate(5.0, 50.0)  # failed signatures a second per client address
 
-SecretFor = Callable[[str], "tuple[bytes, int] | None"]
-"""``secret_for(access_key_id) -> (secret, uid) | None`` (run in the worker thread)."""
+SecretFor = Callable[[str], "tuple[bytes, int, str | None] | None"]
+"""``secret_for(access_key_id) -> (secret, uid, user name) | None`` (run in the worker
+thread); the name is the owner's when the key was made (None if the uid had none)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ class HttpEndpoint:
     Args:
         sock: the listening socket (:func:`bind_tcp`); ``serve_http`` closes it.
         region: the region whose store this is; a signature's scope must name it.
-        secret_for: an access key's secret and uid, e.g. ``KeyService.signing_secret``.
+        secret_for: an access key's secret, uid and owner's name, e.g.
+            ``KeyService.signing_secret``.
         key_used: told that an access key signed a request (at most once a minute per
             key), e.g. ``KeyService.access_key_used``.
         tls: the server's TLS context (:func:`tls_context`); None for plain HTTP.
@@ -239,6 +243,17 @@ class _Refused(Exception):
         self.error = error
 
 
+@dataclass(eq=False)
+class _Connection:
+    """An open connection, as :meth:`_HttpServer._make_room` sees it: ``scope`` closes it;
+    ``signed`` once it carried a validly signed request; ``answering`` while a request
+    received whole is being answered."""
+
+    scope: trio.CancelScope
+    signed: bool = False
+    answering: bool = False
+
+
 class _HttpServer:
     def __init__(self, dispatcher: Dispatcher, endpoint: HttpEndpoint) -> None:
         self._dispatcher = dispatcher
@@ -250,18 +265,42 @@ class _HttpServer:
         self._last_used: dict[str, float] = {}
         self._per_address: dict[str, int] = {}
         self._cap_logged: dict[str, float] = {}
+        self._open: OrderedDict[_Connection, None] = OrderedDict()  # oldest first
 
     # --- connections -----------------------------------------------------------------
 
     async def accept_forever(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         while True:
-            await self._slots.acquire()
+            # Accepted (within its address's bound) before a slot is found for it, so that
+            # only a connection that will be served makes another give way.
+            conn, source = await self._accept(sock)
             try:
-                conn, source = await self._accept(sock)
+                if self._slots.value == 0:
+                    self._make_room()
+                await self._slots.acquire()
             except BaseException:
-                self._slots.release()
+                conn.close()
+                self._release(source)
                 raise
             nursery.start_soon(self._run_connection, conn, source)
+
+    def _make_room(self) -> None:
+        """Close the oldest connection that is not answering a request, for a new one
+        waiting while every slot is taken: the oldest that has not yet carried a validly
+        signed request, else the oldest signed one (idle or still sending a request).
+
+        Otherwise clients without an access key could hold every slot from a few
+        addresses, each connection kept by a refused request a minute or a slow one, and
+        a user with a key by idle connections. A request received whole is answered; a
+        client whose idle connection was closed connects again, as HTTP clients do.
+        """
+        waiting = [conn for conn in self._open if not conn.answering]
+        victim = next((conn for conn in waiting if not conn.signed), None)
+        if victim is None and waiting:
+            victim = waiting[0]
+        if victim is not None:
+            del self._open[victim]
+            victim.scope.cancel()
 
     def _admit(self, conn: socket.socket) -> str | None:
         """The client address of a new connection, or None (and the connection closed)
@@ -307,18 +346,27 @@ class _HttpServer:
 
     async def _run_connection(self, conn: socket.socket, source: str) -> None:
         stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        # The handshake and the first request's first bytes share one request_timeout: a
+        # client must not hold its slot twice as long by handshaking late.
+        first_by = trio.current_time() + self._endpoint.request_timeout
+        scope = trio.CancelScope()
+        connection = _Connection(scope)
+        self._open[connection] = None
         try:
-            if self._endpoint.tls is not None:
-                tls_stream = trio.SSLStream(
-                    stream, self._endpoint.tls, server_side=True, https_compatible=True
-                )
-                stream = tls_stream
-                with trio.move_on_after(self._endpoint.request_timeout) as handshake:
-                    await tls_stream.do_handshake()
-                if handshake.cancelled_caught:
-                    logger.debug("TLS handshake with %s timed out", source)
-                    return
-            await self._converse(stream, source)
+            with scope:
+                if self._endpoint.tls is not None:
+                    tls_stream = trio.SSLStream(
+                        stream, self._endpoint.tls, server_side=True, https_compatible=True
+                    )
+                    stream = tls_stream
+                    with trio.move_on_after(self._endpoint.request_timeout) as handshake:
+                        await tls_stream.do_handshake()
+                    if handshake.cancelled_caught:
+                        logger.debug("TLS handshake with %s timed out", source)
+                        return
+                await self._converse(stream, source, first_by, connection)
+            if scope.cancelled_caught:
+                logger.debug("closed HTTP connection from %s to make room", source)
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__
             if isinstance(cause, ssl.SSLError):
@@ -330,14 +378,17 @@ class _HttpServer:
         except Exception:
             logger.exception("HTTP connection from %s failed", source)
         finally:
+            self._open.pop(connection, None)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             self._release(source)
             self._slots.release()
 
-    async def _converse(self, stream: trio.abc.Stream, source: str) -> None:
+    async def _converse(
+        self, stream: trio.abc.Stream, source: str, first_by: float, connection: _Connection
+    ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        wait = self._endpoint.request_timeout  # for the first request
+        wait = max(0.0, first_by - trio.current_time())  # for the first request
         while True:
             try:
                 received = await self._read_request(conn, stream, wait)
@@ -347,9 +398,11 @@ class _HttpServer:
                 return
             if received is None:
                 return
-            status, body = await self._answer(received, source)
+            connection.answering = True
+            status, body = await self._answer(received, source, connection)
             if not await self._send(conn, stream, status, body, close=False):
                 return
+            connection.answering = False
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -450,8 +503,10 @@ class _HttpServer:
 
     # --- requests --------------------------------------------------------------------
 
-    async def _answer(self, received: _Received, source: str) -> tuple[int, bytes]:
-        """The status and body answering one request."""
+    async def _answer(
+        self, received: _Received, source: str, connection: _Connection
+    ) -> tuple[int, bytes]:
+        """The status and body answering one request received on ``connection``."""
         if received.method != "POST":
             error = awsjson.WireError(
                 "UnknownOperationException",
@@ -462,6 +517,7 @@ class _HttpServer:
             caller = await self._authenticate(received, source)
         except KMSError as exc:
             return _error(exc)
+        connection.signed = True  # it keeps its place when the slots run out
         try:
             admitted = self._dispatcher.admit(caller)
             operation, params = awsjson.parse_request(
@@ -489,7 +545,8 @@ class _HttpServer:
             ThrottlingException: too many failed signatures from ``source`` lately.
             SignatureAuthError: the signature is missing, malformed, wrong, stale,
                 replayed, or made with an unknown or inactive key.
-            AccessDeniedException: the key's user no longer exists.
+            AccessDeniedException: the key's user no longer exists, or its uid is now
+                another user's.
             KMSInternalException: the store could not be read.
         """
         endpoint = self._endpoint
@@ -500,14 +557,14 @@ class _HttpServer:
                 "too many requests with failed signatures from this address; slow down"
             )
         signed = _signed(received)
-        owner: list[int] = []
+        owner: list[tuple[int, str | None]] = []
 
         def check() -> str:
             def secret(access_key_id: str) -> bytes | None:
                 found = endpoint.secret_for(access_key_id)
                 if found is None:
                     return None
-                owner.append(found[1])
+                owner.append((found[1], found[2]))
                 return found[0]
 
             return sigv4.verify(
@@ -528,12 +585,24 @@ class _HttpServer:
         except EnvfsError as exc:
             logger.error("cannot check a signature from %s: %s", source, exc.message)
             raise KMSInternalException("the key service cannot check signatures now") from None
-        caller = await trio.to_thread.run_sync(_caller_of, owner[0])
+        uid, user_name = owner[0]
+        caller = await trio.to_thread.run_sync(_caller_of, uid)
+        if caller is not None and caller.user_name == user_name:
+            return replace(caller, access_key_id=access_key_id, source=source)
         if caller is None:
-            raise AccessDeniedException(
-                f"access key {access_key_id} belongs to uid {owner[0]}, which is no user here"
+            message = f"access key {access_key_id} belongs to uid {uid}, which is no user here"
+        else:
+            # The uid was freed and given to someone else (or the user renamed): the key
+            # was issued to the old name, and acting as the uid's new user would be theirs.
+            message = (
+                f"access key {access_key_id} belongs to user {user_name!r}, who is no longer"
+                f" uid {uid} here"
             )
-        return replace(caller, access_key_id=access_key_id, source=source)
+        refusal = AccessDeniedException(message)
+        if bucket is not None:  # counted and logged as a failed signature: no one to audit
+            bucket.take(now)
+        self._log_failure(source, refusal)
+        raise refusal
 
     def _failure_bucket(self, source: str) -> TokenBucket | None:
         rate = self._endpoint.failure_rate
@@ -622,7 +691,21 @@ def _source(conn: socket.socket) -> str:
 
 
 def _host(source: str) -> str:
-    return source.rpartition(":")[0]
+    return client_network(source.rpartition(":")[0])
+
+
+def client_network(host: str) -> str:
+    """What the limits per client address count ``host`` (as :func:`_source` writes it) as.
+
+    An IPv4 address is itself; an IPv6 address counts as its /64, the block one machine or
+    site is given: a client holds a whole /64 and could otherwise take every connection
+    and escape its failed-signature rate by moving from one of its addresses to the next.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        with contextlib.suppress(ValueError):
+            network = ipaddress.IPv6Network((host[1:-1], 64), strict=False)
+            return f"[{network}]"
+    return host
 
 
 def _caller_of(uid: int) -> Caller | None:

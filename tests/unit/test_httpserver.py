@@ -33,13 +33,15 @@ from envfs.kms.httpserver import (
     REPEAT_GRACE,
     HttpEndpoint,
     bind_tcp,
+    client_network,
     is_loopback,
     parse_address,
     tls_context,
 )
 from envfs.kms.limits import Rate
+from envfs.kms.model import AccessKeyStatus
 from envfs.kms.service import KeyService
-from envfs.kms.store import KeyStore
+from envfs.kms.store import AccessKeyRecord, KeyStore
 from tests.tlscert import make_certificate
 
 REGION = "local-1"
@@ -397,6 +399,30 @@ async def test_a_user_that_no_longer_exists_is_refused(endpoint: Endpoint) -> No
     assert status == 500 and body["__type"] == "KMSInternalException"
 
 
+async def test_a_key_of_a_deleted_user_does_not_act_as_the_next_owner_of_its_uid(
+    tmp_path: Path,
+) -> None:
+    async with serving(tmp_path, failure_rate=Rate(0.1, 2)) as ep:
+        # A key made for "alice", whose uid (here nobody's) was then given to another user.
+        key = Key("EKIA" + "B" * 16, "s" * 40)
+        record = AccessKeyRecord(
+            key.access_key_id, NOBODY.uid, "alice", AccessKeyStatus.ACTIVE, time.time(), None
+        )
+        with ep.service.store.transaction():
+            ep.service.store.insert_access_key(record, key.secret.encode())
+        status, body = await call_raw(ep, key, "ListKeys", {})
+        assert (status, body["__type"]) == (400, "AccessDeniedException")
+        assert body["message"] == (
+            f"access key {key.access_key_id} belongs to user 'alice', who is no longer uid"
+            f" {NOBODY.uid} here"
+        )
+        records = ep.service.handle(ROOT, "ListAuditRecords", {})["Records"]
+        assert not [r for r in records if r["operation"] == "ListKeys"]
+        # Counted as a failed signature: a holder of such keys is slowed like a guesser.
+        names = [(await call_raw(ep, key, "ListKeys", {}))[1]["__type"] for _ in range(2)]
+        assert names == ["AccessDeniedException", "ThrottlingException"]
+
+
 async def test_the_unix_socket_is_served_beside_http(endpoint: Endpoint, tmp_path: Path) -> None:
     from envfs.kms.client import KMSClient
 
@@ -410,6 +436,17 @@ async def test_the_unix_socket_is_served_beside_http(endpoint: Endpoint, tmp_pat
 
 
 # --- HTTP framing and abuse ---------------------------------------------------------------
+
+
+async def test_a_date_off_the_calendar_is_answered_and_the_service_goes_on(
+    endpoint: Endpoint,
+) -> None:
+    headers, body = sign(endpoint, endpoint.root, "ListKeys", {})
+    dated = [(n, v) for n, v in headers if n != "X-Amz-Date"]
+    dated.append(("Date", "Fri, 31 Dec 9999 23:59:59 -2359"))
+    status, answer = await in_thread(send, endpoint, dated, body)
+    assert (status, answer["__type"]) == (400, "IncompleteSignatureException")
+    assert (await call_raw(endpoint, endpoint.root, "ListKeys", {}))[0] == 200
 
 
 async def test_only_post_is_served(endpoint: Endpoint) -> None:
@@ -527,6 +564,96 @@ async def test_one_address_holds_a_bounded_number_of_connections(tmp_path: Path)
         assert status == 200  # the closed connections' places were given back
 
 
+def _signed_bytes(ep: Endpoint, operation: str, params: dict[str, Any]) -> bytes:
+    headers, body = sign(ep, ep.root, operation, params)
+    head = "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return f"POST / HTTP/1.1\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_clients_without_a_signed_request_cannot_hold_every_connection(
+    tmp_path: Path,
+) -> None:
+    settings = {"max_connections": 3, "request_timeout": 30, "idle_timeout": 30}
+    async with serving(tmp_path, **settings) as ep:
+
+        def crowd_out() -> tuple[bytes, bytes]:
+            address = ("127.0.0.1", ep.port)
+            signed = socket.create_connection(address, timeout=5)
+            signed.sendall(_signed_bytes(ep, "ListKeys", {}))
+            assert signed.recv(65536).startswith(b"HTTP/1.1 200")
+            # Two silent connections take the other slots, and would keep them 30 s.
+            silent = [socket.create_connection(address, timeout=5) for _ in range(2)]
+            time.sleep(0.2)
+            try:
+                status, _ = send(ep, *sign(ep, ep.root, "GenerateRandom", {"NumberOfBytes": 1}))
+                assert status == 200
+                closed = silent[0].recv(10)  # the oldest silent one made room
+                signed.sendall(_signed_bytes(ep, "DescribeKey", {"KeyId": "alias/none"}))
+                return closed, signed.recv(12)
+            finally:
+                for conn in (signed, *silent):
+                    conn.close()
+
+        closed, kept = await in_thread(crowd_out)
+        assert closed == b""
+        assert kept == b"HTTP/1.1 400"  # the signed connection was kept, and answered
+
+
+async def test_idle_signed_connections_give_way_when_every_slot_is_taken(
+    tmp_path: Path,
+) -> None:
+    settings = {"max_connections": 2, "request_timeout": 30, "idle_timeout": 30}
+    async with serving(tmp_path, **settings) as ep:
+
+        def crowd_out() -> tuple[list[bytes], int]:
+            address = ("127.0.0.1", ep.port)
+            idle = [socket.create_connection(address, timeout=5) for _ in range(2)]
+            try:
+                for n, conn in enumerate(idle):
+                    conn.sendall(_signed_bytes(ep, "GenerateRandom", {"NumberOfBytes": n + 1}))
+                    assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+                status, _ = send(ep, *sign(ep, ep.root, "ListKeys", {}))
+                return [conn.recv(10) for conn in idle[:1]], status
+            finally:
+                for conn in idle:
+                    conn.close()
+
+        (oldest,), status = await in_thread(crowd_out)
+        assert status == 200
+        assert oldest == b""  # closed for the newcomer
+
+
+async def test_a_connection_over_its_address_s_bound_makes_no_other_give_way(
+    tmp_path: Path,
+) -> None:
+    settings = {"max_connections": 2, "max_connections_per_address": 2, "request_timeout": 30}
+    async with serving(tmp_path, **settings) as ep:
+
+        def over_the_bound() -> tuple[bytes, list[bool]]:
+            address = ("127.0.0.1", ep.port)
+            held = [socket.create_connection(address, timeout=5) for _ in range(2)]
+            time.sleep(0.2)
+            try:
+                with socket.create_connection(address, timeout=5) as third:
+                    refused = third.recv(10)
+                for conn in held:
+                    conn.settimeout(0.3)
+                still_open = []
+                for conn in held:
+                    try:
+                        still_open.append(conn.recv(10) != b"")
+                    except TimeoutError:
+                        still_open.append(True)
+                return refused, still_open
+            finally:
+                for conn in held:
+                    conn.close()
+
+        refused, still_open = await in_thread(over_the_bound)
+        assert refused == b""
+        assert still_open == [True, True]
+
+
 async def test_a_new_connection_must_send_within_the_request_timeout(tmp_path: Path) -> None:
     async with serving(tmp_path, request_timeout=0.3, idle_timeout=30) as ep:
 
@@ -618,6 +745,15 @@ def test_bad_addresses_are_refused(text: str) -> None:
         parse_address(text)
 
 
+def test_an_ipv6_client_counts_as_its_64_and_an_ipv4_client_as_its_address() -> None:
+    one_site = {client_network(f"[2001:db8:1:2:{n:x}::{n:x}]") for n in range(1, 100)}
+    assert one_site == {"[2001:db8:1:2::/64]"}
+    assert client_network("[2001:db8:1:3::1]") == "[2001:db8:1:3::/64]"
+    assert client_network("192.0.2.7") != client_network("192.0.2.8")
+    assert client_network("192.0.2.7") == "192.0.2.7"
+    assert client_network("an unknown address") == "an unknown address"
+
+
 def test_loopback_is_told_from_other_addresses() -> None:
     with bind_tcp("127.0.0.1", 0) as v4:
         assert is_loopback(v4)
@@ -691,6 +827,31 @@ async def test_a_request_cannot_ask_to_act_for_another_user(endpoint: Endpoint) 
         status, body = await call_raw(endpoint, endpoint.nobody, "CreateKey", params)
         assert (status, body["__type"]) == (400, "ValidationException"), body
     assert endpoint.service.handle(ROOT, "ListKeys", {})["Keys"] == []
+
+
+async def test_a_late_tls_handshake_leaves_only_the_rest_of_the_timeout_for_a_request(
+    tmp_path: Path,
+) -> None:
+    cert_file, key_file = make_certificate(tmp_path)
+    tls = tls_context(cert_file, key_file)
+    async with serving(tmp_path, tls=tls, request_timeout=1.0, idle_timeout=30) as ep:
+        headers, body = sign(ep, ep.root, "ListKeys", {})
+        head = "".join(f"{n}: {v}\r\n" for n, v in headers)
+        request = f"POST / HTTP/1.1\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode()
+        client = ssl.create_default_context(cafile=str(cert_file))
+
+        def late() -> bytes:
+            with socket.create_connection(("127.0.0.1", ep.port), timeout=10) as raw:
+                time.sleep(0.75)
+                with client.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+                    time.sleep(0.75)  # 1.5 s after connecting: past the request timeout
+                    try:
+                        conn.sendall(request + body)
+                        return conn.recv(100)
+                    except (ssl.SSLError, OSError):
+                        return b""
+
+        assert await in_thread(late) == b""
 
 
 async def test_a_tls_handshake_that_never_comes_is_cut_off(tmp_path: Path) -> None:

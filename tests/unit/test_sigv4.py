@@ -7,7 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from unittest import mock
 from urllib.parse import urlsplit
 
@@ -347,6 +347,34 @@ def test_header_values_are_trimmed_and_inner_whitespace_folded() -> None:
         check(with_header(request, "X-Custom", "ab c"))
 
 
+class _CountedHeaders(list[tuple[str, str]]):
+    """Header pairs that count how often they are read through."""
+
+    reads = 0
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        self.reads += 1
+        return super().__iter__()
+
+
+def _header_reads_to_verify(extra_headers: int) -> int:
+    headers = {
+        "Content-Type": "application/x-amz-json-1.1",
+        "X-Amz-Target": "TrentService.Encrypt",
+        **{f"X-Amz-Extra-{n}": "v" for n in range(extra_headers)},
+    }
+    request = sign(headers=headers)
+    counted = _CountedHeaders(request.headers)
+    assert check(dataclasses.replace(request, headers=counted)) == AKID
+    return counted.reads
+
+
+def test_the_headers_are_read_as_often_however_many_are_signed() -> None:
+    # Reading them once per signed header made a head of a thousand signed headers cost
+    # the worker a second, for anyone who knows an access key id.
+    assert _header_reads_to_verify(500) == _header_reads_to_verify(0)
+
+
 def test_a_signed_header_that_is_missing_is_refused() -> None:
     with pytest.raises(
         InvalidSignatureException,
@@ -397,6 +425,19 @@ def test_a_malformed_authorization_header_is_incomplete(
     assert (caught.value.name, caught.value.status) == ("IncompleteSignatureException", 400)
 
 
+@pytest.mark.parametrize("part", ["Signature:{}", "Signature{}=x"])
+def test_a_malformed_part_is_quoted_by_its_start_only(part: str) -> None:
+    # These messages are logged: a part that holds a signature must not hold it whole.
+    request = sign()
+    signature = authorization(request).rsplit("Signature=", 1)[1]
+    malformed = with_authorization(
+        request, lambda a: a.replace(f"Signature={signature}", part.format(signature))
+    )
+    with pytest.raises(IncompleteSignatureException, match=r"'Signature.{7}\.\.\.'") as caught:
+        check(malformed)
+    assert signature[:8] not in caught.value.message
+
+
 def test_no_date_header_is_incomplete() -> None:
     with pytest.raises(IncompleteSignatureException, match=r"either a 'X-Amz-Date' or a 'Date'"):
         check(without_header(sign(), "X-Amz-Date"))
@@ -405,6 +446,20 @@ def test_no_date_header_is_incomplete() -> None:
 def test_a_malformed_x_amz_date_is_incomplete() -> None:
     with pytest.raises(IncompleteSignatureException, match=r"^X-Amz-Date '2026-03-14' is not"):
         check(with_header(sign(), "X-Amz-Date", "2026-03-14"))
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "Fri, 31 Dec 9999 23:59:59 -2359",  # past the calendar's end in UTC
+        "Fri, 1 Jan 99999999999999999999 00:00:00 GMT",  # a year no C long holds
+        "Mon, 32 Jan 2026 00:00:00 GMT",
+    ],
+)
+def test_a_date_header_off_the_calendar_is_incomplete(date: str) -> None:
+    request = without_header(with_header(sign(), "Date", date), "X-Amz-Date")
+    with pytest.raises(IncompleteSignatureException, match=r"^Date '.*' is not an HTTP date$"):
+        check(request)
 
 
 # --- time --------------------------------------------------------------------------------
@@ -487,6 +542,29 @@ def test_the_replay_cache_drops_the_oldest_at_its_bound() -> None:
     assert not cache.check_and_add("c", expires_at=1000.0, now=1.0)
     assert not cache.check_and_add("b", expires_at=1000.0, now=1.0)
     assert cache.check_and_add("a", expires_at=1000.0, now=1.0)
+
+
+def test_a_flood_of_one_key_s_signatures_does_not_push_out_another_key_s() -> None:
+    cache = ReplayCache(max_entries=3)
+    assert cache.check_and_add("victim", expires_at=1000.0, now=0.0, owner=OTHER_AKID)
+    for n in range(100):
+        assert cache.check_and_add(f"flood{n}", expires_at=1000.0, now=1.0, owner=AKID)
+    assert len(cache) == 3
+    assert not cache.check_and_add("victim", expires_at=1000.0, now=2.0, owner=OTHER_AKID)
+    assert not cache.check_and_add("flood99", expires_at=1000.0, now=2.0, owner=AKID)
+    assert cache.check_and_add("flood0", expires_at=1000.0, now=2.0, owner=AKID)
+
+
+def test_a_replay_is_refused_after_another_key_filled_the_cache() -> None:
+    cache = ReplayCache(max_entries=2)
+    captured = sign()
+    assert check(captured, replay_cache=cache) == AKID
+    for seconds in range(1, 4):
+        later = SIGNED_AT + dt.timedelta(seconds=seconds)
+        flood = sign(akid=OTHER_AKID, secret=OTHER_SECRET, at=later)
+        assert check(flood, replay_cache=cache, now=later) == OTHER_AKID
+    with pytest.raises(InvalidSignatureException, match=r"replayed"):
+        check(captured, replay_cache=cache, now=SIGNED_AT + dt.timedelta(seconds=4))
 
 
 def test_the_replay_cache_needs_room() -> None:
