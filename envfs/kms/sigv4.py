@@ -35,6 +35,7 @@ import datetime as _dt
 import email.utils
 import hashlib
 import hmac
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -147,12 +148,14 @@ class ReplayCache:
 
     A signature is remembered until its request's time plus :data:`MAX_SKEW` (that instant
     included, as :func:`verify` accepts it), after which the request is refused as expired
-    anyway. At most ``max_entries`` are kept. At the bound a signature is forgotten, and a
-    replay of it within its window would then be accepted: the oldest of the ``owner``
-    (access key) that holds the most (the one adding, among equals). So a key that signs
-    a flood of requests makes room by forgetting its own, and cannot push another key's
-    out of the cache to replay them. Size the cache above the signed requests the service
-    takes in ten minutes. Thread-safe.
+    anyway. At most ``max_entries`` are kept. At the bound a signature is forgotten: the
+    oldest of the ``owner`` (access key) that holds the most (the one adding, among
+    equals). So a key that signs a flood of requests makes room by forgetting its own, and
+    cannot push another key's out. A forgotten signature is never accepted again: from
+    then on, a signature of that owner that the cache does not hold is refused unless it
+    expires later than every one of theirs forgotten (its request's time is later). Such
+    refusals fall on requests signed long before they arrive; with the bound well above
+    what one key signs in a few minutes, there are none. Thread-safe.
 
     A client that sends an identical request twice within the same second (same time,
     same body) makes the same signature: SigV4's time has whole seconds, and clients such
@@ -173,6 +176,8 @@ class ReplayCache:
     _by_owner: dict[str, OrderedDict[str, None]] = field(
         default_factory=dict, init=False, repr=False
     )
+    # owner -> the latest expiry among their forgotten signatures (until it is past)
+    _forgotten_until: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,8 +193,16 @@ class ReplayCache:
         self, signature: str, expires_at: float, now: float, *, owner: str = ""
     ) -> bool:
         """Remember ``signature`` of ``owner`` until ``expires_at`` (inclusive); False if it
-        is remembered already and was first accepted more than ``repeat_grace`` seconds
-        ago."""
+        may not be accepted (see :meth:`admit`)."""
+        return self.admit(signature, expires_at, now, owner=owner) is None
+
+    def admit(
+        self, signature: str, expires_at: float, now: float, *, owner: str = ""
+    ) -> str | None:
+        """Remember ``signature`` of ``owner`` until ``expires_at`` (inclusive), or say why
+        not: ``"replayed"`` when it is remembered already and was first accepted more than
+        ``repeat_grace`` seconds ago, ``"forgotten"`` when it may be one forgotten at the
+        bound (it expires no later than one of its owner's that was)."""
         with self._lock:
             # Drop expired entries from the front; entries behind a live one wait their turn
             # (they are few: request times are all within the skew window of each other).
@@ -200,15 +213,28 @@ class ReplayCache:
                 self._forget(oldest)
             known = self._seen.get(signature)
             if known is not None and known[0] >= now:
-                return now - known[1] < self.repeat_grace
+                return None if now - known[1] < self.repeat_grace else "replayed"
             if known is not None:
                 self._forget(signature)
+            if expires_at <= self._forgotten_until.get(owner, -math.inf):
+                return "forgotten"
             while len(self._seen) >= self.max_entries:
-                victim = max(self._by_owner, key=lambda o: (len(self._by_owner[o]), o == owner))
-                self._forget(next(iter(self._by_owner[victim])))
+                self._make_room(owner, now)
             self._seen[signature] = (expires_at, now, owner)
             self._by_owner.setdefault(owner, OrderedDict())[signature] = None
-            return True
+            return None
+
+    def _make_room(self, adding: str, now: float) -> None:
+        """Forget the oldest signature of the owner holding the most, and no longer accept
+        theirs that expire as early (floors already past are dropped: verify refuses what
+        expired)."""
+        victim = max(self._by_owner, key=lambda o: (len(self._by_owner[o]), o == adding))
+        oldest = next(iter(self._by_owner[victim]))
+        expiry = self._seen[oldest][0]
+        self._forget(oldest)
+        for past in [o for o, until in self._forgotten_until.items() if until < now]:
+            del self._forgotten_until[past]
+        self._forgotten_until[victim] = max(expiry, self._forgotten_until.get(victim, expiry))
 
     def _forget(self, signature: str) -> None:
         owner = self._seen.pop(signature)[2]
@@ -300,10 +326,16 @@ def _check_replay(
     now: _dt.datetime,
 ) -> None:
     expires_at = (when + MAX_SKEW).timestamp()
-    if not replay_cache.check_and_add(signature, expires_at, now.timestamp(), owner=owner):
+    refused = replay_cache.admit(signature, expires_at, now.timestamp(), owner=owner)
+    if refused == "replayed":
         raise InvalidSignatureException(
             "Signature already used: this request was replayed (signed at "
             f"{amz_date}); sign each request anew"
+        )
+    if refused is not None:
+        raise InvalidSignatureException(
+            f"Signature too old to be told from a replay (signed at {amz_date}, and this "
+            "access key has signed many requests since); sign each request as it is sent"
         )
 
 

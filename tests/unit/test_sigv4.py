@@ -534,25 +534,41 @@ def test_the_replay_cache_forgets_expired_signatures() -> None:
     assert cache.check_and_add("a", expires_at=400.0, now=150.0)
 
 
-def test_the_replay_cache_drops_the_oldest_at_its_bound() -> None:
+def test_the_replay_cache_drops_the_oldest_at_its_bound_and_never_takes_it_again() -> None:
     cache = ReplayCache(max_entries=2)
-    for sig in ("a", "b", "c"):
-        assert cache.check_and_add(sig, expires_at=1000.0, now=0.0)
+    for sig, expiry in (("a", 1000.0), ("b", 1001.0), ("c", 1002.0)):
+        assert cache.check_and_add(sig, expires_at=expiry, now=0.0)
     assert len(cache) == 2
-    assert not cache.check_and_add("c", expires_at=1000.0, now=1.0)
-    assert not cache.check_and_add("b", expires_at=1000.0, now=1.0)
-    assert cache.check_and_add("a", expires_at=1000.0, now=1.0)
+    assert cache.admit("c", expires_at=1002.0, now=1.0) == "replayed"
+    assert cache.admit("b", expires_at=1001.0, now=1.0) == "replayed"
+    # "a" is forgotten, but its owner's signatures expiring no later are refused from now on
+    assert cache.admit("a", expires_at=1000.0, now=1.0) == "forgotten"
+    assert cache.admit("new, as old", expires_at=1000.0, now=1.0) == "forgotten"
+    assert cache.admit("new", expires_at=1003.0, now=1.0) is None
+    assert len(cache) == 2
+
+
+def test_a_forgotten_signature_s_floor_goes_once_it_has_expired() -> None:
+    cache = ReplayCache(max_entries=1)
+    assert cache.check_and_add("a", expires_at=100.0, now=0.0)
+    assert cache.check_and_add("b", expires_at=200.0, now=0.0)  # forgets "a"
+    assert cache.admit("late", expires_at=100.0, now=50.0) == "forgotten"
+    assert cache.check_and_add("c", expires_at=300.0, now=150.0)  # "b" forgotten too
+    assert cache._forgotten_until == {"": 200.0}
+    assert cache.check_and_add("d", expires_at=400.0, now=250.0)
+    assert cache._forgotten_until == {"": 300.0}
 
 
 def test_a_flood_of_one_key_s_signatures_does_not_push_out_another_key_s() -> None:
     cache = ReplayCache(max_entries=3)
     assert cache.check_and_add("victim", expires_at=1000.0, now=0.0, owner=OTHER_AKID)
     for n in range(100):
-        assert cache.check_and_add(f"flood{n}", expires_at=1000.0, now=1.0, owner=AKID)
+        assert cache.check_and_add(f"flood{n}", expires_at=1000.0 + n, now=1.0, owner=AKID)
     assert len(cache) == 3
-    assert not cache.check_and_add("victim", expires_at=1000.0, now=2.0, owner=OTHER_AKID)
-    assert not cache.check_and_add("flood99", expires_at=1000.0, now=2.0, owner=AKID)
-    assert cache.check_and_add("flood0", expires_at=1000.0, now=2.0, owner=AKID)
+    assert cache.admit("victim", expires_at=1000.0, now=2.0, owner=OTHER_AKID) == "replayed"
+    assert cache.admit("flood99", expires_at=1099.0, now=2.0, owner=AKID) == "replayed"
+    assert cache.admit("flood0", expires_at=1000.0, now=2.0, owner=AKID) == "forgotten"
+    assert cache.admit("other's new", expires_at=1000.0, now=2.0, owner=OTHER_AKID) is None
 
 
 def test_a_replay_is_refused_after_another_key_filled_the_cache() -> None:
@@ -564,6 +580,20 @@ def test_a_replay_is_refused_after_another_key_filled_the_cache() -> None:
         flood = sign(akid=OTHER_AKID, secret=OTHER_SECRET, at=later)
         assert check(flood, replay_cache=cache, now=later) == OTHER_AKID
     with pytest.raises(InvalidSignatureException, match=r"replayed"):
+        check(captured, replay_cache=cache, now=SIGNED_AT + dt.timedelta(seconds=4))
+
+
+def test_a_replay_is_refused_after_its_own_key_filled_the_cache() -> None:
+    cache = ReplayCache(max_entries=2)
+    captured = sign()
+    assert check(captured, replay_cache=cache) == AKID
+    for seconds in range(1, 4):
+        later = SIGNED_AT + dt.timedelta(seconds=seconds)
+        assert check(sign(at=later, body=b"{}"), replay_cache=cache, now=later) == AKID
+    with pytest.raises(
+        InvalidSignatureException,
+        match=r"^Signature too old to be told from a replay \(signed at 20260314T150926Z,",
+    ):
         check(captured, replay_cache=cache, now=SIGNED_AT + dt.timedelta(seconds=4))
 
 
