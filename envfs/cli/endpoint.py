@@ -25,7 +25,13 @@ from typing import Any
 
 from envfs import __version__
 from envfs.errors import UsageError
-from envfs.kms.httpclient import DEFAULT_ATTEMPTS, Credentials, Endpoint, HTTPKMSClient
+from envfs.kms.httpclient import (
+    DEFAULT_ATTEMPTS,
+    Credentials,
+    Endpoint,
+    HTTPKMSClient,
+    header_safe,
+)
 
 ENV_URL = "ENVFS_KMS_ENDPOINT_URL"
 
@@ -229,6 +235,12 @@ def _credentials(session: Any, profile: str | None) -> Credentials:
             " AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile with"
             " aws_access_key_id and aws_secret_access_key (--profile NAME), from"
             " 'envfs kms create-access-key'"
+        )
+    if not header_safe(frozen.access_key) or not header_safe(frozen.token or "-"):
+        where = f"profile {profile!r}" if profile else "the environment or the default profile"
+        raise UsageError(
+            f"the AWS access key id or session token of {where} has spaces, control or"
+            " non-ASCII characters (a carriage return from a file written on Windows?)"
         )
     return Credentials(frozen.access_key, frozen.secret_key, frozen.token or None)
 

@@ -234,6 +234,11 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def header_safe(text: str) -> bool:
+    """Whether ``text`` is a credential an HTTP header carries as is: visible ASCII only."""
+    return bool(text) and all(" " < char <= "~" for char in text)
+
+
 def _shown(url: str) -> str:
     """``url`` quoted for a message, without a user or password it may hold."""
     try:
@@ -355,8 +360,17 @@ class HTTPKMSClient:
                 certificate), or the connection lost (``KMSUnavailableException``).
             DependencyTimeoutException: no answer within ``read_timeout``.
             KMSInternalException: an answer that is not one of the protocol's.
-            InvalidRequestException: ``params`` cannot be sent; nothing was sent.
+            InvalidRequestException: ``params`` cannot be sent, or the credentials cannot be
+                put in a header; nothing was sent.
         """
+        if not header_safe(self.credentials.access_key_id) or not header_safe(
+            self.credentials.session_token or "-"
+        ):
+            # http.client would refuse the header quoting it: the signature or the token.
+            raise InvalidRequestException(
+                "the access key id or the session token has spaces, control or non-ASCII"
+                " characters (a carriage return from a file?); nothing was sent"
+            )
         body = awsjson.encode_request(operation, params)
         invocation = str(uuid.uuid4())
         attempt = 1

@@ -300,3 +300,30 @@ def test_owner_only_audit_jobs_are_refused_with_an_endpoint(
         "--endpoint-url", "https://127.0.0.1:1",
     )  # fmt: skip
     assert code == 2 and "not with --endpoint-url" in err
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"AWS_ACCESS_KEY_ID": "EKIAAAAAAAAAAAAAAAAA\r"},  # $(cat key.txt) of a CRLF file
+        {"AWS_ACCESS_KEY_ID": "EKIAAAAAAAAAAAAAAAAA", "AWS_SESSION_TOKEN": "TOKEN-MARK\r"},
+    ],
+)
+def test_credentials_with_a_carriage_return_are_a_usage_error_that_does_not_quote_them(
+    server: Endpointd,
+    aws_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variables: dict[str, str],
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "B" * 40)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url)
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        "envfs: error: the AWS access key id or session token of the environment or the"
+        " default profile has spaces, control or non-ASCII characters"
+    ), err
+    assert "Signature=" not in err and "TOKEN-MARK" not in err and "internal" not in err
+    assert server.requests == []

@@ -635,3 +635,21 @@ def test_no_secret_in_errors_reprs_or_logs(
     for text in seen:
         assert secret not in text and secret[::-1] not in text
         assert "PLAINTEXT-MARK" not in text and "Signature=" not in text
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        Credentials("EKIAAAAAAAAAAAAAAAAA\r", "s" * 40),
+        Credentials("EKIAAAAAAAAAAAAAAAAA", "s" * 40, "TOKEN-MARK\r"),
+        Credentials("EKIA AAAAAAAAAAAAAAA", "s" * 40),
+    ],
+)
+def test_credentials_a_header_cannot_carry_are_refused_without_quoting_them(
+    server: Endpointd, credentials: Credentials
+) -> None:
+    # http.client's own refusal quotes the header: the signature, or the session token.
+    with pytest.raises(errors.InvalidRequestException, match=r"^the access key id or the") as err:
+        client_for(server.url, credentials).call("ListKeys", {})
+    assert "Signature=" not in str(err.value) and "TOKEN-MARK" not in str(err.value)
+    assert server.requests == []
