@@ -463,8 +463,8 @@ class HTTPKMSClient:
             connection.close()
             raise _NotSent(
                 EndpointUnavailableException(
-                    f"cannot reach the key service at '{endpoint}': no connection within"
-                    f" {self.connect_timeout:g} seconds",
+                    f"cannot reach the key service at '{endpoint}': no connection"
+                    f" {_within(self.connect_timeout)}",
                     "check the URL, and that 'envfs kms serve --listen-http' runs there"
                     " (--cli-connect-timeout SECONDS waits longer)",
                 )
@@ -535,8 +535,8 @@ class HTTPKMSClient:
         except TimeoutError:
             raise _Sent(
                 DependencyTimeoutException(
-                    f"the key service at '{endpoint}' did not answer within"
-                    f" {self.read_timeout:g} seconds (the call may have been done)"
+                    f"the key service at '{endpoint}' did not answer"
+                    f" {_within(self.read_timeout)} (the call may have been done)"
                 )
             ) from None
         except (OSError, http.client.HTTPException) as exc:
@@ -563,6 +563,14 @@ class HTTPKMSClient:
             f"the key service at '{self.endpoint}' answered HTTP {status} without an AWS"
             " error (is the URL a key service's endpoint?)"
         )
+
+
+def _within(timeout: float | None) -> str:
+    """How long was waited: the bound, or, without one (0 given), the system's own
+    (``ETIMEDOUT``, a ``TimeoutError`` too)."""
+    if timeout is None:
+        return "before the system's TCP timeout"
+    return f"within {timeout:g} seconds"
 
 
 def _reason(exc: BaseException) -> str:

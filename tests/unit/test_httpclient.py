@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import errno
+import http.client
 import json
 import logging
 import socket
@@ -465,6 +467,34 @@ def test_no_answer_in_time_is_a_timeout_repeated_only_where_harmless(
         for conn in accepted:
             conn.close()
         assert len(accepted) == attempts
+
+
+def _timed_out(*args: object) -> None:
+    raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")  # the kernel's, not a bound's
+
+
+def test_the_system_s_tcp_timeout_without_a_bound_of_ours_is_a_clear_error(
+    root_key: Credentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With 0 (no bound) the kernel's ETIMEDOUT is still a TimeoutError; the message once
+    # formatted the absent bound and the CLI answered "internal error: TypeError".
+    with socket.socket() as listener:  # takes connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        unbounded = client_for(url, root_key, connect_timeout=None, read_timeout=None)
+        with monkeypatch.context() as patch:
+            patch.setattr(http.client.HTTPConnection, "getresponse", _timed_out)
+            with pytest.raises(
+                errors.DependencyTimeoutException,
+                match=r"did not answer before the system's TCP timeout \(the call may have",
+            ):
+                unbounded.call("ListKeys", {})
+    monkeypatch.setattr(http.client.HTTPConnection, "connect", _timed_out)
+    with pytest.raises(
+        EndpointUnavailableException, match=r"no connection before the system's TCP timeout$"
+    ):
+        unbounded.call("ListKeys", {})
 
 
 # --- URLs ---------------------------------------------------------------------------------
