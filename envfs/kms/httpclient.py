@@ -516,12 +516,11 @@ class HTTPKMSClient:
             connection.putheader("Content-Length", str(len(body)))
             connection.endheaders(body)
             response = connection.getresponse()
-            length = response.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) > MAX_ANSWER:
+            if _over_limit(response.getheader("Content-Length")):
                 raise _Sent(
                     KMSInternalException(
-                        f"the key service at '{endpoint}' answered {length} bytes, over the"
-                        f" limit of {MAX_ANSWER}"
+                        f"the key service at '{endpoint}' announced an answer over the limit"
+                        f" of {MAX_ANSWER} bytes"
                     )
                 )
             answer = response.read(MAX_ANSWER + 1)
@@ -563,6 +562,16 @@ class HTTPKMSClient:
             f"the key service at '{self.endpoint}' answered HTTP {status} without an AWS"
             " error (is the URL a key service's endpoint?)"
         )
+
+
+def _over_limit(length: str | None) -> bool:
+    """Whether a ``Content-Length`` announces more than :data:`MAX_ANSWER` bytes. Only ASCII
+    digits count (``str.isdigit`` takes ``²``, which ``int`` refuses), and a number is not
+    parsed past the limit's length (``int`` refuses over 4300 digits)."""
+    digits = (length or "").strip().lstrip("0")
+    if not (digits.isascii() and digits.isdigit()):
+        return False  # none, or not a number: http.client reads until the connection ends
+    return len(digits) > len(str(MAX_ANSWER)) or int(digits) > MAX_ANSWER
 
 
 def _within(timeout: float | None) -> str:

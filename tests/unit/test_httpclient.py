@@ -10,6 +10,7 @@ a real ``KeyService``, so that the client's tests do not depend on the daemon's 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import errno
 import http.client
@@ -17,6 +18,7 @@ import json
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -683,3 +685,47 @@ def test_credentials_a_header_cannot_carry_are_refused_without_quoting_them(
         client_for(server.url, credentials).call("ListKeys", {})
     assert "Signature=" not in str(err.value) and "TOKEN-MARK" not in str(err.value)
     assert server.requests == []
+
+
+# --- a hostile server's answers -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def answering(*answers: bytes) -> Iterator[str]:
+    """A server on 127.0.0.1 that reads one request per connection and writes the next of
+    ``answers`` as is (status line, headers and body): the URL to call."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def serve() -> None:
+        for answer in answers:
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            with conn:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += conn.recv(65536)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def test_a_content_length_int_refuses_is_no_internal_error(root_key: Credentials) -> None:
+    # "²" is a digit to str.isdigit() and not to int(), nor are 5000 digits: both were an
+    # uncaught ValueError. The first is read to the end, the second is over the limit.
+    head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: "
+    with answering(head + b"\xb2\r\n\r\n{}", head + b"9" * 5000 + b"\r\n\r\n{}") as url:
+        client = client_for(url, root_key, max_attempts=1)
+        assert client.call("ListKeys", {}) == {}
+        with pytest.raises(
+            errors.KMSInternalException, match=r"announced an answer over the limit of 16777216"
+        ):
+            client.call("ListKeys", {})
