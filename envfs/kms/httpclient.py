@@ -49,6 +49,7 @@ import socket
 import ssl
 import time
 import types
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -557,11 +558,21 @@ class HTTPKMSClient:
             message = doc.get("message", doc.get("Message"))
             if name is not None:
                 text = message if isinstance(message, str) else f"(HTTP {status}, no message)"
-                return error_from_answer(name, text[:2000])
+                return error_from_answer(name, _printable(text[:2000]))
         return KMSInternalException(
             f"the key service at '{self.endpoint}' answered HTTP {status} without an AWS"
             " error (is the URL a key service's endpoint?)"
         )
+
+
+def _printable(text: str) -> str:
+    """The server's ``text`` as a terminal may show it: control characters (an escape
+    sequence would retitle, recolour or rewrite the user's terminal) and format characters
+    (a right-to-left override reorders what is read) written as ``\\uXXXX``."""
+    return "".join(
+        f"\\u{ord(char):04x}" if unicodedata.category(char) in ("Cc", "Cf") else char
+        for char in text
+    )
 
 
 def _over_limit(length: str | None) -> bool:

@@ -346,6 +346,20 @@ def test_aws_s_spellings_of_an_error_name_are_read(
         client_for(server.url, root_key).call("DescribeKey", {"KeyId": "x"})
 
 
+def test_an_error_message_s_control_characters_never_reach_the_terminal(
+    server: Endpointd, root_key: Credentials
+) -> None:
+    # A hostile endpoint's message, printed on stderr, could retitle or rewrite the terminal.
+    message = "\x1b]0;owned\x07\x1b[2Jgone\x9b1m\u202eevil\r\nenvfs: hint: run rm"
+    answer = json.dumps({"__type": "NotFoundException", "message": message}).encode()
+    server.canned.append((400, answer))
+    with pytest.raises(errors.NotFoundException) as err:
+        client_for(server.url, root_key).call("DescribeKey", {"KeyId": "x"})
+    assert err.value.message == (
+        "\\u001b]0;owned\\u0007\\u001b[2Jgone\\u009b1m\\u202eevil\\u000d\\u000aenvfs: hint: run rm"
+    )
+
+
 @pytest.mark.parametrize("body", [b"<html>bad gateway</html>", b'{"__type": "a b"}', b""])
 def test_an_answer_without_an_aws_error_is_an_internal_error(
     server: Endpointd, root_key: Credentials, body: bytes
