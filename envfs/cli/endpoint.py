@@ -21,6 +21,7 @@ import argparse
 import os
 import ssl
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from envfs import __version__
@@ -90,7 +91,8 @@ def wanted(args: argparse.Namespace) -> bool:
     """Whether the verb is to call an HTTP endpoint; refuses options of the other paths.
 
     Raises:
-        UsageError: ``--embedded`` with an endpoint, or endpoint-only options without one.
+        UsageError: ``--embedded``, or ``--socket``, ``--kms-dir`` or ``--passphrase-file``
+            given on the command line, with an endpoint; or endpoint-only options without one.
     """
     url = getattr(args, "endpoint_url", None)
     if url is None:
@@ -104,7 +106,33 @@ def wanted(args: argparse.Namespace) -> bool:
         raise UsageError(
             f"argument --embedded: not allowed with {source} (the store or the endpoint, not both)"
         )
+    for flag, variable in _LOCAL_OPTIONS:
+        if _on_command_line(getattr(args, flag, None), variable):
+            option = "--" + flag.replace("_", "-")
+            raise UsageError(
+                f"argument {option}: not allowed with {source} (the local key service or the"
+                " endpoint, not both)"
+            )
     return True
+
+
+# The local service's options, each with the variable that gives its default: from the
+# variable they are ignored with an endpoint (set for other commands); given on the command
+# line they are refused, as a verb the user meant for the local service must not act on a
+# remote one (a schedule-key-deletion, say) because ENVFS_KMS_ENDPOINT_URL is exported.
+_LOCAL_OPTIONS = (
+    ("socket", "ENVFS_KMS_SOCKET"),
+    ("kms_dir", "ENVFS_KMS_DIR"),
+    ("passphrase_file", "ENVFS_KMS_PASSPHRASE_FILE"),
+)
+
+
+def _on_command_line(value: object, variable: str) -> bool:
+    """Whether an option's ``value`` was given as a flag rather than by ``variable``."""
+    if value is None:
+        return False
+    from_environment = os.environ.get(variable) or None
+    return from_environment is None or Path(from_environment) != Path(str(value))
 
 
 class EndpointConnection:

@@ -177,6 +177,18 @@ def test_a_stopped_endpoint_is_a_clear_error(
             ("--endpoint-url", "https://127.0.0.1:1", "--embedded"),
             "argument --embedded: not allowed with --endpoint-url",
         ),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1", "--socket", "/run/envfs/kms.sock"),
+            "argument --socket: not allowed with --endpoint-url (the local key service or",
+        ),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1", "--kms-dir", "/var/lib/envfs/kms"),
+            "argument --kms-dir: not allowed with --endpoint-url",
+        ),
+        (
+            ("--endpoint-url", "https://127.0.0.1:1", "--passphrase-file", "/etc/pass"),
+            "argument --passphrase-file: not allowed with --endpoint-url",
+        ),
         (("--profile", "x"), "argument --profile: only with --endpoint-url URL"),
         (("--ca-bundle", "x"), "argument --ca-bundle: only with --endpoint-url URL"),
         (
@@ -223,6 +235,31 @@ def test_the_environment_s_url_conflicts_with_embedded_by_name(
     code, _, err = run(capsys, "list-keys", "--embedded")
     assert code == 2
     assert "argument --embedded: not allowed with ENVFS_KMS_ENDPOINT_URL" in err
+
+
+def test_a_socket_flag_is_not_silently_left_for_the_environment_s_url(
+    server: Endpointd,
+    env_key: Credentials,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # With ENVFS_KMS_ENDPOINT_URL exported, a verb the user aimed at a local socket once
+    # went to the remote endpoint (a schedule-key-deletion on the wrong service).
+    monkeypatch.setenv("ENVFS_KMS_ENDPOINT_URL", server.url)
+    argv = ("schedule-key-deletion", "--key-id", "alias/x", "--socket", str(tmp_path / "s"))
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        "envfs: error: argument --socket: not allowed with ENVFS_KMS_ENDPOINT_URL"
+    ), err
+    assert server.requests == []
+    # The local options' own variables, set for other commands, are no conflict.
+    monkeypatch.setenv("ENVFS_KMS_SOCKET", str(tmp_path / "s"))
+    monkeypatch.setenv("ENVFS_KMS_DIR", str(tmp_path))
+    code, out, err = run(capsys, "list-keys", "--socket", str(tmp_path / "s"))
+    assert (code, err) == (0, "")
+    assert len(server.requests) == 1
 
 
 def test_aws_s_endpoint_variables_are_not_read(
