@@ -364,3 +364,16 @@ def test_credentials_with_a_carriage_return_are_a_usage_error_that_does_not_quot
     ), err
     assert "Signature=" not in err and "TOKEN-MARK" not in err and "internal" not in err
     assert server.requests == []
+
+
+@pytest.mark.parametrize("output", ["json", "text", "table"])
+def test_an_answer_nested_too_deeply_is_the_service_s_fault_not_a_crash(
+    server: Endpointd, env_key: Credentials, capsys: pytest.CaptureFixture[str], output: str
+) -> None:
+    # Well within the size limit, and once a RecursionError in the printers (exit 1).
+    server.canned.append((200, b'{"Keys": ' + b"[" * 900 + b"]" * 900 + b"}"))
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url, "--output", output)
+    assert (code, out) == (10, "")
+    assert err == (
+        "envfs: error: KMSInternalException: ListKeys: the answer is nested over 32 levels deep\n"
+    )

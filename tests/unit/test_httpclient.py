@@ -190,11 +190,24 @@ def test_a_request_that_cannot_be_sent_is_refused_before_sending() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"[]", b"not json", b'{"a": 1, "a": 2}', b'{"Plaintext": "%%%"}', b'{"Plaintext": 3}'],
+    [
+        b"[]",
+        b"not json",
+        b'{"a": 1, "a": 2}',
+        b'{"Plaintext": "%%%"}',
+        b'{"Plaintext": 3}',
+        b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}",  # the printers recurse
+        b'{"a": [1e999]}',
+    ],
 )
 def test_a_malformed_answer_is_the_service_s_fault(body: bytes) -> None:
     with pytest.raises(errors.KMSInternalException, match=r"^Decrypt: the answer"):
         awsjson.decode_result("Decrypt", body)
+
+
+def test_an_answer_nested_up_to_the_limit_is_read() -> None:
+    body = b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}"
+    assert json.dumps(awsjson.decode_result("Decrypt", body)) == body.decode()
 
 
 def test_every_operation_through_the_client_as_the_socket_client_answers(
