@@ -17,7 +17,8 @@ Transport: :mod:`http.client`, one connection per attempt. ``https`` verifies th
 certificate and name (the system's CAs, or ``ca_bundle``); there is no way to turn that
 off. Plain ``http`` only to a loopback address (``127.0.0.0/8``, ``::1``, ``localhost``),
 checked again on the connected socket. Connecting is bounded by ``connect_timeout``,
-each wait for the answer by ``read_timeout`` (``None``: no bound, as aws-cli's ``0``).
+the whole answer by ``read_timeout`` (``None``: no bound, as aws-cli's ``0``), not only
+each wait for a part of it (as aws-cli), which a server sending a byte at a time defeats.
 
 Retries, at most ``max_attempts`` attempts in all, the n-th retry after a random
 ``0..2**(n-1)`` seconds (botocore's standard mode; capped at :data:`MAX_BACKOFF`), only
@@ -38,6 +39,7 @@ result: log lines name the operation, the endpoint, the status and the attempt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -47,6 +49,7 @@ import logging
 import random
 import socket
 import ssl
+import threading
 import time
 import types
 import unicodedata
@@ -509,37 +512,15 @@ class HTTPKMSClient:
         self, connection: http.client.HTTPConnection, headers: list[tuple[str, str]], body: bytes
     ) -> tuple[int, bytes]:
         endpoint = self.endpoint
+        # The socket's timeout bounds each wait; this bounds the whole answer, which a
+        # server sending a byte at a time would otherwise stretch without end.
+        phase = _Deadline(self.read_timeout, connection.sock)
         try:
-            connection.putrequest("POST", endpoint.path, skip_host=True, skip_accept_encoding=True)
-            for name, value in headers:
-                connection.putheader(name, value)
-            connection.putheader("User-Agent", self.user_agent)
-            connection.putheader("Content-Length", str(len(body)))
-            connection.endheaders(body)
-            response = connection.getresponse()
-            if _over_limit(response.getheader("Content-Length")):
-                raise _Sent(
-                    KMSInternalException(
-                        f"the key service at '{endpoint}' announced an answer over the limit"
-                        f" of {MAX_ANSWER} bytes"
-                    )
-                )
-            answer = response.read(MAX_ANSWER + 1)
-            if len(answer) > MAX_ANSWER:
-                raise _Sent(
-                    KMSInternalException(
-                        f"the key service at '{endpoint}' answered over {MAX_ANSWER} bytes"
-                    )
-                )
-            return response.status, answer
-        except TimeoutError:
-            raise _Sent(
-                DependencyTimeoutException(
-                    f"the key service at '{endpoint}' did not answer"
-                    f" {_within(self.read_timeout)} (the call may have been done)"
-                )
-            ) from None
+            with phase:
+                status, answer = self._send_and_read(connection, headers, body)
         except (OSError, http.client.HTTPException) as exc:
+            if phase.expired or isinstance(exc, TimeoutError):
+                raise self._no_answer() from None
             raise _Sent(
                 EndpointUnavailableException(
                     f"lost the connection to the key service at '{endpoint}': {_reason(exc)}"
@@ -547,6 +528,44 @@ class HTTPKMSClient:
                     "check that 'envfs kms serve --listen-http' runs there",
                 )
             ) from None
+        if phase.expired:  # the answer may have been cut short by the deadline
+            raise self._no_answer()
+        return status, answer
+
+    def _no_answer(self) -> _Sent:
+        return _Sent(
+            DependencyTimeoutException(
+                f"the key service at '{self.endpoint}' did not answer"
+                f" {_within(self.read_timeout)} (the call may have been done)"
+            )
+        )
+
+    def _send_and_read(
+        self, connection: http.client.HTTPConnection, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, bytes]:
+        endpoint = self.endpoint
+        connection.putrequest("POST", endpoint.path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.putheader("User-Agent", self.user_agent)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        if _over_limit(response.getheader("Content-Length")):
+            raise _Sent(
+                KMSInternalException(
+                    f"the key service at '{endpoint}' announced an answer over the limit"
+                    f" of {MAX_ANSWER} bytes"
+                )
+            )
+        answer = response.read(MAX_ANSWER + 1)
+        if len(answer) > MAX_ANSWER:
+            raise _Sent(
+                KMSInternalException(
+                    f"the key service at '{endpoint}' answered over {MAX_ANSWER} bytes"
+                )
+            )
+        return response.status, answer
 
     def _error(self, status: int, answer: bytes) -> KMSError:
         try:
@@ -563,6 +582,44 @@ class HTTPKMSClient:
             f"the key service at '{self.endpoint}' answered HTTP {status} without an AWS"
             " error (is the URL a key service's endpoint?)"
         )
+
+
+class _Deadline:
+    """A bound on the whole of an answer: when ``seconds`` have passed, ``sock`` is shut
+    down, which ends any wait on it at once. A socket's own timeout bounds each wait only,
+    so a server that sends a byte now and then would hold the client for ever. (A TLS
+    handshake needs none: the ssl module bounds it whole.) ``None``: no bound."""
+
+    def __init__(self, seconds: float | None, sock: socket.socket | None) -> None:
+        self.expired = False
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._timer = None if seconds is None else threading.Timer(seconds, self._expire)
+
+    def __enter__(self) -> _Deadline:
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._sock = None  # over: a late expiry changes nothing
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self.expired = True
+                _shut(self._sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for a TLS socket: ssl.SSLSocket's own drops its TLS
+    # state under the reading thread's feet.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _printable(text: str) -> str:

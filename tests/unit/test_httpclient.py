@@ -19,6 +19,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -498,7 +499,7 @@ def test_no_answer_in_time_is_a_timeout_repeated_only_where_harmless(
         assert len(accepted) == attempts
 
 
-def _timed_out(*args: object) -> None:
+def _timed_out(*args: object, **kwargs: object) -> None:
     raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")  # the kernel's, not a bound's
 
 
@@ -519,7 +520,7 @@ def test_the_system_s_tcp_timeout_without_a_bound_of_ours_is_a_clear_error(
                 match=r"did not answer before the system's TCP timeout \(the call may have",
             ):
                 unbounded.call("ListKeys", {})
-    monkeypatch.setattr(http.client.HTTPConnection, "connect", _timed_out)
+    monkeypatch.setattr(socket, "create_connection", _timed_out)
     with pytest.raises(
         EndpointUnavailableException, match=r"no connection before the system's TCP timeout$"
     ):
@@ -756,3 +757,46 @@ def test_a_content_length_int_refuses_is_no_internal_error(root_key: Credentials
             errors.KMSInternalException, match=r"announced an answer over the limit of 16777216"
         ):
             client.call("ListKeys", {})
+
+
+@contextlib.contextmanager
+def trickling(first: bytes, then: bytes) -> Iterator[str]:
+    """A server on 127.0.0.1 that takes one connection, reads once, sends ``first``, then a
+    byte of ``then`` every 50 ms for at most 3 seconds (a test without a bound fails, not
+    hangs): the URL to call."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def serve() -> None:
+        try:
+            conn = listener.accept()[0]
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(first)
+            for byte in then[:60]:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def test_an_answer_sent_a_byte_at_a_time_is_bounded_by_the_read_timeout(
+    root_key: Credentials,
+) -> None:
+    # Each wait is short, so the socket's timeout alone never trips.
+    with trickling(b"HTTP/1.1 200 OK\r\n", b"X" * 100) as address:
+        client = client_for(f"http://{address}", root_key, read_timeout=0.5, max_attempts=1)
+        began = time.monotonic()
+        with pytest.raises(
+            errors.DependencyTimeoutException, match=r"did not answer within 0\.5 seconds"
+        ):
+            client.call("ListKeys", {})
+        assert time.monotonic() - began < 1.5
