@@ -49,7 +49,8 @@ def _is_date_key(key: str | None) -> bool:
 
 
 def printable(value: Any, key: str | None = None) -> Any:
-    """Return ``value`` with bytes as base64 and date numbers as ISO 8601 UTC."""
+    """Return ``value`` with bytes as base64 and date numbers as ISO 8601 UTC (a number
+    out of the calendar's range stays a number)."""
     if isinstance(value, dict):
         return {k: printable(v, k) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -57,7 +58,10 @@ def printable(value: Any, key: str | None = None) -> Any:
     if isinstance(value, bytes | bytearray):
         return base64.b64encode(value).decode("ascii")
     if _is_date_key(key) and isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC).isoformat()
+        try:
+            return datetime.fromtimestamp(value, UTC).isoformat()
+        except (OverflowError, OSError, ValueError):
+            return value  # no date a calendar has (an endpoint's 1e20): the number as sent
     return value
 
 

@@ -377,3 +377,14 @@ def test_an_answer_nested_too_deeply_is_the_service_s_fault_not_a_crash(
     assert err == (
         "envfs: error: KMSInternalException: ListKeys: the answer is nested over 32 levels deep\n"
     )
+
+
+@pytest.mark.parametrize("date", ["1e20", "-1e15", "123456789012345678901234567890"])
+def test_a_date_out_of_the_calendar_s_range_prints_as_the_number_sent(
+    server: Endpointd, env_key: Credentials, capsys: pytest.CaptureFixture[str], date: str
+) -> None:
+    # Once an OverflowError or ValueError from datetime: "internal error", exit 1.
+    server.canned.append((200, f'{{"KeyMetadata": {{"CreationDate": {date}}}}}'.encode()))
+    code, out, err = run(capsys, "describe-key", "--key-id", "x", "--endpoint-url", server.url)
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"KeyMetadata": {"CreationDate": json.loads(date)}}
