@@ -62,8 +62,8 @@ def add_options(group: argparse._ArgumentGroup) -> None:
         "--profile",
         metavar="NAME",
         help="with --endpoint-url: the aws-cli profile whose credentials sign requests"
-        " (default: AWS_PROFILE, else AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the"
-        " default profile)",
+        " (default: AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (not both),"
+        " else the default profile)",
     )
     group.add_argument(
         "--ca-bundle",
@@ -248,6 +248,16 @@ def _attempts(value: Any) -> int:
 
 def _credentials(session: Any, profile: str | None) -> Credentials:
     import botocore.exceptions
+
+    named = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    if profile is None and named and os.environ.get("AWS_ACCESS_KEY_ID"):
+        # botocore (and aws-cli) sign with the variables' key then, not the profile's: a
+        # user who set AWS_PROFILE=alice would act as whoever owns the exported key.
+        raise UsageError(
+            f"AWS_PROFILE names profile {named!r} and AWS_ACCESS_KEY_ID is set too, so it"
+            " is not clear whose key is to sign (aws-cli would take the variable's): unset"
+            " one of them, or give --profile NAME"
+        )
 
     try:
         found = session.get_credentials()

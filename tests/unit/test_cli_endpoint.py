@@ -133,6 +133,32 @@ def test_credentials_from_a_profile_of_the_shared_credentials_file(
     assert (code, err) == (0, "") and "Keys" in json.loads(out)
 
 
+def test_a_profile_from_aws_profile_with_a_key_in_the_environment_too_is_refused(
+    server: Endpointd,
+    aws_env: Path,
+    root_key: Credentials,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # botocore signs with the variables' key: AWS_PROFILE=alice would have acted as root.
+    (aws_env / "credentials").write_text(
+        "[alice]\naws_access_key_id = EKIAALICEALICEALICE1\naws_secret_access_key = a\n"
+    )
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", root_key.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", root_key.secret_access_key)
+    monkeypatch.setenv("AWS_PROFILE", "alice")
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url)
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        "envfs: error: AWS_PROFILE names profile 'alice' and AWS_ACCESS_KEY_ID is set too"
+    ), err
+    assert server.requests == []
+    # --profile says whose key it is: the profile's, as botocore takes it.
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url, "--profile", "alice")
+    assert code == 12 and "UnrecognizedClientException" in err
+    assert server.requests[-1][1]["authorization"].split("Credential=")[1].startswith("EKIAALICE")
+
+
 def test_a_wrong_secret_exits_as_an_auth_failure_with_aws_s_name(
     server: Endpointd,
     aws_env: Path,
