@@ -266,6 +266,10 @@ def _credentials(session: Any, profile: str | None) -> Credentials:
         raise UsageError(f"{_profile_source(profile)}: {exc}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise UsageError(f"cannot get AWS credentials: {_safe(exc)}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # botocore's own parsing of a credential_process's output (not JSON, an Expiration
+        # that is no date) raises these: the output may hold a secret, so it is not quoted.
+        raise UsageError(f"cannot get AWS credentials: {_safe(exc)}") from None
     if frozen is None or not frozen.access_key or not frozen.secret_key:
         where = f"profile {profile!r}" if profile else "the environment or the default profile"
         raise UsageError(
@@ -273,6 +277,11 @@ def _credentials(session: Any, profile: str | None) -> Credentials:
             " AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile with"
             " aws_access_key_id and aws_secret_access_key (--profile NAME), from"
             " 'envfs kms create-access-key'"
+        )
+    texts = (frozen.access_key, frozen.secret_key, frozen.token or "-")
+    if not all(isinstance(text, str) for text in texts):  # a credential_process's numbers
+        raise UsageError(
+            "cannot get AWS credentials: the access key id, secret or session token is not a string"
         )
     if not header_safe(frozen.access_key) or not header_safe(frozen.token or "-"):
         where = f"profile {profile!r}" if profile else "the environment or the default profile"

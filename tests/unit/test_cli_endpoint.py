@@ -414,3 +414,39 @@ def test_a_date_out_of_the_calendar_s_range_prints_as_the_number_sent(
     code, out, err = run(capsys, "describe-key", "--key-id", "x", "--endpoint-url", server.url)
     assert (code, err) == (0, "")
     assert json.loads(out) == {"KeyMetadata": {"CreationDate": json.loads(date)}}
+
+
+@pytest.mark.parametrize(
+    ("output", "reason"),
+    [
+        ("SECRET-MARK is not JSON", "JSONDecodeError (details withheld"),
+        (
+            '{"Version": 1, "AccessKeyId": "EKIAAAAAAAAAAAAAAAAA",'
+            ' "SecretAccessKey": "SECRET-MARK", "Expiration": "SECRET-MARK"}',
+            "(details withheld",
+        ),
+        (
+            '{"Version": 1, "AccessKeyId": "EKIAAAAAAAAAAAAAAAAA", "SecretAccessKey": 12345}',
+            "the access key id, secret or session token is not a string",
+        ),
+        (
+            '{"Version": 1, "AccessKeyId": ["EKIA"], "SecretAccessKey": "SECRET-MARK"}',
+            "the access key id, secret or session token is not a string",
+        ),
+    ],
+)
+def test_a_credential_process_s_bad_output_is_a_usage_error_that_does_not_quote_it(
+    aws_env: Path, capsys: pytest.CaptureFixture[str], output: str, reason: str
+) -> None:
+    # botocore raises ValueError (JSON, dates) for these, not one of its own errors; and
+    # its numbers went on to an AttributeError in signing: "internal error", exit 1.
+    script = aws_env / "credentials.sh"
+    script.write_text(f"#!/bin/sh\ncat <<'END'\n{output}\nEND\n")
+    script.chmod(0o755)
+    (aws_env / "config").write_text(f"[profile p]\ncredential_process = {script}\n")
+    code, out, err = run(
+        capsys, "list-keys", "--endpoint-url", "https://127.0.0.1:1", "--profile", "p"
+    )
+    assert (code, out) == (2, ""), err
+    assert err.startswith("envfs: error: cannot get AWS credentials: ") and reason in err, err
+    assert "SECRET-MARK" not in err
