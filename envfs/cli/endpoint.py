@@ -4,7 +4,8 @@ The connection options of that path, and opening it: the URL checked (``https://
 ``http://`` to a loopback address only), the credentials found where aws-cli finds them
 (botocore's chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` or
 ``--profile``, ``~/.aws/credentials`` and ``~/.aws/config`` or ``AWS_SHARED_CREDENTIALS_FILE``
-and ``AWS_CONFIG_FILE``, ``credential_process``, ...), the CA bundle from ``--ca-bundle``,
+and ``AWS_CONFIG_FILE``, ``credential_process``, ..., but not the EC2 and ECS metadata
+services), the CA bundle from ``--ca-bundle``,
 ``AWS_CA_BUNDLE`` or the profile's ``ca_bundle``, the attempts from ``AWS_MAX_ATTEMPTS`` or
 the profile's ``max_attempts``. ``--region`` is the region requests are signed for; a
 profile's ``region`` is not used (it usually names an AWS region, not the store's).
@@ -192,9 +193,21 @@ def _session(profile: str | None) -> Any:
     import botocore.session
 
     try:
-        return botocore.session.Session(profile=profile)
+        session = botocore.session.Session(profile=profile)
+        resolver = session.get_component("credential_provider")
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise UsageError(f"{_profile_source(profile)}: {exc}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise UsageError(f"cannot read the AWS configuration: {_safe(exc)}") from None
+    # The metadata services hand out AWS's own temporary credentials, never an envfs access
+    # key, over plain HTTP to a link-local address that anyone on the link can answer: a
+    # machine without credentials would sign with a stranger's key, and act as its user.
+    for method in _METADATA_PROVIDERS:
+        resolver.remove(method)
+    return session
+
+
+_METADATA_PROVIDERS = ("iam-role", "container-role")  # EC2's IMDS, ECS's endpoint
 
 
 def _profile_source(profile: str | None) -> str:

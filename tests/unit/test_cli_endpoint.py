@@ -450,3 +450,47 @@ def test_a_credential_process_s_bad_output_is_a_usage_error_that_does_not_quote_
     assert (code, out) == (2, ""), err
     assert err.startswith("envfs: error: cannot get AWS credentials: ") and reason in err, err
     assert "SECRET-MARK" not in err
+
+
+def test_the_metadata_services_are_never_asked_for_credentials(
+    server: Endpointd,
+    aws_env: Path,
+    root_key: Credentials,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Whoever answers 169.254.169.254 (or the ECS address) on the link would choose the key.
+    import botocore.utils
+
+    asked: list[str] = []
+
+    def instance(self: object) -> dict[str, str]:
+        asked.append("instance")
+        return {
+            "role_name": "r",
+            "access_key": root_key.access_key_id,
+            "secret_key": root_key.secret_access_key,
+            "token": "",
+            "expiry_time": "2099-01-01T00:00:00Z",
+        }
+
+    def container(self: object, full_url: str, headers: object = None) -> dict[str, str]:
+        asked.append("container")
+        return {
+            "AccessKeyId": root_key.access_key_id,
+            "SecretAccessKey": root_key.secret_access_key,
+            "Token": "",
+            "Expiration": "2099-01-01T00:00:00Z",
+        }
+
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
+    monkeypatch.setattr(
+        botocore.utils.InstanceMetadataFetcher, "retrieve_iam_role_credentials", instance
+    )
+    monkeypatch.setattr(botocore.utils.ContainerMetadataFetcher, "retrieve_full_uri", container)
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url)
+    assert (code, out) == (2, "") and "needs AWS credentials" in err
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://127.0.0.1:1/creds")
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url)
+    assert (code, out) == (2, "") and "needs AWS credentials" in err
+    assert asked == [] and server.requests == []
