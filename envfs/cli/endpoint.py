@@ -33,6 +33,7 @@ from envfs.kms.httpclient import (
     Endpoint,
     HTTPKMSClient,
     header_safe,
+    tls_context,
 )
 
 ENV_URL = "ENVFS_KMS_ENDPOINT_URL"
@@ -233,7 +234,7 @@ def _config(session: Any, name: str, profile: str | None) -> Any:
 def _check_ca_bundle(path: str, flag: str | None) -> None:
     """Refuse a CA bundle that cannot be used, as a usage error naming where it was given."""
     try:
-        ssl.create_default_context(cafile=path)
+        tls_context(path)
     except (OSError, ssl.SSLError) as exc:
         where = flag or "the CA bundle (AWS_CA_BUNDLE or the profile's ca_bundle)"
         if isinstance(exc, ssl.SSLError) or not exc.strerror:  # SSLError is an OSError

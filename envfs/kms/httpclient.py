@@ -15,8 +15,9 @@ signature, which the service would refuse as a replay.
 
 Transport: :mod:`http.client`, one connection per attempt. ``https`` verifies the server's
 certificate and name (the system's CAs, or ``ca_bundle``); there is no way to turn that
-off. Plain ``http`` only to a loopback address (``127.0.0.0/8``, ``::1``, ``localhost``),
-checked again on the connected socket. Connecting is bounded by ``connect_timeout``,
+off, and the session keys are never logged (``SSLKEYLOGFILE`` is not read). Plain
+``http`` only to a loopback address (``127.0.0.0/8``, ``::1``, ``localhost``), checked
+again on the connected socket. Connecting is bounded by ``connect_timeout``,
 the whole answer by ``read_timeout`` (``None``: no bound, as aws-cli's ``0``), not only
 each wait for a part of it (as aws-cli), which a server sending a byte at a time defeats.
 
@@ -236,6 +237,23 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The client's TLS: the server's certificate and name verified against ``ca_bundle``
+    (PEM), else the system's CAs. As ``ssl.create_default_context``, but never writing the
+    session keys to ``$SSLKEYLOGFILE``, which it does when that is set: a debugging setting
+    left in a shell's profile would log what decrypts every plaintext and data key sent.
+
+    Raises:
+        OSError: ``ca_bundle`` cannot be read, or is not PEM (``ssl.SSLError``).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname check, CERT_REQUIRED
+    if ca_bundle is not None:
+        context.load_verify_locations(cafile=ca_bundle)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    return context
 
 
 def header_safe(text: str) -> bool:
@@ -500,7 +518,7 @@ class HTTPKMSClient:
     def _context(self) -> ssl.SSLContext:
         if self._tls is None:
             try:
-                self._tls = ssl.create_default_context(cafile=self.ca_bundle)
+                self._tls = tls_context(self.ca_bundle)
             except (OSError, ssl.SSLError) as exc:
                 raise EndpointUnavailableException(
                     f"cannot use the CA bundle {self.ca_bundle!r}: {_reason(exc)}",

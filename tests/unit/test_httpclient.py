@@ -626,6 +626,20 @@ def test_https_with_the_ca_bundle_works(
     assert "Keys" in client.call("ListKeys", {})
 
 
+def test_https_never_writes_the_session_keys_to_sslkeylogfile(
+    tls_server: tuple[Endpointd, Path],
+    root_key: Credentials,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ssl.create_default_context honours it: what decrypts plaintexts and data keys, logged.
+    monkeypatch.setenv("SSLKEYLOGFILE", str(tmp_path / "keys.log"))
+    state, cert_file = tls_server
+    client = client_for(state.url, root_key, ca_bundle=str(cert_file))
+    assert "Keys" in client.call("ListKeys", {})
+    assert not (tmp_path / "keys.log").exists()
+
+
 def test_https_without_the_ca_is_a_certificate_error_and_not_retried(
     tls_server: tuple[Endpointd, Path], root_key: Credentials
 ) -> None:
