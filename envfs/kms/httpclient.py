@@ -50,6 +50,7 @@ import logging
 import random
 import socket
 import ssl
+import sys
 import threading
 import time
 import types
@@ -249,6 +250,8 @@ def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
         OSError: ``ca_bundle`` cannot be read, or is not PEM (``ssl.SSLError``).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname check, CERT_REQUIRED
+    if sys.version_info >= (3, 13):  # what create_default_context adds there
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
     if ca_bundle is not None:
         context.load_verify_locations(cafile=ca_bundle)
     else:
