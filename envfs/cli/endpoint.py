@@ -39,14 +39,20 @@ from envfs.kms.httpclient import (
 ENV_URL = "ENVFS_KMS_ENDPOINT_URL"
 
 
+MAX_TIMEOUT = 86400.0  # seconds; Python's clocks overflow near 9.2e9 (0 is no limit)
+
+
 def _timeout(text: str) -> float | None:
-    """argparse type of ``--cli-*-timeout``: seconds, 0 for none (as aws-cli)."""
+    """argparse type of ``--cli-*-timeout``: seconds up to :data:`MAX_TIMEOUT`, 0 for none
+    (as aws-cli, which takes any number)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 for no limit)")
+    if not 0 <= value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from 0 (no limit) to {MAX_TIMEOUT:g}"
+        )
     return value or None
 
 

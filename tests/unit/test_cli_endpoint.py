@@ -343,6 +343,22 @@ def test_timeouts_as_aws_cli_reads_them(text: str, seconds: float | None) -> Non
     assert args.cli_connect_timeout == seconds and args.cli_read_timeout == seconds
 
 
+@pytest.mark.parametrize("text", ["-1", "nan", "inf", "1e10", "86401"])
+def test_a_timeout_python_cannot_wait_is_a_usage_error(
+    env_key: Credentials, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    # 1e10 once went on to an OverflowError ("internal error") at the first wait.
+    for flag in ("--cli-connect-timeout", "--cli-read-timeout"):
+        code, out, err = run(
+            capsys, "list-keys", "--endpoint-url", "http://127.0.0.1:1", flag, text
+        )
+        assert (code, out) == (2, "")
+        assert (
+            f"argument {flag}: {text!r} is not a number of seconds from 0 (no limit) to 86400"
+            in err
+        )
+
+
 def test_a_user_is_the_endpoint_s_to_know(
     server: Endpointd, env_key: Credentials, capsys: pytest.CaptureFixture[str]
 ) -> None:
