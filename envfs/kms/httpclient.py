@@ -47,6 +47,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import os
 import random
 import socket
 import ssl
@@ -70,6 +71,7 @@ from envfs.errors import (
     ThrottlingException,
 )
 from envfs.kms import awsjson, sigv4
+from envfs.kms.client import env_server_uids
 from envfs.kms.core import AUDIT_ONLY_OPERATIONS
 
 log = logging.getLogger(__name__)
@@ -240,6 +242,36 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def loopback_server_uid(sock: socket.socket) -> int | None:
+    """The uid owning the other end of ``sock``, a TCP connection within this machine: the
+    row of ``/proc/net/tcp`` (``tcp6``) whose local address is our peer's and remote address
+    ours (the kernel gives an accepted socket its listener's uid). None if not found."""
+    family = sock.family
+    mine, theirs = sock.getsockname(), sock.getpeername()
+    table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
+    wanted = (_proc_address(family, theirs), _proc_address(family, mine))
+    try:
+        with open(table, encoding="ascii") as rows:
+            next(rows, None)  # the header
+            for row in rows:
+                fields = row.split()
+                if len(fields) > 7 and (fields[1], fields[2]) == wanted:
+                    return int(fields[7])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _proc_address(family: int, address: tuple[Any, ...]) -> str:
+    """``(host, port)`` as ``/proc/net/tcp*`` writes it: the address's 32-bit words each in
+    the host's byte order, in hex, then the port."""
+    packed = socket.inet_pton(family, str(address[0]).split("%", 1)[0])
+    words = "".join(
+        f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4)
+    )
+    return f"{words}:{int(address[1]):04X}"
+
+
 def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     """The client's TLS: the server's certificate and name verified against ``ca_bundle``
     (PEM), else the system's CAs. As ``ssl.create_default_context``, but never writing the
@@ -359,6 +391,7 @@ class HTTPKMSClient:
         user_agent: str = "envfs",
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        trusted_server_uids: frozenset[int] | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
@@ -373,6 +406,9 @@ class HTTPKMSClient:
         self._clock = clock
         self._sleep = sleep
         self._tls: ssl.SSLContext | None = None
+        if trusted_server_uids is None:  # as the Unix-socket client's
+            trusted_server_uids = frozenset({0, os.geteuid(), *env_server_uids()})
+        self.trusted_server_uids = trusted_server_uids
 
     def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """Run ``operation`` with ``params`` as the access key's user.
@@ -513,6 +549,20 @@ class HTTPKMSClient:
                     f"'{endpoint}' led to {peer}, which is not a loopback address: refusing"
                     " to send over plain http",
                     "use https://, or http://127.0.0.1:PORT",
+                )
+            # Any local user may listen on a free port (the service stopped, say): without
+            # TLS, only the listener's uid tells the service from one who would read the
+            # plaintexts and replay the signed requests to the service within 5 minutes.
+            owner = loopback_server_uid(sock)
+            if owner not in self.trusted_server_uids:
+                connection.close()
+                who = "an unknown uid" if owner is None else f"uid {owner}"
+                raise EndpointUnavailableException(
+                    f"the process listening at '{endpoint}' runs as {who}, which is not"
+                    " trusted to be the key service (root, yourself, or"
+                    " $ENVFS_KMS_SERVER_UID)",
+                    "if the service runs as another user, set ENVFS_KMS_SERVER_UID to its"
+                    " uid; or use https://",
                 )
         if sock is not None:
             sock.settimeout(self.read_timeout)

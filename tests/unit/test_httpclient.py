@@ -16,6 +16,7 @@ import errno
 import http.client
 import json
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -38,6 +39,7 @@ from envfs.kms.httpclient import (
     EndpointUnavailableException,
     HTTPKMSClient,
     error_from_answer,
+    loopback_server_uid,
     sign,
 )
 from envfs.kms.operations import OPERATIONS, ParamType
@@ -604,6 +606,30 @@ def test_plain_http_goes_to_loopback_only_even_when_a_name_resolves_elsewhere(
         monkeypatch.setattr(socket, "create_connection", create_connection)
         with pytest.raises(EndpointUnavailableException, match=r"led to 192\.0\.2\.7"):
             client.call("ListKeys", {})
+
+
+def test_plain_http_sends_nothing_to_a_listener_of_an_untrusted_uid(
+    server: Endpointd, root_key: Credentials
+) -> None:
+    # Any local user may take a free loopback port: it would read the plaintexts, and could
+    # replay the signed requests to the service (which never saw them) for 5 minutes.
+    client = client_for(server.url, root_key, trusted_server_uids=frozenset({4242}))
+    with pytest.raises(
+        EndpointUnavailableException,
+        match=rf"listening at '{server.url}' runs as uid {os.geteuid()}, which is not trusted",
+    ):
+        client.call("Encrypt", {"KeyId": "alias/x", "Plaintext": b"PLAINTEXT-MARK"})
+    assert server.requests == []
+    trusted = client_for(server.url, root_key, trusted_server_uids=frozenset({os.geteuid()}))
+    assert "Keys" in trusted.call("ListKeys", {})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_listener_s_uid_is_read_from_the_kernel_s_table(host: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
+    with listener, socket.create_connection((host, listener.getsockname()[1])) as conn:
+        assert loopback_server_uid(conn) == os.geteuid()
 
 
 # --- TLS ----------------------------------------------------------------------------------
