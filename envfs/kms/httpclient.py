@@ -17,9 +17,11 @@ Transport: :mod:`http.client`, one connection per attempt. ``https`` verifies th
 certificate and name (the system's CAs, or ``ca_bundle``); there is no way to turn that
 off, and the session keys are never logged (``SSLKEYLOGFILE`` is not read). Plain
 ``http`` only to a loopback address (``127.0.0.0/8``, ``::1``, ``localhost``), checked
-again on the connected socket. Connecting is bounded by ``connect_timeout``,
-the whole answer by ``read_timeout`` (``None``: no bound, as aws-cli's ``0``), not only
-each wait for a part of it (as aws-cli), which a server sending a byte at a time defeats.
+again on the connected socket, whose listener must run as a trusted uid (root, ours,
+``$ENVFS_KMS_SERVER_UID``) as the Unix-socket client requires. Connecting is bounded by
+``connect_timeout``, the whole answer by ``read_timeout`` (``None``: no bound, as
+aws-cli's ``0``), not only each wait for a part of it (as aws-cli), which a server
+sending a byte at a time defeats.
 
 Retries, at most ``max_attempts`` attempts in all, the n-th retry after a random
 ``0..2**(n-1)`` seconds (botocore's standard mode; capped at :data:`MAX_BACKOFF`), only
