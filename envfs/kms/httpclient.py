@@ -488,7 +488,14 @@ class HTTPKMSClient:
             connection.close()
         log.debug("%s to %s: HTTP %d, attempt %d", operation, self.endpoint, status, attempt)
         if status == 200:
-            return awsjson.decode_result(operation, answer)
+            try:
+                return awsjson.decode_result(operation, answer)
+            except KMSInternalException as exc:
+                # Unreadable, but a success: a CreateKey made its key. Say so, lest the
+                # user make a second one by trying again.
+                raise KMSInternalException(
+                    f"{exc.message} (the service answered 200 OK: the call was done)"
+                ) from None
         error = self._error(status, answer)
         if status >= 500 and not isinstance(error, ThrottlingException):
             raise _Sent(error)

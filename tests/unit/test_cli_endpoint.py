@@ -417,7 +417,8 @@ def test_an_answer_nested_too_deeply_is_the_service_s_fault_not_a_crash(
     code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url, "--output", output)
     assert (code, out) == (10, "")
     assert err == (
-        "envfs: error: KMSInternalException: ListKeys: the answer is nested over 32 levels deep\n"
+        "envfs: error: KMSInternalException: ListKeys: the answer is nested over 32 levels deep"
+        " (the service answered 200 OK: the call was done)\n"
     )
 
 

@@ -213,6 +213,20 @@ def test_an_answer_nested_up_to_the_limit_is_read() -> None:
     assert json.dumps(awsjson.decode_result("Decrypt", body)) == body.decode()
 
 
+def test_an_unreadable_success_says_the_call_was_done(
+    server: Endpointd, root_key: Credentials
+) -> None:
+    # A CreateKey whose answer is lost made its key all the same: not to be tried again.
+    server.canned.append((200, b"<html>ok</html>"))
+    with pytest.raises(
+        errors.KMSInternalException,
+        match=r"^CreateKey: the answer is not JSON \(the service answered 200 OK: the call was"
+        r" done\)$",
+    ):
+        client_for(server.url, root_key).call("CreateKey", {})
+    assert len(server.requests) == 1
+
+
 def test_every_operation_through_the_client_as_the_socket_client_answers(
     service: KeyService, server: Endpointd, root_key: Credentials
 ) -> None:
