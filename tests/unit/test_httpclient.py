@@ -814,16 +814,18 @@ def test_a_content_length_int_refuses_is_no_internal_error(root_key: Credentials
 
 
 @contextlib.contextmanager
-def trickling(first: bytes, then: bytes) -> Iterator[str]:
-    """A server on 127.0.0.1 that takes one connection, reads once, sends ``first``, then a
-    byte of ``then`` every 50 ms for at most 3 seconds (a test without a bound fails, not
-    hangs): the URL to call."""
+def trickling(first: bytes, then: bytes, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """A server on 127.0.0.1 (over ``tls`` if given) that takes one connection, reads once,
+    sends ``first``, then a byte of ``then`` every 50 ms for at most 3 seconds (a test
+    without a bound fails, not hangs): the address to call."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(5)
 
     def serve() -> None:
         try:
             conn = listener.accept()[0]
+            if tls is not None:
+                conn = tls.wrap_socket(conn, server_side=True)
         except OSError:
             return
         with conn, contextlib.suppress(OSError):
@@ -842,12 +844,24 @@ def trickling(first: bytes, then: bytes) -> Iterator[str]:
         thread.join(5)
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 def test_an_answer_sent_a_byte_at_a_time_is_bounded_by_the_read_timeout(
-    root_key: Credentials,
+    root_key: Credentials, tmp_path: Path, scheme: str
 ) -> None:
     # Each wait is short, so the socket's timeout alone never trips.
-    with trickling(b"HTTP/1.1 200 OK\r\n", b"X" * 100) as address:
-        client = client_for(f"http://{address}", root_key, read_timeout=0.5, max_attempts=1)
+    cert_file, key_file = make_certificate(tmp_path)
+    tls = None
+    if scheme == "https":
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert_file, key_file)
+    with trickling(b"HTTP/1.1 200 OK\r\n", b"X" * 100, tls) as address:
+        client = client_for(
+            f"{scheme}://{address}",
+            root_key,
+            read_timeout=0.5,
+            max_attempts=1,
+            ca_bundle=str(cert_file),
+        )
         began = time.monotonic()
         with pytest.raises(
             errors.DependencyTimeoutException, match=r"did not answer within 0\.5 seconds"
