@@ -298,6 +298,14 @@ def _credentials(session: Any, profile: str | None) -> Credentials:
             " aws_access_key_id and aws_secret_access_key (--profile NAME), from"
             " 'envfs kms create-access-key'"
         )
+    if frozen.token:
+        # envfs issues no temporary credentials: these are AWS's (STS, SSO, a role), and an
+        # endpoint, which would refuse them, need not see their key id and token.
+        raise UsageError(
+            "the AWS credentials found carry a session token (AWS_SESSION_TOKEN, or a"
+            " profile's): they are AWS's temporary credentials, not an envfs access key;"
+            " give the key 'envfs kms create-access-key' printed (--profile NAME)"
+        )
     texts = (frozen.access_key, frozen.secret_key, frozen.token or "-")
     if not all(isinstance(text, str) for text in texts):  # a credential_process's numbers
         raise UsageError(

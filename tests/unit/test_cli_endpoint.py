@@ -382,10 +382,17 @@ def test_owner_only_audit_jobs_are_refused_with_an_endpoint(
 
 
 @pytest.mark.parametrize(
-    "variables",
+    ("variables", "message"),
     [
-        {"AWS_ACCESS_KEY_ID": "EKIAAAAAAAAAAAAAAAAA\r"},  # $(cat key.txt) of a CRLF file
-        {"AWS_ACCESS_KEY_ID": "EKIAAAAAAAAAAAAAAAAA", "AWS_SESSION_TOKEN": "TOKEN-MARK\r"},
+        (
+            {"AWS_ACCESS_KEY_ID": "EKIAAAAAAAAAAAAAAAAA\r"},  # $(cat key.txt) of a CRLF file
+            "the AWS access key id or session token of the environment or the default"
+            " profile has spaces, control or non-ASCII characters",
+        ),
+        (
+            {"AWS_ACCESS_KEY_ID": "EKIAAAAAAAAAAAAAAAAA", "AWS_SESSION_TOKEN": "TOKEN-MARK\r"},
+            "the AWS credentials found carry a session token",
+        ),
     ],
 )
 def test_credentials_with_a_carriage_return_are_a_usage_error_that_does_not_quote_them(
@@ -394,17 +401,32 @@ def test_credentials_with_a_carriage_return_are_a_usage_error_that_does_not_quot
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     variables: dict[str, str],
+    message: str,
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "B" * 40)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url)
     assert (code, out) == (2, "")
-    assert err.startswith(
-        "envfs: error: the AWS access key id or session token of the environment or the"
-        " default profile has spaces, control or non-ASCII characters"
-    ), err
+    assert err.startswith(f"envfs: error: {message}"), err
     assert "Signature=" not in err and "TOKEN-MARK" not in err and "internal" not in err
+    assert server.requests == []
+
+
+def test_aws_s_temporary_credentials_are_never_sent_to_an_endpoint(
+    server: Endpointd,
+    aws_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # An envfs endpoint refuses any token: a user's exported STS credentials would only
+    # have shown their key id and token to whoever runs the endpoint.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIAREALAWSKEYID0000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "B" * 40)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
+    code, out, err = run(capsys, "list-keys", "--endpoint-url", server.url)
+    assert (code, out) == (2, "")
+    assert err.startswith("envfs: error: the AWS credentials found carry a session token")
     assert server.requests == []
 
 
