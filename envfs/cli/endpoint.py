@@ -5,9 +5,10 @@ The connection options of that path, and opening it: the URL checked (``https://
 (botocore's chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` or
 ``--profile``, ``~/.aws/credentials`` and ``~/.aws/config`` or ``AWS_SHARED_CREDENTIALS_FILE``
 and ``AWS_CONFIG_FILE``, ``credential_process``, ..., but not the EC2 and ECS metadata
-services), the CA bundle from ``--ca-bundle``,
+services; never with a session token), the CA bundle from ``--ca-bundle``,
 ``AWS_CA_BUNDLE`` or the profile's ``ca_bundle``, the attempts from ``AWS_MAX_ATTEMPTS`` or
-the profile's ``max_attempts``. ``--region`` is the region requests are signed for; a
+the profile's ``max_attempts``. ``AWS_PROFILE`` with ``AWS_ACCESS_KEY_ID`` is refused, as
+botocore would take the variable's key. ``--region`` is the region requests are signed for; a
 profile's ``region`` is not used (it usually names an AWS region, not the store's).
 
 ``ENVFS_KMS_ENDPOINT_URL`` gives a default URL, as ``ENVFS_KMS_SOCKET`` gives a socket.
