@@ -4,9 +4,11 @@ The connection options of that path, and opening it: the URL checked (``https://
 ``http://`` to a loopback address only), the credentials found where aws-cli finds them
 (botocore's chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` or
 ``--profile``, ``~/.aws/credentials`` and ``~/.aws/config`` or ``AWS_SHARED_CREDENTIALS_FILE``
-and ``AWS_CONFIG_FILE``, ``credential_process``, ...), the CA bundle from ``--ca-bundle``,
+and ``AWS_CONFIG_FILE``, ``credential_process``, ..., but not the EC2 and ECS metadata
+services; never with a session token), the CA bundle from ``--ca-bundle``,
 ``AWS_CA_BUNDLE`` or the profile's ``ca_bundle``, the attempts from ``AWS_MAX_ATTEMPTS`` or
-the profile's ``max_attempts``. ``--region`` is the region requests are signed for; a
+the profile's ``max_attempts``. ``AWS_PROFILE`` with ``AWS_ACCESS_KEY_ID`` is refused, as
+botocore would take the variable's key. ``--region`` is the region requests are signed for; a
 profile's ``region`` is not used (it usually names an AWS region, not the store's).
 
 ``ENVFS_KMS_ENDPOINT_URL`` gives a default URL, as ``ENVFS_KMS_SOCKET`` gives a socket.
@@ -21,23 +23,37 @@ import argparse
 import os
 import ssl
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from envfs import __version__
 from envfs.errors import UsageError
-from envfs.kms.httpclient import DEFAULT_ATTEMPTS, Credentials, Endpoint, HTTPKMSClient
+from envfs.kms.httpclient import (
+    DEFAULT_ATTEMPTS,
+    Credentials,
+    Endpoint,
+    HTTPKMSClient,
+    header_safe,
+    tls_context,
+)
 
 ENV_URL = "ENVFS_KMS_ENDPOINT_URL"
 
 
+MAX_TIMEOUT = 86400.0  # seconds; Python's clocks overflow near 9.2e9 (0 is no limit)
+
+
 def _timeout(text: str) -> float | None:
-    """argparse type of ``--cli-*-timeout``: seconds, 0 for none (as aws-cli)."""
+    """argparse type of ``--cli-*-timeout``: seconds up to :data:`MAX_TIMEOUT`, 0 for none
+    (as aws-cli, which takes any number)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 for no limit)")
+    if not 0 <= value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from 0 (no limit) to {MAX_TIMEOUT:g}"
+        )
     return value or None
 
 
@@ -55,8 +71,8 @@ def add_options(group: argparse._ArgumentGroup) -> None:
         "--profile",
         metavar="NAME",
         help="with --endpoint-url: the aws-cli profile whose credentials sign requests"
-        " (default: AWS_PROFILE, else AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the"
-        " default profile)",
+        " (default: AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (not both),"
+        " else the default profile)",
     )
     group.add_argument(
         "--ca-bundle",
@@ -84,7 +100,8 @@ def wanted(args: argparse.Namespace) -> bool:
     """Whether the verb is to call an HTTP endpoint; refuses options of the other paths.
 
     Raises:
-        UsageError: ``--embedded`` with an endpoint, or endpoint-only options without one.
+        UsageError: ``--embedded``, or ``--socket``, ``--kms-dir`` or ``--passphrase-file``
+            given on the command line, with an endpoint; or endpoint-only options without one.
     """
     url = getattr(args, "endpoint_url", None)
     if url is None:
@@ -98,7 +115,33 @@ def wanted(args: argparse.Namespace) -> bool:
         raise UsageError(
             f"argument --embedded: not allowed with {source} (the store or the endpoint, not both)"
         )
+    for flag, variable in _LOCAL_OPTIONS:
+        if _on_command_line(getattr(args, flag, None), variable):
+            option = "--" + flag.replace("_", "-")
+            raise UsageError(
+                f"argument {option}: not allowed with {source} (the local key service or the"
+                " endpoint, not both)"
+            )
     return True
+
+
+# The local service's options, each with the variable that gives its default: from the
+# variable they are ignored with an endpoint (set for other commands); given on the command
+# line they are refused, as a verb the user meant for the local service must not act on a
+# remote one (a schedule-key-deletion, say) because ENVFS_KMS_ENDPOINT_URL is exported.
+_LOCAL_OPTIONS = (
+    ("socket", "ENVFS_KMS_SOCKET"),
+    ("kms_dir", "ENVFS_KMS_DIR"),
+    ("passphrase_file", "ENVFS_KMS_PASSPHRASE_FILE"),
+)
+
+
+def _on_command_line(value: object, variable: str) -> bool:
+    """Whether an option's ``value`` was given as a flag rather than by ``variable``."""
+    if value is None:
+        return False
+    from_environment = os.environ.get(variable) or None
+    return from_environment is None or Path(from_environment) != Path(str(value))
 
 
 class EndpointConnection:
@@ -158,9 +201,21 @@ def _session(profile: str | None) -> Any:
     import botocore.session
 
     try:
-        return botocore.session.Session(profile=profile)
+        session = botocore.session.Session(profile=profile)
+        resolver = session.get_component("credential_provider")
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise UsageError(f"{_profile_source(profile)}: {exc}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise UsageError(f"cannot read the AWS configuration: {_safe(exc)}") from None
+    # The metadata services hand out AWS's own temporary credentials, never an envfs access
+    # key, over plain HTTP to a link-local address that anyone on the link can answer: a
+    # machine without credentials would sign with a stranger's key, and act as its user.
+    for method in _METADATA_PROVIDERS:
+        resolver.remove(method)
+    return session
+
+
+_METADATA_PROVIDERS = ("iam-role", "container-role")  # EC2's IMDS, ECS's endpoint
 
 
 def _profile_source(profile: str | None) -> str:
@@ -186,7 +241,7 @@ def _config(session: Any, name: str, profile: str | None) -> Any:
 def _check_ca_bundle(path: str, flag: str | None) -> None:
     """Refuse a CA bundle that cannot be used, as a usage error naming where it was given."""
     try:
-        ssl.create_default_context(cafile=path)
+        tls_context(path)
     except (OSError, ssl.SSLError) as exc:
         where = flag or "the CA bundle (AWS_CA_BUNDLE or the profile's ca_bundle)"
         if isinstance(exc, ssl.SSLError) or not exc.strerror:  # SSLError is an OSError
@@ -215,12 +270,26 @@ def _attempts(value: Any) -> int:
 def _credentials(session: Any, profile: str | None) -> Credentials:
     import botocore.exceptions
 
+    named = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    if profile is None and named and os.environ.get("AWS_ACCESS_KEY_ID"):
+        # botocore (and aws-cli) sign with the variables' key then, not the profile's: a
+        # user who set AWS_PROFILE=alice would act as whoever owns the exported key.
+        raise UsageError(
+            f"AWS_PROFILE names profile {named!r} and AWS_ACCESS_KEY_ID is set too, so it"
+            " is not clear whose key is to sign (aws-cli would take the variable's): unset"
+            " one of them, or give --profile NAME"
+        )
+
     try:
         found = session.get_credentials()
         frozen = found.get_frozen_credentials() if found is not None else None
     except botocore.exceptions.ProfileNotFound as exc:
         raise UsageError(f"{_profile_source(profile)}: {exc}") from None
     except botocore.exceptions.BotoCoreError as exc:
+        raise UsageError(f"cannot get AWS credentials: {_safe(exc)}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # botocore's own parsing of a credential_process's output (not JSON, an Expiration
+        # that is no date) raises these: the output may hold a secret, so it is not quoted.
         raise UsageError(f"cannot get AWS credentials: {_safe(exc)}") from None
     if frozen is None or not frozen.access_key or not frozen.secret_key:
         where = f"profile {profile!r}" if profile else "the environment or the default profile"
@@ -229,6 +298,25 @@ def _credentials(session: Any, profile: str | None) -> Credentials:
             " AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile with"
             " aws_access_key_id and aws_secret_access_key (--profile NAME), from"
             " 'envfs kms create-access-key'"
+        )
+    if frozen.token:
+        # envfs issues no temporary credentials: these are AWS's (STS, SSO, a role), and an
+        # endpoint, which would refuse them, need not see their key id and token.
+        raise UsageError(
+            "the AWS credentials found carry a session token (AWS_SESSION_TOKEN, or a"
+            " profile's): they are AWS's temporary credentials, not an envfs access key;"
+            " give the key 'envfs kms create-access-key' printed (--profile NAME)"
+        )
+    texts = (frozen.access_key, frozen.secret_key, frozen.token or "-")
+    if not all(isinstance(text, str) for text in texts):  # a credential_process's numbers
+        raise UsageError(
+            "cannot get AWS credentials: the access key id, secret or session token is not a string"
+        )
+    if not header_safe(frozen.access_key) or not header_safe(frozen.token or "-"):
+        where = f"profile {profile!r}" if profile else "the environment or the default profile"
+        raise UsageError(
+            f"the AWS access key id or session token of {where} has spaces, control or"
+            " non-ASCII characters (a carriage return from a file written on Windows?)"
         )
     return Credentials(frozen.access_key, frozen.secret_key, frozen.token or None)
 

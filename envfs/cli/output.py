@@ -20,6 +20,9 @@ Output formats, as aws-cli v2 prints them:
   upper-cased name of the key that held it, then each nested map or list the same way
   under its own key's name; the maps of one list share their columns.
 - ``table``: boxes drawn with ``-``, ``|`` and ``+`` (see :mod:`envfs.cli.table`).
+
+In every format a string's control and format characters (an escape sequence, a
+right-to-left override) print as ``\\uXXXX`` (:func:`visible`), after the query.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import unicodedata
 import warnings
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -49,7 +53,8 @@ def _is_date_key(key: str | None) -> bool:
 
 
 def printable(value: Any, key: str | None = None) -> Any:
-    """Return ``value`` with bytes as base64 and date numbers as ISO 8601 UTC."""
+    """Return ``value`` with bytes as base64 and date numbers as ISO 8601 UTC (a number
+    out of the calendar's range stays a number)."""
     if isinstance(value, dict):
         return {k: printable(v, k) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -57,7 +62,10 @@ def printable(value: Any, key: str | None = None) -> Any:
     if isinstance(value, bytes | bytearray):
         return base64.b64encode(value).decode("ascii")
     if _is_date_key(key) and isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC).isoformat()
+        try:
+            return datetime.fromtimestamp(value, UTC).isoformat()
+        except (OverflowError, OSError, ValueError):
+            return value  # no date a calendar has (an endpoint's 1e20): the number as sent
     return value
 
 
@@ -214,13 +222,36 @@ def render(
         value = query.search(value)
     if output == "json":
         if value != {}:  # operations with an empty answer print nothing, as in aws-cli
-            stream.write(json.dumps(value, indent=4, ensure_ascii=False) + "\n")
+            text = json.dumps(value, indent=4, ensure_ascii=False)
+            stream.write(visible(text, keep="\n") + "\n")  # in strings, \uXXXX is JSON
     elif output == "table":
+        value = _visible_strings(value)
         stream.write(draw_table(title, value, terminal_width() if width is None else width))
     else:
         lines: list[str] = []
-        _text(value, None, None, lines)
+        _text(_visible_strings(value), None, None, lines)
         stream.write("".join(line + "\n" for line in lines))
+
+
+def visible(text: str, keep: str = "") -> str:
+    """``text`` with its control and format characters but those in ``keep`` written as
+    ``\\uXXXX``: an answer's strings are not all the user's own (a description another
+    user wrote, an HTTP endpoint's answer), and an escape sequence among them would
+    recolour, retitle or rewrite the terminal, a right-to-left override reorder a line."""
+    return "".join(
+        f"\\u{ord(char):04x}"
+        if char not in keep and unicodedata.category(char) in ("Cc", "Cf")
+        else char
+        for char in text
+    )
+
+
+def _visible_strings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {visible(str(k)): _visible_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_visible_strings(v) for v in value]
+    return visible(value) if isinstance(value, str) else value
 
 
 def _is_scalar(value: Any) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ from envfs.kms.protocol import loads_strict
 CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "TrentService."
 MAX_BODY = 1 << 20  # as the Unix-socket protocol's frames
+MAX_RESULT_DEPTH = 32  # levels of objects and arrays in an answer; AWS's are under 8
 
 # The service's own faults; everything else is the caller's (AWS answers those with 400).
 _SERVER_STATUS = {
@@ -147,12 +149,31 @@ def encode_request(operation: str, params: Mapping[str, Any]) -> bytes:
     return body
 
 
+def _unprintable(result: dict[str, Any]) -> str | None:
+    """What in an answer the command line could not print, if anything: nesting deeper than
+    :data:`MAX_RESULT_DEPTH` (its printers recurse: a hostile endpoint's ``[[[[…`` within
+    the size limit was a ``RecursionError``) or a number too large for a float (``1e999``,
+    read as infinity and printed as JSON's non-standard ``Infinity``)."""
+    pending: list[tuple[Any, int]] = [(result, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return "has a number out of range"
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, (dict, list)):
+            if depth > MAX_RESULT_DEPTH:
+                return f"is nested over {MAX_RESULT_DEPTH} levels deep"
+            pending.extend((child, depth + 1) for child in children)
+    return None
+
+
 def decode_result(operation: str, body: bytes) -> dict[str, Any]:
     """A success's result: the JSON object, its binary fields (:data:`RESULT_BLOBS`) as bytes.
 
     Raises:
-        KMSInternalException: the body is not a JSON object, or a binary field is not
-            base64 text (the service's fault, as the socket client reports a bad answer).
+        KMSInternalException: the body is not a JSON object, is nested too deeply or has
+            a number out of range, or a binary field is not base64 text (the service's
+            fault, as the socket client reports a bad answer).
     """
     try:
         result = loads_strict(body or b"{}")
@@ -160,6 +181,9 @@ def decode_result(operation: str, body: bytes) -> dict[str, Any]:
         raise KMSInternalException(f"{operation}: the answer is not JSON") from None
     if not isinstance(result, dict):
         raise KMSInternalException(f"{operation}: the answer is not a JSON object")
+    problem = _unprintable(result)
+    if problem:
+        raise KMSInternalException(f"{operation}: the answer {problem}")
     for name in RESULT_BLOBS.get(operation, ()):
         value = result.get(name)
         if value is None:

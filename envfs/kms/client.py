@@ -55,7 +55,7 @@ class KMSClient:
     ) -> None:
         self.socket_path = os.fspath(socket_path)
         if trusted_server_uids is None:
-            trusted_server_uids = frozenset({0, os.geteuid(), *_env_server_uids()})
+            trusted_server_uids = frozenset({0, os.geteuid(), *env_server_uids()})
         self.trusted_server_uids = trusted_server_uids
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -255,7 +255,7 @@ def _timeval(seconds: float) -> bytes:
     return _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000)
 
 
-def _env_server_uids() -> list[int]:
+def env_server_uids() -> list[int]:
     """Extra daemon uids to trust: ``$ENVFS_KMS_SERVER_UID`` (comma-separated)."""
     text = os.environ.get("ENVFS_KMS_SERVER_UID", "")
     return [int(part) for part in text.split(",") if part.strip().isdigit()]

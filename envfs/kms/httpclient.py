@@ -15,9 +15,13 @@ signature, which the service would refuse as a replay.
 
 Transport: :mod:`http.client`, one connection per attempt. ``https`` verifies the server's
 certificate and name (the system's CAs, or ``ca_bundle``); there is no way to turn that
-off. Plain ``http`` only to a loopback address (``127.0.0.0/8``, ``::1``, ``localhost``),
-checked again on the connected socket. Connecting is bounded by ``connect_timeout``,
-each wait for the answer by ``read_timeout`` (``None``: no bound, as aws-cli's ``0``).
+off, and the session keys are never logged (``SSLKEYLOGFILE`` is not read). Plain
+``http`` only to a loopback address (``127.0.0.0/8``, ``::1``, ``localhost``), checked
+again on the connected socket, whose listener must run as a trusted uid (root, ours,
+``$ENVFS_KMS_SERVER_UID``) as the Unix-socket client requires. Connecting is bounded by
+``connect_timeout``, the whole answer by ``read_timeout`` (``None``: no bound, as
+aws-cli's ``0``), not only each wait for a part of it (as aws-cli), which a server
+sending a byte at a time defeats.
 
 Retries, at most ``max_attempts`` attempts in all, the n-th retry after a random
 ``0..2**(n-1)`` seconds (botocore's standard mode; capped at :data:`MAX_BACKOFF`), only
@@ -38,17 +42,22 @@ result: log lines name the operation, the endpoint, the status and the attempt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
 import ipaddress
 import json
 import logging
+import os
 import random
 import socket
 import ssl
+import sys
+import threading
 import time
 import types
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +73,7 @@ from envfs.errors import (
     ThrottlingException,
 )
 from envfs.kms import awsjson, sigv4
+from envfs.kms.client import env_server_uids
 from envfs.kms.core import AUDIT_ONLY_OPERATIONS
 
 log = logging.getLogger(__name__)
@@ -234,6 +244,60 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def loopback_server_uid(sock: socket.socket) -> int | None:
+    """The uid owning the other end of ``sock``, a TCP connection within this machine: the
+    row of ``/proc/net/tcp`` (``tcp6``) whose local address is our peer's and remote address
+    ours (the kernel gives an accepted socket its listener's uid). None if not found."""
+    family = sock.family
+    mine, theirs = sock.getsockname(), sock.getpeername()
+    table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
+    wanted = (_proc_address(family, theirs), _proc_address(family, mine))
+    try:
+        with open(table, encoding="ascii") as rows:
+            next(rows, None)  # the header
+            for row in rows:
+                fields = row.split()
+                if len(fields) > 7 and (fields[1], fields[2]) == wanted:
+                    return int(fields[7])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _proc_address(family: int, address: tuple[Any, ...]) -> str:
+    """``(host, port)`` as ``/proc/net/tcp*`` writes it: the address's 32-bit words each in
+    the host's byte order, in hex, then the port."""
+    packed = socket.inet_pton(family, str(address[0]).split("%", 1)[0])
+    words = "".join(
+        f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4)
+    )
+    return f"{words}:{int(address[1]):04X}"
+
+
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The client's TLS: the server's certificate and name verified against ``ca_bundle``
+    (PEM), else the system's CAs. As ``ssl.create_default_context``, but never writing the
+    session keys to ``$SSLKEYLOGFILE``, which it does when that is set: a debugging setting
+    left in a shell's profile would log what decrypts every plaintext and data key sent.
+
+    Raises:
+        OSError: ``ca_bundle`` cannot be read, or is not PEM (``ssl.SSLError``).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname check, CERT_REQUIRED
+    if sys.version_info >= (3, 13):  # what create_default_context adds there
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
+    if ca_bundle is not None:
+        context.load_verify_locations(cafile=ca_bundle)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    return context
+
+
+def header_safe(text: str) -> bool:
+    """Whether ``text`` is a credential an HTTP header carries as is: visible ASCII only."""
+    return bool(text) and all(" " < char <= "~" for char in text)
+
+
 def _shown(url: str) -> str:
     """``url`` quoted for a message, without a user or password it may hold."""
     try:
@@ -329,6 +393,7 @@ class HTTPKMSClient:
         user_agent: str = "envfs",
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        trusted_server_uids: frozenset[int] | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
@@ -343,6 +408,9 @@ class HTTPKMSClient:
         self._clock = clock
         self._sleep = sleep
         self._tls: ssl.SSLContext | None = None
+        if trusted_server_uids is None:  # as the Unix-socket client's
+            trusted_server_uids = frozenset({0, os.geteuid(), *env_server_uids()})
+        self.trusted_server_uids = trusted_server_uids
 
     def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """Run ``operation`` with ``params`` as the access key's user.
@@ -355,8 +423,17 @@ class HTTPKMSClient:
                 certificate), or the connection lost (``KMSUnavailableException``).
             DependencyTimeoutException: no answer within ``read_timeout``.
             KMSInternalException: an answer that is not one of the protocol's.
-            InvalidRequestException: ``params`` cannot be sent; nothing was sent.
+            InvalidRequestException: ``params`` cannot be sent, or the credentials cannot be
+                put in a header; nothing was sent.
         """
+        if not header_safe(self.credentials.access_key_id) or not header_safe(
+            self.credentials.session_token or "-"
+        ):
+            # http.client would refuse the header quoting it: the signature or the token.
+            raise InvalidRequestException(
+                "the access key id or the session token has spaces, control or non-ASCII"
+                " characters (a carriage return from a file?); nothing was sent"
+            )
         body = awsjson.encode_request(operation, params)
         invocation = str(uuid.uuid4())
         attempt = 1
@@ -411,7 +488,14 @@ class HTTPKMSClient:
             connection.close()
         log.debug("%s to %s: HTTP %d, attempt %d", operation, self.endpoint, status, attempt)
         if status == 200:
-            return awsjson.decode_result(operation, answer)
+            try:
+                return awsjson.decode_result(operation, answer)
+            except KMSInternalException as exc:
+                # Unreadable, but a success: a CreateKey made its key. Say so, lest the
+                # user make a second one by trying again.
+                raise KMSInternalException(
+                    f"{exc.message} (the service answered 200 OK: the call was done)"
+                ) from None
         error = self._error(status, answer)
         if status >= 500 and not isinstance(error, ThrottlingException):
             raise _Sent(error)
@@ -449,8 +533,8 @@ class HTTPKMSClient:
             connection.close()
             raise _NotSent(
                 EndpointUnavailableException(
-                    f"cannot reach the key service at '{endpoint}': no connection within"
-                    f" {self.connect_timeout:g} seconds",
+                    f"cannot reach the key service at '{endpoint}': no connection"
+                    f" {_within(self.connect_timeout)}",
                     "check the URL, and that 'envfs kms serve --listen-http' runs there"
                     " (--cli-connect-timeout SECONDS waits longer)",
                 )
@@ -475,6 +559,20 @@ class HTTPKMSClient:
                     " to send over plain http",
                     "use https://, or http://127.0.0.1:PORT",
                 )
+            # Any local user may listen on a free port (the service stopped, say): without
+            # TLS, only the listener's uid tells the service from one who would read the
+            # plaintexts and replay the signed requests to the service within 5 minutes.
+            owner = loopback_server_uid(sock)
+            if owner not in self.trusted_server_uids:
+                connection.close()
+                who = "an unknown uid" if owner is None else f"uid {owner}"
+                raise EndpointUnavailableException(
+                    f"the process listening at '{endpoint}' runs as {who}, which is not"
+                    " trusted to be the key service (root, yourself, or"
+                    " $ENVFS_KMS_SERVER_UID)",
+                    "if the service runs as another user, set ENVFS_KMS_SERVER_UID to its"
+                    " uid; or use https://",
+                )
         if sock is not None:
             sock.settimeout(self.read_timeout)
         return connection
@@ -482,7 +580,7 @@ class HTTPKMSClient:
     def _context(self) -> ssl.SSLContext:
         if self._tls is None:
             try:
-                self._tls = ssl.create_default_context(cafile=self.ca_bundle)
+                self._tls = tls_context(self.ca_bundle)
             except (OSError, ssl.SSLError) as exc:
                 raise EndpointUnavailableException(
                     f"cannot use the CA bundle {self.ca_bundle!r}: {_reason(exc)}",
@@ -494,38 +592,15 @@ class HTTPKMSClient:
         self, connection: http.client.HTTPConnection, headers: list[tuple[str, str]], body: bytes
     ) -> tuple[int, bytes]:
         endpoint = self.endpoint
+        # The socket's timeout bounds each wait; this bounds the whole answer, which a
+        # server sending a byte at a time would otherwise stretch without end.
+        phase = _Deadline(self.read_timeout, connection.sock)
         try:
-            connection.putrequest("POST", endpoint.path, skip_host=True, skip_accept_encoding=True)
-            for name, value in headers:
-                connection.putheader(name, value)
-            connection.putheader("User-Agent", self.user_agent)
-            connection.putheader("Content-Length", str(len(body)))
-            connection.endheaders(body)
-            response = connection.getresponse()
-            length = response.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) > MAX_ANSWER:
-                raise _Sent(
-                    KMSInternalException(
-                        f"the key service at '{endpoint}' answered {length} bytes, over the"
-                        f" limit of {MAX_ANSWER}"
-                    )
-                )
-            answer = response.read(MAX_ANSWER + 1)
-            if len(answer) > MAX_ANSWER:
-                raise _Sent(
-                    KMSInternalException(
-                        f"the key service at '{endpoint}' answered over {MAX_ANSWER} bytes"
-                    )
-                )
-            return response.status, answer
-        except TimeoutError:
-            raise _Sent(
-                DependencyTimeoutException(
-                    f"the key service at '{endpoint}' did not answer within"
-                    f" {self.read_timeout:g} seconds (the call may have been done)"
-                )
-            ) from None
+            with phase:
+                status, answer = self._send_and_read(connection, headers, body)
         except (OSError, http.client.HTTPException) as exc:
+            if phase.expired or isinstance(exc, TimeoutError):
+                raise self._no_answer() from None
             raise _Sent(
                 EndpointUnavailableException(
                     f"lost the connection to the key service at '{endpoint}': {_reason(exc)}"
@@ -533,6 +608,44 @@ class HTTPKMSClient:
                     "check that 'envfs kms serve --listen-http' runs there",
                 )
             ) from None
+        if phase.expired:  # the answer may have been cut short by the deadline
+            raise self._no_answer()
+        return status, answer
+
+    def _no_answer(self) -> _Sent:
+        return _Sent(
+            DependencyTimeoutException(
+                f"the key service at '{self.endpoint}' did not answer"
+                f" {_within(self.read_timeout)} (the call may have been done)"
+            )
+        )
+
+    def _send_and_read(
+        self, connection: http.client.HTTPConnection, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, bytes]:
+        endpoint = self.endpoint
+        connection.putrequest("POST", endpoint.path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.putheader("User-Agent", self.user_agent)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        if _over_limit(response.getheader("Content-Length")):
+            raise _Sent(
+                KMSInternalException(
+                    f"the key service at '{endpoint}' announced an answer over the limit"
+                    f" of {MAX_ANSWER} bytes"
+                )
+            )
+        answer = response.read(MAX_ANSWER + 1)
+        if len(answer) > MAX_ANSWER:
+            raise _Sent(
+                KMSInternalException(
+                    f"the key service at '{endpoint}' answered over {MAX_ANSWER} bytes"
+                )
+            )
+        return response.status, answer
 
     def _error(self, status: int, answer: bytes) -> KMSError:
         try:
@@ -544,11 +657,77 @@ class HTTPKMSClient:
             message = doc.get("message", doc.get("Message"))
             if name is not None:
                 text = message if isinstance(message, str) else f"(HTTP {status}, no message)"
-                return error_from_answer(name, text[:2000])
+                return error_from_answer(name, _printable(text[:2000]))
         return KMSInternalException(
             f"the key service at '{self.endpoint}' answered HTTP {status} without an AWS"
             " error (is the URL a key service's endpoint?)"
         )
+
+
+class _Deadline:
+    """A bound on the whole of an answer: when ``seconds`` have passed, ``sock`` is shut
+    down, which ends any wait on it at once. A socket's own timeout bounds each wait only,
+    so a server that sends a byte now and then would hold the client for ever. (A TLS
+    handshake needs none: the ssl module bounds it whole.) ``None``: no bound."""
+
+    def __init__(self, seconds: float | None, sock: socket.socket | None) -> None:
+        self.expired = False
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._timer = None if seconds is None else threading.Timer(seconds, self._expire)
+
+    def __enter__(self) -> _Deadline:
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._sock = None  # over: a late expiry changes nothing
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self.expired = True
+                _shut(self._sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for a TLS socket: ssl.SSLSocket's own drops its TLS
+    # state under the reading thread's feet.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _printable(text: str) -> str:
+    """The server's ``text`` as a terminal may show it: control characters (an escape
+    sequence would retitle, recolour or rewrite the user's terminal) and format characters
+    (a right-to-left override reorders what is read) written as ``\\uXXXX``."""
+    return "".join(
+        f"\\u{ord(char):04x}" if unicodedata.category(char) in ("Cc", "Cf") else char
+        for char in text
+    )
+
+
+def _over_limit(length: str | None) -> bool:
+    """Whether a ``Content-Length`` announces more than :data:`MAX_ANSWER` bytes. Only ASCII
+    digits count (``str.isdigit`` takes ``²``, which ``int`` refuses), and a number is not
+    parsed past the limit's length (``int`` refuses over 4300 digits)."""
+    digits = (length or "").strip().lstrip("0")
+    if not (digits.isascii() and digits.isdigit()):
+        return False  # none, or not a number: http.client reads until the connection ends
+    return len(digits) > len(str(MAX_ANSWER)) or int(digits) > MAX_ANSWER
+
+
+def _within(timeout: float | None) -> str:
+    """How long was waited: the bound, or, without one (0 given), the system's own
+    (``ETIMEDOUT``, a ``TimeoutError`` too)."""
+    if timeout is None:
+        return "before the system's TCP timeout"
+    return f"within {timeout:g} seconds"
 
 
 def _reason(exc: BaseException) -> str:

@@ -10,11 +10,17 @@ a real ``KeyService``, so that the client's tests do not depend on the daemon's 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
+import errno
+import http.client
 import json
 import logging
+import os
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ from envfs.kms.httpclient import (
     EndpointUnavailableException,
     HTTPKMSClient,
     error_from_answer,
+    loopback_server_uid,
     sign,
 )
 from envfs.kms.operations import OPERATIONS, ParamType
@@ -186,11 +193,38 @@ def test_a_request_that_cannot_be_sent_is_refused_before_sending() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"[]", b"not json", b'{"a": 1, "a": 2}', b'{"Plaintext": "%%%"}', b'{"Plaintext": 3}'],
+    [
+        b"[]",
+        b"not json",
+        b'{"a": 1, "a": 2}',
+        b'{"Plaintext": "%%%"}',
+        b'{"Plaintext": 3}',
+        b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}",  # the printers recurse
+        b'{"a": [1e999]}',
+    ],
 )
 def test_a_malformed_answer_is_the_service_s_fault(body: bytes) -> None:
     with pytest.raises(errors.KMSInternalException, match=r"^Decrypt: the answer"):
         awsjson.decode_result("Decrypt", body)
+
+
+def test_an_answer_nested_up_to_the_limit_is_read() -> None:
+    body = b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}"
+    assert json.dumps(awsjson.decode_result("Decrypt", body)) == body.decode()
+
+
+def test_an_unreadable_success_says_the_call_was_done(
+    server: Endpointd, root_key: Credentials
+) -> None:
+    # A CreateKey whose answer is lost made its key all the same: not to be tried again.
+    server.canned.append((200, b"<html>ok</html>"))
+    with pytest.raises(
+        errors.KMSInternalException,
+        match=r"^CreateKey: the answer is not JSON \(the service answered 200 OK: the call was"
+        r" done\)$",
+    ):
+        client_for(server.url, root_key).call("CreateKey", {})
+    assert len(server.requests) == 1
 
 
 def test_every_operation_through_the_client_as_the_socket_client_answers(
@@ -342,6 +376,20 @@ def test_aws_s_spellings_of_an_error_name_are_read(
         client_for(server.url, root_key).call("DescribeKey", {"KeyId": "x"})
 
 
+def test_an_error_message_s_control_characters_never_reach_the_terminal(
+    server: Endpointd, root_key: Credentials
+) -> None:
+    # A hostile endpoint's message, printed on stderr, could retitle or rewrite the terminal.
+    message = "\x1b]0;owned\x07\x1b[2Jgone\x9b1m\u202eevil\r\nenvfs: hint: run rm"
+    answer = json.dumps({"__type": "NotFoundException", "message": message}).encode()
+    server.canned.append((400, answer))
+    with pytest.raises(errors.NotFoundException) as err:
+        client_for(server.url, root_key).call("DescribeKey", {"KeyId": "x"})
+    assert err.value.message == (
+        "\\u001b]0;owned\\u0007\\u001b[2Jgone\\u009b1m\\u202eevil\\u000d\\u000aenvfs: hint: run rm"
+    )
+
+
 @pytest.mark.parametrize("body", [b"<html>bad gateway</html>", b'{"__type": "a b"}', b""])
 def test_an_answer_without_an_aws_error_is_an_internal_error(
     server: Endpointd, root_key: Credentials, body: bytes
@@ -467,6 +515,34 @@ def test_no_answer_in_time_is_a_timeout_repeated_only_where_harmless(
         assert len(accepted) == attempts
 
 
+def _timed_out(*args: object, **kwargs: object) -> None:
+    raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")  # the kernel's, not a bound's
+
+
+def test_the_system_s_tcp_timeout_without_a_bound_of_ours_is_a_clear_error(
+    root_key: Credentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With 0 (no bound) the kernel's ETIMEDOUT is still a TimeoutError; the message once
+    # formatted the absent bound and the CLI answered "internal error: TypeError".
+    with socket.socket() as listener:  # takes connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        unbounded = client_for(url, root_key, connect_timeout=None, read_timeout=None)
+        with monkeypatch.context() as patch:
+            patch.setattr(http.client.HTTPConnection, "getresponse", _timed_out)
+            with pytest.raises(
+                errors.DependencyTimeoutException,
+                match=r"did not answer before the system's TCP timeout \(the call may have",
+            ):
+                unbounded.call("ListKeys", {})
+    monkeypatch.setattr(socket, "create_connection", _timed_out)
+    with pytest.raises(
+        EndpointUnavailableException, match=r"no connection before the system's TCP timeout$"
+    ):
+        unbounded.call("ListKeys", {})
+
+
 # --- URLs ---------------------------------------------------------------------------------
 
 
@@ -546,6 +622,30 @@ def test_plain_http_goes_to_loopback_only_even_when_a_name_resolves_elsewhere(
             client.call("ListKeys", {})
 
 
+def test_plain_http_sends_nothing_to_a_listener_of_an_untrusted_uid(
+    server: Endpointd, root_key: Credentials
+) -> None:
+    # Any local user may take a free loopback port: it would read the plaintexts, and could
+    # replay the signed requests to the service (which never saw them) for 5 minutes.
+    client = client_for(server.url, root_key, trusted_server_uids=frozenset({4242}))
+    with pytest.raises(
+        EndpointUnavailableException,
+        match=rf"listening at '{server.url}' runs as uid {os.geteuid()}, which is not trusted",
+    ):
+        client.call("Encrypt", {"KeyId": "alias/x", "Plaintext": b"PLAINTEXT-MARK"})
+    assert server.requests == []
+    trusted = client_for(server.url, root_key, trusted_server_uids=frozenset({os.geteuid()}))
+    assert "Keys" in trusted.call("ListKeys", {})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_listener_s_uid_is_read_from_the_kernel_s_table(host: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
+    with listener, socket.create_connection((host, listener.getsockname()[1])) as conn:
+        assert loopback_server_uid(conn) == os.geteuid()
+
+
 # --- TLS ----------------------------------------------------------------------------------
 
 
@@ -564,6 +664,20 @@ def test_https_with_the_ca_bundle_works(
     state, cert_file = tls_server
     client = client_for(state.url, root_key, ca_bundle=str(cert_file))
     assert "Keys" in client.call("ListKeys", {})
+
+
+def test_https_never_writes_the_session_keys_to_sslkeylogfile(
+    tls_server: tuple[Endpointd, Path],
+    root_key: Credentials,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ssl.create_default_context honours it: what decrypts plaintexts and data keys, logged.
+    monkeypatch.setenv("SSLKEYLOGFILE", str(tmp_path / "keys.log"))
+    state, cert_file = tls_server
+    client = client_for(state.url, root_key, ca_bundle=str(cert_file))
+    assert "Keys" in client.call("ListKeys", {})
+    assert not (tmp_path / "keys.log").exists()
 
 
 def test_https_without_the_ca_is_a_certificate_error_and_not_retried(
@@ -635,3 +749,122 @@ def test_no_secret_in_errors_reprs_or_logs(
     for text in seen:
         assert secret not in text and secret[::-1] not in text
         assert "PLAINTEXT-MARK" not in text and "Signature=" not in text
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        Credentials("EKIAAAAAAAAAAAAAAAAA\r", "s" * 40),
+        Credentials("EKIAAAAAAAAAAAAAAAAA", "s" * 40, "TOKEN-MARK\r"),
+        Credentials("EKIA AAAAAAAAAAAAAAA", "s" * 40),
+    ],
+)
+def test_credentials_a_header_cannot_carry_are_refused_without_quoting_them(
+    server: Endpointd, credentials: Credentials
+) -> None:
+    # http.client's own refusal quotes the header: the signature, or the session token.
+    with pytest.raises(errors.InvalidRequestException, match=r"^the access key id or the") as err:
+        client_for(server.url, credentials).call("ListKeys", {})
+    assert "Signature=" not in str(err.value) and "TOKEN-MARK" not in str(err.value)
+    assert server.requests == []
+
+
+# --- a hostile server's answers -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def answering(*answers: bytes) -> Iterator[str]:
+    """A server on 127.0.0.1 that reads one request per connection and writes the next of
+    ``answers`` as is (status line, headers and body): the URL to call."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def serve() -> None:
+        for answer in answers:
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            with conn:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += conn.recv(65536)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def test_a_content_length_int_refuses_is_no_internal_error(root_key: Credentials) -> None:
+    # "²" is a digit to str.isdigit() and not to int(), nor are 5000 digits: both were an
+    # uncaught ValueError. The first is read to the end, the second is over the limit.
+    head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: "
+    with answering(head + b"\xb2\r\n\r\n{}", head + b"9" * 5000 + b"\r\n\r\n{}") as url:
+        client = client_for(url, root_key, max_attempts=1)
+        assert client.call("ListKeys", {}) == {}
+        with pytest.raises(
+            errors.KMSInternalException, match=r"announced an answer over the limit of 16777216"
+        ):
+            client.call("ListKeys", {})
+
+
+@contextlib.contextmanager
+def trickling(first: bytes, then: bytes, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """A server on 127.0.0.1 (over ``tls`` if given) that takes one connection, reads once,
+    sends ``first``, then a byte of ``then`` every 50 ms for at most 3 seconds (a test
+    without a bound fails, not hangs): the address to call."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def serve() -> None:
+        try:
+            conn = listener.accept()[0]
+            if tls is not None:
+                conn = tls.wrap_socket(conn, server_side=True)
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(first)
+            for byte in then[:60]:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_answer_sent_a_byte_at_a_time_is_bounded_by_the_read_timeout(
+    root_key: Credentials, tmp_path: Path, scheme: str
+) -> None:
+    # Each wait is short, so the socket's timeout alone never trips.
+    cert_file, key_file = make_certificate(tmp_path)
+    tls = None
+    if scheme == "https":
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert_file, key_file)
+    with trickling(b"HTTP/1.1 200 OK\r\n", b"X" * 100, tls) as address:
+        client = client_for(
+            f"{scheme}://{address}",
+            root_key,
+            read_timeout=0.5,
+            max_attempts=1,
+            ca_bundle=str(cert_file),
+        )
+        began = time.monotonic()
+        with pytest.raises(
+            errors.DependencyTimeoutException, match=r"did not answer within 0\.5 seconds"
+        ):
+            client.call("ListKeys", {})
+        assert time.monotonic() - began < 1.5

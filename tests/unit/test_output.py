@@ -350,3 +350,25 @@ def test_table_through_render_uses_the_title_and_width() -> None:
     assert rendered({"KeyId": "k"}, "table", width=80) == (
         "----------------\n|      Op      |\n+--------+-----+\n|  KeyId |  k  |\n+--------+-----+\n"
     )
+
+
+# --- strings that are not the user's own ---------------------------------------------------
+
+
+def test_control_and_format_characters_never_reach_the_terminal_raw() -> None:
+    # An HTTP endpoint's answer, or a description another user wrote: envfs's own. aws-cli
+    # prints them as they are (text and table) or C1 and format characters raw (JSON).
+    evil = "\x1b]0;owned\x07\x1b[2J\x9b1m\u202edesc\tX\x7f"
+    shown = "\\u001b]0;owned\\u0007\\u001b[2J\\u009b1m\\u202edesc\\u0009X\\u007f"
+    value = {"Description": evil, "K\x1bey": [evil]}
+    for output in ("json", "text", "table"):
+        out = rendered(value, output, width=200)
+        assert not any(char in out for char in "\x1b\x07\x9b\u202e\x7f"), output
+    in_json = shown.replace("\\u0009", "\\t")  # JSON's own escape
+    assert rendered(value, "json") == (
+        f'{{\n    "Description": "{in_json}",\n    "K\\u001bey": [\n'
+        f'        "{in_json}"\n    ]\n}}\n'
+    )
+    assert rendered(value, "text").startswith(f"{shown}\n")
+    assert shown in rendered(value, "table", width=200)
+    assert rendered(value, "text", query="Description") == f"{shown}\n"  # a query's result too
