@@ -130,6 +130,10 @@ class AwsKmsProvider:
             read_timeout=timeout,
             retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
             user_agent_extra="envfs",
+            # Not None: botocore would take HTTP(S)_PROXY from the daemon's environment and
+            # send the signed requests (and, to an http:// endpoint on loopback, the answers'
+            # plaintext data keys) through whatever proxy that names.
+            proxies={},
         )
         self._envfs_blobs = envfs_blobs
         self._clients: dict[int, Any] = {}

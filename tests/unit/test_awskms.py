@@ -446,3 +446,24 @@ def test_transient_failures_are_retried_a_bounded_number_of_times(tmp_path: Path
         with pytest.raises(KMSInternalException, match=r"^DescribeKey failed: ServiceUnavailable"):
             provider.describe_key(key, ALICE)
         assert seen[1] == 3  # three attempts in all, then the error
+
+
+def test_no_proxy_of_the_environment_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy named in the daemon's environment would see every signed request, and to an
+    http:// endpoint on loopback every answer's plaintext data key: none is used."""
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer) as proxy, lying_endpoint(answer) as seen:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy[0]}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        assert provider.describe_key(key, ALICE) == key
+        assert (proxy[1], seen[1]) == (0, 1)
