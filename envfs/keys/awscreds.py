@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import stat
 import tomllib
 from dataclasses import dataclass
@@ -235,6 +236,27 @@ def _entry(path: Path, index: int, entry: Any) -> CredentialSource:
     if "role_session_name" in entry and role_arn is None:
         raise _error(path, f"{shown}.role_session_name", "applies only with role_arn")
     return CredentialSource(index, principal, profile, role_arn, session)
+
+
+def read_ca_bundle(path: Path | str, *, outside: Path | None = None) -> bytes:
+    """The CA certificates (PEM) of an endpoint, read once from ``path`` under the same trust
+    rules as the mapping (root's or yours, writable by no one else, not under ``outside``):
+    whoever could change them could stand in for the endpoint and read every data key.
+
+    Raises:
+        ConfigError: not an absolute path, not trusted, in the backing folder, or without a
+            PEM certificate.
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        raise ConfigError(f"CA bundle {str(path)!r}: expected an absolute path")
+    _refuse_under(path, outside)
+    pem = check_trusted(path, secret=False)
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError, ValueError):
+        raise ConfigError(f"{path}: not a bundle of PEM certificates") from None
+    return pem
 
 
 def _refuse_under(path: Path | None, folder: Path | None) -> None:

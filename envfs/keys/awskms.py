@@ -22,10 +22,10 @@ response bodies at DEBUG, so its loggers are held at WARNING whatever the daemon
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import botocore
@@ -97,7 +97,10 @@ class AwsKmsProvider:
         mapping: who acts as which AWS identity.
         endpoint_url: None for AWS's own endpoint of the region; else an endpoint speaking
             the same API (another envfs key service over HTTPS; moto in the tests).
-        ca_bundle: the CA certificates to trust for the endpoint (default: the system's).
+        ca_bundle: the CA certificates (PEM) to trust for the endpoint (default: the
+            system's), as read once (:func:`~envfs.keys.awscreds.read_ca_bundle`): botocore
+            reads a CA file at each new connection, so it is given a private copy that no
+            one can replace.
         timeout: seconds an attempt may wait for an answer (connecting: at most 3 s).
         max_attempts: attempts per call, the first included (botocore's standard retries).
         envfs_blobs: the endpoint is an envfs key service, whose ciphertext blobs are
@@ -112,7 +115,7 @@ class AwsKmsProvider:
         mapping: CredentialMapping,
         *,
         endpoint_url: str | None = None,
-        ca_bundle: Path | None = None,
+        ca_bundle: bytes | None = None,
         timeout: float = 10.0,
         max_attempts: int = 3,
         envfs_blobs: bool = False,
@@ -124,7 +127,15 @@ class AwsKmsProvider:
         self._region = region
         self.mapping = mapping
         self.endpoint_url = endpoint_url
-        self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
+        self._ca_fd: int | None = None
+        self._closed = False
+        self._verify: str | bool = True
+        if ca_bundle is not None:
+            self._ca_fd = os.memfd_create("envfs-ca-bundle")
+            written = 0
+            while written < len(ca_bundle):
+                written += os.write(self._ca_fd, ca_bundle[written:])
+            self._verify = f"/proc/self/fd/{self._ca_fd}"
         self._config = botocore.config.Config(
             connect_timeout=min(3.0, timeout),
             read_timeout=timeout,
@@ -270,6 +281,8 @@ class AwsKmsProvider:
         with self._lock:
             client = self._clients.get(entry.index)
             if client is None:
+                if self._closed:  # the CA copy's descriptor number may be another file's now
+                    raise KMSUnavailableException(f"the connection to {self.where()} is closed")
                 try:
                     credentials = self._credentials(entry)
                 except ConfigError as exc:  # the files changed since the mount started
@@ -327,9 +340,13 @@ class AwsKmsProvider:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
+            if self._ca_fd is not None:
+                os.close(self._ca_fd)
+                self._ca_fd = None
 
 
 def _clean_session() -> Any:

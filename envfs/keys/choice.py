@@ -157,13 +157,14 @@ def connect(
     due rotations and deletions first if ``due_tasks``. A daemon: a client whose calls may
     take ``timeout`` seconds (None: the client's default); nothing is sent until the first
     call. An AWS KMS API: ``credentials`` (required) maps users to AWS identities,
-    ``ca_bundle`` the CA certificates to trust, ``envfs_blobs`` says the endpoint is an
+    ``ca_bundle`` the CA certificates to trust (read once, trusted as the mapping is),
+    ``envfs_blobs`` says the endpoint is an
     envfs key service (its blobs are readable), and the mapping's files may not be under
     ``backing`` (the volume's backing folder); nothing is sent until the first call.
 
     Raises:
         UsageError: an AWS KMS API without a credential mapping.
-        ConfigError: the credential mapping is not usable.
+        ConfigError: the credential mapping or the CA bundle is not usable.
     """
     if choice.aws:
         return _aws(choice, region, credentials, ca_bundle, timeout, envfs_blobs, backing)
@@ -182,7 +183,7 @@ def _aws(
     backing: Path | None,
 ) -> KeyServiceConnection:
     from envfs.identity import Caller
-    from envfs.keys.awscreds import load_mapping
+    from envfs.keys.awscreds import load_mapping, read_ca_bundle
     from envfs.keys.awskms import AwsKmsProvider
 
     if credentials is None:
@@ -190,11 +191,12 @@ def _aws(
             f"key service {str(choice)!r} needs a credential mapping: --kms-credentials FILE,"
             " or credentials = in the volume configuration's [kms] table"
         )
+    mapping = load_mapping(credentials, outside=backing)
     provider = AwsKmsProvider(
         region,
-        load_mapping(credentials, outside=backing),
+        mapping,
         endpoint_url=choice.endpoint,
-        ca_bundle=ca_bundle,
+        ca_bundle=None if ca_bundle is None else read_ca_bundle(ca_bundle, outside=backing),
         timeout=10.0 if timeout is None else timeout,
         envfs_blobs=envfs_blobs,
     )

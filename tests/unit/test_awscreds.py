@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -303,3 +304,44 @@ def refusal_outside(path: Path, outside: Path) -> str:
     with pytest.raises(ConfigError) as info:
         load_mapping(path, outside=outside)
     return info.value.message.replace(str(path.parent), "DIR")
+
+
+def test_the_ca_bundle_is_trusted_as_the_mapping_is(folder: Path, tmp_path: Path) -> None:
+    """Whoever could change the CA bundle could stand in for the endpoint and read every
+    data key it hands out: it is checked as the mapping is, and read once."""
+    from envfs.keys.choice import connect
+    from tests.tlscert import make_certificate
+
+    mapping = mapping_file(folder, OK)
+    cert, _key = make_certificate(folder)
+    cert.chmod(0o644)
+    choice = KeyServiceChoice.parse("https://127.0.0.1:1")
+
+    def opened(ca_bundle: Path, backing: Path | None = None) -> None:
+        def no_store() -> Any:
+            raise AssertionError("no store for an AWS KMS API")
+
+        with connect(
+            choice, "eu-west-1", open_store=no_store, credentials=mapping,
+            ca_bundle=ca_bundle, backing=backing,
+        ):  # fmt: skip
+            pass
+
+    opened(cert)
+    cert.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"tls.crt: not trusted: it must belong to root"):
+        opened(cert)
+    cert.chmod(0o644)
+    backing = folder / "backing"
+    backing.mkdir(mode=0o755)
+    (backing / "ca.pem").write_bytes(cert.read_bytes())
+    with pytest.raises(ConfigError, match=r"ca.pem: not trusted: it is in the volume's backing"):
+        opened(backing / "ca.pem", backing=backing)
+    (folder / "ca.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"ca.pem: not a bundle of PEM certificates$"):
+        opened(folder / "ca.pem")
+    (folder / "link.pem").symlink_to(cert)
+    with pytest.raises(ConfigError, match=r"link.pem: cannot read: "):
+        opened(folder / "link.pem")
+    with pytest.raises(ConfigError, match=r"^CA bundle 'ca.pem': expected an absolute path$"):
+        opened(Path("ca.pem"))

@@ -371,10 +371,14 @@ def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path)
 
 
 @contextlib.contextmanager
-def lying_endpoint(answer: dict[str, object], failures: int = 0) -> Iterator[list[int]]:
-    """An HTTP endpoint on loopback that answers its first ``failures`` calls with HTTP 503,
-    then every call with ``answer``; yields [port, calls so far]."""
+def lying_endpoint(
+    answer: dict[str, object], failures: int = 0, tls: tuple[Path, Path] | None = None
+) -> Iterator[list[int]]:
+    """An HTTP endpoint on loopback (HTTPS with the certificate and key ``tls``) that
+    answers its first ``failures`` calls with HTTP 503, then every call with ``answer``;
+    yields [port, calls so far]."""
     import http.server
+    import ssl
 
     seen = [0, 0]
 
@@ -394,6 +398,10 @@ def lying_endpoint(answer: dict[str, object], failures: int = 0) -> Iterator[lis
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     seen[0] = server.server_address[1]
@@ -467,3 +475,32 @@ def test_no_proxy_of_the_environment_is_used(
         provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
         assert provider.describe_key(key, ALICE) == key
         assert (proxy[1], seen[1]) == (0, 1)
+
+
+def test_the_ca_bundle_is_read_once(tmp_path: Path) -> None:
+    """The CA bundle is used as it was when checked: botocore, given its path, would read it
+    again for each new connection, whatever has been put there since."""
+    from envfs.keys.choice import KeyServiceChoice, connect
+    from tests.tlscert import make_certificate
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = write_mapping(tmp_path, creds, ALICE_ONLY)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "forged").mkdir()
+    real, forged = make_certificate(tmp_path / "real"), make_certificate(tmp_path / "forged")
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(real[0].read_bytes())
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer, tls=forged) as seen:
+        choice = KeyServiceChoice.parse(f"https://127.0.0.1:{seen[0]}")
+        with connect(
+            choice, REGION, open_store=lambda: None,  # type: ignore[arg-type,return-value]
+            credentials=mapping, ca_bundle=bundle, timeout=2,
+        ) as kms:  # fmt: skip
+            bundle.write_bytes(forged[0].read_bytes())  # after the check, before any call
+            with pytest.raises(KMSUnavailableException, match=r"CERTIFICATE_VERIFY_FAILED"):
+                kms.provider.describe_key(key, ALICE)
+            assert seen[1] == 0
