@@ -9,6 +9,7 @@ whoever can write the backing store could edit to borrow someone else's identity
     shared_credentials_file = "/etc/envfs/aws/credentials"  # AWS's INI format, profiles
     shared_config_file = "/etc/envfs/aws/config"            # optional, AWS's config format
     sts_endpoint_url = "https://sts.eu-west-1.amazonaws.com"  # optional: for role_arn
+                                                  # (http:// only on loopback)
 
     [[map]]
     principal = "user:alice"         # user:NAME, uid:N, group:NAME or gid:N
@@ -46,6 +47,7 @@ from typing import Any
 
 from envfs.errors import ConfigError
 from envfs.identity import Caller
+from envfs.keys.choice import endpoint_url
 
 MAX_ENTRIES = 256  # so the clients made for them are bounded too
 _TOP_KEYS = ("shared_credentials_file", "shared_config_file", "sts_endpoint_url", "map")
@@ -176,6 +178,11 @@ def load_mapping(path: Path | str, *, outside: Path | None = None) -> Credential
     sts = data.get("sts_endpoint_url")
     if sts is not None and (not isinstance(sts, str) or not re.fullmatch(r"https?://\S+", sts)):
         raise _error(path, "sts_endpoint_url", f"expected an http(s) URL, got {_describe(sts)}")
+    if sts is not None:
+        try:  # STS answers carry credentials: https, or http only on loopback
+            sts = endpoint_url(sts)
+        except ValueError as exc:
+            raise _error(path, "sts_endpoint_url", str(exc)) from None
     entries = data.get("map", [])
     if not isinstance(entries, list) or not entries:
         raise _error(path, "map", "expected one or more [[map]] tables")

@@ -56,7 +56,7 @@ class KeyServiceChoice:
         if text == AWS:
             return cls(aws=True)
         if text.startswith(("https://", "http://")):
-            return cls(aws=True, endpoint=_endpoint(text))
+            return cls(aws=True, endpoint=endpoint_url(text))
         path = text[len(UNIX_PREFIX) :] if text.startswith(UNIX_PREFIX) else ""
         if not os.path.isabs(path) or path == "/":
             raise ValueError(
@@ -80,7 +80,12 @@ class KeyServiceChoice:
         return EMBEDDED if self.socket is None else f"{UNIX_PREFIX}{self.socket}"
 
 
-def _endpoint(text: str) -> str:
+def endpoint_url(text: str) -> str:
+    """``text``, an ``https://HOST[:PORT]`` or ``http://LOOPBACK[:PORT]`` URL, normalized.
+
+    Raises:
+        ValueError: anything else (plain http elsewhere: the answers carry secrets).
+    """
     try:
         url = urllib.parse.urlsplit(text)
         port = url.port
@@ -97,7 +102,7 @@ def _endpoint(text: str) -> str:
         raise ValueError(f"{text!r}: expected https://HOST[:PORT], without user, query or path")
     if url.scheme == "http" and not _loopback(url.hostname):
         raise ValueError(
-            f"{text!r}: plain http only on loopback (the answers carry plaintext data keys);"
+            f"{text!r}: plain http only on loopback (the answers carry data keys or credentials);"
             " use https://"
         )
     host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname

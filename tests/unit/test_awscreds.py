@@ -140,6 +140,20 @@ REFUSALS = [
         "DIR/users.toml: key 'sts_endpoint_url': expected an http(s) URL, got 'ftp://x'",
         id="sts-url",
     ),
+    pytest.param(
+        'sts_endpoint_url = "http://sts.example.org"\n[[map]]\nprincipal = "user:alice"\n'
+        'profile = "alice"\n',
+        "DIR/users.toml: key 'sts_endpoint_url': 'http://sts.example.org': plain http only on"
+        " loopback (the answers carry data keys or credentials); use https://",
+        id="sts-plain-http",
+    ),
+    pytest.param(
+        'sts_endpoint_url = "https://sts.example.org/x?y"\n[[map]]\nprincipal = "user:a"\n'
+        'profile = "alice"\n',
+        "DIR/users.toml: key 'sts_endpoint_url': 'https://sts.example.org/x?y': expected"
+        " https://HOST[:PORT], without user, query or path",
+        id="sts-path",
+    ),
     pytest.param("[[map]\n", None, id="not-toml"),
 ]
 
