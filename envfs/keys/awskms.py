@@ -34,6 +34,7 @@ import botocore.credentials
 import botocore.exceptions
 import botocore.session
 
+from envfs.arn import parse_arn
 from envfs.errors import (
     AccessDeniedException,
     ConfigError,
@@ -189,6 +190,12 @@ class AwsKmsProvider:
         if not (isinstance(wrapped, bytes) and wrapped and isinstance(arn, str) and arn):
             raise KMSInternalException(
                 "the key service answered GenerateDataKey without a blob or key ARN"
+            )
+        if _is_key_arn(key_id) and arn != key_id:
+            # The new file's header would name that key, which the volume does not accept:
+            # data written to it could never be read back.
+            raise IncorrectKeyException(
+                f"the key service generated the data key under {arn!r}, not {key_id!r}"
             )
         return DataKey(plaintext, wrapped, arn)
 
@@ -376,6 +383,14 @@ def _from_client_error(
     if kind is None:
         return KMSInternalException(f"{operation} failed: {code or 'unknown error'}: {message}")
     return kind(message)
+
+
+def _is_key_arn(key_id: str) -> bool:
+    """Whether ``key_id`` names one key by its ARN (not an alias, not a bare id)."""
+    try:
+        return parse_arn(key_id).resource.startswith("key/")
+    except KMSError:
+        return False
 
 
 def _short(exc: Exception) -> str:

@@ -504,3 +504,25 @@ def test_the_ca_bundle_is_read_once(tmp_path: Path) -> None:
             with pytest.raises(KMSUnavailableException, match=r"CERTIFICATE_VERIFY_FAILED"):
                 kms.provider.describe_key(key, ALICE)
             assert seen[1] == 0
+
+
+def test_a_data_key_generated_under_another_key_is_refused(tmp_path: Path) -> None:
+    """A new file's header names the key GenerateDataKey answers with: under any other key
+    than the one asked for (the volume's), the file could never be read back."""
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    other = key[:-1] + "c"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    answer = {"Plaintext": base64.b64encode(bytes(32)).decode(), "KeyId": other,
+              "CiphertextBlob": base64.b64encode(b"x").decode()}  # fmt: skip
+    with no_home_aws(tmp_path), lying_endpoint(answer) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        with pytest.raises(
+            IncorrectKeyException,
+            match=rf"^the key service generated the data key under '{other}', not '{key}'$",
+        ):
+            provider.generate_data_key(key, CONTEXT, ALICE, "n")
+        alias = "arn:aws:kms:eu-west-1:111122223333:alias/team"  # init: the key it names
+        assert provider.generate_data_key(alias, CONTEXT, ALICE, "n").key_arn == other
