@@ -123,7 +123,9 @@ class AwsKmsProvider:
         max_backoff: float = 5.0,
     ) -> None:
         for name in _QUIET_LOGGERS:
-            if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
+            # Its own level, not the effective one: the root's may be lowered afterwards
+            # (logging configured after the provider is made).
+            if logging.getLogger(name).level < logging.WARNING:
                 logging.getLogger(name).setLevel(logging.WARNING)
         self._region = region
         self.mapping = mapping

@@ -526,3 +526,21 @@ def test_a_data_key_generated_under_another_key_is_refused(tmp_path: Path) -> No
             provider.generate_data_key(key, CONTEXT, ALICE, "n")
         alias = "arn:aws:kms:eu-west-1:111122223333:alias/team"  # init: the key it names
         assert provider.generate_data_key(alias, CONTEXT, ALICE, "n").key_arn == other
+
+
+def test_botocore_stays_quiet_when_debug_logging_starts_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore's bodies (plaintext data keys) stay out of the log also when the daemon's
+    log level is lowered to DEBUG after the provider was made."""
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    for name in ("botocore", "urllib3"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as a fresh daemon has them
+    caplog.set_level(logging.WARNING)
+    AwsKmsProvider(REGION, mapping, endpoint_url="http://127.0.0.1:1").close()
+    caplog.set_level(logging.DEBUG)  # ENVFS_DEBUG=1, configured afterwards
+    for name in ("botocore.endpoint", "botocore.parsers", "urllib3.connectionpool"):
+        assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
