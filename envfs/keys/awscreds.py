@@ -27,9 +27,10 @@ caller's. No entry matches everyone: a ``*`` would let every local account, daem
 included, act as one AWS identity, which is what the mapping exists to prevent. A caller
 with no entry gets AccessDeniedException (EACCES).
 
-Trust: the mapping file, the files it names and their folders must belong to root or to the
-user running envfs and be writable by nobody else; the credentials file must not be readable
-by others. Only static keys of the named profile are read (no environment variables, no
+Trust: the mapping file, the files it names and the folders on their way (also those
+holding a symlink on the way) must belong to root or to the user running envfs and be
+writable by nobody else, as must the symlinks followed; the credentials file must not be
+readable by others. Only static keys of the named profile are read (no environment variables, no
 instance metadata, no ``credential_process``, no SSO): the daemon runs as root and must not
 pick up an identity from wherever it was started.
 """
@@ -287,9 +288,8 @@ def check_trusted(path: Path, *, secret: bool) -> bytes:
     Raises:
         ConfigError: otherwise (the message says which and why).
     """
+    real_parent = _trusted_folder(path)
     me = os.geteuid()
-    real_parent = Path(os.path.realpath(path.parent))
-    _check_folders(path, real_parent, me)
     try:
         fd = os.open(
             real_parent / path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -322,26 +322,66 @@ def check_trusted(path: Path, *, secret: bool) -> bytes:
         os.close(fd)
 
 
-def _check_folders(path: Path, real_parent: Path, me: int) -> None:
-    """Refuse ``path`` unless every folder above it (symlinks resolved) belongs to root or
-    ``me`` and is writable by no one else, or is sticky (as ``/tmp``: others may add
-    entries but not move ours): anyone who could rename a folder on the way could put a
-    mapping of their own in its place."""
-    folder = real_parent
-    while True:
+def _trusted_folder(path: Path) -> Path:
+    """The folder of ``path``, resolved as the kernel resolves it, refusing unless every
+    folder passed through belongs to root or to the user running envfs and is writable by
+    no one else, or is sticky (as ``/tmp``: others may add entries but not move ours), and
+    every symlink followed belongs to root or that user: anyone who could rename a folder on
+    the way, or change a symlink, could put a mapping of their own in its place (a folder
+    holding a symlink counts as on the way, though the symlink leads elsewhere).
+
+    Raises:
+        ConfigError: otherwise.
+    """
+    me = os.geteuid()
+    here = Path("/")
+    _check_folder(path, here, me)
+    todo = list(path.parent.parts[1:])
+    links = 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":  # ``here`` has no symlink in it: its parent is the lexical one
+            here = here.parent
+            continue
+        step = here / part
         try:
-            st = os.stat(folder)
+            st = os.lstat(step)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
-        if st.st_uid not in (0, me) or writable_by_others:
-            raise ConfigError(
-                f"{path}: not trusted: the folder {str(folder)!r} on its way must belong to"
-                " root (or you) and be writable by no one else"
-            )
-        if folder.parent == folder:
-            return
-        folder = folder.parent
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if st.st_uid not in (0, me) or links > 40:
+                raise ConfigError(
+                    f"{path}: not trusted: the symlink {str(step)!r} on its way must belong"
+                    " to root (or you)"
+                )
+            target = Path(os.readlink(step))
+            if target.is_absolute():
+                here = Path("/")
+                todo[:0] = target.parts[1:]
+            else:
+                todo[:0] = target.parts
+            continue
+        _check_folder(path, step, me)
+        here = step
+    return here
+
+
+def _check_folder(path: Path, folder: Path, me: int) -> None:
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path}: cannot read: {str(folder)!r} is not a folder")
+    if st.st_uid not in (0, me) or writable_by_others:
+        raise ConfigError(
+            f"{path}: not trusted: the folder {str(folder)!r} on its way must belong to"
+            " root (or you) and be writable by no one else"
+        )
 
 
 def _read_ini(path: Path, *, secret: bool) -> dict[str, dict[str, str]]:

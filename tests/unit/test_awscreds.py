@@ -237,6 +237,32 @@ def test_a_mapping_reached_through_a_symlinked_folder_is_checked_where_it_is(
         load_mapping(link / path.name)
 
 
+def test_a_symlink_on_the_way_is_trusted_only_where_no_one_else_may_change_it(
+    folder: Path, tmp_path: Path
+) -> None:
+    """A symlink on the way decides where the mapping is read from: whoever may change it
+    (it is in a folder they may write, or it is theirs in a sticky folder) could point it at
+    another folder holding a mapping of their choosing."""
+    path = mapping_file(folder, OK)
+    open_folder = tmp_path / "open"
+    open_folder.mkdir()
+    (open_folder / "via").symlink_to(folder)
+    load_mapping(open_folder / "via" / path.name)
+    open_folder.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"the folder '.*/open' on its way must belong"):
+        load_mapping(open_folder / "via" / path.name)
+    open_folder.chmod(0o1777)  # sticky: the link may not be changed by others...
+    load_mapping(open_folder / "via" / path.name)
+    if os.geteuid() == 0:  # ...unless it is theirs
+        os.lchown(open_folder / "via", 4321, 4321)
+        with pytest.raises(ConfigError, match=r"the symlink '.*/open/via' on its way must"):
+            load_mapping(open_folder / "via" / path.name)
+        os.lchown(open_folder / "via", 0, 0)
+    open_folder.chmod(0o755)
+    (tmp_path / "up").symlink_to("open/../open/via/..")  # relative, through ".."
+    assert load_mapping(tmp_path / "up" / "etc" / path.name).entries
+
+
 def test_a_symlinked_mapping_is_refused(folder: Path) -> None:
     real = mapping_file(folder, OK)
     link = folder / "link.toml"
