@@ -37,18 +37,19 @@ pick up an identity from wherever it was started.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
 import stat
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from envfs.errors import ConfigError
 from envfs.identity import Caller
-from envfs.keys.choice import endpoint_url
 
 MAX_ENTRIES = 256  # so the clients made for them are bounded too
 _TOP_KEYS = ("shared_credentials_file", "shared_config_file", "sts_endpoint_url", "map")
@@ -201,6 +202,44 @@ def load_mapping(path: Path | str, *, outside: Path | None = None) -> Credential
     for entry in parsed:  # every profile is there now, not first at someone's open
         mapping.static_keys(entry)
     return mapping
+
+
+def endpoint_url(text: str) -> str:
+    """``text``, an ``https://HOST[:PORT]`` or ``http://LOOPBACK[:PORT]`` URL, normalized.
+
+    Raises:
+        ValueError: anything else (plain http elsewhere: the answers carry secrets).
+    """
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid URL") from None
+    if (
+        not url.hostname
+        or url.username
+        or url.password
+        or url.query
+        or url.fragment
+        or url.path not in ("", "/")
+    ):
+        raise ValueError(f"{text!r}: expected https://HOST[:PORT], without user, query or path")
+    if url.scheme == "http" and not _loopback(url.hostname):
+        raise ValueError(
+            f"{text!r}: plain http only on loopback (the answers carry data keys or credentials);"
+            " use https://"
+        )
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    return f"{url.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _entry(path: Path, index: int, entry: Any) -> CredentialSource:

@@ -13,15 +13,14 @@ the file side, and calls as the current user for the command line.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from envfs.errors import UsageError
+from envfs.keys.awscreds import endpoint_url
 from envfs.keys.provider import KeyProvider
 
 if TYPE_CHECKING:
@@ -78,44 +77,6 @@ class KeyServiceChoice:
         if self.aws:
             return self.endpoint or AWS
         return EMBEDDED if self.socket is None else f"{UNIX_PREFIX}{self.socket}"
-
-
-def endpoint_url(text: str) -> str:
-    """``text``, an ``https://HOST[:PORT]`` or ``http://LOOPBACK[:PORT]`` URL, normalized.
-
-    Raises:
-        ValueError: anything else (plain http elsewhere: the answers carry secrets).
-    """
-    try:
-        url = urllib.parse.urlsplit(text)
-        port = url.port
-    except ValueError:
-        raise ValueError(f"{text!r} is not a valid URL") from None
-    if (
-        not url.hostname
-        or url.username
-        or url.password
-        or url.query
-        or url.fragment
-        or url.path not in ("", "/")
-    ):
-        raise ValueError(f"{text!r}: expected https://HOST[:PORT], without user, query or path")
-    if url.scheme == "http" and not _loopback(url.hostname):
-        raise ValueError(
-            f"{text!r}: plain http only on loopback (the answers carry data keys or credentials);"
-            " use https://"
-        )
-    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
-    return f"{url.scheme}://{host}" + (f":{port}" if port is not None else "")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class KeyServiceConnection:
