@@ -30,6 +30,7 @@ from typing import Any
 
 import botocore
 import botocore.config
+import botocore.configprovider
 import botocore.credentials
 import botocore.exceptions
 import botocore.session
@@ -360,8 +361,28 @@ class AwsKmsProvider:
 
 def _clean_session() -> Any:
     """A botocore session that reads nothing of the environment it runs in: no config or
-    credentials file of whoever started the daemon, no endpoint override."""
+    credentials file of whoever started the daemon, no endpoint override, no ``AWS_*``
+    variable (``AWS_USE_FIPS_ENDPOINT`` and ``AWS_USE_DUALSTACK_ENDPOINT`` would change
+    the endpoint, ``AWS_DEFAULTS_MODE=auto`` asks instance metadata, ``AWS_DATA_PATH``
+    names where the API's models, endpoint rules included, are read from)."""
     session = botocore.session.Session()
+    chains = botocore.configprovider.ConfigChainFactory(session=session, environ={})
+    store = session.get_component("config_store")
+    for name, (
+        in_file,
+        _variable,
+        default,
+        convert,
+    ) in botocore.configprovider.BOTOCORE_DEFAUT_SESSION_VARIABLES.items():
+        store.set_config_provider(
+            name,
+            chains.create_config_chain(
+                instance_name=name,
+                config_property_names=in_file,
+                default=default,
+                conversion_func=convert,
+            ),
+        )
     session.set_config_variable("config_file", "/dev/null")
     session.set_config_variable("credentials_file", "/dev/null")
     session.set_config_variable("profile", None)  # not AWS_PROFILE's

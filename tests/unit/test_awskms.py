@@ -544,3 +544,32 @@ def test_botocore_stays_quiet_when_debug_logging_starts_later(
     caplog.set_level(logging.DEBUG)  # ENVFS_DEBUG=1, configured afterwards
     for name in ("botocore.endpoint", "botocore.parsers", "urllib3.connectionpool"):
         assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+
+
+def test_no_aws_variable_of_the_environment_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's environment does not choose the endpoint (FIPS, dual-stack), the
+    defaults mode ("auto" asks instance metadata) or where the API's models are read."""
+    from envfs.keys.awskms import _clean_session
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    with no_home_aws(tmp_path):
+        for name, value in (
+            ("AWS_USE_FIPS_ENDPOINT", "true"),
+            ("AWS_USE_DUALSTACK_ENDPOINT", "true"),
+            ("AWS_DEFAULTS_MODE", "auto"),
+            ("AWS_DATA_PATH", str(tmp_path)),
+            ("AWS_CA_BUNDLE", str(tmp_path / "nothing.pem")),
+        ):
+            monkeypatch.setenv(name, value)
+        provider = AwsKmsProvider(REGION, mapping)
+        client = provider._client(mapping.entries[0])
+        assert client.meta.endpoint_url == f"https://kms.{REGION}.amazonaws.com"
+        session = _clean_session()
+        for name in ("defaults_mode", "data_path", "ca_bundle", "use_fips_endpoint"):
+            assert session.get_config_variable(name) in ("legacy", None), name
+        provider.close()
