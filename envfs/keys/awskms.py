@@ -211,8 +211,10 @@ class AwsKmsProvider:
             caller,
         )
         plaintext = out.get("Plaintext")
-        if not isinstance(plaintext, bytes):
-            raise KMSInternalException("the key service answered Decrypt without a plaintext")
+        if not (isinstance(plaintext, bytes) and len(plaintext) == 32):
+            # Every blob this provider unwraps holds a 256-bit data key; anything else would
+            # be used as one (an empty key derives file keys anyone can compute).
+            raise KMSInternalException("the key service answered Decrypt without a 256-bit key")
         if key_id.startswith("arn:") and out.get("KeyId") != key_id:
             # AWS refuses this itself (KeyId is required to match); an endpoint that does
             # not is not trusted with it.

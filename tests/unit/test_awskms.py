@@ -573,3 +573,20 @@ def test_no_aws_variable_of_the_environment_is_used(
         for name in ("defaults_mode", "data_path", "ca_bundle", "use_fips_endpoint"):
             assert session.get_config_variable(name) in ("legacy", None), name
         provider.close()
+
+
+def test_a_decrypted_data_key_must_be_256_bits(tmp_path: Path) -> None:
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    answer = {"KeyId": key}
+    with no_home_aws(tmp_path), lying_endpoint(answer) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        for size in (0, 16, 33):
+            answer["Plaintext"] = base64.b64encode(bytes(size)).decode()  # read per answer
+            with pytest.raises(KMSInternalException, match=r"^the key service answered Decrypt"):
+                provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
+        answer["Plaintext"] = base64.b64encode(bytes(32)).decode()
+        assert provider.decrypt(b"blob", key, CONTEXT, ALICE, "n") == bytes(32)
