@@ -504,6 +504,13 @@ def test_the_ca_bundle_is_read_once(tmp_path: Path) -> None:
             with pytest.raises(KMSUnavailableException, match=r"CERTIFICATE_VERIFY_FAILED"):
                 kms.provider.describe_key(key, ALICE)
             assert seen[1] == 0
+        with connect(
+            choice, REGION, open_store=lambda: None,  # type: ignore[arg-type,return-value]
+            credentials=mapping, ca_bundle=bundle, timeout=2,
+        ) as kms:  # fmt: skip
+            bundle.write_bytes(real[0].read_bytes())
+            assert kms.provider.describe_key(key, ALICE) == key  # the copy as it was read
+            assert seen[1] == 1
 
 
 def test_a_data_key_generated_under_another_key_is_refused(tmp_path: Path) -> None:
