@@ -198,7 +198,7 @@ class AwsKmsProvider:
             # The new file's header would name that key, which the volume does not accept:
             # data written to it could never be read back.
             raise IncorrectKeyException(
-                f"the key service generated the data key under {arn!r}, not {key_id!r}"
+                f"the key service generated the data key under {_one_line(arn)!r}, not {key_id!r}"
             )
         return DataKey(plaintext, wrapped, arn)
 
@@ -219,7 +219,8 @@ class AwsKmsProvider:
             # AWS refuses this itself (KeyId is required to match); an endpoint that does
             # not is not trusted with it.
             raise IncorrectKeyException(
-                f"the key service decrypted under {out.get('KeyId')!r}, not {key_id!r}"
+                f"the key service decrypted under {_one_line(str(out.get('KeyId')), 300)!r},"
+                f" not {key_id!r}"
             )
         return plaintext
 
@@ -402,6 +403,9 @@ def _from_client_error(
     if message.lstrip().startswith("<"):  # an XML error body (an IAM refusal, from moto)
         found = re.search(r"<Message>([^<]{1,500})</Message>", message)
         message = found.group(1) if found else f"HTTP status {status}"
+    # The endpoint's own text, for the log: one line, bounded (no forged lines, no flood).
+    message = _one_line(message)
+    code = _one_line(code, 100)
     if code in _REFUSED or (code not in KMSError.registry and status in (401, 403)):
         return AccessDeniedException(f"{operation} refused for {entry.describe()}: {message}")
     kind = KMSError.registry.get(code)
@@ -419,4 +423,10 @@ def _is_key_arn(key_id: str) -> bool:
 
 
 def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return _one_line(str(exc)) if str(exc) else type(exc).__name__
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` up to its first line break (any of Unicode's), at most ``limit`` characters."""
+    lines = text.splitlines()
+    return lines[0][:limit] if lines else ""

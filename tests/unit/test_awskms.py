@@ -372,11 +372,14 @@ def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path)
 
 @contextlib.contextmanager
 def lying_endpoint(
-    answer: dict[str, object], failures: int = 0, tls: tuple[Path, Path] | None = None
+    answer: dict[str, object],
+    failures: int = 0,
+    tls: tuple[Path, Path] | None = None,
+    status: int = 200,
 ) -> Iterator[list[int]]:
     """An HTTP endpoint on loopback (HTTPS with the certificate and key ``tls``) that
-    answers its first ``failures`` calls with HTTP 503, then every call with ``answer``;
-    yields [port, calls so far]."""
+    answers its first ``failures`` calls with HTTP 503, then every call with ``answer``
+    (and HTTP ``status``); yields [port, calls so far]."""
     import http.server
     import ssl
 
@@ -388,7 +391,7 @@ def lying_endpoint(
             seen[1] += 1
             failing = seen[1] <= failures
             body = json.dumps({"__type": "ServiceUnavailable"} if failing else answer).encode()
-            self.send_response(503 if failing else 200)
+            self.send_response(503 if failing else status)
             self.send_header("Content-Type", "application/x-amz-json-1.1")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -597,3 +600,25 @@ def test_a_decrypted_data_key_must_be_256_bits(tmp_path: Path) -> None:
                 provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
         answer["Plaintext"] = base64.b64encode(bytes(32)).decode()
         assert provider.decrypt(b"blob", key, CONTEXT, ALICE, "n") == bytes(32)
+
+
+def test_an_endpoints_error_message_reaches_the_log_as_one_short_line(tmp_path: Path) -> None:
+    """An error's message is the endpoint's text: kept to one line and 300 characters, so
+    that it cannot forge log lines or flood the log."""
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    text = "no\nINFO envfs.files.keyaccess: volume authenticated\r" + "x" * 5000
+    answer = {"__type": "AccessDeniedException", "message": text}
+    with no_home_aws(tmp_path), lying_endpoint(answer, status=400) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        with pytest.raises(AccessDeniedException) as refused:
+            provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
+        answer["__type"] = "NotFoundException"
+        with pytest.raises(NotFoundException) as missing:
+            provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
+    for exc in (refused.value, missing.value):
+        assert "\n" not in exc.message and "\r" not in exc.message, exc.message[:100]
+        assert len(exc.message) < 400
