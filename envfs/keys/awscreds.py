@@ -322,7 +322,7 @@ def _refuse_under(path: Path | None, folder: Path | None) -> None:
 def check_trusted(path: Path, *, secret: bool) -> bytes:
     """Read ``path`` if it and its folder are trusted: owned by root or by the user running
     envfs, writable by no one else, a regular file reached without a symlink; a ``secret``
-    one also unreadable by others.
+    one also readable by its owner only.
 
     Raises:
         ConfigError: otherwise (the message says which and why).
@@ -346,10 +346,10 @@ def check_trusted(path: Path, *, secret: bool) -> bytes:
                 f"{path}: not trusted: it must belong to root (or you) and be writable by no"
                 f" one else (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
             )
-        if secret and st.st_mode & 0o004:
+        if secret and st.st_mode & 0o044:  # a group's members would be every mapped user
             raise ConfigError(
-                f"{path}: holds secret keys but is readable by everyone (mode"
-                f" {stat.S_IMODE(st.st_mode):04o}); chmod o-r it"
+                f"{path}: holds secret keys but is readable by others than its owner (mode"
+                f" {stat.S_IMODE(st.st_mode):04o}); chmod go-r it"
             )
         chunks = []
         while chunk := os.read(fd, 1 << 16):

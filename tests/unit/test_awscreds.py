@@ -275,7 +275,13 @@ def test_a_world_readable_credentials_file_is_refused(folder: Path) -> None:
     path = mapping_file(folder, OK)
     (folder / "credentials").chmod(0o644)
     assert refusal(path) == (
-        "DIR/credentials: holds secret keys but is readable by everyone (mode 0644); chmod o-r it"
+        "DIR/credentials: holds secret keys but is readable by others than its owner (mode"
+        " 0644); chmod go-r it"
+    )
+    (folder / "credentials").chmod(0o640)  # its group's members would be every mapped user
+    assert refusal(path) == (
+        "DIR/credentials: holds secret keys but is readable by others than its owner (mode"
+        " 0640); chmod go-r it"
     )
     (folder / "credentials").chmod(0o660)  # group-writable: anyone in it could swap keys
     assert refusal(path).startswith("DIR/credentials: not trusted: it must belong to root")
