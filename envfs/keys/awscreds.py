@@ -62,6 +62,7 @@ _describe = ConfigError.describe  # a value as messages quote it
 _PROFILE_RE = re.compile(r"[A-Za-z0-9_.+=@-]{1,128}")
 _ROLE_ARN_RE = re.compile(r"arn:[a-z][a-z0-9-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}")
 _SESSION_RE = re.compile(r"[\w+=,.@-]{2,64}")
+_SECRET_KEYS = frozenset({"aws_secret_access_key", "aws_session_token"})
 
 
 @dataclass(frozen=True)
@@ -433,7 +434,12 @@ def _read_ini(path: Path, *, secret: bool) -> dict[str, dict[str, str]]:
         parser.read_string(check_trusted(path, secret=secret).decode(errors="replace"))
     except configparser.Error:
         raise ConfigError(f"{path}: not a valid AWS credentials or config file") from None
-    return {name: dict(parser.items(name)) for name in parser.sections()}
+    sections = {name: dict(parser.items(name)) for name in parser.sections()}
+    if not secret and any(_SECRET_KEYS & set(values) for values in sections.values()):
+        # A config file holding keys is a credentials file (profiles are read from both):
+        # read again, as one.
+        return _read_ini(path, secret=True)
+    return sections
 
 
 def _error(path: Path, key: str, reason: str) -> ConfigError:

@@ -84,6 +84,18 @@ def test_profiles_from_a_config_file(folder: Path) -> None:
     )
     mapping = load_mapping(path)
     assert mapping.static_keys(mapping.entries[0]).access_key == "AKIAC"
+    config.chmod(0o644)  # holding keys, it is held to a credentials file's rules
+    assert refusal(path) == (
+        "DIR/config: holds secret keys but is readable by others than its owner (mode 0644);"
+        " chmod go-r it"
+    )
+    config.write_text("[profile bob]\nregion = x\n")  # without keys, it may be read by all
+    (folder / "credentials").chmod(0o600)
+    path = mapping_file(
+        folder,
+        f'shared_config_file = "{config}"\n[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n',
+    )
+    assert load_mapping(path).static_keys(mapping.entries[0]).access_key == "AKIAALICE"
 
 
 REFUSALS = [
