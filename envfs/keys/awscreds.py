@@ -392,7 +392,9 @@ def _trusted_folder(path: Path) -> Path:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         if stat.S_ISLNK(st.st_mode):
             links += 1
-            if st.st_uid not in (0, me) or links > 40:
+            if links > 40:
+                raise ConfigError(f"{path}: cannot read: too many levels of symbolic links")
+            if st.st_uid not in (0, me):
                 raise ConfigError(
                     f"{path}: not trusted: the symlink {str(step)!r} on its way must belong"
                     " to root (or you)"

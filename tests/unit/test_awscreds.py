@@ -273,6 +273,9 @@ def test_a_symlink_on_the_way_is_trusted_only_where_no_one_else_may_change_it(
     open_folder.chmod(0o755)
     (tmp_path / "up").symlink_to("open/../open/via/..")  # relative, through ".."
     assert load_mapping(tmp_path / "up" / "etc" / path.name).entries
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(ConfigError, match=r"loop/users.toml: cannot read: too many levels of"):
+        load_mapping(tmp_path / "loop" / path.name)
 
 
 def test_a_symlinked_mapping_is_refused(folder: Path) -> None:
