@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -100,9 +101,9 @@ class AwsKmsProvider:
         endpoint_url: None for AWS's own endpoint of the region; else an endpoint speaking
             the same API (another envfs key service over HTTPS; moto in the tests).
         ca_bundle: the CA certificates (PEM) to trust for the endpoint (default: the
-            system's), as read once (:func:`~envfs.keys.awscreds.read_ca_bundle`): botocore
-            reads a CA file at each new connection, so it is given a private copy that no
-            one can replace.
+            system's, as OpenSSL finds them), as read once
+            (:func:`~envfs.keys.awscreds.read_ca_bundle`): botocore reads a CA file at
+            each new connection, so it is given a private copy that no one can replace.
         timeout: seconds an attempt may wait for an answer (connecting: at most 3 s).
         max_attempts: attempts per call, the first included (botocore's standard retries).
         envfs_blobs: the endpoint is an envfs key service, whose ciphertext blobs are
@@ -133,7 +134,7 @@ class AwsKmsProvider:
         self.endpoint_url = endpoint_url
         self._ca_fd: int | None = None
         self._closed = False
-        self._verify: str | bool = True
+        self._verify: str | bool = _system_cas()
         if ca_bundle is not None:
             self._ca_fd = os.memfd_create("envfs-ca-bundle")
             written = 0
@@ -360,6 +361,17 @@ class AwsKmsProvider:
             if self._ca_fd is not None:
                 os.close(self._ca_fd)
                 self._ca_fd = None
+
+
+def _system_cas() -> str | bool:
+    """The system's CA certificates, where OpenSSL (and so envfs's own HTTPS client) finds
+    them; botocore's default is the copy of Mozilla's list that came with the ``certifi``
+    package, which the system's updates (a CA distrusted, one added) never reach."""
+    paths = ssl.get_default_verify_paths()
+    for found in (paths.cafile, paths.capath):
+        if found and os.path.exists(found):
+            return found
+    return True  # no system store: botocore's own
 
 
 def _clean_session() -> Any:

@@ -622,3 +622,23 @@ def test_an_endpoints_error_message_reaches_the_log_as_one_short_line(tmp_path: 
     for exc in (refused.value, missing.value):
         assert "\n" not in exc.message and "\r" not in exc.message, exc.message[:100]
         assert len(exc.message) < 400
+
+
+def test_without_a_ca_bundle_the_systems_cas_are_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system's CAs (where OpenSSL finds them: here SSL_CERT_FILE stands in for the
+    system's store), not the certifi package's copy of Mozilla's list."""
+    from tests.tlscert import make_certificate
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    tls = make_certificate(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer, tls=tls) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"https://127.0.0.1:{seen[0]}")
+        assert provider.describe_key(key, ALICE) == key
