@@ -253,9 +253,11 @@ class AwsKmsProvider:
             )
         self._fail_fast.check()
         client = self._client(entry)
-        method = getattr(client, botocore.xform_name(operation), None)
-        if method is None:
+        # Only the API's operations: the client has other methods (close, get_paginator...)
+        # that a name could otherwise reach.
+        if operation not in client.meta.service_model.operation_names:
             raise UnsupportedOperationException(f"operation {operation!r} is not in AWS KMS's API")
+        method = getattr(client, botocore.xform_name(operation))
         try:
             out: dict[str, Any] = method(**params)
         except botocore.exceptions.ClientError as exc:

@@ -642,3 +642,19 @@ def test_without_a_ca_bundle_the_systems_cas_are_trusted(
     with no_home_aws(tmp_path), lying_endpoint(answer, tls=tls) as seen:
         provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"https://127.0.0.1:{seen[0]}")
         assert provider.describe_key(key, ALICE) == key
+
+
+def test_only_the_apis_operations_can_be_called(tmp_path: Path) -> None:
+    from envfs.errors import UnsupportedOperationException
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    with no_home_aws(tmp_path):
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url="http://127.0.0.1:1")
+        for name in ("close", "_make_api_call", "get_paginator", "GetPaginator", "Close"):
+            with pytest.raises(UnsupportedOperationException, match=r"is not in AWS KMS's API$"):
+                provider.call_as(ALICE, name, {})
+        assert provider._clients[0]._endpoint is not None  # not closed by "close"
+        provider.close()
