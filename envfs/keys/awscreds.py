@@ -29,10 +29,11 @@ with no entry gets AccessDeniedException (EACCES).
 
 Trust: the mapping file, the files it names and the folders on their way (also those
 holding a symlink on the way) must belong to root or to the user running envfs and be
-writable by nobody else, as must the symlinks followed; the credentials file must not be
-readable by others. Only static keys of the named profile are read (no environment variables, no
-instance metadata, no ``credential_process``, no SSO): the daemon runs as root and must not
-pick up an identity from wherever it was started.
+writable by nobody else, as must the symlinks followed; the credentials file (and a config
+file holding keys) must be readable by its owner only. Only static keys of the named
+profile are read (no environment variables, no instance metadata, no
+``credential_process``, no SSO): the daemon runs as root and must not pick up an identity
+from wherever it was started.
 """
 
 from __future__ import annotations
@@ -376,7 +377,7 @@ def _trusted_folder(path: Path) -> Path:
     me = os.geteuid()
     here = Path("/")
     _check_folder(path, here, me)
-    todo = list(path.parent.parts[1:])
+    todo = list((path if path.is_absolute() else Path.cwd() / path).parent.parts[1:])
     links = 0
     while todo:
         part = todo.pop(0)

@@ -406,3 +406,16 @@ def test_the_ca_bundle_is_trusted_as_the_mapping_is(folder: Path, tmp_path: Path
         opened(folder / "link.pem")
     with pytest.raises(ConfigError, match=r"^CA bundle 'ca.pem': expected an absolute path$"):
         opened(Path("ca.pem"))
+
+
+def test_a_relative_path_is_checked_from_the_working_folder(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from envfs.keys.awscreds import check_trusted
+
+    path = mapping_file(folder, OK)
+    monkeypatch.chdir(folder)
+    assert check_trusted(Path(path.name), secret=True) == path.read_bytes()
+    folder.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"^users.toml: not trusted: the folder '.*/etc' on"):
+        check_trusted(Path(path.name), secret=True)
