@@ -124,9 +124,9 @@ def connect(
     take ``timeout`` seconds (None: the client's default); nothing is sent until the first
     call. An AWS KMS API: ``credentials`` (required) maps users to AWS identities,
     ``ca_bundle`` the CA certificates to trust (read once, trusted as the mapping is),
-    ``envfs_blobs`` says the endpoint is an
-    envfs key service (its blobs are readable), and the mapping's files may not be under
-    ``backing`` (the volume's backing folder); nothing is sent until the first call.
+    ``envfs_blobs`` says the endpoint is an envfs key service (its blobs are readable), and
+    neither the mapping's files nor the CA bundle may be under ``backing`` (the volume's
+    backing folder); nothing is sent until the first call.
 
     Raises:
         UsageError: an AWS KMS API without a credential mapping.
