@@ -23,8 +23,11 @@ One file per volume, named after it. The directory is ``$ENVFS_CONFIG_DIR`` when
     key_arn = "arn:aws:kms:eu-west-1:111122223333:key/KEY-ID"  # optional: the key the
                                      # volume file must name (envfs mount --key-arn)
 
-Anything else is refused, never ignored: an unknown key, a value of the wrong type, a
-relative path, a malformed region, a key service that is neither form. Each refusal is a
+The file, the folders on its way and the symlinks followed must belong to root (or the user
+running envfs) and be writable by no one else, as a credential mapping
+(:func:`envfs.keys.awscreds.check_trusted`). Anything else is refused, never ignored: an
+unknown key, a value of the wrong type, a relative path, a malformed region, a key service
+that is neither form. Each refusal is a
 :class:`~envfs.errors.ConfigError` naming the file, the key and the reason.
 """
 
@@ -40,6 +43,7 @@ from typing import Any
 from envfs.arn import parse_key_arn, validate_region
 from envfs.errors import ConfigError, KMSError, ValidationException
 from envfs.files.mountopts import BUSY_POLL_MAX_US
+from envfs.keys.awscreds import check_trusted
 from envfs.keys.choice import EMBEDDED, KeyServiceChoice
 
 _describe = ConfigError.describe  # a value as messages quote it
@@ -115,12 +119,18 @@ def load(name: str, directory: Path | str | None = None) -> VolumeConfig:
     """
     path = config_dir(directory) / f"{validate_name(name)}.toml"
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        os.lstat(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such volume configuration") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    # It says which key service to trust with every data key, which credentials to use
+    # and which key the volume file must name: it is trusted as the credential mapping is.
+    raw = check_trusted(path.absolute(), secret=False)
+    try:
+        data = tomllib.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(name, path, data)

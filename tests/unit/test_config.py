@@ -336,7 +336,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "dir.toml").mkdir()
-    expected = f"{tmp_path / 'dir.toml'}: cannot read: Is a directory"
+    expected = f"{tmp_path / 'dir.toml'}: not a regular file"
     with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
         config.load("dir", tmp_path)
 
@@ -440,3 +440,24 @@ def test_a_volume_file_naming_another_key_than_key_arn_is_refused(
     alias = "arn:aws:kms:eu-west-1:111122223333:alias/data"
     assert main(["mount", str(backing), str(mountpoint), "--key-arn", alias]) == 2
     assert "names an alias, not a key" in capsys.readouterr().err
+
+
+def test_a_configuration_others_may_change_is_refused(tmp_path: Path) -> None:
+    """A volume configuration names the key service trusted with every data key, the
+    credentials and the key the volume file must name: whoever could change it could send
+    the mount to an endpoint of theirs."""
+    folder = tmp_path / "volumes"
+    folder.mkdir(mode=0o755)
+    path = write(folder, MINIMAL)
+    assert config.load("data", folder).backing == Path("/srv/data.envfs")
+    path.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"data.toml: not trusted: it must belong to root"):
+        config.load("data", folder)
+    path.chmod(0o644)
+    folder.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"data.toml: not trusted: the folder '.*/volumes' on"):
+        config.load("data", folder)
+    folder.chmod(0o755)
+    (folder / "link.toml").symlink_to(path)
+    with pytest.raises(ConfigError, match=r"link.toml: cannot read: "):
+        config.load("link", folder)
