@@ -658,3 +658,26 @@ def test_only_the_apis_operations_can_be_called(tmp_path: Path) -> None:
                 provider.call_as(ALICE, name, {})
         assert provider._clients[0]._endpoint is not None  # not closed by "close"
         provider.close()
+
+
+def test_an_unreachable_sts_is_an_outage_not_a_refusal(tmp_path: Path) -> None:
+    """A role's credentials come from STS: STS not answering is an outage (EHOSTDOWN), never
+    a refusal (EACCES), and nothing is sent to the key service without them."""
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
+    mapping = load_mapping(
+        write_mapping(
+            tmp_path, creds, entry, f'sts_endpoint_url = "http://127.0.0.1:{free_port()}"'
+        )
+    )
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer) as seen:
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}", max_attempts=1
+        )
+        with pytest.raises(KMSUnavailableException, match=r"cannot be reached"):
+            provider.describe_key(key, ALICE)
+        assert seen[1] == 0
