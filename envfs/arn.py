@@ -58,3 +58,15 @@ def parse_arn(text: str) -> Arn:
     if not (resource.startswith("key/") or resource.startswith("alias/")):
         raise InvalidArnException(f"ARN {text!r} names neither a key nor an alias")
     return Arn(region, account, resource, parts[1])
+
+
+def parse_key_arn(text: str) -> Arn:
+    """Split the ARN of one key (not an alias).
+
+    Raises:
+        InvalidArnException: ``text`` is not a KMS key ARN.
+    """
+    arn = parse_arn(text)
+    if not arn.resource.startswith("key/") or arn.resource == "key/":
+        raise InvalidArnException(f"ARN {text!r} names an alias, not a key")
+    return arn

@@ -9,9 +9,9 @@ import os
 import sys
 from typing import Any
 
-from envfs.arn import validate_region
+from envfs.arn import parse_key_arn, validate_region
 from envfs.cli.output import OUTPUT_FORMATS, Query, QueryError, compile_query, render
-from envfs.errors import ValidationException
+from envfs.errors import KMSError, ValidationException
 
 
 def region_type(text: str) -> str:
@@ -20,6 +20,15 @@ def region_type(text: str) -> str:
         return validate_region(text)
     except ValidationException as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def key_arn_type(text: str) -> str:
+    """argparse type of ``--key-arn``: the ARN of one key."""
+    try:
+        parse_key_arn(text)
+    except KMSError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return text
 
 
 def query_type(text: str) -> Query:

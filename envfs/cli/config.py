@@ -20,9 +20,14 @@ One file per volume, named after it. The directory is ``$ENVFS_CONFIG_DIR`` when
     credentials = "/etc/envfs/aws-users.toml"  # aws/https only, required: who is which
                                      # AWS identity (keys/awscreds.py; docs/fleet.md)
     ca_bundle = "/etc/envfs/fleet-ca.pem"  # https only: the CA certificates to trust
+    key_arn = "arn:aws:kms:eu-west-1:111122223333:key/KEY-ID"  # optional: the key the
+                                     # volume file must name (envfs mount --key-arn)
 
-Anything else is refused, never ignored: an unknown key, a value of the wrong type, a
-relative path, a malformed region, a key service that is neither form. Each refusal is a
+The file, the folders on its way and the symlinks followed must belong to root (or the user
+running envfs) and be writable by no one else, as a credential mapping
+(:func:`envfs.keys.awscreds.check_trusted`). Anything else is refused, never ignored: an
+unknown key, a value of the wrong type, a relative path, a malformed region, a key service
+that is neither form. Each refusal is a
 :class:`~envfs.errors.ConfigError` naming the file, the key and the reason.
 """
 
@@ -35,9 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envfs.arn import validate_region
-from envfs.errors import ConfigError, ValidationException
+from envfs.arn import parse_key_arn, validate_region
+from envfs.errors import ConfigError, KMSError, ValidationException
 from envfs.files.mountopts import BUSY_POLL_MAX_US
+from envfs.keys.awscreds import check_trusted
 from envfs.keys.choice import EMBEDDED, KeyServiceChoice
 
 _describe = ConfigError.describe  # a value as messages quote it
@@ -46,7 +52,15 @@ DEFAULT_CONFIG_DIR = Path("/etc/envfs/volumes")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TOP_KEYS = ("backing", "mountpoint", "allow_other", "options", "log_file", "busy_poll", "kms")
-_KMS_KEYS = ("region", "service", "dir", "passphrase_file", "credentials", "ca_bundle")
+_KMS_KEYS = (
+    "region",
+    "service",
+    "dir",
+    "passphrase_file",
+    "credentials",
+    "ca_bundle",
+    "key_arn",
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ class VolumeConfig:
     busy_poll: int | None = None  # µs; None: the mount's default
     kms_credentials: Path | None = None  # aws/https: the credential mapping file
     kms_ca_bundle: Path | None = None  # https: CA certificates to trust
+    kms_key_arn: str | None = None  # the key the volume file must name
 
     @property
     def kms_socket(self) -> Path | None:
@@ -104,12 +119,18 @@ def load(name: str, directory: Path | str | None = None) -> VolumeConfig:
     """
     path = config_dir(directory) / f"{validate_name(name)}.toml"
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        os.lstat(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such volume configuration") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    # It says which key service to trust with every data key, which credentials to use
+    # and which key the volume file must name: it is trusted as the credential mapping is.
+    raw = check_trusted(path.absolute(), secret=False)
+    try:
+        data = tomllib.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(name, path, data)
@@ -149,6 +170,12 @@ def parse(name: str, path: Path, data: dict[str, Any]) -> VolumeConfig:
         raise reader.error("kms.credentials", "applies only to service = 'aws' or an https URL")
     if choice.endpoint is None and ca_bundle is not None:
         raise reader.error("kms.ca_bundle", "applies only to service = an https URL")
+    key_arn = reader.string(kms_table, "kms.key_arn", "key_arn")
+    if key_arn is not None:
+        try:
+            parse_key_arn(key_arn)
+        except KMSError as exc:
+            raise reader.error("kms.key_arn", exc.message) from None
     kms_dir = reader.path(kms_table, "kms.dir", key="dir")
     passphrase_file = reader.path(kms_table, "kms.passphrase_file", key="passphrase_file")
     if kms != EMBEDDED:
@@ -170,6 +197,7 @@ def parse(name: str, path: Path, data: dict[str, Any]) -> VolumeConfig:
         busy_poll=reader.busy_poll(data),
         kms_credentials=credentials,
         kms_ca_bundle=ca_bundle,
+        kms_key_arn=key_arn,
     )
 
 

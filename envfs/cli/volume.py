@@ -21,7 +21,13 @@ from typing import Any
 from envfs import notify
 from envfs.arn import parse_arn
 from envfs.cli import config
-from envfs.cli.common import add_output_options, configure_logging, print_answer, region_type
+from envfs.cli.common import (
+    add_output_options,
+    configure_logging,
+    key_arn_type,
+    print_answer,
+    region_type,
+)
 from envfs.cli.kms import open_store
 from envfs.errors import EnvfsError, IntegrityError, KMSError, MountError, UsageError
 from envfs.files import fileformat, mountopts
@@ -301,6 +307,7 @@ def _apply_config(args: argparse.Namespace, *, positionals: tuple[str, ...]) -> 
     args.kms_dir = cfg.kms_dir or args.kms_dir
     args.kms_credentials = cfg.kms_credentials or args.kms_credentials
     args.kms_ca_bundle = cfg.kms_ca_bundle or args.kms_ca_bundle
+    args.key_arn = cfg.kms_key_arn or args.key_arn
     args.passphrase_file = str(cfg.passphrase_file or "") or args.passphrase_file
     args.log_file = str(cfg.log_file or "") or args.log_file
     args.busy_poll = args.busy_poll if cfg.busy_poll is None else cfg.busy_poll
@@ -336,6 +343,8 @@ def _mount(args: argparse.Namespace) -> int:
     try:
         mount.check_mountpoint(mountpoint, nonempty=options.nonempty)
         volume = Volume.load(backing)
+        if args.key_arn is not None:
+            volume.require_key(args.key_arn)
         region = args.region or volume.region
         with _connect(
             args, region, batch_audit=True, key_arn=volume.key_arn, backing=backing
@@ -385,6 +394,7 @@ def _daemonize(args: argparse.Namespace) -> int:
         ("--kms", args.kms),
         ("--kms-credentials", args.kms_credentials),
         ("--kms-ca-bundle", args.kms_ca_bundle),
+        ("--key-arn", args.key_arn),
         ("--kms-timeout", args.kms_timeout),
         ("--key-cache-seconds", args.key_cache_seconds),
         ("--key-pool-size", args.key_pool_size),
@@ -597,6 +607,13 @@ def add_parsers(commands: Any) -> None:
                        " foreground, else syslog)")  # fmt: skip
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _add_kms_options(mount, region_help="the key service's region (default: the volume's)")
+    mount.add_argument(
+        "--key-arn",
+        type=key_arn_type,
+        metavar="ARN",
+        help="the key the volume file must name (refused otherwise): whoever may write the"
+        " backing folder and use some key of their own could replace the whole volume file",
+    )
     _add_busy_poll_option(mount)
     mount.set_defaults(handler=_mount)
 

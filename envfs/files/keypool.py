@@ -7,7 +7,8 @@ names the volume and the file id, as for any file). The user's next creates take
 
 The key service decides and audits each one when it is made (its audit note says it was
 made in advance), so an entry is a decision like a data-key cache entry: it is used only
-for the same user and only for ``max_age`` seconds, after which it is dropped unused. A
+for the same user and only for ``max_age`` seconds, after which it is dropped unused (at
+the next create by anyone, or at unmount). A
 policy change therefore takes effect for new files within ``max_age`` too.
 """
 
@@ -70,9 +71,17 @@ class DataKeyPool:
             if entry.expires > now:
                 taken = (entry.file_id, entry.data_key)
                 break
+        self._drop_expired(now)
         self._wanted[user] = caller
         self._wake.set()
         return taken
+
+    def _drop_expired(self, now: float) -> None:
+        """Forget the keys of users whose every key has expired (each deque is in the order
+        the keys were made): plaintext keys of a user who stopped creating files are not
+        kept for the mount's life."""
+        for user in [u for u, ready in self._ready.items() if ready and ready[-1].expires <= now]:
+            del self._ready[user]
 
     def clear(self) -> None:
         self._ready.clear()

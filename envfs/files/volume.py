@@ -369,6 +369,22 @@ class Volume:
             )
         return volume
 
+    def require_key(self, key_arn: str) -> None:
+        """Refuse a volume file naming another key than ``key_arn`` (the mount's
+        ``--key-arn``). A volume file is authenticated by the key it names, so whoever may
+        write the backing folder and use *some* key (one of their own in AWS KMS, say)
+        can put a whole new volume file in its place; only a key fixed outside the backing
+        folder tells the two apart.
+
+        Raises:
+            VolumeError: the volume file names another key.
+        """
+        if self.key_arn != key_arn:
+            raise VolumeError(
+                f"the volume file of {str(self.backing)!r} names key {self.key_arn!r}, not"
+                f" {key_arn!r} (--key-arn): refused, it may have been replaced"
+            )
+
     def check_region(self, provider: KeyProvider) -> None:
         """Refuse a volume of another region than the key service's (no call needed).
 

@@ -9,6 +9,7 @@ whoever can write the backing store could edit to borrow someone else's identity
     shared_credentials_file = "/etc/envfs/aws/credentials"  # AWS's INI format, profiles
     shared_config_file = "/etc/envfs/aws/config"            # optional, AWS's config format
     sts_endpoint_url = "https://sts.eu-west-1.amazonaws.com"  # optional: for role_arn
+                                                  # (http:// only on loopback)
 
     [[map]]
     principal = "user:alice"         # user:NAME, uid:N, group:NAME or gid:N
@@ -26,19 +27,24 @@ caller's. No entry matches everyone: a ``*`` would let every local account, daem
 included, act as one AWS identity, which is what the mapping exists to prevent. A caller
 with no entry gets AccessDeniedException (EACCES).
 
-Trust: the mapping file, the files it names and their folders must belong to root or to the
-user running envfs and be writable by nobody else; the credentials file must not be readable
-by others. Only static keys of the named profile are read (no environment variables, no
-instance metadata, no ``credential_process``, no SSO): the daemon runs as root and must not
-pick up an identity from wherever it was started.
+Trust: the mapping file, the files it names and the folders on their way (also those
+holding a symlink on the way) must belong to root or to the user running envfs and be
+writable by nobody else, as must the symlinks followed; the credentials file (and a config
+file holding keys) must be readable by its owner only. Only static keys of the named
+profile are read (no environment variables, no instance metadata, no
+``credential_process``, no SSO): the daemon runs as root and must not pick up an identity
+from wherever it was started.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import ssl
 import stat
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +63,7 @@ _describe = ConfigError.describe  # a value as messages quote it
 _PROFILE_RE = re.compile(r"[A-Za-z0-9_.+=@-]{1,128}")
 _ROLE_ARN_RE = re.compile(r"arn:[a-z][a-z0-9-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}")
 _SESSION_RE = re.compile(r"[\w+=,.@-]{2,64}")
+_SECRET_KEYS = frozenset({"aws_secret_access_key", "aws_session_token"})
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,11 @@ def load_mapping(path: Path | str, *, outside: Path | None = None) -> Credential
     sts = data.get("sts_endpoint_url")
     if sts is not None and (not isinstance(sts, str) or not re.fullmatch(r"https?://\S+", sts)):
         raise _error(path, "sts_endpoint_url", f"expected an http(s) URL, got {_describe(sts)}")
+    if sts is not None:
+        try:  # STS answers carry credentials: https, or http only on loopback
+            sts = endpoint_url(sts)
+        except ValueError as exc:
+            raise _error(path, "sts_endpoint_url", str(exc)) from None
     entries = data.get("map", [])
     if not isinstance(entries, list) or not entries:
         raise _error(path, "map", "expected one or more [[map]] tables")
@@ -192,6 +204,44 @@ def load_mapping(path: Path | str, *, outside: Path | None = None) -> Credential
     for entry in parsed:  # every profile is there now, not first at someone's open
         mapping.static_keys(entry)
     return mapping
+
+
+def endpoint_url(text: str) -> str:
+    """``text``, an ``https://HOST[:PORT]`` or ``http://LOOPBACK[:PORT]`` URL, normalized.
+
+    Raises:
+        ValueError: anything else (plain http elsewhere: the answers carry secrets).
+    """
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid URL") from None
+    if (
+        not url.hostname
+        or url.username
+        or url.password
+        or url.query
+        or url.fragment
+        or url.path not in ("", "/")
+    ):
+        raise ValueError(f"{text!r}: expected https://HOST[:PORT], without user, query or path")
+    if url.scheme == "http" and not _loopback(url.hostname):
+        raise ValueError(
+            f"{text!r}: plain http only on loopback (the answers carry data keys or credentials);"
+            " use https://"
+        )
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    return f"{url.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _entry(path: Path, index: int, entry: Any) -> CredentialSource:
@@ -237,6 +287,27 @@ def _entry(path: Path, index: int, entry: Any) -> CredentialSource:
     return CredentialSource(index, principal, profile, role_arn, session)
 
 
+def read_ca_bundle(path: Path | str, *, outside: Path | None = None) -> bytes:
+    """The CA certificates (PEM) of an endpoint, read once from ``path`` under the same trust
+    rules as the mapping (root's or yours, writable by no one else, not under ``outside``):
+    whoever could change them could stand in for the endpoint and read every data key.
+
+    Raises:
+        ConfigError: not an absolute path, not trusted, in the backing folder, or without a
+            PEM certificate.
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        raise ConfigError(f"CA bundle {str(path)!r}: expected an absolute path")
+    _refuse_under(path, outside)
+    pem = check_trusted(path, secret=False)
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError, ValueError):
+        raise ConfigError(f"{path}: not a bundle of PEM certificates") from None
+    return pem
+
+
 def _refuse_under(path: Path | None, folder: Path | None) -> None:
     """Whoever may write the backing store may forge files there, even root-owned ones (a
     removable disk, a network share): the mapping and its keys never come from it."""
@@ -253,14 +324,13 @@ def _refuse_under(path: Path | None, folder: Path | None) -> None:
 def check_trusted(path: Path, *, secret: bool) -> bytes:
     """Read ``path`` if it and its folder are trusted: owned by root or by the user running
     envfs, writable by no one else, a regular file reached without a symlink; a ``secret``
-    one also unreadable by others.
+    one also readable by its owner only.
 
     Raises:
         ConfigError: otherwise (the message says which and why).
     """
+    real_parent = _trusted_folder(path)
     me = os.geteuid()
-    real_parent = Path(os.path.realpath(path.parent))
-    _check_folders(path, real_parent, me)
     try:
         fd = os.open(
             real_parent / path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -278,10 +348,10 @@ def check_trusted(path: Path, *, secret: bool) -> bytes:
                 f"{path}: not trusted: it must belong to root (or you) and be writable by no"
                 f" one else (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
             )
-        if secret and st.st_mode & 0o004:
+        if secret and st.st_mode & 0o044:  # a group's members would be every mapped user
             raise ConfigError(
-                f"{path}: holds secret keys but is readable by everyone (mode"
-                f" {stat.S_IMODE(st.st_mode):04o}); chmod o-r it"
+                f"{path}: holds secret keys but is readable by others than its owner (mode"
+                f" {stat.S_IMODE(st.st_mode):04o}); chmod go-r it"
             )
         chunks = []
         while chunk := os.read(fd, 1 << 16):
@@ -293,26 +363,68 @@ def check_trusted(path: Path, *, secret: bool) -> bytes:
         os.close(fd)
 
 
-def _check_folders(path: Path, real_parent: Path, me: int) -> None:
-    """Refuse ``path`` unless every folder above it (symlinks resolved) belongs to root or
-    ``me`` and is writable by no one else, or is sticky (as ``/tmp``: others may add
-    entries but not move ours): anyone who could rename a folder on the way could put a
-    mapping of their own in its place."""
-    folder = real_parent
-    while True:
+def _trusted_folder(path: Path) -> Path:
+    """The folder of ``path``, resolved as the kernel resolves it, refusing unless every
+    folder passed through belongs to root or to the user running envfs and is writable by
+    no one else, or is sticky (as ``/tmp``: others may add entries but not move ours), and
+    every symlink followed belongs to root or that user: anyone who could rename a folder on
+    the way, or change a symlink, could put a mapping of their own in its place (a folder
+    holding a symlink counts as on the way, though the symlink leads elsewhere).
+
+    Raises:
+        ConfigError: otherwise.
+    """
+    me = os.geteuid()
+    here = Path("/")
+    _check_folder(path, here, me)
+    todo = list((path if path.is_absolute() else Path.cwd() / path).parent.parts[1:])
+    links = 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":  # ``here`` has no symlink in it: its parent is the lexical one
+            here = here.parent
+            continue
+        step = here / part
         try:
-            st = os.stat(folder)
+            st = os.lstat(step)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
-        if st.st_uid not in (0, me) or writable_by_others:
-            raise ConfigError(
-                f"{path}: not trusted: the folder {str(folder)!r} on its way must belong to"
-                " root (or you) and be writable by no one else"
-            )
-        if folder.parent == folder:
-            return
-        folder = folder.parent
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > 40:
+                raise ConfigError(f"{path}: cannot read: too many levels of symbolic links")
+            if st.st_uid not in (0, me):
+                raise ConfigError(
+                    f"{path}: not trusted: the symlink {str(step)!r} on its way must belong"
+                    " to root (or you)"
+                )
+            target = Path(os.readlink(step))
+            if target.is_absolute():
+                here = Path("/")
+                todo[:0] = target.parts[1:]
+            else:
+                todo[:0] = target.parts
+            continue
+        _check_folder(path, step, me)
+        here = step
+    return here
+
+
+def _check_folder(path: Path, folder: Path, me: int) -> None:
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path}: cannot read: {str(folder)!r} is not a folder")
+    if st.st_uid not in (0, me) or writable_by_others:
+        raise ConfigError(
+            f"{path}: not trusted: the folder {str(folder)!r} on its way must belong to"
+            " root (or you) and be writable by no one else"
+        )
 
 
 def _read_ini(path: Path, *, secret: bool) -> dict[str, dict[str, str]]:
@@ -325,7 +437,12 @@ def _read_ini(path: Path, *, secret: bool) -> dict[str, dict[str, str]]:
         parser.read_string(check_trusted(path, secret=secret).decode(errors="replace"))
     except configparser.Error:
         raise ConfigError(f"{path}: not a valid AWS credentials or config file") from None
-    return {name: dict(parser.items(name)) for name in parser.sections()}
+    sections = {name: dict(parser.items(name)) for name in parser.sections()}
+    if not secret and any(_SECRET_KEYS & set(values) for values in sections.values()):
+        # A config file holding keys is a credentials file (profiles are read from both):
+        # read again, as one.
+        return _read_ini(path, secret=True)
+    return sections
 
 
 def _error(path: Path, key: str, reason: str) -> ConfigError:

@@ -22,18 +22,21 @@ response bodies at DEBUG, so its loggers are held at WARNING whatever the daemon
 from __future__ import annotations
 
 import logging
+import os
 import re
+import ssl
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import botocore
 import botocore.config
+import botocore.configprovider
 import botocore.credentials
 import botocore.exceptions
 import botocore.session
 
+from envfs.arn import parse_arn
 from envfs.errors import (
     AccessDeniedException,
     ConfigError,
@@ -97,7 +100,10 @@ class AwsKmsProvider:
         mapping: who acts as which AWS identity.
         endpoint_url: None for AWS's own endpoint of the region; else an endpoint speaking
             the same API (another envfs key service over HTTPS; moto in the tests).
-        ca_bundle: the CA certificates to trust for the endpoint (default: the system's).
+        ca_bundle: the CA certificates (PEM) to trust for the endpoint (default: the
+            system's, as OpenSSL finds them), as read once
+            (:func:`~envfs.keys.awscreds.read_ca_bundle`): botocore reads a CA file at
+            each new connection, so it is given a private copy that no one can replace.
         timeout: seconds an attempt may wait for an answer (connecting: at most 3 s).
         max_attempts: attempts per call, the first included (botocore's standard retries).
         envfs_blobs: the endpoint is an envfs key service, whose ciphertext blobs are
@@ -112,24 +118,38 @@ class AwsKmsProvider:
         mapping: CredentialMapping,
         *,
         endpoint_url: str | None = None,
-        ca_bundle: Path | None = None,
+        ca_bundle: bytes | None = None,
         timeout: float = 10.0,
         max_attempts: int = 3,
         envfs_blobs: bool = False,
         max_backoff: float = 5.0,
     ) -> None:
         for name in _QUIET_LOGGERS:
-            if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
+            # Its own level, not the effective one: the root's may be lowered afterwards
+            # (logging configured after the provider is made).
+            if logging.getLogger(name).level < logging.WARNING:
                 logging.getLogger(name).setLevel(logging.WARNING)
         self._region = region
         self.mapping = mapping
         self.endpoint_url = endpoint_url
-        self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
+        self._ca_fd: int | None = None
+        self._closed = False
+        self._verify: str | bool = _system_cas()
+        if ca_bundle is not None:
+            self._ca_fd = os.memfd_create("envfs-ca-bundle")
+            written = 0
+            while written < len(ca_bundle):
+                written += os.write(self._ca_fd, ca_bundle[written:])
+            self._verify = f"/proc/self/fd/{self._ca_fd}"
         self._config = botocore.config.Config(
             connect_timeout=min(3.0, timeout),
             read_timeout=timeout,
             retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
             user_agent_extra="envfs",
+            # Not None: botocore would take HTTP(S)_PROXY from the daemon's environment and
+            # send the signed requests (and, to an http:// endpoint on loopback, the answers'
+            # plaintext data keys) through whatever proxy that names.
+            proxies={},
         )
         self._envfs_blobs = envfs_blobs
         self._clients: dict[int, Any] = {}
@@ -175,6 +195,12 @@ class AwsKmsProvider:
             raise KMSInternalException(
                 "the key service answered GenerateDataKey without a blob or key ARN"
             )
+        if _is_key_arn(key_id) and arn != key_id:
+            # The new file's header would name that key, which the volume does not accept:
+            # data written to it could never be read back.
+            raise IncorrectKeyException(
+                f"the key service generated the data key under {_one_line(arn)!r}, not {key_id!r}"
+            )
         return DataKey(plaintext, wrapped, arn)
 
     def decrypt(
@@ -186,13 +212,16 @@ class AwsKmsProvider:
             caller,
         )
         plaintext = out.get("Plaintext")
-        if not isinstance(plaintext, bytes):
-            raise KMSInternalException("the key service answered Decrypt without a plaintext")
+        if not (isinstance(plaintext, bytes) and len(plaintext) == 32):
+            # Every blob this provider unwraps holds a 256-bit data key; anything else would
+            # be used as one (an empty key derives file keys anyone can compute).
+            raise KMSInternalException("the key service answered Decrypt without a 256-bit key")
         if key_id.startswith("arn:") and out.get("KeyId") != key_id:
             # AWS refuses this itself (KeyId is required to match); an endpoint that does
             # not is not trusted with it.
             raise IncorrectKeyException(
-                f"the key service decrypted under {out.get('KeyId')!r}, not {key_id!r}"
+                f"the key service decrypted under {_one_line(str(out.get('KeyId')), 300)!r},"
+                f" not {key_id!r}"
             )
         return plaintext
 
@@ -224,9 +253,11 @@ class AwsKmsProvider:
             )
         self._fail_fast.check()
         client = self._client(entry)
-        method = getattr(client, botocore.xform_name(operation), None)
-        if method is None:
+        # Only the API's operations: the client has other methods (close, get_paginator...)
+        # that a name could otherwise reach.
+        if operation not in client.meta.service_model.operation_names:
             raise UnsupportedOperationException(f"operation {operation!r} is not in AWS KMS's API")
+        method = getattr(client, botocore.xform_name(operation))
         try:
             out: dict[str, Any] = method(**params)
         except botocore.exceptions.ClientError as exc:
@@ -266,6 +297,8 @@ class AwsKmsProvider:
         with self._lock:
             client = self._clients.get(entry.index)
             if client is None:
+                if self._closed:  # the CA copy's descriptor number may be another file's now
+                    raise KMSUnavailableException(f"the connection to {self.where()} is closed")
                 try:
                     credentials = self._credentials(entry)
                 except ConfigError as exc:  # the files changed since the mount started
@@ -323,15 +356,50 @@ class AwsKmsProvider:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
+            if self._ca_fd is not None:
+                os.close(self._ca_fd)
+                self._ca_fd = None
+
+
+def _system_cas() -> str | bool:
+    """The system's CA certificates, where OpenSSL (and so envfs's own HTTPS client) finds
+    them; botocore's default is the copy of Mozilla's list that came with the ``certifi``
+    package, which the system's updates (a CA distrusted, one added) never reach."""
+    paths = ssl.get_default_verify_paths()
+    for found in (paths.cafile, paths.capath):
+        if found and os.path.exists(found):
+            return found
+    return True  # no system store: botocore's own
 
 
 def _clean_session() -> Any:
     """A botocore session that reads nothing of the environment it runs in: no config or
-    credentials file of whoever started the daemon, no endpoint override."""
+    credentials file of whoever started the daemon, no endpoint override, no ``AWS_*``
+    variable (``AWS_USE_FIPS_ENDPOINT`` and ``AWS_USE_DUALSTACK_ENDPOINT`` would change
+    the endpoint, ``AWS_DEFAULTS_MODE=auto`` asks instance metadata, ``AWS_DATA_PATH``
+    names where the API's models, endpoint rules included, are read from)."""
     session = botocore.session.Session()
+    chains = botocore.configprovider.ConfigChainFactory(session=session, environ={})
+    store = session.get_component("config_store")
+    for name, (
+        in_file,
+        _variable,
+        default,
+        convert,
+    ) in botocore.configprovider.BOTOCORE_DEFAUT_SESSION_VARIABLES.items():
+        store.set_config_provider(
+            name,
+            chains.create_config_chain(
+                instance_name=name,
+                config_property_names=in_file,
+                default=default,
+                conversion_func=convert,
+            ),
+        )
     session.set_config_variable("config_file", "/dev/null")
     session.set_config_variable("credentials_file", "/dev/null")
     session.set_config_variable("profile", None)  # not AWS_PROFILE's
@@ -349,6 +417,9 @@ def _from_client_error(
     if message.lstrip().startswith("<"):  # an XML error body (an IAM refusal, from moto)
         found = re.search(r"<Message>([^<]{1,500})</Message>", message)
         message = found.group(1) if found else f"HTTP status {status}"
+    # The endpoint's own text, for the log: one line, bounded (no forged lines, no flood).
+    message = _one_line(message)
+    code = _one_line(code, 100)
     if code in _REFUSED or (code not in KMSError.registry and status in (401, 403)):
         return AccessDeniedException(f"{operation} refused for {entry.describe()}: {message}")
     kind = KMSError.registry.get(code)
@@ -357,5 +428,19 @@ def _from_client_error(
     return kind(message)
 
 
+def _is_key_arn(key_id: str) -> bool:
+    """Whether ``key_id`` names one key by its ARN (not an alias, not a bare id)."""
+    try:
+        return parse_arn(key_id).resource.startswith("key/")
+    except KMSError:
+        return False
+
+
 def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return _one_line(str(exc)) if str(exc) else type(exc).__name__
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` up to its first line break (any of Unicode's), at most ``limit`` characters."""
+    lines = text.splitlines()
+    return lines[0][:limit] if lines else ""

@@ -13,15 +13,14 @@ the file side, and calls as the current user for the command line.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from envfs.errors import UsageError
+from envfs.keys.awscreds import endpoint_url
 from envfs.keys.provider import KeyProvider
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ class KeyServiceChoice:
         if text == AWS:
             return cls(aws=True)
         if text.startswith(("https://", "http://")):
-            return cls(aws=True, endpoint=_endpoint(text))
+            return cls(aws=True, endpoint=endpoint_url(text))
         path = text[len(UNIX_PREFIX) :] if text.startswith(UNIX_PREFIX) else ""
         if not os.path.isabs(path) or path == "/":
             raise ValueError(
@@ -78,39 +77,6 @@ class KeyServiceChoice:
         if self.aws:
             return self.endpoint or AWS
         return EMBEDDED if self.socket is None else f"{UNIX_PREFIX}{self.socket}"
-
-
-def _endpoint(text: str) -> str:
-    try:
-        url = urllib.parse.urlsplit(text)
-        port = url.port
-    except ValueError:
-        raise ValueError(f"{text!r} is not a valid URL") from None
-    if (
-        not url.hostname
-        or url.username
-        or url.password
-        or url.query
-        or url.fragment
-        or url.path not in ("", "/")
-    ):
-        raise ValueError(f"{text!r}: expected https://HOST[:PORT], without user, query or path")
-    if url.scheme == "http" and not _loopback(url.hostname):
-        raise ValueError(
-            f"{text!r}: plain http only on loopback (the answers carry plaintext data keys);"
-            " use https://"
-        )
-    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
-    return f"{url.scheme}://{host}" + (f":{port}" if port is not None else "")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class KeyServiceConnection:
@@ -157,13 +123,14 @@ def connect(
     due rotations and deletions first if ``due_tasks``. A daemon: a client whose calls may
     take ``timeout`` seconds (None: the client's default); nothing is sent until the first
     call. An AWS KMS API: ``credentials`` (required) maps users to AWS identities,
-    ``ca_bundle`` the CA certificates to trust, ``envfs_blobs`` says the endpoint is an
-    envfs key service (its blobs are readable), and the mapping's files may not be under
-    ``backing`` (the volume's backing folder); nothing is sent until the first call.
+    ``ca_bundle`` the CA certificates to trust (read once, trusted as the mapping is),
+    ``envfs_blobs`` says the endpoint is an envfs key service (its blobs are readable), and
+    neither the mapping's files nor the CA bundle may be under ``backing`` (the volume's
+    backing folder); nothing is sent until the first call.
 
     Raises:
         UsageError: an AWS KMS API without a credential mapping.
-        ConfigError: the credential mapping is not usable.
+        ConfigError: the credential mapping or the CA bundle is not usable.
     """
     if choice.aws:
         return _aws(choice, region, credentials, ca_bundle, timeout, envfs_blobs, backing)
@@ -182,7 +149,7 @@ def _aws(
     backing: Path | None,
 ) -> KeyServiceConnection:
     from envfs.identity import Caller
-    from envfs.keys.awscreds import load_mapping
+    from envfs.keys.awscreds import load_mapping, read_ca_bundle
     from envfs.keys.awskms import AwsKmsProvider
 
     if credentials is None:
@@ -190,11 +157,12 @@ def _aws(
             f"key service {str(choice)!r} needs a credential mapping: --kms-credentials FILE,"
             " or credentials = in the volume configuration's [kms] table"
         )
+    mapping = load_mapping(credentials, outside=backing)
     provider = AwsKmsProvider(
         region,
-        load_mapping(credentials, outside=backing),
+        mapping,
         endpoint_url=choice.endpoint,
-        ca_bundle=ca_bundle,
+        ca_bundle=None if ca_bundle is None else read_ca_bundle(ca_bundle, outside=backing),
         timeout=10.0 if timeout is None else timeout,
         envfs_blobs=envfs_blobs,
     )

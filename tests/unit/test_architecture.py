@@ -267,10 +267,16 @@ IMPORT_RULES: tuple[ForbiddenImport | OnlyImports, ...] = (
     OnlyImports(
         "config-imports",
         modules=("envfs.cli.config",),
-        allowed=("envfs.errors", "envfs.arn", "envfs.keys.choice", "envfs.files.mountopts"),
+        allowed=(
+            "envfs.errors",
+            "envfs.arn",
+            "envfs.keys.choice",
+            "envfs.keys.awscreds",
+            "envfs.files.mountopts",
+        ),
         stdlib=True,
         why="cli/config.py reads TOML into a typed config: errors, arn, the key-service choice,"
-        " the mount options and the stdlib only",
+        " the file trust checks of credential mappings, the mount options and the stdlib only",
     ),
     OnlyImports(
         "declared-dependencies-only",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +84,18 @@ def test_profiles_from_a_config_file(folder: Path) -> None:
     )
     mapping = load_mapping(path)
     assert mapping.static_keys(mapping.entries[0]).access_key == "AKIAC"
+    config.chmod(0o644)  # holding keys, it is held to a credentials file's rules
+    assert refusal(path) == (
+        "DIR/config: holds secret keys but is readable by others than its owner (mode 0644);"
+        " chmod go-r it"
+    )
+    config.write_text("[profile bob]\nregion = x\n")  # without keys, it may be read by all
+    (folder / "credentials").chmod(0o600)
+    path = mapping_file(
+        folder,
+        f'shared_config_file = "{config}"\n[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n',
+    )
+    assert load_mapping(path).static_keys(mapping.entries[0]).access_key == "AKIAALICE"
 
 
 REFUSALS = [
@@ -138,6 +151,20 @@ REFUSALS = [
         'sts_endpoint_url = "ftp://x"\n[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n',
         "DIR/users.toml: key 'sts_endpoint_url': expected an http(s) URL, got 'ftp://x'",
         id="sts-url",
+    ),
+    pytest.param(
+        'sts_endpoint_url = "http://sts.example.org"\n[[map]]\nprincipal = "user:alice"\n'
+        'profile = "alice"\n',
+        "DIR/users.toml: key 'sts_endpoint_url': 'http://sts.example.org': plain http only on"
+        " loopback (the answers carry data keys or credentials); use https://",
+        id="sts-plain-http",
+    ),
+    pytest.param(
+        'sts_endpoint_url = "https://sts.example.org/x?y"\n[[map]]\nprincipal = "user:a"\n'
+        'profile = "alice"\n',
+        "DIR/users.toml: key 'sts_endpoint_url': 'https://sts.example.org/x?y': expected"
+        " https://HOST[:PORT], without user, query or path",
+        id="sts-path",
     ),
     pytest.param("[[map]\n", None, id="not-toml"),
 ]
@@ -222,6 +249,35 @@ def test_a_mapping_reached_through_a_symlinked_folder_is_checked_where_it_is(
         load_mapping(link / path.name)
 
 
+def test_a_symlink_on_the_way_is_trusted_only_where_no_one_else_may_change_it(
+    folder: Path, tmp_path: Path
+) -> None:
+    """A symlink on the way decides where the mapping is read from: whoever may change it
+    (it is in a folder they may write, or it is theirs in a sticky folder) could point it at
+    another folder holding a mapping of their choosing."""
+    path = mapping_file(folder, OK)
+    open_folder = tmp_path / "open"
+    open_folder.mkdir()
+    (open_folder / "via").symlink_to(folder)
+    load_mapping(open_folder / "via" / path.name)
+    open_folder.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"the folder '.*/open' on its way must belong"):
+        load_mapping(open_folder / "via" / path.name)
+    open_folder.chmod(0o1777)  # sticky: the link may not be changed by others...
+    load_mapping(open_folder / "via" / path.name)
+    if os.geteuid() == 0:  # ...unless it is theirs
+        os.lchown(open_folder / "via", 4321, 4321)
+        with pytest.raises(ConfigError, match=r"the symlink '.*/open/via' on its way must"):
+            load_mapping(open_folder / "via" / path.name)
+        os.lchown(open_folder / "via", 0, 0)
+    open_folder.chmod(0o755)
+    (tmp_path / "up").symlink_to("open/../open/via/..")  # relative, through ".."
+    assert load_mapping(tmp_path / "up" / "etc" / path.name).entries
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(ConfigError, match=r"loop/users.toml: cannot read: too many levels of"):
+        load_mapping(tmp_path / "loop" / path.name)
+
+
 def test_a_symlinked_mapping_is_refused(folder: Path) -> None:
     real = mapping_file(folder, OK)
     link = folder / "link.toml"
@@ -234,7 +290,13 @@ def test_a_world_readable_credentials_file_is_refused(folder: Path) -> None:
     path = mapping_file(folder, OK)
     (folder / "credentials").chmod(0o644)
     assert refusal(path) == (
-        "DIR/credentials: holds secret keys but is readable by everyone (mode 0644); chmod o-r it"
+        "DIR/credentials: holds secret keys but is readable by others than its owner (mode"
+        " 0644); chmod go-r it"
+    )
+    (folder / "credentials").chmod(0o640)  # its group's members would be every mapped user
+    assert refusal(path) == (
+        "DIR/credentials: holds secret keys but is readable by others than its owner (mode"
+        " 0640); chmod go-r it"
     )
     (folder / "credentials").chmod(0o660)  # group-writable: anyone in it could swap keys
     assert refusal(path).startswith("DIR/credentials: not trusted: it must belong to root")
@@ -303,3 +365,57 @@ def refusal_outside(path: Path, outside: Path) -> str:
     with pytest.raises(ConfigError) as info:
         load_mapping(path, outside=outside)
     return info.value.message.replace(str(path.parent), "DIR")
+
+
+def test_the_ca_bundle_is_trusted_as_the_mapping_is(folder: Path, tmp_path: Path) -> None:
+    """Whoever could change the CA bundle could stand in for the endpoint and read every
+    data key it hands out: it is checked as the mapping is, and read once."""
+    from envfs.keys.choice import connect
+    from tests.tlscert import make_certificate
+
+    mapping = mapping_file(folder, OK)
+    cert, _key = make_certificate(folder)
+    cert.chmod(0o644)
+    choice = KeyServiceChoice.parse("https://127.0.0.1:1")
+
+    def opened(ca_bundle: Path, backing: Path | None = None) -> None:
+        def no_store() -> Any:
+            raise AssertionError("no store for an AWS KMS API")
+
+        with connect(
+            choice, "eu-west-1", open_store=no_store, credentials=mapping,
+            ca_bundle=ca_bundle, backing=backing,
+        ):  # fmt: skip
+            pass
+
+    opened(cert)
+    cert.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"tls.crt: not trusted: it must belong to root"):
+        opened(cert)
+    cert.chmod(0o644)
+    backing = folder / "backing"
+    backing.mkdir(mode=0o755)
+    (backing / "ca.pem").write_bytes(cert.read_bytes())
+    with pytest.raises(ConfigError, match=r"ca.pem: not trusted: it is in the volume's backing"):
+        opened(backing / "ca.pem", backing=backing)
+    (folder / "ca.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"ca.pem: not a bundle of PEM certificates$"):
+        opened(folder / "ca.pem")
+    (folder / "link.pem").symlink_to(cert)
+    with pytest.raises(ConfigError, match=r"link.pem: cannot read: "):
+        opened(folder / "link.pem")
+    with pytest.raises(ConfigError, match=r"^CA bundle 'ca.pem': expected an absolute path$"):
+        opened(Path("ca.pem"))
+
+
+def test_a_relative_path_is_checked_from_the_working_folder(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from envfs.keys.awscreds import check_trusted
+
+    path = mapping_file(folder, OK)
+    monkeypatch.chdir(folder)
+    assert check_trusted(Path(path.name), secret=True) == path.read_bytes()
+    folder.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"^users.toml: not trusted: the folder '.*/etc' on"):
+        check_trusted(Path(path.name), secret=True)

@@ -371,10 +371,17 @@ def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path)
 
 
 @contextlib.contextmanager
-def lying_endpoint(answer: dict[str, object], failures: int = 0) -> Iterator[list[int]]:
-    """An HTTP endpoint on loopback that answers its first ``failures`` calls with HTTP 503,
-    then every call with ``answer``; yields [port, calls so far]."""
+def lying_endpoint(
+    answer: dict[str, object],
+    failures: int = 0,
+    tls: tuple[Path, Path] | None = None,
+    status: int = 200,
+) -> Iterator[list[int]]:
+    """An HTTP endpoint on loopback (HTTPS with the certificate and key ``tls``) that
+    answers its first ``failures`` calls with HTTP 503, then every call with ``answer``
+    (and HTTP ``status``); yields [port, calls so far]."""
     import http.server
+    import ssl
 
     seen = [0, 0]
 
@@ -384,7 +391,7 @@ def lying_endpoint(answer: dict[str, object], failures: int = 0) -> Iterator[lis
             seen[1] += 1
             failing = seen[1] <= failures
             body = json.dumps({"__type": "ServiceUnavailable"} if failing else answer).encode()
-            self.send_response(503 if failing else 200)
+            self.send_response(503 if failing else status)
             self.send_header("Content-Type", "application/x-amz-json-1.1")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -394,6 +401,10 @@ def lying_endpoint(answer: dict[str, object], failures: int = 0) -> Iterator[lis
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     seen[0] = server.server_address[1]
@@ -446,3 +457,227 @@ def test_transient_failures_are_retried_a_bounded_number_of_times(tmp_path: Path
         with pytest.raises(KMSInternalException, match=r"^DescribeKey failed: ServiceUnavailable"):
             provider.describe_key(key, ALICE)
         assert seen[1] == 3  # three attempts in all, then the error
+
+
+def test_no_proxy_of_the_environment_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy named in the daemon's environment would see every signed request, and to an
+    http:// endpoint on loopback every answer's plaintext data key: none is used."""
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer) as proxy, lying_endpoint(answer) as seen:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy[0]}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        assert provider.describe_key(key, ALICE) == key
+        assert (proxy[1], seen[1]) == (0, 1)
+
+
+def test_the_ca_bundle_is_read_once(tmp_path: Path) -> None:
+    """The CA bundle is used as it was when checked: botocore, given its path, would read it
+    again for each new connection, whatever has been put there since."""
+    from envfs.keys.choice import KeyServiceChoice, connect
+    from tests.tlscert import make_certificate
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = write_mapping(tmp_path, creds, ALICE_ONLY)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "forged").mkdir()
+    real, forged = make_certificate(tmp_path / "real"), make_certificate(tmp_path / "forged")
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(real[0].read_bytes())
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer, tls=forged) as seen:
+        choice = KeyServiceChoice.parse(f"https://127.0.0.1:{seen[0]}")
+        with connect(
+            choice, REGION, open_store=lambda: None,  # type: ignore[arg-type,return-value]
+            credentials=mapping, ca_bundle=bundle, timeout=2,
+        ) as kms:  # fmt: skip
+            bundle.write_bytes(forged[0].read_bytes())  # after the check, before any call
+            with pytest.raises(KMSUnavailableException, match=r"CERTIFICATE_VERIFY_FAILED"):
+                kms.provider.describe_key(key, ALICE)
+            assert seen[1] == 0
+        with connect(
+            choice, REGION, open_store=lambda: None,  # type: ignore[arg-type,return-value]
+            credentials=mapping, ca_bundle=bundle, timeout=2,
+        ) as kms:  # fmt: skip
+            bundle.write_bytes(real[0].read_bytes())
+            assert kms.provider.describe_key(key, ALICE) == key  # the copy as it was read
+            assert seen[1] == 1
+
+
+def test_a_data_key_generated_under_another_key_is_refused(tmp_path: Path) -> None:
+    """A new file's header names the key GenerateDataKey answers with: under any other key
+    than the one asked for (the volume's), the file could never be read back."""
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    other = key[:-1] + "c"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    answer = {"Plaintext": base64.b64encode(bytes(32)).decode(), "KeyId": other,
+              "CiphertextBlob": base64.b64encode(b"x").decode()}  # fmt: skip
+    with no_home_aws(tmp_path), lying_endpoint(answer) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        with pytest.raises(
+            IncorrectKeyException,
+            match=rf"^the key service generated the data key under '{other}', not '{key}'$",
+        ):
+            provider.generate_data_key(key, CONTEXT, ALICE, "n")
+        alias = "arn:aws:kms:eu-west-1:111122223333:alias/team"  # init: the key it names
+        assert provider.generate_data_key(alias, CONTEXT, ALICE, "n").key_arn == other
+
+
+def test_botocore_stays_quiet_when_debug_logging_starts_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore's bodies (plaintext data keys) stay out of the log also when the daemon's
+    log level is lowered to DEBUG after the provider was made."""
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    for name in ("botocore", "urllib3"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as a fresh daemon has them
+    caplog.set_level(logging.WARNING)
+    AwsKmsProvider(REGION, mapping, endpoint_url="http://127.0.0.1:1").close()
+    caplog.set_level(logging.DEBUG)  # ENVFS_DEBUG=1, configured afterwards
+    for name in ("botocore.endpoint", "botocore.parsers", "urllib3.connectionpool"):
+        assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+
+
+def test_no_aws_variable_of_the_environment_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's environment does not choose the endpoint (FIPS, dual-stack), the
+    defaults mode ("auto" asks instance metadata) or where the API's models are read."""
+    from envfs.keys.awskms import _clean_session
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    with no_home_aws(tmp_path):
+        for name, value in (
+            ("AWS_USE_FIPS_ENDPOINT", "true"),
+            ("AWS_USE_DUALSTACK_ENDPOINT", "true"),
+            ("AWS_DEFAULTS_MODE", "auto"),
+            ("AWS_DATA_PATH", str(tmp_path)),
+            ("AWS_CA_BUNDLE", str(tmp_path / "nothing.pem")),
+        ):
+            monkeypatch.setenv(name, value)
+        provider = AwsKmsProvider(REGION, mapping)
+        client = provider._client(mapping.entries[0])
+        assert client.meta.endpoint_url == f"https://kms.{REGION}.amazonaws.com"
+        session = _clean_session()
+        for name in ("defaults_mode", "data_path", "ca_bundle", "use_fips_endpoint"):
+            assert session.get_config_variable(name) in ("legacy", None), name
+        provider.close()
+
+
+def test_a_decrypted_data_key_must_be_256_bits(tmp_path: Path) -> None:
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    answer = {"KeyId": key}
+    with no_home_aws(tmp_path), lying_endpoint(answer) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        for size in (0, 16, 33):
+            answer["Plaintext"] = base64.b64encode(bytes(size)).decode()  # read per answer
+            with pytest.raises(KMSInternalException, match=r"^the key service answered Decrypt"):
+                provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
+        answer["Plaintext"] = base64.b64encode(bytes(32)).decode()
+        assert provider.decrypt(b"blob", key, CONTEXT, ALICE, "n") == bytes(32)
+
+
+def test_an_endpoints_error_message_reaches_the_log_as_one_short_line(tmp_path: Path) -> None:
+    """An error's message is the endpoint's text: kept to one line and 300 characters, so
+    that it cannot forge log lines or flood the log."""
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    text = "no\nINFO envfs.files.keyaccess: volume authenticated\r" + "x" * 5000
+    answer = {"__type": "AccessDeniedException", "message": text}
+    with no_home_aws(tmp_path), lying_endpoint(answer, status=400) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
+        with pytest.raises(AccessDeniedException) as refused:
+            provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
+        answer["__type"] = "NotFoundException"
+        with pytest.raises(NotFoundException) as missing:
+            provider.decrypt(b"blob", key, CONTEXT, ALICE, "n")
+    for exc in (refused.value, missing.value):
+        assert "\n" not in exc.message and "\r" not in exc.message, exc.message[:100]
+        assert len(exc.message) < 400
+
+
+def test_without_a_ca_bundle_the_systems_cas_are_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system's CAs (where OpenSSL finds them: here SSL_CERT_FILE stands in for the
+    system's store), not the certifi package's copy of Mozilla's list."""
+    from tests.tlscert import make_certificate
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    tls = make_certificate(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer, tls=tls) as seen:
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"https://127.0.0.1:{seen[0]}")
+        assert provider.describe_key(key, ALICE) == key
+
+
+def test_only_the_apis_operations_can_be_called(tmp_path: Path) -> None:
+    from envfs.errors import UnsupportedOperationException
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    with no_home_aws(tmp_path):
+        provider = AwsKmsProvider(REGION, mapping, endpoint_url="http://127.0.0.1:1")
+        for name in ("close", "_make_api_call", "get_paginator", "GetPaginator", "Close"):
+            with pytest.raises(UnsupportedOperationException, match=r"is not in AWS KMS's API$"):
+                provider.call_as(ALICE, name, {})
+        assert provider._clients[0]._endpoint is not None  # not closed by "close"
+        provider.close()
+
+
+def test_an_unreachable_sts_is_an_outage_not_a_refusal(tmp_path: Path) -> None:
+    """A role's credentials come from STS: STS not answering is an outage (EHOSTDOWN), never
+    a refusal (EACCES), and nothing is sent to the key service without them."""
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
+    mapping = load_mapping(
+        write_mapping(
+            tmp_path, creds, entry, f'sts_endpoint_url = "http://127.0.0.1:{free_port()}"'
+        )
+    )
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), lying_endpoint(answer) as seen:
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}", max_attempts=1
+        )
+        with pytest.raises(KMSUnavailableException, match=r"cannot be reached"):
+            provider.describe_key(key, ALICE)
+        assert seen[1] == 0

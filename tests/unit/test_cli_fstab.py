@@ -131,7 +131,7 @@ def test_mount_fuse3s_dev_and_suid_are_not_a_request(
         (
             "rw,bogus",
             r"^mount option 'bogus' is neither an envfs option \(allow_other, busy_poll=, "
-            r"key_cache_seconds=, .*region=\) nor a FUSE mount option \(see fuse\(8\)\)$",
+            r"key_arn=, key_cache_seconds=, .*region=\) nor a FUSE mount option \(see fuse\(8\)\)$",
         ),
         ("allow_other=yes", r"^mount option 'allow_other' takes no value, got 'allow_other=yes'$"),
         ("kms", r"^mount option 'kms' needs a value: kms=\.\.\.$"),

@@ -155,7 +155,7 @@ REFUSALS = [
     pytest.param(
         MINIMAL + "[kms]\nsocket = '/x'\n",
         "FILE: key 'kms.socket': unknown key (known: region, service, dir, passphrase_file,"
-        " credentials, ca_bundle)",
+        " credentials, ca_bundle, key_arn)",
         id="unknown-kms-key",
     ),
     pytest.param(
@@ -291,6 +291,12 @@ REFUSALS = [
         id="ca-bundle-with-aws",
     ),
     pytest.param(
+        MINIMAL + "[kms]\nkey_arn = 'arn:aws:kms:eu-west-1:111122223333:alias/data'\n",
+        "FILE: key 'kms.key_arn': ARN 'arn:aws:kms:eu-west-1:111122223333:alias/data' names"
+        " an alias, not a key",
+        id="key-arn-alias",
+    ),
+    pytest.param(
         MINIMAL + "[kms]\nservice = 'http://kms.example.org:8443'\n",
         "FILE: key 'kms.service': expected 'embedded', 'unix:' and an absolute socket path,"
         " 'aws' or 'https://HOST[:PORT]', got 'http://kms.example.org:8443'",
@@ -330,7 +336,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "dir.toml").mkdir()
-    expected = f"{tmp_path / 'dir.toml'}: cannot read: Is a directory"
+    expected = f"{tmp_path / 'dir.toml'}: not a regular file"
     with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
         config.load("dir", tmp_path)
 
@@ -400,3 +406,58 @@ def test_cli_refuses_a_bad_busy_poll_as_a_usage_error(
         f"envfs: error: argument --busy-poll: {value!r} is not a number of microseconds"
         " from 0 to 10000"
     )
+
+
+def test_a_volume_file_naming_another_key_than_key_arn_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The volume file is authenticated by the key it names: one replaced by a volume file
+    under someone else's key (any AWS account can make one its users may use) would
+    authenticate too. ``key_arn`` fixes the key outside the backing folder."""
+    from envfs.files.volume import Volume
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    theirs = "arn:aws:kms:eu-west-1:444455556666:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    backing, mountpoint = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mountpoint.mkdir()
+    Volume(backing, "0b0c7b4e-8f1e-4f43-9a57-3e1f6e0d2c11", "eu-west-1", theirs, auth_key=b"a",
+           mac=b"m")._write()  # fmt: skip
+    write(
+        tmp_path,
+        f'backing = "{backing}"\nmountpoint = "{mountpoint}"\n[kms]\nkey_arn = "{key}"\n',
+    )
+    assert config.load("data", tmp_path).kms_key_arn == key
+    monkeypatch.setattr("envfs.cli.volume.configure_logging", lambda **_: None)
+    code = main(["mount", "--config", "data", "--config-dir", str(tmp_path), "--foreground"])
+    assert code == 60
+    assert capsys.readouterr().err == (
+        f"envfs: error: the volume file of {str(backing)!r} names key {theirs!r}, not"
+        f" {key!r} (--key-arn): refused, it may have been replaced\n"
+    )
+    code = main(["mount", str(backing), str(mountpoint), "--foreground", "--key-arn", key])
+    assert code == 60 and "it may have been replaced" in capsys.readouterr().err
+    alias = "arn:aws:kms:eu-west-1:111122223333:alias/data"
+    assert main(["mount", str(backing), str(mountpoint), "--key-arn", alias]) == 2
+    assert "names an alias, not a key" in capsys.readouterr().err
+
+
+def test_a_configuration_others_may_change_is_refused(tmp_path: Path) -> None:
+    """A volume configuration names the key service trusted with every data key, the
+    credentials and the key the volume file must name: whoever could change it could send
+    the mount to an endpoint of theirs."""
+    folder = tmp_path / "volumes"
+    folder.mkdir(mode=0o755)
+    path = write(folder, MINIMAL)
+    assert config.load("data", folder).backing == Path("/srv/data.envfs")
+    path.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"data.toml: not trusted: it must belong to root"):
+        config.load("data", folder)
+    path.chmod(0o644)
+    folder.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"data.toml: not trusted: the folder '.*/volumes' on"):
+        config.load("data", folder)
+    folder.chmod(0o755)
+    (folder / "link.toml").symlink_to(path)
+    with pytest.raises(ConfigError, match=r"link.toml: cannot read: "):
+        config.load("link", folder)

@@ -351,6 +351,16 @@ async def test_keys_expire_unused_after_max_age(
     assert pool.take(KEY_USER) is None
 
 
+async def test_expired_keys_of_an_idle_user_are_dropped_at_anyones_next_create(
+    pool: DataKeyPool, fake_keys: FakeKeyProvider, clock: Clock
+) -> None:
+    await refill(pool, fake_keys, KEY_USER)
+    assert (KEY_USER.uid, KEY_USER.gid) in pool._ready
+    clock.now += 30.0
+    assert pool.take(ROOT) is None
+    assert (KEY_USER.uid, KEY_USER.gid) not in pool._ready  # their plaintext keys forgotten
+
+
 async def test_clear_drops_every_ready_key(pool: DataKeyPool, fake_keys: FakeKeyProvider) -> None:
     await refill(pool, fake_keys, KEY_USER)
     pool.clear()

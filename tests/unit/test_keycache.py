@@ -42,6 +42,20 @@ def test_least_recently_used_entries_go_first() -> None:
     assert cache.get(1, 1, b"c", b"w") == b"kc"
 
 
+def test_expired_entries_are_swept_out() -> None:
+    """An expired key is not kept until the cache fills up: a lookup or an insertion at
+    least ``max_age`` after the last sweep drops every expired entry."""
+    clock = Clock()
+    cache = DataKeyCache(30, clock=clock)
+    cache.put(1, 1, b"a", b"w", b"ka")
+    clock.now += 31
+    cache.put(2, 2, b"b", b"w", b"kb")
+    assert len(cache) == 1 and cache.get(2, 2, b"b", b"w") == b"kb"
+    clock.now += 61
+    assert cache.get(3, 3, b"c", b"w") is None
+    assert len(cache) == 0
+
+
 def test_zero_max_age_caches_nothing() -> None:
     cache = DataKeyCache(0)
     cache.put(1, 1, b"a", b"w", b"ka")
