@@ -41,13 +41,27 @@ class ArgumentError(UsageError):
         self.hint = hint
 
 
+# No request to the key service may be larger (kms/protocol.py's frame, the HTTP
+# endpoint's body), so no file given as a parameter needs to be.
+MAX_FILE_BYTES = 1 << 20
+
+
 def read_file_bytes(flag: str, path: str) -> bytes:
-    """The contents of ``path`` (``~`` expanded), or a usage error naming ``flag``."""
+    """The contents of ``path`` (``~`` expanded), or a usage error naming ``flag``; at most
+    :data:`MAX_FILE_BYTES`, so that ``fileb:///dev/zero`` or a disk image given by mistake
+    is refused at once instead of filling the memory."""
     try:
         with open(os.path.expanduser(path), "rb") as f:
-            return f.read()
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ArgumentError(flag, f"cannot read {path!r}: {e.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ArgumentError(
+            flag,
+            f"{path!r} is larger than {MAX_FILE_BYTES} bytes, more than any request to the"
+            " key service may carry",
+        )
+    return data
 
 
 def read_file_text(flag: str, path: str) -> str:
