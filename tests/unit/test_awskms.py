@@ -681,3 +681,139 @@ def test_an_unreachable_sts_is_an_outage_not_a_refusal(tmp_path: Path) -> None:
         with pytest.raises(KMSUnavailableException, match=r"cannot be reached"):
             provider.describe_key(key, ALICE)
         assert seen[1] == 0
+
+
+# A listener of its own uid, in a child process: prints its port, then, once its stdin
+# closes, how many connections it accepted and how many bytes they carried.
+_LISTENER = """
+import select, socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+conns, accepted, received = [], 0, 0
+while True:
+    ready = select.select([listener, sys.stdin, *conns], [], [], 10)[0]
+    if listener in ready:
+        conns.append(listener.accept()[0])
+        accepted += 1
+    for sock in [r for r in ready if r in conns]:
+        data = sock.recv(1 << 16)
+        received += len(data)
+        if not data:
+            conns.remove(sock)
+    if sys.stdin in ready or not ready:
+        break
+for sock in conns:
+    sock.settimeout(0.2)
+    try:
+        while data := sock.recv(1 << 16):
+            received += len(data)
+    except OSError:
+        pass
+print(accepted, received, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def listener_of_another_user(uid: int = 65534) -> Iterator[list[int]]:
+    """A loopback port listened on by ``uid``; yields [port], then [port, connections
+    accepted, bytes received] once the block ends."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _LISTENER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+        user=uid,
+        group=uid,
+        extra_groups=[],
+    )
+    assert child.stdout is not None
+    seen = [int(child.stdout.readline())]
+    try:
+        yield seen
+    finally:
+        out, _ = child.communicate("", timeout=5)
+        seen += [int(n) for n in out.split()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a listener of another uid needs root")
+def test_plain_http_sends_nothing_to_a_listener_of_an_untrusted_uid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any local user may take a free loopback port (the key service stopped, say): it would
+    read the signed requests and replay them to the service, and choose every new file's
+    data key in its answers. Nothing is sent; the provider reports an outage, logged once."""
+    monkeypatch.delenv("ENVFS_KMS_SERVER_UID", raising=False)
+    creds = tmp_path / "credentials"
+    creds.write_text(
+        "[alice]\naws_access_key_id = AKIAALICEALICE\naws_secret_access_key = SECRETSECRET\n"
+    )
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    caplog.set_level(logging.DEBUG)
+    with no_home_aws(tmp_path), listener_of_another_user() as seen:
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}", timeout=0.5
+        )
+        with pytest.raises(
+            KMSUnavailableException,
+            match=rf"^the key service at 'http://127\.0\.0\.1:{seen[0]}' cannot be used: the"
+            rf" process listening on loopback port {seen[0]} runs as uid 65534, which is not"
+            r" trusted to be the key service \(root, the mount's own uid or"
+            r" \$ENVFS_KMS_SERVER_UID\): nothing sent over plain http$",
+        ):
+            provider.generate_data_key("alias/x", CONTEXT, ALICE, "n")
+        provider.close()
+    assert seen[1:] == [1, 0]  # one connection (not retried), not a byte on it
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "uid 65534" in warnings[0].getMessage()
+    assert f"port {seen[0]}" in warnings[0].getMessage()
+    for record in caplog.records:
+        assert "SECRETSECRET" not in record.getMessage()
+    monkeypatch.setenv("ENVFS_KMS_SERVER_UID", "4242,65534")  # the service's own uid
+    with no_home_aws(tmp_path), listener_of_another_user() as seen:
+        provider = AwsKmsProvider(
+            REGION,
+            mapping,
+            endpoint_url=f"http://127.0.0.1:{seen[0]}",
+            timeout=0.3,
+            max_attempts=1,
+        )
+        with pytest.raises(DependencyTimeoutException):  # sent; this one never answers
+            provider.generate_data_key("alias/x", CONTEXT, ALICE, "n")
+        provider.close()
+    assert seen[1] == 1 and seen[2] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a listener of another uid needs root")
+def test_plain_http_sends_nothing_to_an_sts_listener_of_an_untrusted_uid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STS at a plain-http loopback endpoint is checked the same way: its listener would
+    read signed AssumeRole requests (replayed, a role's credentials) and choose the
+    credentials every later call is signed with."""
+    monkeypatch.delenv("ENVFS_KMS_SERVER_UID", raising=False)
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), listener_of_another_user() as sts, lying_endpoint(answer) as kms:
+        mapping = load_mapping(
+            write_mapping(tmp_path, creds, entry, f'sts_endpoint_url = "http://127.0.0.1:{sts[0]}"')
+        )
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{kms[0]}", timeout=0.5
+        )
+        with pytest.raises(KMSUnavailableException, match=r"runs as uid 65534, which is not"):
+            provider.describe_key(key, ALICE)
+        assert kms[1] == 0
+    assert sts[1:] == [1, 0]
+    # Logged once, by the provider: not also by botocore, with a traceback.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["envfs.keys.failfast"]
+    assert all(r.exc_info is None for r in caplog.records)
