@@ -124,6 +124,8 @@ class AwsKmsProvider:
             system's, as OpenSSL finds them), as read once
             (:func:`~envfs.keys.awscreds.read_ca_bundle`): botocore reads a CA file at
             each new connection, so it is given a private copy that no one can replace.
+            Also for the mapping's ``sts_endpoint_url`` if that is on the endpoint's host;
+            any other STS (AWS's by default) is verified with the system's CAs.
         timeout: seconds an attempt may wait for an answer (connecting: at most 3 s).
         max_attempts: attempts per call, the first included (botocore's standard retries).
         envfs_blobs: the endpoint is an envfs key service, whose ciphertext blobs are
@@ -157,12 +159,17 @@ class AwsKmsProvider:
         self._ca_fd: int | None = None
         self._closed = False
         self._verify: str | bool = _system_cas()
+        # STS (a role's credentials) is AWS's unless the mapping names another: the
+        # endpoint's CA bundle is for the endpoint's host, and would not verify AWS's STS.
+        self._sts_verify = self._verify
         if ca_bundle is not None:
             self._ca_fd = os.memfd_create("envfs-ca-bundle")
             written = 0
             while written < len(ca_bundle):
                 written += os.write(self._ca_fd, ca_bundle[written:])
             self._verify = f"/proc/self/fd/{self._ca_fd}"
+            if _same_host(mapping.sts_endpoint_url, endpoint_url):
+                self._sts_verify = self._verify
         self._config = botocore.config.Config(
             connect_timeout=min(3.0, timeout),
             read_timeout=timeout,
@@ -355,7 +362,7 @@ class AwsKmsProvider:
                 service,
                 region_name=self._region,
                 endpoint_url=self.mapping.sts_endpoint_url,
-                verify=self._verify,
+                verify=self._sts_verify,
                 config=self._config,
                 **kwargs,
             )
@@ -508,6 +515,14 @@ class _ReadAnswer:
 
     def stream(self, **kwargs: Any) -> Iterator[bytes]:
         yield self._body
+
+
+def _same_host(url: str | None, other: str | None) -> bool:
+    """Whether two endpoint URLs (both given) name the same host, whatever their ports."""
+    if url is None or other is None:
+        return False
+    host = urllib.parse.urlsplit(url).hostname
+    return host is not None and host == urllib.parse.urlsplit(other).hostname
 
 
 def _system_cas() -> str | bool:

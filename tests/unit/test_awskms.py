@@ -372,14 +372,15 @@ def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path)
 
 @contextlib.contextmanager
 def lying_endpoint(
-    answer: dict[str, object],
+    answer: dict[str, object] | bytes,
     failures: int = 0,
     tls: tuple[Path, Path] | None = None,
     status: int = 200,
+    host: str = "127.0.0.1",
 ) -> Iterator[list[int]]:
-    """An HTTP endpoint on loopback (HTTPS with the certificate and key ``tls``) that
+    """An HTTP endpoint on ``host`` (HTTPS with the certificate and key ``tls``) that
     answers its first ``failures`` calls with HTTP 503, then every call with ``answer``
-    (and HTTP ``status``); yields [port, calls so far]."""
+    (JSON; or XML, given as bytes) and HTTP ``status``; yields [port, calls so far]."""
     import http.server
     import ssl
 
@@ -390,9 +391,15 @@ def lying_endpoint(
             self.rfile.read(int(self.headers.get("Content-Length", "0")))
             seen[1] += 1
             failing = seen[1] <= failures
-            body = json.dumps({"__type": "ServiceUnavailable"} if failing else answer).encode()
+            if isinstance(answer, bytes) and not failing:
+                body = answer
+            else:
+                body = json.dumps({"__type": "ServiceUnavailable"} if failing else answer).encode()
             self.send_response(503 if failing else status)
-            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header(
+                "Content-Type",
+                "text/xml" if isinstance(answer, bytes) else "application/x-amz-json-1.1",
+            )
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -400,12 +407,14 @@ def lying_endpoint(
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.ThreadingHTTPServer((host, 0), Handler)
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(*tls)
         server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     seen[0] = server.server_address[1]
     try:
@@ -817,3 +826,102 @@ def test_plain_http_sends_nothing_to_an_sts_listener_of_an_untrusted_uid(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.name for r in warnings] == ["envfs.keys.failfast"]
     assert all(r.exc_info is None for r in caplog.records)
+
+
+_ASSUMED_ROLE = b"""<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+<AssumeRoleResult>
+<AssumedRoleUser><AssumedRoleId>AROAENVFS:envfs</AssumedRoleId>
+<Arn>arn:aws:sts::111122223333:assumed-role/envfs/envfs</Arn></AssumedRoleUser>
+<Credentials><AccessKeyId>ASIAROLEROLEROLE</AccessKeyId><SecretAccessKey>role</SecretAccessKey>
+<SessionToken>token</SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration></Credentials>
+</AssumeRoleResult>
+<ResponseMetadata><RequestId>1</RequestId></ResponseMetadata>
+</AssumeRoleResponse>"""
+
+
+@pytest.mark.parametrize("sts_host", ["127.0.0.2", "127.0.0.1"])
+def test_sts_is_verified_with_the_ca_bundle_only_on_the_endpoints_host(
+    sts_host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint's CA bundle is for the endpoint: an STS elsewhere (AWS's) is verified
+    with the system's CAs, as it would not verify with the endpoint's private CA; an STS
+    on the endpoint's own host, with the bundle."""
+    from envfs.keys.choice import KeyServiceChoice, connect
+    from tests.tlscert import make_certificate
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    (tmp_path / "endpoint").mkdir()
+    (tmp_path / "system").mkdir()
+    endpoint_tls = make_certificate(tmp_path / "endpoint")
+    system_tls = make_certificate(tmp_path / "system", sts_host)
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_tls[0]))  # the system's CAs
+    sts_tls = system_tls if sts_host != "127.0.0.1" else endpoint_tls
+    entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with (
+        no_home_aws(tmp_path),
+        lying_endpoint(_ASSUMED_ROLE, tls=sts_tls, host=sts_host) as sts,
+        lying_endpoint(answer, tls=endpoint_tls) as kms,
+    ):
+        mapping = write_mapping(
+            tmp_path, creds, entry, f'sts_endpoint_url = "https://{sts_host}:{sts[0]}"'
+        )
+        with connect(
+            KeyServiceChoice.parse(f"https://127.0.0.1:{kms[0]}"), REGION,
+            open_store=lambda: None,  # type: ignore[arg-type,return-value]
+            credentials=mapping, ca_bundle=endpoint_tls[0], timeout=2,
+        ) as service:  # fmt: skip
+            assert service.provider.describe_key(key, ALICE) == key
+        assert (sts[1], kms[1]) == (1, 1)
+
+
+def test_aws_s_sts_is_verified_with_the_systems_cas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an sts_endpoint_url, a role is assumed at AWS's STS: with the system's CAs,
+    not the endpoint's bundle (never reached here: the client is stopped once made)."""
+    import botocore.exceptions
+
+    from envfs.keys import awskms
+    from tests.tlscert import make_certificate
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    system = make_certificate(tmp_path)[0]
+    monkeypatch.setenv("SSL_CERT_FILE", str(system))
+    entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
+    mapping = load_mapping(write_mapping(tmp_path, creds, entry))
+    made: dict[str, object] = {}
+    real_session = awskms._clean_session
+
+    def recording_session() -> object:
+        session = real_session()
+        create = session.create_client
+
+        def create_client(service: str, **kwargs: object) -> object:
+            made[service] = kwargs["verify"]
+            if service == "sts":
+                raise botocore.exceptions.EndpointConnectionError(endpoint_url="sts")
+            return create(service, **kwargs)
+
+        session.create_client = create_client
+        return session
+
+    monkeypatch.setattr(awskms, "_clean_session", recording_session)
+    with no_home_aws(tmp_path):
+        provider = AwsKmsProvider(
+            REGION,
+            mapping,
+            endpoint_url="https://127.0.0.1:1",
+            ca_bundle=system.read_bytes(),
+            max_attempts=1,
+        )
+        with pytest.raises(KMSUnavailableException):
+            provider.describe_key("alias/x", ALICE)
+        provider.close()
+    assert made == {"kms": made["kms"], "sts": str(system)}
+    assert made["kms"] != str(system)  # the bundle's private copy
