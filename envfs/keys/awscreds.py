@@ -9,7 +9,9 @@ whoever can write the backing store could edit to borrow someone else's identity
     shared_credentials_file = "/etc/envfs/aws/credentials"  # AWS's INI format, profiles
     shared_config_file = "/etc/envfs/aws/config"            # optional, AWS's config format
     sts_endpoint_url = "https://sts.eu-west-1.amazonaws.com"  # optional: for role_arn
-                                                  # (http:// only on loopback)
+                                                  # (http:// only on loopback; verified
+                                                  # with the system's CAs, or with the
+                                                  # endpoint's CA bundle on its host)
 
     [[map]]
     principal = "user:alice"         # user:NAME, uid:N, group:NAME or gid:N

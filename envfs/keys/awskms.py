@@ -15,21 +15,36 @@ fixed number of attempts; after the endpoint could not be reached the provider f
 :class:`~envfs.keys.daemon.DaemonKeyProvider` does. AWS's error codes become envfs's
 :class:`~envfs.errors.KMSError` of the same name.
 
+Plain ``http://`` (on loopback only: moto in the tests, a key service on this machine) is
+sent by the provider itself (:class:`_LoopbackSender`, in botocore's ``before-send`` hook):
+any local user may listen on the port while the service is down, and would then read the
+signed requests (and replay them to the service), and choose every new file's data key in
+its answers. So each request gets its own connection, and nothing is sent on it unless its
+other end is a loopback address whose listener runs as a trusted uid (root, the mount's
+own, ``$ENVFS_KMS_SERVER_UID``), as envfs's own clients require
+(:mod:`envfs.kms.loopback`); another listener is an outage. ``https://`` endpoints are
+botocore's own business (the certificate tells the service).
+
 Never logged: credentials, plaintext data keys, response bodies. botocore logs request and
 response bodies at DEBUG, so its loggers are held at WARNING whatever the daemon's level.
 """
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import logging
 import os
 import re
 import ssl
 import threading
-from collections.abc import Mapping
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import botocore
+import botocore.awsrequest
 import botocore.config
 import botocore.configprovider
 import botocore.credentials
@@ -52,6 +67,7 @@ from envfs.keys import envfskms
 from envfs.keys.awscreds import CredentialMapping, CredentialSource
 from envfs.keys.failfast import FailFast
 from envfs.keys.provider import DataKey, EncryptionContext, WrappedKey
+from envfs.kms.loopback import loopback_server_uid, trusted_uids
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +89,10 @@ _REFUSED = frozenset(
 )
 # Loggers that would show request or response bodies (plaintext keys) at DEBUG.
 _QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
+# botocore logs a failed refresh of a role's credentials (STS unreachable, or its port
+# held by an untrusted listener) as a WARNING with a traceback; the call that needed them
+# fails, and the provider logs that itself, without one.
+_CREDENTIALS_LOGGER = "botocore.credentials"
 # envfs-only parameters the key service's own protocol has and AWS's has not.
 _ENVFS_ONLY_PARAMS = ("AuditNote",)
 
@@ -104,6 +124,8 @@ class AwsKmsProvider:
             system's, as OpenSSL finds them), as read once
             (:func:`~envfs.keys.awscreds.read_ca_bundle`): botocore reads a CA file at
             each new connection, so it is given a private copy that no one can replace.
+            Also for the mapping's ``sts_endpoint_url`` if that is on the endpoint's host;
+            any other STS (AWS's by default) is verified with the system's CAs.
         timeout: seconds an attempt may wait for an answer (connecting: at most 3 s).
         max_attempts: attempts per call, the first included (botocore's standard retries).
         envfs_blobs: the endpoint is an envfs key service, whose ciphertext blobs are
@@ -129,18 +151,25 @@ class AwsKmsProvider:
             # (logging configured after the provider is made).
             if logging.getLogger(name).level < logging.WARNING:
                 logging.getLogger(name).setLevel(logging.WARNING)
+        if logging.getLogger(_CREDENTIALS_LOGGER).level < logging.ERROR:
+            logging.getLogger(_CREDENTIALS_LOGGER).setLevel(logging.ERROR)
         self._region = region
         self.mapping = mapping
         self.endpoint_url = endpoint_url
         self._ca_fd: int | None = None
         self._closed = False
         self._verify: str | bool = _system_cas()
+        # STS (a role's credentials) is AWS's unless the mapping names another: the
+        # endpoint's CA bundle is for the endpoint's host, and would not verify AWS's STS.
+        self._sts_verify = self._verify
         if ca_bundle is not None:
             self._ca_fd = os.memfd_create("envfs-ca-bundle")
             written = 0
             while written < len(ca_bundle):
                 written += os.write(self._ca_fd, ca_bundle[written:])
             self._verify = f"/proc/self/fd/{self._ca_fd}"
+            if _same_host(mapping.sts_endpoint_url, endpoint_url):
+                self._sts_verify = self._verify
         self._config = botocore.config.Config(
             connect_timeout=min(3.0, timeout),
             read_timeout=timeout,
@@ -150,6 +179,9 @@ class AwsKmsProvider:
             # send the signed requests (and, to an http:// endpoint on loopback, the answers'
             # plaintext data keys) through whatever proxy that names.
             proxies={},
+        )
+        self._plain_sender = _LoopbackSender(
+            connect_timeout=min(3.0, timeout), read_timeout=timeout, trusted=trusted_uids()
         )
         self._envfs_blobs = envfs_blobs
         self._clients: dict[int, Any] = {}
@@ -262,6 +294,12 @@ class AwsKmsProvider:
             out: dict[str, Any] = method(**params)
         except botocore.exceptions.ClientError as exc:
             raise _from_client_error(exc, operation, entry) from None
+        except _UntrustedListener as exc:  # the key service's or STS's port
+            raise self._fail_fast.failed(
+                KMSUnavailableException(
+                    f"the key service at {self.where()!r} cannot be used: {exc}"
+                )
+            ) from None
         except (
             botocore.exceptions.ReadTimeoutError,
             botocore.exceptions.ConnectTimeoutError,
@@ -320,14 +358,15 @@ class AwsKmsProvider:
         def sts_client(service: str, **kwargs: Any) -> Any:
             # botocore's fetcher passes the source credentials as keyword arguments.
             session = _clean_session()
-            return session.create_client(
+            client = session.create_client(
                 service,
                 region_name=self._region,
                 endpoint_url=self.mapping.sts_endpoint_url,
-                verify=self._verify,
+                verify=self._sts_verify,
                 config=self._config,
                 **kwargs,
             )
+            return self._guarded(client, self.mapping.sts_endpoint_url)
 
         fetcher = botocore.credentials.AssumeRoleCredentialFetcher(
             sts_client,
@@ -346,13 +385,21 @@ class AwsKmsProvider:
         session.register_component(
             "credential_provider", botocore.credentials.CredentialResolver([_Given(credentials)])
         )
-        return session.create_client(
+        client = session.create_client(
             service,
             region_name=self._region,
             endpoint_url=endpoint_url,
             verify=self._verify,
             config=self._config,
         )
+        return self._guarded(client, endpoint_url)
+
+    def _guarded(self, client: Any, endpoint_url: str | None) -> Any:
+        """``client``, sending to a plain-http ``endpoint_url`` through the provider's own
+        checked connections (the event covers every operation of the client's service)."""
+        if endpoint_url is not None and urllib.parse.urlsplit(endpoint_url).scheme == "http":
+            client.meta.events.register("before-send", self._plain_sender)
+        return client
 
     def close(self) -> None:
         with self._lock:
@@ -363,6 +410,119 @@ class AwsKmsProvider:
             if self._ca_fd is not None:
                 os.close(self._ca_fd)
                 self._ca_fd = None
+
+
+class _UntrustedListener(Exception):
+    """A plain-http endpoint's connection led elsewhere than to a trusted listener on this
+    machine; nothing was sent. Not one of botocore's errors, so not retried."""
+
+
+class _LoopbackSender:
+    """Sends a botocore request to a plain-http endpoint on loopback (a ``before-send``
+    handler: what it returns is botocore's answer), on a connection of its own, checked
+    after connecting and before the first byte is sent: its other end must be a loopback
+    address whose listener runs as one of ``trusted`` (checked once made, not before: a
+    port may change hands between a check and a connect, never within a connection).
+
+    Failures are botocore's own errors, so its retries and the provider's outage handling
+    apply as to its own transport: EndpointConnectionError (no connection),
+    ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError (lost after sending).
+    """
+
+    # Times to look for the listener's row again: the kernel may add the accepted
+    # connection's row a moment after connect() returned.
+    _LOOKUPS = 5
+
+    def __init__(
+        self, *, connect_timeout: float, read_timeout: float, trusted: frozenset[int]
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._trusted = trusted
+
+    def __call__(self, request: Any, **kwargs: Any) -> botocore.awsrequest.AWSResponse | None:
+        url = urllib.parse.urlsplit(request.url)
+        if url.scheme != "http":
+            return None  # https: botocore's own transport
+        port = url.port or 80
+        connection = http.client.HTTPConnection(
+            url.hostname or "", port, timeout=self._connect_timeout
+        )
+        try:
+            try:
+                connection.connect()
+            except TimeoutError as exc:
+                raise botocore.exceptions.ConnectTimeoutError(
+                    endpoint_url=request.url, error=exc
+                ) from None
+            except OSError as exc:
+                raise botocore.exceptions.EndpointConnectionError(
+                    endpoint_url=request.url, error=exc
+                ) from None
+            sock = connection.sock
+            assert sock is not None  # connected
+            self._check(sock, port)
+            sock.settimeout(self._read_timeout)
+            target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            try:
+                connection.request(
+                    request.method, target, body=request.body, headers=dict(request.headers)
+                )
+                answer = connection.getresponse()
+                body = answer.read()
+            except TimeoutError as exc:
+                raise botocore.exceptions.ReadTimeoutError(
+                    endpoint_url=request.url, error=exc
+                ) from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise botocore.exceptions.ConnectionClosedError(
+                    endpoint_url=request.url, error=exc, request=request
+                ) from None
+            return botocore.awsrequest.AWSResponse(
+                request.url, answer.status, answer.getheaders(), _ReadAnswer(body)
+            )
+        finally:
+            connection.close()
+
+    def _check(self, sock: Any, port: int) -> None:
+        peer = str(sock.getpeername()[0])
+        if not ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback:
+            # "localhost" is resolved by the system: never send in plain off this machine.
+            raise _UntrustedListener(
+                f"the connection to port {port} led to {peer}, which is not a loopback"
+                " address: nothing sent over plain http"
+            )
+        owner = loopback_server_uid(sock)
+        for _ in range(self._LOOKUPS):
+            if owner is not None:
+                break
+            time.sleep(0.001)
+            owner = loopback_server_uid(sock)
+        if owner not in self._trusted:
+            who = "an unknown uid" if owner is None else f"uid {owner}"
+            raise _UntrustedListener(
+                f"the process listening on loopback port {port} runs as {who}, which is not"
+                " trusted to be the key service (root, the mount's own uid or"
+                " $ENVFS_KMS_SERVER_UID): nothing sent over plain http"
+            )
+
+
+class _ReadAnswer:
+    """An answer's body, read whole, as botocore reads a response's ``raw``."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **kwargs: Any) -> Iterator[bytes]:
+        yield self._body
+
+
+def _same_host(url: str | None, other: str | None) -> bool:
+    """Whether two endpoint URLs (both given) name the same host, whatever their ports."""
+    if url is None or other is None:
+        return False
+    host = urllib.parse.urlsplit(url).hostname
+    return host is not None and host == urllib.parse.urlsplit(other).hostname
 
 
 def _system_cas() -> str | bool:

@@ -35,6 +35,7 @@ from envfs.errors import (
     KMSUnavailableException,
 )
 from envfs.kms import protocol
+from envfs.kms.loopback import trusted_uids
 
 _REFUSED_FIRST_DELAY = 0.01  # seconds before connecting again to a socket that refused
 _REFUSED_MAX_DELAY = 0.5
@@ -55,7 +56,7 @@ class KMSClient:
     ) -> None:
         self.socket_path = os.fspath(socket_path)
         if trusted_server_uids is None:
-            trusted_server_uids = frozenset({0, os.geteuid(), *env_server_uids()})
+            trusted_server_uids = trusted_uids()
         self.trusted_server_uids = trusted_server_uids
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -253,9 +254,3 @@ def _timeval(seconds: float) -> bytes:
     """``struct timeval`` for ``seconds`` (0 is no limit; anything else at least 1 µs)."""
     micros = max(1, round(seconds * 1e6)) if seconds > 0 else 0
     return _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000)
-
-
-def env_server_uids() -> list[int]:
-    """Extra daemon uids to trust: ``$ENVFS_KMS_SERVER_UID`` (comma-separated)."""
-    text = os.environ.get("ENVFS_KMS_SERVER_UID", "")
-    return [int(part) for part in text.split(",") if part.strip().isdigit()]

@@ -49,7 +49,6 @@ import http.client
 import ipaddress
 import json
 import logging
-import os
 import random
 import socket
 import ssl
@@ -73,8 +72,8 @@ from envfs.errors import (
     ThrottlingException,
 )
 from envfs.kms import awsjson, sigv4
-from envfs.kms.client import env_server_uids
 from envfs.kms.core import AUDIT_ONLY_OPERATIONS
+from envfs.kms.loopback import is_loopback_host, loopback_server_uid, trusted_uids
 
 log = logging.getLogger(__name__)
 
@@ -233,47 +232,6 @@ class Endpoint:
         return f"{self.scheme}://{self.netloc}{'' if self.path == '/' else self.path}"
 
 
-def is_loopback_host(host: str) -> bool:
-    """``localhost`` (and names under it), or an address of the loopback networks."""
-    name = host.lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def loopback_server_uid(sock: socket.socket) -> int | None:
-    """The uid owning the other end of ``sock``, a TCP connection within this machine: the
-    row of ``/proc/net/tcp`` (``tcp6``) whose local address is our peer's and remote address
-    ours (the kernel gives an accepted socket its listener's uid). None if not found."""
-    family = sock.family
-    mine, theirs = sock.getsockname(), sock.getpeername()
-    table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
-    wanted = (_proc_address(family, theirs), _proc_address(family, mine))
-    try:
-        with open(table, encoding="ascii") as rows:
-            next(rows, None)  # the header
-            for row in rows:
-                fields = row.split()
-                if len(fields) > 7 and (fields[1], fields[2]) == wanted:
-                    return int(fields[7])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _proc_address(family: int, address: tuple[Any, ...]) -> str:
-    """``(host, port)`` as ``/proc/net/tcp*`` writes it: the address's 32-bit words each in
-    the host's byte order, in hex, then the port."""
-    packed = socket.inet_pton(family, str(address[0]).split("%", 1)[0])
-    words = "".join(
-        f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4)
-    )
-    return f"{words}:{int(address[1]):04X}"
-
-
 def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     """The client's TLS: the server's certificate and name verified against ``ca_bundle``
     (PEM), else the system's CAs. As ``ssl.create_default_context``, but never writing the
@@ -409,7 +367,7 @@ class HTTPKMSClient:
         self._sleep = sleep
         self._tls: ssl.SSLContext | None = None
         if trusted_server_uids is None:  # as the Unix-socket client's
-            trusted_server_uids = frozenset({0, os.geteuid(), *env_server_uids()})
+            trusted_server_uids = trusted_uids()
         self.trusted_server_uids = trusted_server_uids
 
     def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -372,14 +372,15 @@ def test_a_profile_gone_after_the_start_is_a_refusal(moto: Moto, tmp_path: Path)
 
 @contextlib.contextmanager
 def lying_endpoint(
-    answer: dict[str, object],
+    answer: dict[str, object] | bytes,
     failures: int = 0,
     tls: tuple[Path, Path] | None = None,
     status: int = 200,
+    host: str = "127.0.0.1",
 ) -> Iterator[list[int]]:
-    """An HTTP endpoint on loopback (HTTPS with the certificate and key ``tls``) that
+    """An HTTP endpoint on ``host`` (HTTPS with the certificate and key ``tls``) that
     answers its first ``failures`` calls with HTTP 503, then every call with ``answer``
-    (and HTTP ``status``); yields [port, calls so far]."""
+    (JSON; or XML, given as bytes) and HTTP ``status``; yields [port, calls so far]."""
     import http.server
     import ssl
 
@@ -390,9 +391,15 @@ def lying_endpoint(
             self.rfile.read(int(self.headers.get("Content-Length", "0")))
             seen[1] += 1
             failing = seen[1] <= failures
-            body = json.dumps({"__type": "ServiceUnavailable"} if failing else answer).encode()
+            if isinstance(answer, bytes) and not failing:
+                body = answer
+            else:
+                body = json.dumps({"__type": "ServiceUnavailable"} if failing else answer).encode()
             self.send_response(503 if failing else status)
-            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header(
+                "Content-Type",
+                "text/xml" if isinstance(answer, bytes) else "application/x-amz-json-1.1",
+            )
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -400,12 +407,14 @@ def lying_endpoint(
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.ThreadingHTTPServer((host, 0), Handler)
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(*tls)
         server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     seen[0] = server.server_address[1]
     try:
@@ -681,3 +690,238 @@ def test_an_unreachable_sts_is_an_outage_not_a_refusal(tmp_path: Path) -> None:
         with pytest.raises(KMSUnavailableException, match=r"cannot be reached"):
             provider.describe_key(key, ALICE)
         assert seen[1] == 0
+
+
+# A listener of its own uid, in a child process: prints its port, then, once its stdin
+# closes, how many connections it accepted and how many bytes they carried.
+_LISTENER = """
+import select, socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+conns, accepted, received = [], 0, 0
+while True:
+    ready = select.select([listener, sys.stdin, *conns], [], [], 10)[0]
+    if listener in ready:
+        conns.append(listener.accept()[0])
+        accepted += 1
+    for sock in [r for r in ready if r in conns]:
+        data = sock.recv(1 << 16)
+        received += len(data)
+        if not data:
+            conns.remove(sock)
+    if sys.stdin in ready or not ready:
+        break
+for sock in conns:
+    sock.settimeout(0.2)
+    try:
+        while data := sock.recv(1 << 16):
+            received += len(data)
+    except OSError:
+        pass
+print(accepted, received, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def listener_of_another_user(uid: int = 65534) -> Iterator[list[int]]:
+    """A loopback port listened on by ``uid``; yields [port], then [port, connections
+    accepted, bytes received] once the block ends."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _LISTENER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+        user=uid,
+        group=uid,
+        extra_groups=[],
+    )
+    assert child.stdout is not None
+    seen = [int(child.stdout.readline())]
+    try:
+        yield seen
+    finally:
+        out, _ = child.communicate("", timeout=5)
+        seen += [int(n) for n in out.split()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a listener of another uid needs root")
+def test_plain_http_sends_nothing_to_a_listener_of_an_untrusted_uid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any local user may take a free loopback port (the key service stopped, say): it would
+    read the signed requests and replay them to the service, and choose every new file's
+    data key in its answers. Nothing is sent; the provider reports an outage, logged once."""
+    monkeypatch.delenv("ENVFS_KMS_SERVER_UID", raising=False)
+    creds = tmp_path / "credentials"
+    creds.write_text(
+        "[alice]\naws_access_key_id = AKIAALICEALICE\naws_secret_access_key = SECRETSECRET\n"
+    )
+    creds.chmod(0o600)
+    mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
+    caplog.set_level(logging.DEBUG)
+    with no_home_aws(tmp_path), listener_of_another_user() as seen:
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}", timeout=0.5
+        )
+        with pytest.raises(
+            KMSUnavailableException,
+            match=rf"^the key service at 'http://127\.0\.0\.1:{seen[0]}' cannot be used: the"
+            rf" process listening on loopback port {seen[0]} runs as uid 65534, which is not"
+            r" trusted to be the key service \(root, the mount's own uid or"
+            r" \$ENVFS_KMS_SERVER_UID\): nothing sent over plain http$",
+        ):
+            provider.generate_data_key("alias/x", CONTEXT, ALICE, "n")
+        provider.close()
+    assert seen[1:] == [1, 0]  # one connection (not retried), not a byte on it
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "uid 65534" in warnings[0].getMessage()
+    assert f"port {seen[0]}" in warnings[0].getMessage()
+    for record in caplog.records:
+        assert "SECRETSECRET" not in record.getMessage()
+    monkeypatch.setenv("ENVFS_KMS_SERVER_UID", "4242,65534")  # the service's own uid
+    with no_home_aws(tmp_path), listener_of_another_user() as seen:
+        provider = AwsKmsProvider(
+            REGION,
+            mapping,
+            endpoint_url=f"http://127.0.0.1:{seen[0]}",
+            timeout=0.3,
+            max_attempts=1,
+        )
+        with pytest.raises(DependencyTimeoutException):  # sent; this one never answers
+            provider.generate_data_key("alias/x", CONTEXT, ALICE, "n")
+        provider.close()
+    assert seen[1] == 1 and seen[2] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a listener of another uid needs root")
+def test_plain_http_sends_nothing_to_an_sts_listener_of_an_untrusted_uid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STS at a plain-http loopback endpoint is checked the same way: its listener would
+    read signed AssumeRole requests (replayed, a role's credentials) and choose the
+    credentials every later call is signed with."""
+    monkeypatch.delenv("ENVFS_KMS_SERVER_UID", raising=False)
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with no_home_aws(tmp_path), listener_of_another_user() as sts, lying_endpoint(answer) as kms:
+        mapping = load_mapping(
+            write_mapping(tmp_path, creds, entry, f'sts_endpoint_url = "http://127.0.0.1:{sts[0]}"')
+        )
+        provider = AwsKmsProvider(
+            REGION, mapping, endpoint_url=f"http://127.0.0.1:{kms[0]}", timeout=0.5
+        )
+        with pytest.raises(KMSUnavailableException, match=r"runs as uid 65534, which is not"):
+            provider.describe_key(key, ALICE)
+        assert kms[1] == 0
+    assert sts[1:] == [1, 0]
+    # Logged once, by the provider: not also by botocore, with a traceback.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["envfs.keys.failfast"]
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+_ASSUMED_ROLE = b"""<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+<AssumeRoleResult>
+<AssumedRoleUser><AssumedRoleId>AROAENVFS:envfs</AssumedRoleId>
+<Arn>arn:aws:sts::111122223333:assumed-role/envfs/envfs</Arn></AssumedRoleUser>
+<Credentials><AccessKeyId>ASIAROLEROLEROLE</AccessKeyId><SecretAccessKey>role</SecretAccessKey>
+<SessionToken>token</SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration></Credentials>
+</AssumeRoleResult>
+<ResponseMetadata><RequestId>1</RequestId></ResponseMetadata>
+</AssumeRoleResponse>"""
+
+
+@pytest.mark.parametrize("sts_host", ["127.0.0.2", "127.0.0.1"])
+def test_sts_is_verified_with_the_ca_bundle_only_on_the_endpoints_host(
+    sts_host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint's CA bundle is for the endpoint: an STS elsewhere (AWS's) is verified
+    with the system's CAs, as it would not verify with the endpoint's private CA; an STS
+    on the endpoint's own host, with the bundle."""
+    from envfs.keys.choice import KeyServiceChoice, connect
+    from tests.tlscert import make_certificate
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    (tmp_path / "endpoint").mkdir()
+    (tmp_path / "system").mkdir()
+    endpoint_tls = make_certificate(tmp_path / "endpoint")
+    system_tls = make_certificate(tmp_path / "system", sts_host)
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_tls[0]))  # the system's CAs
+    sts_tls = system_tls if sts_host != "127.0.0.1" else endpoint_tls
+    entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
+    answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
+    with (
+        no_home_aws(tmp_path),
+        lying_endpoint(_ASSUMED_ROLE, tls=sts_tls, host=sts_host) as sts,
+        lying_endpoint(answer, tls=endpoint_tls) as kms,
+    ):
+        mapping = write_mapping(
+            tmp_path, creds, entry, f'sts_endpoint_url = "https://{sts_host}:{sts[0]}"'
+        )
+        with connect(
+            KeyServiceChoice.parse(f"https://127.0.0.1:{kms[0]}"), REGION,
+            open_store=lambda: None,  # type: ignore[arg-type,return-value]
+            credentials=mapping, ca_bundle=endpoint_tls[0], timeout=2,
+        ) as service:  # fmt: skip
+            assert service.provider.describe_key(key, ALICE) == key
+        assert (sts[1], kms[1]) == (1, 1)
+
+
+def test_aws_s_sts_is_verified_with_the_systems_cas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an sts_endpoint_url, a role is assumed at AWS's STS: with the system's CAs,
+    not the endpoint's bundle (never reached here: the client is stopped once made)."""
+    import botocore.exceptions
+
+    from envfs.keys import awskms
+    from tests.tlscert import make_certificate
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    system = make_certificate(tmp_path)[0]
+    monkeypatch.setenv("SSL_CERT_FILE", str(system))
+    entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
+    mapping = load_mapping(write_mapping(tmp_path, creds, entry))
+    made: dict[str, object] = {}
+    real_session = awskms._clean_session
+
+    def recording_session() -> object:
+        session = real_session()
+        create = session.create_client
+
+        def create_client(service: str, **kwargs: object) -> object:
+            made[service] = kwargs["verify"]
+            if service == "sts":
+                raise botocore.exceptions.EndpointConnectionError(endpoint_url="sts")
+            return create(service, **kwargs)
+
+        session.create_client = create_client
+        return session
+
+    monkeypatch.setattr(awskms, "_clean_session", recording_session)
+    with no_home_aws(tmp_path):
+        provider = AwsKmsProvider(
+            REGION,
+            mapping,
+            endpoint_url="https://127.0.0.1:1",
+            ca_bundle=system.read_bytes(),
+            max_attempts=1,
+        )
+        with pytest.raises(KMSUnavailableException):
+            provider.describe_key("alias/x", ALICE)
+        provider.close()
+    assert made == {"kms": made["kms"], "sts": str(system)}
+    assert made["kms"] != str(system)  # the bundle's private copy
