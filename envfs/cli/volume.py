@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -265,7 +266,10 @@ def _init(args: argparse.Namespace) -> int:
         f"  key:    {volume.key_arn}\n"
         f"  blocks: {volume.block_size} bytes\n"
         f"  names:  {'encrypted' if volume.encrypted_names else 'plaintext (--plaintext-names)'}\n"
-        f"mount it with: envfs mount {args.backing} MOUNTPOINT\n"
+        f"mount it with: envfs mount {shlex.quote(args.backing)} MOUNTPOINT"
+        f" --key-arn {volume.key_arn}\n"
+        "  (--key-arn: refuse a volume file naming any other key, as one put in its place"
+        " by whoever may write the backing folder would)\n"
     )
     return 0
 

@@ -84,13 +84,14 @@ def test_a_volume_on_an_aws_kms_key(tmp_path: Path) -> None:
         backing = base / "backing"
         out = env.run("init", str(backing), "--key-id", key, *kms).stdout
         assert f"key:    {key}\n" in out
+        assert f"mount it with: envfs mount {backing} MOUNTPOINT --key-arn {key}\n" in out
         info = json.loads(env.run("info", str(backing)).stdout)
         assert (info["KeyArn"], info["Region"]) == (key, "eu-west-1")
         assert info["KeyService"] == "AWS KMS (partition aws)"
 
         mnt = base / "mnt"
         mnt.mkdir()
-        m = Mount(env, backing, mnt, base / "mount.log", ("--allow-other", *kms))
+        m = Mount(env, backing, mnt, base / "mount.log", ("--allow-other", "--key-arn", key, *kms))
         with live(m):
             mnt.chmod(0o777)
             wrote = as_user(WRITER, f"echo from-writer > {mnt}/a.txt && chmod 666 {mnt}/a.txt")
