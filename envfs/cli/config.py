@@ -50,6 +50,13 @@ _describe = ConfigError.describe  # a value as messages quote it
 
 DEFAULT_CONFIG_DIR = Path("/etc/envfs/volumes")
 
+# Why a mount on a key service elsewhere must be told its volume's key.
+PIN_WHY = (
+    "the volume file is authenticated by the key it names, and with keys in AWS KMS or on a"
+    " key server, whoever may write the backing folder may have some key of their own to"
+    " name; give the key `envfs init` printed (`envfs info BACKING` shows it)"
+)
+
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TOP_KEYS = ("backing", "mountpoint", "allow_other", "options", "log_file", "busy_poll", "kms")
 _KMS_KEYS = (
@@ -171,6 +178,8 @@ def parse(name: str, path: Path, data: dict[str, Any]) -> VolumeConfig:
     if choice.endpoint is None and ca_bundle is not None:
         raise reader.error("kms.ca_bundle", "applies only to service = an https URL")
     key_arn = reader.string(kms_table, "kms.key_arn", "key_arn")
+    if choice.aws and key_arn is None:
+        raise reader.error("kms.key_arn", f"missing: service = {kms!r} needs it: {PIN_WHY}")
     if key_arn is not None:
         try:
             parse_key_arn(key_arn)

@@ -324,6 +324,8 @@ def _mount(args: argparse.Namespace) -> int:
 
     _apply_config(args, positionals=("backing", "mountpoint"))
     backing, mountpoint = Path(args.backing), Path(args.mountpoint)
+    if KeyServiceChoice.parse(args.kms).aws and args.key_arn is None:
+        raise UsageError(f"--kms {args.kms} needs --key-arn ARN: {config.PIN_WHY}")
     mountopts.check(args.o or [])
     if "allow_other" in mountopts.items(args.o or []):  # FUSE's spelling of --allow-other
         args.allow_other = True
@@ -616,7 +618,8 @@ def add_parsers(commands: Any) -> None:
         type=key_arn_type,
         metavar="ARN",
         help="the key the volume file must name (refused otherwise): whoever may write the"
-        " backing folder and use some key of their own could replace the whole volume file",
+        " backing folder and use some key of their own could replace the whole volume file;"
+        " required with --kms aws or a URL",
     )
     _add_busy_poll_option(mount)
     mount.set_defaults(handler=_mount)

@@ -117,9 +117,16 @@ def test_a_volume_on_an_aws_kms_key(tmp_path: Path) -> None:
         mnt2.mkdir()
         link = Outage(moto.port)
         link.up()
+        link_kms = ("--kms", link.url, "--kms-credentials", str(mapping))
+        unpinned = env.run("mount", str(copy), str(mnt2), *link_kms, check=False)
+        assert unpinned.returncode == 2 and not is_mounted(mnt2)
+        assert unpinned.stderr.startswith(
+            f"envfs: error: --kms {link.url} needs --key-arn ARN: the volume file is"
+            " authenticated by the key it names"
+        ), unpinned.stderr
         m2 = Mount(
             env, copy, mnt2, base / "mount2.log",
-            ("--allow-other", "--kms", link.url, "--kms-credentials", str(mapping),
+            ("--allow-other", *link_kms, "--key-arn", key,
              "--key-cache-seconds", "0", "--kms-timeout", "2"),
         )  # fmt: skip
         try:
@@ -221,7 +228,7 @@ def test_a_volume_on_another_machines_envfs_key_service(
                 f'backing = "{backing}"\nmountpoint = "{mnt}"\nallow_other = true\n'
                 f'log_file = "{base / "mount.log"}"\n'
                 f'[kms]\nservice = "{service.url}"\ncredentials = "{mapping}"\n'
-                f'ca_bundle = "{cert}"\n'
+                f'ca_bundle = "{cert}"\nkey_arn = "{key_arn}"\n'
             )
             mount_env.run(  # every open a decision of the key service, for the audit
                 "mount", "--config", "fleet", "--config-dir", str(volumes),

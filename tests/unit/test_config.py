@@ -12,6 +12,8 @@ from envfs.cli.config import VolumeConfig
 from envfs.errors import ConfigError
 
 MINIMAL = 'backing = "/srv/data.envfs"\nmountpoint = "/srv/data"\n'
+# required with service = "aws" or a URL
+PIN = "key_arn = 'arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab'\n"
 
 
 def write(directory: Path, text: str, name: str = "data") -> Path:
@@ -75,7 +77,7 @@ def test_daemon_socket(tmp_path: Path) -> None:
 def test_aws_and_https_services(tmp_path: Path) -> None:
     write(
         tmp_path,
-        MINIMAL + '[kms]\nservice = "aws"\ncredentials = "/etc/envfs/aws-users.toml"\n',
+        MINIMAL + '[kms]\nservice = "aws"\ncredentials = "/etc/envfs/aws-users.toml"\n' + PIN,
     )
     cfg = config.load("data", tmp_path)
     assert (cfg.kms, cfg.kms_socket) == ("aws", None)
@@ -84,14 +86,14 @@ def test_aws_and_https_services(tmp_path: Path) -> None:
     write(
         tmp_path,
         MINIMAL + '[kms]\nservice = "https://kms.example.org:8443"\n'
-        'credentials = "/etc/envfs/aws-users.toml"\nca_bundle = "/etc/envfs/ca.pem"\n',
+        'credentials = "/etc/envfs/aws-users.toml"\nca_bundle = "/etc/envfs/ca.pem"\n' + PIN,
     )
     cfg = config.load("data", tmp_path)
     assert cfg.kms == "https://kms.example.org:8443"
     assert cfg.kms_ca_bundle == Path("/etc/envfs/ca.pem")
     write(
         tmp_path,
-        MINIMAL + '[kms]\nservice = "http://127.0.0.1:5000"\ncredentials = "/etc/u.toml"\n',
+        MINIMAL + '[kms]\nservice = "http://127.0.0.1:5000"\ncredentials = "/etc/u.toml"\n' + PIN,
     )
     assert config.load("data", tmp_path).kms == "http://127.0.0.1:5000"
 
@@ -276,6 +278,14 @@ REFUSALS = [
         id="aws-without-credentials",
     ),
     pytest.param(
+        MINIMAL + "[kms]\nservice = 'aws'\ncredentials = '/etc/u.toml'\n",
+        "FILE: key 'kms.key_arn': missing: service = 'aws' needs it: the volume file is"
+        " authenticated by the key it names, and with keys in AWS KMS or on a key server,"
+        " whoever may write the backing folder may have some key of their own to name; give"
+        " the key `envfs init` printed (`envfs info BACKING` shows it)",
+        id="aws-without-key-arn",
+    ),
+    pytest.param(
         MINIMAL + "[kms]\nservice = 'https://kms.example.org'\ncredentials = 'users.toml'\n",
         "FILE: key 'kms.credentials': expected an absolute path, got 'users.toml'",
         id="aws-relative-credentials",
@@ -286,7 +296,9 @@ REFUSALS = [
         id="credentials-with-embedded",
     ),
     pytest.param(
-        MINIMAL + "[kms]\nservice = 'aws'\ncredentials = '/etc/u.toml'\nca_bundle = '/etc/ca'\n",
+        MINIMAL
+        + "[kms]\nservice = 'aws'\ncredentials = '/etc/u.toml'\nca_bundle = '/etc/ca'\n"
+        + PIN,
         "FILE: key 'kms.ca_bundle': applies only to service = an https URL",
         id="ca-bundle-with-aws",
     ),
