@@ -293,7 +293,19 @@ class AwsKmsProvider:
         try:
             out: dict[str, Any] = method(**params)
         except botocore.exceptions.ClientError as exc:
-            raise _from_client_error(exc, operation, entry) from None
+            error = _from_client_error(exc, operation, entry)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int) and status >= 500:
+                # Still failing after botocore's retries: the service is down for now, as
+                # when it cannot be reached. Say so, and fail fast for a while rather than
+                # make every open wait out the retries again.
+                if not isinstance(error, DependencyTimeoutException):
+                    error = KMSUnavailableException(
+                        f"the key service at {self.where()!r} is failing (HTTP {status}):"
+                        f" {error.message}"
+                    )
+                raise self._fail_fast.failed(error) from None
+            raise error from None
         except _UntrustedListener as exc:  # the key service's or STS's port
             raise self._fail_fast.failed(
                 KMSUnavailableException(

@@ -463,9 +463,16 @@ def test_transient_failures_are_retried_a_bounded_number_of_times(tmp_path: Path
         assert seen[1] == 3  # two 503s retried, with backoff
     with no_home_aws(tmp_path), lying_endpoint(answer, failures=5) as seen:
         provider = AwsKmsProvider(REGION, mapping, endpoint_url=f"http://127.0.0.1:{seen[0]}")
-        with pytest.raises(KMSInternalException, match=r"^DescribeKey failed: ServiceUnavailable"):
+        with pytest.raises(
+            KMSUnavailableException,
+            match=r" is failing \(HTTP 503\): DescribeKey failed: ServiceUnavailable",
+        ):
             provider.describe_key(key, ALICE)
         assert seen[1] == 3  # three attempts in all, then the error
+        # An outage like an unreachable service: the next open fails at once, no call made.
+        with pytest.raises(KMSUnavailableException, match=r"is unavailable \(next try in"):
+            provider.describe_key(key, ALICE)
+        assert seen[1] == 3
 
 
 def test_no_proxy_of_the_environment_is_used(
