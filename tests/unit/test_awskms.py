@@ -68,6 +68,15 @@ profile = "bob"
 """
 
 
+def alice_credentials(folder: Path) -> Path:
+    """A credentials file (0600) in ``folder`` with one profile, ``alice``: the one
+    ``ALICE_ONLY`` maps alice to."""
+    creds = folder / "credentials"
+    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
+    creds.chmod(0o600)
+    return creds
+
+
 def test_data_key_round_trip_with_the_context_bound(moto: Moto, tmp_path: Path) -> None:
     key = moto.create_key()
     moto.create_user("alice")
@@ -175,9 +184,7 @@ def test_decrypt_requires_the_named_key(moto: Moto, tmp_path: Path) -> None:
 def test_an_unreachable_endpoint_fails_fast_then_recovers(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there yet
     with no_home_aws(tmp_path):
-        creds = tmp_path / "credentials"
-        creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-        creds.chmod(0o600)
+        creds = alice_credentials(tmp_path)
         mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
         provider = AwsKmsProvider(
             REGION, mapping, endpoint_url=f"http://127.0.0.1:{port}", timeout=2, max_backoff=0.5
@@ -234,9 +241,7 @@ def silent_server() -> Iterator[int]:
 
 def test_a_silent_endpoint_times_out(tmp_path: Path) -> None:
     with no_home_aws(tmp_path), silent_server() as port:
-        creds = tmp_path / "credentials"
-        creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-        creds.chmod(0o600)
+        creds = alice_credentials(tmp_path)
         mapping = load_mapping(
             write_mapping(tmp_path, creds, '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n')
         )
@@ -428,9 +433,7 @@ def lying_endpoint(
 def test_answers_that_do_not_hold_are_refused(tmp_path: Path) -> None:
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     other = key[:-1] + "c"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(
         write_mapping(tmp_path, creds, '[[map]]\nprincipal = "user:alice"\nprofile = "alice"\n')
     )
@@ -452,9 +455,7 @@ def test_answers_that_do_not_hold_are_refused(tmp_path: Path) -> None:
 
 def test_transient_failures_are_retried_a_bounded_number_of_times(tmp_path: Path) -> None:
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
     with no_home_aws(tmp_path), lying_endpoint(answer, failures=2) as seen:
@@ -481,9 +482,7 @@ def test_no_proxy_of_the_environment_is_used(
     """A proxy named in the daemon's environment would see every signed request, and to an
     http:// endpoint on loopback every answer's plaintext data key: none is used."""
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
     with no_home_aws(tmp_path), lying_endpoint(answer) as proxy, lying_endpoint(answer) as seen:
@@ -503,9 +502,7 @@ def test_the_ca_bundle_is_read_once(tmp_path: Path) -> None:
     from tests.tlscert import make_certificate
 
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = write_mapping(tmp_path, creds, ALICE_ONLY)
     (tmp_path / "real").mkdir()
     (tmp_path / "forged").mkdir()
@@ -537,9 +534,7 @@ def test_a_data_key_generated_under_another_key_is_refused(tmp_path: Path) -> No
     than the one asked for (the volume's), the file could never be read back."""
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     other = key[:-1] + "c"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     answer = {"Plaintext": base64.b64encode(bytes(32)).decode(), "KeyId": other,
               "CiphertextBlob": base64.b64encode(b"x").decode()}  # fmt: skip
@@ -559,9 +554,7 @@ def test_botocore_stays_quiet_when_debug_logging_starts_later(
 ) -> None:
     """botocore's bodies (plaintext data keys) stay out of the log also when the daemon's
     log level is lowered to DEBUG after the provider was made."""
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     for name in ("botocore", "urllib3"):
         logging.getLogger(name).setLevel(logging.NOTSET)  # as a fresh daemon has them
@@ -579,9 +572,7 @@ def test_no_aws_variable_of_the_environment_is_used(
     defaults mode ("auto" asks instance metadata) or where the API's models are read."""
     from envfs.keys.awskms import _clean_session
 
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     with no_home_aws(tmp_path):
         for name, value in (
@@ -603,9 +594,7 @@ def test_no_aws_variable_of_the_environment_is_used(
 
 def test_a_decrypted_data_key_must_be_256_bits(tmp_path: Path) -> None:
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     answer = {"KeyId": key}
     with no_home_aws(tmp_path), lying_endpoint(answer) as seen:
@@ -622,9 +611,7 @@ def test_an_endpoints_error_message_reaches_the_log_as_one_short_line(tmp_path: 
     """An error's message is the endpoint's text: kept to one line and 300 characters, so
     that it cannot forge log lines or flood the log."""
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     text = "no\nINFO envfs.files.keyaccess: volume authenticated\r" + "x" * 5000
     answer = {"__type": "AccessDeniedException", "message": text}
@@ -648,9 +635,7 @@ def test_without_a_ca_bundle_the_systems_cas_are_trusted(
     from tests.tlscert import make_certificate
 
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     tls = make_certificate(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))
@@ -663,9 +648,7 @@ def test_without_a_ca_bundle_the_systems_cas_are_trusted(
 def test_only_the_apis_operations_can_be_called(tmp_path: Path) -> None:
     from envfs.errors import UnsupportedOperationException
 
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     mapping = load_mapping(write_mapping(tmp_path, creds, ALICE_ONLY))
     with no_home_aws(tmp_path):
         provider = AwsKmsProvider(REGION, mapping, endpoint_url="http://127.0.0.1:1")
@@ -680,9 +663,7 @@ def test_an_unreachable_sts_is_an_outage_not_a_refusal(tmp_path: Path) -> None:
     """A role's credentials come from STS: STS not answering is an outage (EHOSTDOWN), never
     a refusal (EACCES), and nothing is sent to the key service without them."""
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
     mapping = load_mapping(
         write_mapping(
@@ -813,9 +794,7 @@ def test_plain_http_sends_nothing_to_an_sts_listener_of_an_untrusted_uid(
     credentials every later call is signed with."""
     monkeypatch.delenv("ENVFS_KMS_SERVER_UID", raising=False)
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
     answer = {"KeyMetadata": {"Arn": key, "KeyId": key.rsplit("/", 1)[1]}}
     with no_home_aws(tmp_path), listener_of_another_user() as sts, lying_endpoint(answer) as kms:
@@ -857,9 +836,7 @@ def test_sts_is_verified_with_the_ca_bundle_only_on_the_endpoints_host(
     from tests.tlscert import make_certificate
 
     key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     (tmp_path / "endpoint").mkdir()
     (tmp_path / "system").mkdir()
     endpoint_tls = make_certificate(tmp_path / "endpoint")
@@ -895,9 +872,7 @@ def test_aws_s_sts_is_verified_with_the_systems_cas(
     from envfs.keys import awskms
     from tests.tlscert import make_certificate
 
-    creds = tmp_path / "credentials"
-    creds.write_text("[alice]\naws_access_key_id = AKIAALICE\naws_secret_access_key = s\n")
-    creds.chmod(0o600)
+    creds = alice_credentials(tmp_path)
     system = make_certificate(tmp_path)[0]
     monkeypatch.setenv("SSL_CERT_FILE", str(system))
     entry = ALICE_ONLY + 'role_arn = "arn:aws:iam::111122223333:role/envfs"\n'
