@@ -204,11 +204,13 @@ def _connect(
     batch_audit: bool = False,
     key_arn: str | None = None,
     backing: Path | None = None,
+    mountpoint: Path | None = None,
 ) -> KeyServiceConnection:
     """The key service of ``region`` that ``--kms`` names; ``batch_audit``: an embedded
     service batches its audit records (the mount); ``key_arn``: the volume's key, whose
     partition says whether an AWS KMS API is an envfs key service (``arn:envfs:``);
-    ``backing``: the volume's folder, where no credential mapping may be.
+    ``backing``, ``mountpoint``: the volume's folder and a mount's, where no credential
+    mapping may be.
 
     Raises:
         UsageError: --kms-credentials or --kms-ca-bundle without a key service that uses it.
@@ -231,6 +233,7 @@ def _connect(
         ca_bundle=args.kms_ca_bundle,
         envfs_blobs=key_arn is not None and _partition(key_arn) == "envfs",
         backing=backing,
+        mountpoint=mountpoint,
     )
 
 
@@ -353,7 +356,12 @@ def _mount(args: argparse.Namespace) -> int:
             volume.require_key(args.key_arn)
         region = args.region or volume.region
         with _connect(
-            args, region, batch_audit=True, key_arn=volume.key_arn, backing=backing
+            args,
+            region,
+            batch_audit=True,
+            key_arn=volume.key_arn,
+            backing=backing,
+            mountpoint=mountpoint,
         ) as kms:
             vfs = mount.prepare(
                 volume,

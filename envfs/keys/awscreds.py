@@ -40,6 +40,7 @@ from wherever it was started.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -151,9 +152,11 @@ class CredentialMapping:
         )
 
 
-def load_mapping(path: Path | str, *, outside: Path | None = None) -> CredentialMapping:
+def load_mapping(
+    path: Path | str, *, backing: Path | None = None, mountpoint: Path | None = None
+) -> CredentialMapping:
     """Read and check a credential mapping file and the files it names; none of them may
-    be under ``outside`` (the volume's backing folder, if given).
+    be in ``backing`` (the volume's backing folder) or under ``mountpoint``, if given.
 
     Raises:
         ConfigError: the file or a file it names is missing, not trusted (see the module's
@@ -163,7 +166,7 @@ def load_mapping(path: Path | str, *, outside: Path | None = None) -> Credential
     path = Path(path)
     if not path.is_absolute():
         raise ConfigError(f"credential mapping {str(path)!r}: expected an absolute path")
-    _refuse_under(path, outside)
+    _refuse_inside(path, backing, mountpoint)
     raw = check_trusted(path, secret=False).decode(errors="replace")
     try:
         data = tomllib.loads(raw)
@@ -178,7 +181,7 @@ def load_mapping(path: Path | str, *, outside: Path | None = None) -> Credential
         if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
             raise _error(path, key, f"expected an absolute path, got {_describe(value)}")
         files[key] = Path(value) if value else None
-        _refuse_under(files[key], outside)
+        _refuse_inside(files[key], backing, mountpoint)
     if files["shared_credentials_file"] is None and files["shared_config_file"] is None:
         raise _error(path, "shared_credentials_file", "missing (where the profiles' keys are)")
     sts = data.get("sts_endpoint_url")
@@ -289,9 +292,12 @@ def _entry(path: Path, index: int, entry: Any) -> CredentialSource:
     return CredentialSource(index, principal, profile, role_arn, session)
 
 
-def read_ca_bundle(path: Path | str, *, outside: Path | None = None) -> bytes:
+def read_ca_bundle(
+    path: Path | str, *, backing: Path | None = None, mountpoint: Path | None = None
+) -> bytes:
     """The CA certificates (PEM) of an endpoint, read once from ``path`` under the same trust
-    rules as the mapping (root's or yours, writable by no one else, not under ``outside``):
+    rules as the mapping (root's or yours, writable by no one else, not in ``backing`` or
+    under ``mountpoint``):
     whoever could change them could stand in for the endpoint and read every data key.
 
     Raises:
@@ -301,7 +307,7 @@ def read_ca_bundle(path: Path | str, *, outside: Path | None = None) -> bytes:
     path = Path(path)
     if not path.is_absolute():
         raise ConfigError(f"CA bundle {str(path)!r}: expected an absolute path")
-    _refuse_under(path, outside)
+    _refuse_inside(path, backing, mountpoint)
     pem = check_trusted(path, secret=False)
     try:
         ssl.create_default_context(cadata=pem.decode("ascii"))
@@ -310,17 +316,47 @@ def read_ca_bundle(path: Path | str, *, outside: Path | None = None) -> bytes:
     return pem
 
 
-def _refuse_under(path: Path | None, folder: Path | None) -> None:
+def _refuse_inside(path: Path | None, backing: Path | None, mountpoint: Path | None) -> None:
     """Whoever may write the backing store may forge files there, even root-owned ones (a
-    removable disk, a network share): the mapping and its keys never come from it."""
-    if path is None or folder is None:
+    removable disk, a network share): the mapping and its keys never come from it. Nor
+    from under the mount point, which the mount would have to read through itself.
+
+    Each folder on ``path``'s way is compared with those two by identity (device and
+    inode), not only by name, so another path to the same folder (a bind mount of the
+    backing folder, say) is refused too."""
+    if path is None:
         return
-    real, inside = os.path.realpath(path), os.path.realpath(folder)
-    if os.path.commonpath([real, inside]) == inside:
-        raise ConfigError(
-            f"{path}: not trusted: it is in the volume's backing folder {str(folder)!r},"
-            " which whoever writes the backing store controls"
-        )
+    real = os.path.realpath(path)
+    for folder, why in (
+        (backing, "it is in the volume's backing folder {!r}, which whoever writes the"
+         " backing store controls"),
+        (mountpoint, "it is under the mount point {!r}, which the mount would have to read"
+         " through itself"),
+    ):  # fmt: skip
+        if folder is None:
+            continue
+        inside = os.path.realpath(folder)
+        within = os.path.commonpath([real, inside]) == inside
+        if not within:
+            with contextlib.suppress(OSError):  # a folder not made yet holds nothing
+                wanted = _identity(inside)
+                within = any(_identity(up) == wanted for up in _folders_above(real))
+        if within:
+            raise ConfigError(f"{path}: not trusted: " + why.format(str(folder)))
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _folders_above(path: str) -> list[str]:
+    """The folders holding ``path`` (absolute, resolved), nearest first, up to ``/``."""
+    folders = []
+    while (parent := os.path.dirname(path)) != path:
+        folders.append(parent)
+        path = parent
+    return folders
 
 
 def check_trusted(path: Path, *, secret: bool) -> bytes:

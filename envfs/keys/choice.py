@@ -115,6 +115,7 @@ def connect(
     ca_bundle: Path | None = None,
     envfs_blobs: bool = False,
     backing: Path | None = None,
+    mountpoint: Path | None = None,
 ) -> KeyServiceConnection:
     """Open the chosen key service of ``region``.
 
@@ -125,15 +126,17 @@ def connect(
     call. An AWS KMS API: ``credentials`` (required) maps users to AWS identities,
     ``ca_bundle`` the CA certificates to trust (read once, trusted as the mapping is),
     ``envfs_blobs`` says the endpoint is an envfs key service (its blobs are readable), and
-    neither the mapping's files nor the CA bundle may be under ``backing`` (the volume's
-    backing folder); nothing is sent until the first call.
+    neither the mapping's files nor the CA bundle may be in ``backing`` (the volume's
+    backing folder) or under ``mountpoint`` (a mount's); nothing is sent until the first
+    call.
 
     Raises:
         UsageError: an AWS KMS API without a credential mapping.
         ConfigError: the credential mapping or the CA bundle is not usable.
     """
     if choice.aws:
-        return _aws(choice, region, credentials, ca_bundle, timeout, envfs_blobs, backing)
+        away = {"backing": backing, "mountpoint": mountpoint}
+        return _aws(choice, region, credentials, ca_bundle, timeout, envfs_blobs, away)
     if choice.socket is not None:
         return _daemon(choice.socket, region, timeout)
     return _embedded(open_store(), batch_audit=batch_audit, due_tasks=due_tasks)
@@ -146,7 +149,7 @@ def _aws(
     ca_bundle: Path | None,
     timeout: float | None,
     envfs_blobs: bool,
-    backing: Path | None,
+    away: dict[str, Path | None],
 ) -> KeyServiceConnection:
     from envfs.identity import Caller
     from envfs.keys.awscreds import load_mapping, read_ca_bundle
@@ -157,12 +160,12 @@ def _aws(
             f"key service {str(choice)!r} needs a credential mapping: --kms-credentials FILE,"
             " or credentials = in the volume configuration's [kms] table"
         )
-    mapping = load_mapping(credentials, outside=backing)
+    mapping = load_mapping(credentials, **away)
     provider = AwsKmsProvider(
         region,
         mapping,
         endpoint_url=choice.endpoint,
-        ca_bundle=None if ca_bundle is None else read_ca_bundle(ca_bundle, outside=backing),
+        ca_bundle=None if ca_bundle is None else read_ca_bundle(ca_bundle, **away),
         timeout=10.0 if timeout is None else timeout,
         envfs_blobs=envfs_blobs,
     )

@@ -91,6 +91,21 @@ def test_a_volume_on_an_aws_kms_key(tmp_path: Path) -> None:
 
         mnt = base / "mnt"
         mnt.mkdir()
+        # Read at each entry's first use, a mapping under the mount point would be read
+        # through the mount itself: refused before mounting (-o nonempty lets it be there).
+        inside = mnt / "users.toml"
+        shutil.copy2(mapping, inside)
+        try:
+            refused = env.run(
+                "mount", str(backing), str(mnt), "--key-arn", key, "-o", "nonempty",
+                "--kms", moto.url, "--kms-credentials", str(inside), check=False,
+            )  # fmt: skip
+            assert (refused.returncode, is_mounted(mnt)) == (62, False), refused.stderr
+            assert "it is under the mount point" in refused.stderr
+        finally:
+            if is_mounted(mnt):  # the refusal failed: leave no mount behind
+                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+        inside.unlink()
         m = Mount(env, backing, mnt, base / "mount.log", ("--allow-other", "--key-arn", key, *kms))
         with live(m):
             mnt.chmod(0o777)

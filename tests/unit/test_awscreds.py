@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +347,7 @@ def test_bad_aws_choices(text: str, message: str) -> None:
 
 def test_nothing_of_the_mapping_may_come_from_the_backing_folder(folder: Path) -> None:
     path = mapping_file(folder, OK)
-    assert load_mapping(path, outside=folder.parent / "elsewhere").entries
+    assert load_mapping(path, backing=folder.parent / "elsewhere").entries
     assert refusal_outside(path, folder) == (
         "DIR/users.toml: not trusted: it is in the volume's backing folder 'DIR', which"
         " whoever writes the backing store controls"
@@ -358,12 +359,46 @@ def test_nothing_of_the_mapping_may_come_from_the_backing_folder(folder: Path) -
     moved.write_text(f'shared_credentials_file = "{folder}/./backing/credentials"\n{OK}')
     moved.chmod(0o600)
     with pytest.raises(ConfigError, match=r"credentials: not trusted: it is in the volume's"):
-        load_mapping(moved, outside=backing)
+        load_mapping(moved, backing=backing)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a bind mount needs root")
+def test_the_backing_folder_is_known_by_another_path_too(folder: Path, tmp_path: Path) -> None:
+    """A bind mount gives the backing folder a second name: compared by identity, not by
+    name, the mapping is refused there as well."""
+    mapping_file(folder, OK)
+    other = tmp_path / "other-name"
+    other.mkdir(mode=0o755)
+    subprocess.run(["mount", "--bind", str(folder), str(other)], check=True)
+    try:
+        with pytest.raises(ConfigError) as info:
+            load_mapping(other / "users.toml", backing=folder)
+        assert info.value.message == (
+            f"{other}/users.toml: not trusted: it is in the volume's backing folder"
+            f" {str(folder)!r}, which whoever writes the backing store controls"
+        )
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+
+
+def test_nothing_of_the_mapping_may_come_from_under_the_mount_point(folder: Path) -> None:
+    """Read after mounting (at each entry's first use), a file under the mount point would
+    be read through the mount itself."""
+    path = mapping_file(folder, OK)
+    with pytest.raises(ConfigError) as info:
+        load_mapping(path, mountpoint=folder)
+    assert info.value.message == (
+        f"{path}: not trusted: it is under the mount point {str(folder)!r}, which the mount"
+        " would have to read through itself"
+    )
+    elsewhere = folder.parent / "mnt"
+    elsewhere.mkdir()
+    assert load_mapping(path, backing=elsewhere, mountpoint=elsewhere).entries
 
 
 def refusal_outside(path: Path, outside: Path) -> str:
     with pytest.raises(ConfigError) as info:
-        load_mapping(path, outside=outside)
+        load_mapping(path, backing=outside)
     return info.value.message.replace(str(path.parent), "DIR")
 
 
